@@ -1,0 +1,36 @@
+//! Scheduling core of spyre_cb.
+//!
+//! A Spyre AIU runs static shapes only, so every sequence of the decode batch
+//! is left-padded to end at one shared position, the batch `tkv`. This crate
+//! owns all of the state that follows from that: the paged KV block pool, the
+//! per-request padding and block tables, admission (`can_schedule`) and the
+//! per-step plan a model runner executes. It has no Python in it; the
+//! `spyre-cb-py` crate is a thin binding on top.
+//!
+//! Data flows one way: [`Scheduler::schedule`] returns a [`StepPlan`], the
+//! runner executes it, and [`Scheduler::update`] takes the sampled tokens back.
+
+pub mod admission;
+pub mod block_pool;
+pub mod config;
+pub mod error;
+pub mod plan;
+pub mod request;
+pub mod scheduler;
+pub mod simulate;
+pub mod trace;
+
+pub use admission::{Admission, Rejection};
+pub use block_pool::{BlockId, BlockPool, NULL_BLOCK};
+pub use config::{Config, BLOCK_SIZE};
+pub use error::{ConfigError, CoreError, InvalidRequest};
+pub use plan::{DecodePlan, PrefillPlan, StepPlan};
+pub use scheduler::{Scheduler, StepOutcome};
+pub use simulate::{simulate, SimRequest};
+pub use trace::StepRecord;
+
+/// `ceil(a / b)` for unsigned integers.
+#[inline]
+pub(crate) fn div_ceil(a: u64, b: u64) -> u64 {
+    a.div_ceil(b)
+}

@@ -1,0 +1,110 @@
+//! The per-step plan: everything a model runner needs to build padded tensors,
+//! already computed. Runners read it; they never redo tkv or block math.
+//!
+//! Coordinates: each sequence's block table starts at its first block that is
+//! not fully padded, so "in-table" positions are virtual positions minus
+//! `64 * fully_padded_blocks`. Slots are `block * 64 + offset` in a KV cache of
+//! `n_blocks + 1` physical blocks (block 0 is the null block).
+
+use crate::block_pool::BlockId;
+
+/// Prefill of one request (prefill batch size 1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrefillPlan {
+    pub request_id: String,
+    /// Batch tkv after this prefill; the prompt's last token sits at `tkv - 1`.
+    pub tkv: u32,
+    /// How far the running sequences moved right to make room (multiple of 64).
+    pub tkv_shift: u32,
+    /// The request starts a fresh batch.
+    pub new_batch: bool,
+    pub prompt_len: u32,
+    /// Pad tokens before the prompt in the input (fully padded blocks cut off).
+    pub left_padding: u32,
+    /// Pad tokens after the prompt up to the block boundary.
+    pub right_padding: u32,
+    /// `left_padding + prompt + right_padding` token ids (pads are 0); empty
+    /// for token-less (simulated) requests.
+    pub input_ids: Vec<u32>,
+    /// Position ids of the input: pads 0, prompt tokens `0..prompt_len`.
+    pub positions: Vec<u32>,
+    /// KV slot of every input token (pads included: they land in the
+    /// sequence's own blocks and are masked out later).
+    pub slot_mapping: Vec<i64>,
+    /// Blocks allocated for this prefill.
+    pub block_table: Vec<BlockId>,
+    /// Index in the input of the last prompt token, whose logits give the
+    /// first generated token.
+    pub logits_index: u32,
+}
+
+impl PrefillPlan {
+    /// Input length: a whole number of blocks.
+    pub fn input_len(&self) -> u32 {
+        self.left_padding + self.prompt_len + self.right_padding
+    }
+}
+
+/// One decode step of every running sequence, most recently admitted first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodePlan {
+    pub request_ids: Vec<String>,
+    /// Virtual position every sequence writes its input token at (the batch
+    /// tkv before this step; it is `tkv + 1` afterwards).
+    pub tkv: u32,
+    /// Each sequence's last generated token.
+    pub input_ids: Vec<u32>,
+    /// Position id of each input token (its index in the unpadded sequence).
+    pub positions: Vec<u32>,
+    /// KV slot each input token is written to.
+    pub slot_mapping: Vec<i64>,
+    /// Rectangular block tables, `width` entries per sequence, padded with
+    /// the null block; row-major, `request_ids.len() * width` entries.
+    pub block_table: Vec<BlockId>,
+    pub width: u32,
+    /// In-table index of each sequence's first real token.
+    pub left_padding: Vec<u32>,
+    /// In-table length of each sequence including this step's token: keys
+    /// `left_padding[i]..current_tkv[i]` are attended to.
+    pub current_tkv: Vec<u32>,
+}
+
+impl DecodePlan {
+    pub fn batch_size(&self) -> usize {
+        self.request_ids.len()
+    }
+
+    /// Block table row of sequence `i`.
+    pub fn block_table_row(&self, i: usize) -> &[BlockId] {
+        let w = self.width as usize;
+        &self.block_table[i * w..(i + 1) * w]
+    }
+}
+
+/// What one step does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StepPlan {
+    Prefill(PrefillPlan),
+    Decode(DecodePlan),
+    /// Nothing runs; the batch is empty (tkv 0).
+    Idle,
+}
+
+impl StepPlan {
+    /// Request ids in the order `update` expects their tokens.
+    pub fn request_ids(&self) -> Vec<&str> {
+        match self {
+            Self::Prefill(p) => vec![p.request_id.as_str()],
+            Self::Decode(d) => d.request_ids.iter().map(String::as_str).collect(),
+            Self::Idle => Vec::new(),
+        }
+    }
+
+    pub fn n_sequences(&self) -> usize {
+        match self {
+            Self::Prefill(_) => 1,
+            Self::Decode(d) => d.request_ids.len(),
+            Self::Idle => 0,
+        }
+    }
+}

@@ -1,0 +1,526 @@
+//! The scheduler: waiting queue, running batch, block pool and the shared tkv.
+//!
+//! Protocol, once per step: [`Scheduler::schedule`] (frees the blocks of the
+//! requests that finished in the previous step, drops whole blocks of left
+//! padding common to every running sequence, admits at most one waiting
+//! request, allocates blocks and returns the plan), the runner executes the
+//! plan, then [`Scheduler::update`] records the sampled tokens and which
+//! requests stopped. [`Scheduler::snapshot`] observes the state in between.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::admission::{self, Admission, BatchView, Rejection};
+use crate::block_pool::{BlockPool, NULL_BLOCK};
+use crate::config::{Config, BLOCK_SIZE};
+use crate::error::{CoreError, InvalidRequest};
+use crate::plan::{DecodePlan, PrefillPlan, StepPlan};
+use crate::request::Request;
+use crate::trace::StepRecord;
+
+type Handle = u32;
+
+/// How much of the plan to build. Simulations only need the ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanDetail {
+    /// Everything a model runner needs.
+    Full,
+    /// Request ids, tkv and shift only (tensors' worth of vectors left empty).
+    IdsOnly,
+}
+
+/// What `update` reports for the step it closes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepOutcome {
+    /// `(request id, new token)` for every sequence of the step, plan order.
+    pub outputs: Vec<(String, u32)>,
+    /// Ids that finished in this step (max_tokens reached or stopped).
+    pub finished: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Pending {
+    None,
+    Idle,
+    Prefill(Handle),
+    Decode(Vec<Handle>),
+}
+
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    cfg: Config,
+    pool: BlockPool,
+    slots: Vec<Option<Request>>,
+    free_slots: Vec<Handle>,
+    ids: HashMap<String, Handle>,
+    waiting: VecDeque<Handle>,
+    /// Admission order, oldest first (observations list it reversed).
+    running: Vec<Handle>,
+    tkv: u32,
+    n_reserved: u32,
+    /// Finished or aborted running requests whose blocks return to the pool
+    /// at the start of the next step.
+    to_free: Vec<Handle>,
+    outputs: Vec<String>,
+    finished: Vec<String>,
+    step: u64,
+    pending: Pending,
+    last_rejection: Option<Rejection>,
+}
+
+impl Scheduler {
+    pub fn new(cfg: Config) -> Self {
+        let pool = BlockPool::new(cfg.n_blocks);
+        Self {
+            cfg,
+            pool,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            ids: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            tkv: 0,
+            n_reserved: 0,
+            to_free: Vec::new(),
+            outputs: Vec::new(),
+            finished: Vec::new(),
+            step: 0,
+            pending: Pending::None,
+            last_rejection: None,
+        }
+    }
+
+    // ----- accessors -------------------------------------------------------
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    /// Steps run so far.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+    pub fn tkv(&self) -> u32 {
+        self.tkv
+    }
+    pub fn n_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    pub fn n_running(&self) -> usize {
+        self.running.len()
+    }
+    pub fn n_reserved_blocks(&self) -> u32 {
+        self.n_reserved
+    }
+    pub fn n_free_blocks(&self) -> u32 {
+        self.cfg.n_blocks - self.n_reserved
+    }
+    pub fn n_used_blocks(&self) -> u32 {
+        self.pool.n_used()
+    }
+    /// Physical blocks a KV cache must hold (usable blocks + the null block).
+    pub fn n_physical_blocks(&self) -> u32 {
+        self.pool.n_physical_blocks()
+    }
+    /// Requests waiting or running.
+    pub fn has_unfinished_requests(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+    /// Nothing queued, running or waiting to be freed: the pool is whole.
+    pub fn is_drained(&self) -> bool {
+        !self.has_unfinished_requests() && self.to_free.is_empty()
+    }
+    pub fn contains(&self, request_id: &str) -> bool {
+        self.ids.contains_key(request_id)
+    }
+    /// Why the head of the waiting queue was not admitted in the last step.
+    pub fn last_rejection(&self) -> Option<Rejection> {
+        self.last_rejection
+    }
+    /// The block pool (read only), for invariant checks.
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    /// Block table, left padding (virtual, tokens) and reservation of a running request.
+    pub fn running_state(&self, request_id: &str) -> Option<(Vec<u32>, u32, u32)> {
+        let h = *self.ids.get(request_id)?;
+        if !self.running.contains(&h) {
+            return None;
+        }
+        let r = self.req(h);
+        Some((r.blocks.clone(), r.left_pad, r.reserved))
+    }
+
+    fn req(&self, h: Handle) -> &Request {
+        self.slots[h as usize].as_ref().expect("live handle")
+    }
+    fn req_mut(&mut self, h: Handle) -> &mut Request {
+        self.slots[h as usize].as_mut().expect("live handle")
+    }
+
+    // ----- requests --------------------------------------------------------
+
+    /// Checks a request against the limits without adding it.
+    pub fn validate(&self, request_id: &str, prompt_len: u32, max_tokens: u32) -> Result<(), InvalidRequest> {
+        if self.ids.contains_key(request_id) {
+            return Err(InvalidRequest::DuplicateId { request_id: request_id.to_owned() });
+        }
+        if prompt_len == 0 {
+            return Err(InvalidRequest::EmptyPrompt);
+        }
+        if max_tokens < 1 {
+            return Err(InvalidRequest::MaxTokensTooSmall { max_tokens });
+        }
+        let mml = self.cfg.max_model_len;
+        if u64::from(prompt_len) + u64::from(max_tokens) > u64::from(mml) {
+            return Err(InvalidRequest::TooLong { prompt_len, max_tokens, max_model_len: mml });
+        }
+        let start = admission::new_batch_tkv(&self.cfg, prompt_len, max_tokens);
+        let needed = admission::reserved_blocks(start, prompt_len, max_tokens);
+        if needed > u64::from(self.cfg.n_blocks) {
+            return Err(InvalidRequest::TooManyBlocks { needed, n_blocks: self.cfg.n_blocks });
+        }
+        let volume = u64::from(start) + u64::from(max_tokens) - 1;
+        if volume > self.cfg.max_batch_tkv_limit {
+            return Err(InvalidRequest::TooMuchVolume { volume, limit: self.cfg.max_batch_tkv_limit });
+        }
+        Ok(())
+    }
+
+    /// Queues a request with its prompt token ids.
+    pub fn add_request(&mut self, request_id: &str, prompt: Vec<u32>, max_tokens: u32) -> Result<(), CoreError> {
+        let len = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
+        self.validate(request_id, len, max_tokens)?;
+        self.insert(Request::new(request_id.to_owned(), prompt, len, max_tokens));
+        Ok(())
+    }
+
+    /// Queues a token-less request (simulation): plans carry no input ids.
+    pub fn add_request_len(&mut self, request_id: &str, prompt_len: u32, max_tokens: u32) -> Result<(), CoreError> {
+        self.validate(request_id, prompt_len, max_tokens)?;
+        self.insert(Request::new(request_id.to_owned(), Vec::new(), prompt_len, max_tokens));
+        Ok(())
+    }
+
+    fn insert(&mut self, req: Request) {
+        let id = req.id.clone();
+        let h = match self.free_slots.pop() {
+            Some(h) => {
+                self.slots[h as usize] = Some(req);
+                h
+            }
+            None => {
+                self.slots.push(Some(req));
+                (self.slots.len() - 1) as Handle
+            }
+        };
+        self.ids.insert(id, h);
+        self.waiting.push_back(h);
+    }
+
+    fn remove(&mut self, h: Handle) -> Request {
+        let r = self.slots[h as usize].take().expect("live handle");
+        self.ids.remove(&r.id);
+        self.free_slots.push(h);
+        r
+    }
+
+    /// Aborts a waiting request (gone at once) or a running one (leaves the
+    /// batch now; its blocks return to the pool at the start of the next step).
+    pub fn abort(&mut self, request_id: &str) -> Result<(), CoreError> {
+        if self.pending != Pending::None {
+            return Err(CoreError::State(
+                "abort called while a step is in flight: call update() for the pending plan first".into(),
+            ));
+        }
+        let h = match self.ids.get(request_id) {
+            Some(&h) if !self.to_free.contains(&h) => h,
+            _ => return Err(CoreError::UnknownRequest { request_id: request_id.to_owned() }),
+        };
+        if let Some(pos) = self.waiting.iter().position(|&w| w == h) {
+            self.waiting.remove(pos);
+            self.remove(h);
+        } else {
+            self.running.retain(|&x| x != h);
+            self.to_free.push(h);
+        }
+        Ok(())
+    }
+
+    // ----- stepping --------------------------------------------------------
+
+    /// Starts a step and returns its plan (full detail).
+    pub fn schedule(&mut self) -> Result<StepPlan, CoreError> {
+        self.schedule_with(PlanDetail::Full)
+    }
+
+    /// Starts a step: frees the blocks of last step's finished requests,
+    /// reduces common left padding, admits the head of the queue if it fits,
+    /// allocates the blocks the step writes to and returns the plan.
+    pub fn schedule_with(&mut self, detail: PlanDetail) -> Result<StepPlan, CoreError> {
+        if self.pending != Pending::None {
+            return Err(CoreError::State(
+                "schedule called twice: call update() for the pending plan first".into(),
+            ));
+        }
+        self.step += 1;
+        self.outputs.clear();
+        self.finished.clear();
+        self.release_finished();
+        self.reduce_left_padding();
+
+        self.last_rejection = None;
+        if let Some(&head) = self.waiting.front() {
+            let remaining: Vec<u32> = self.running.iter().map(|&h| self.req(h).remaining()).collect();
+            let view = BatchView {
+                tkv: self.tkv,
+                running_remaining: &remaining,
+                n_free_blocks: self.n_free_blocks(),
+                admitted_this_step: 0,
+            };
+            let (pl, mt) = {
+                let r = self.req(head);
+                (r.prompt_len, r.max_tokens)
+            };
+            match admission::can_schedule(&self.cfg, &view, pl, mt) {
+                Ok(adm) => {
+                    self.waiting.pop_front();
+                    let plan = self.prefill(head, adm, detail)?;
+                    self.pending = Pending::Prefill(head);
+                    return Ok(StepPlan::Prefill(plan));
+                }
+                Err(why) => self.last_rejection = Some(why),
+            }
+        }
+        if self.running.is_empty() {
+            self.tkv = 0;
+            self.pending = Pending::Idle;
+            return Ok(StepPlan::Idle);
+        }
+        let plan = self.decode(detail)?;
+        self.pending = Pending::Decode(self.running.iter().rev().copied().collect());
+        Ok(StepPlan::Decode(plan))
+    }
+
+    fn release_finished(&mut self) {
+        for h in std::mem::take(&mut self.to_free) {
+            let r = self.remove(h);
+            for b in r.blocks {
+                let ok = self.pool.free(b);
+                debug_assert!(ok, "block {b} freed twice");
+            }
+            self.n_reserved -= r.reserved;
+        }
+        if self.running.is_empty() {
+            self.tkv = 0;
+        }
+    }
+
+    fn reduce_left_padding(&mut self) {
+        let Some(min_fp) = self.running.iter().map(|&h| self.req(h).fully_padded_blocks()).min() else {
+            return;
+        };
+        if min_fp == 0 {
+            return;
+        }
+        let cut = min_fp * BLOCK_SIZE;
+        for i in 0..self.running.len() {
+            let h = self.running[i];
+            self.req_mut(h).left_pad -= cut;
+        }
+        self.tkv -= cut;
+    }
+
+    fn allocate(&mut self) -> Result<u32, CoreError> {
+        self.pool.allocate().ok_or_else(|| {
+            CoreError::State("internal error: block pool exhausted despite reservations".into())
+        })
+    }
+
+    fn prefill(&mut self, h: Handle, adm: Admission, detail: PlanDetail) -> Result<PrefillPlan, CoreError> {
+        if adm.shift > 0 {
+            for i in 0..self.running.len() {
+                let rh = self.running[i];
+                self.req_mut(rh).left_pad += adm.shift;
+            }
+        }
+        self.tkv = adm.tkv;
+        let tkv = adm.tkv;
+        let (pl, left_pad) = {
+            let r = self.req(h);
+            (r.prompt_len, tkv - r.prompt_len)
+        };
+        let fp = left_pad / BLOCK_SIZE;
+        let in_left = left_pad - fp * BLOCK_SIZE;
+        let n_alloc = tkv.div_ceil(BLOCK_SIZE) - fp;
+        let input_len = n_alloc * BLOCK_SIZE;
+        let right = input_len - in_left - pl;
+        let mut blocks = Vec::with_capacity(n_alloc as usize);
+        for _ in 0..n_alloc {
+            blocks.push(self.allocate()?);
+        }
+        self.n_reserved += adm.reserved;
+        let prompt = {
+            let r = self.req_mut(h);
+            r.left_pad = left_pad;
+            r.reserved = adm.reserved;
+            r.blocks = blocks.clone();
+            std::mem::take(&mut r.prompt)
+        };
+        self.running.push(h);
+
+        let full = detail == PlanDetail::Full;
+        let mut input_ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut slot_mapping = Vec::new();
+        if full {
+            if !prompt.is_empty() {
+                input_ids.reserve(input_len as usize);
+                input_ids.resize(in_left as usize, 0);
+                input_ids.extend_from_slice(&prompt);
+                input_ids.resize(input_len as usize, 0);
+            }
+            positions.reserve(input_len as usize);
+            positions.resize(in_left as usize, 0);
+            positions.extend(0..pl);
+            positions.resize(input_len as usize, 0);
+            slot_mapping = (0..input_len)
+                .map(|i| i64::from(blocks[(i / BLOCK_SIZE) as usize]) * i64::from(BLOCK_SIZE) + i64::from(i % BLOCK_SIZE))
+                .collect();
+        }
+        Ok(PrefillPlan {
+            request_id: self.req(h).id.clone(),
+            tkv,
+            tkv_shift: adm.shift,
+            new_batch: adm.new_batch,
+            prompt_len: pl,
+            left_padding: in_left,
+            right_padding: right,
+            input_ids,
+            positions,
+            slot_mapping,
+            block_table: if full { blocks } else { Vec::new() },
+            logits_index: in_left + pl - 1,
+        })
+    }
+
+    fn decode(&mut self, detail: PlanDetail) -> Result<DecodePlan, CoreError> {
+        let pos = self.tkv;
+        let n = self.running.len();
+        let full = detail == PlanDetail::Full;
+        let mut plan = DecodePlan {
+            request_ids: Vec::with_capacity(n),
+            tkv: pos,
+            input_ids: Vec::new(),
+            positions: Vec::new(),
+            slot_mapping: Vec::new(),
+            block_table: Vec::new(),
+            width: 0,
+            left_padding: Vec::new(),
+            current_tkv: Vec::new(),
+        };
+        if full {
+            plan.input_ids.reserve(n);
+            plan.positions.reserve(n);
+            plan.slot_mapping.reserve(n);
+            plan.left_padding.reserve(n);
+            plan.current_tkv.reserve(n);
+        }
+        for i in (0..n).rev() {
+            let h = self.running[i];
+            let (fp, nb) = {
+                let r = self.req(h);
+                (r.fully_padded_blocks(), r.blocks.len() as u32)
+            };
+            let idx = pos / BLOCK_SIZE - fp;
+            if idx >= nb {
+                debug_assert_eq!(idx, nb, "a decode never skips a block");
+                let b = self.allocate()?;
+                let r = self.req_mut(h);
+                debug_assert!(r.blocks.len() < r.reserved as usize, "allocation beyond reservation");
+                r.blocks.push(b);
+            }
+            let r = self.req(h);
+            plan.request_ids.push(r.id.clone());
+            if full {
+                let base = fp * BLOCK_SIZE;
+                plan.input_ids.push(r.last_token);
+                plan.positions.push(pos - r.left_pad);
+                plan.slot_mapping.push(
+                    i64::from(r.blocks[idx as usize]) * i64::from(BLOCK_SIZE) + i64::from(pos % BLOCK_SIZE),
+                );
+                plan.left_padding.push(r.left_pad - base);
+                plan.current_tkv.push(pos + 1 - base);
+            }
+        }
+        if full {
+            let width = self.running.iter().map(|&h| self.req(h).blocks.len()).max().unwrap_or(0);
+            plan.width = width as u32;
+            plan.block_table.reserve(width * n);
+            for i in (0..n).rev() {
+                let r = self.req(self.running[i]);
+                plan.block_table.extend_from_slice(&r.blocks);
+                plan.block_table.extend(std::iter::repeat_n(NULL_BLOCK, width - r.blocks.len()));
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Closes the pending step with one sampled token per sequence (plan
+    /// order) and whether each sequence stopped early (EOS, stop string...).
+    /// Requests that reach `max_tokens` finish without being told.
+    pub fn update(&mut self, tokens: &[u32], stopped: &[bool]) -> Result<StepOutcome, CoreError> {
+        let pending = std::mem::replace(&mut self.pending, Pending::None);
+        let handles: Vec<Handle> = match &pending {
+            Pending::None => {
+                return Err(CoreError::State("update called without a pending plan: call schedule() first".into()))
+            }
+            Pending::Idle => Vec::new(),
+            Pending::Prefill(h) => vec![*h],
+            Pending::Decode(hs) => hs.clone(),
+        };
+        if tokens.len() != handles.len() || (!stopped.is_empty() && stopped.len() != handles.len()) {
+            let n = handles.len();
+            self.pending = pending;
+            return Err(CoreError::State(format!(
+                "update expects {n} tokens and {n} (or 0) stop flags for this step, got {} and {}",
+                tokens.len(),
+                stopped.len()
+            )));
+        }
+        if matches!(pending, Pending::Decode(_)) {
+            self.tkv += 1;
+        }
+        let mut outcome = StepOutcome::default();
+        for (i, &h) in handles.iter().enumerate() {
+            let stop = stopped.get(i).copied().unwrap_or(false);
+            let r = self.req_mut(h);
+            r.generated += 1;
+            r.last_token = tokens[i];
+            let done = stop || r.generated >= r.max_tokens;
+            let id = r.id.clone();
+            outcome.outputs.push((id.clone(), tokens[i]));
+            self.outputs.push(id.clone());
+            if done {
+                self.running.retain(|&x| x != h);
+                self.to_free.push(h);
+                self.finished.push(id.clone());
+                outcome.finished.push(id);
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// The current observation.
+    pub fn snapshot(&self) -> StepRecord {
+        StepRecord {
+            step: self.step,
+            tkv: self.tkv,
+            waiting: self.waiting.iter().map(|&h| self.req(h).id.clone()).collect(),
+            running: self.running.iter().rev().map(|&h| self.req(h).id.clone()).collect(),
+            request_outputs: self.outputs.clone(),
+            finished_requests: self.finished.clone(),
+            n_reserved_blocks: self.n_reserved,
+            n_used_blocks: self.pool.n_used(),
+        }
+    }
+}
