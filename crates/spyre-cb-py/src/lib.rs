@@ -1,0 +1,467 @@
+//! `spyre_cb._core`: a thin PyO3 layer over `spyre-cb-core`.
+//!
+//! No scheduling logic lives here: arguments are checked and converted, core
+//! errors become the typed exceptions of `spyre_cb.errors`, plans become plain
+//! dicts (picklable, for broadcasting to tensor-parallel ranks).
+
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyList, PyTuple};
+
+use spyre_cb_core as core;
+
+// ----- errors -----------------------------------------------------------------
+
+fn py_error(py: Python<'_>, class: &str, message: String) -> PyErr {
+    let made = (|| -> PyResult<PyErr> {
+        let errors = py.import("spyre_cb.errors")?;
+        let cls = errors.getattr(class)?;
+        Ok(PyErr::from_value(cls.call1((message.clone(),))?))
+    })();
+    match made {
+        Ok(e) => e,
+        // The Python package is missing (the module was loaded on its own):
+        // still a ValueError/RuntimeError with the message.
+        Err(_) => pyo3::exceptions::PyRuntimeError::new_err(message),
+    }
+}
+
+fn core_err(py: Python<'_>, e: core::CoreError) -> PyErr {
+    let class = match &e {
+        core::CoreError::Config(_) => "ConfigError",
+        core::CoreError::InvalidRequest(_) => "InvalidRequestError",
+        core::CoreError::UnknownRequest { .. } => "UnknownRequestError",
+        core::CoreError::State(_) => "SchedulerStateError",
+    };
+    py_error(py, class, e.to_string())
+}
+
+/// A non-negative integer argument that fits `max`, or the typed error `class`.
+fn uint(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str, max: u64, class: &str) -> PyResult<u64> {
+    if obj.is_instance_of::<PyBool>() {
+        return Err(py_error(py, class, format!("{name} must be an int, got bool")));
+    }
+    let v: i128 = match obj.extract::<i128>() {
+        Ok(v) => v,
+        Err(_) => {
+            let tname = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+            return Err(py_error(py, class, format!("{name} must be an int, got {tname}")));
+        }
+    };
+    if v < 0 {
+        return Err(py_error(py, class, format!("{name} must be >= 0, got {v}")));
+    }
+    if v > i128::from(max) {
+        return Err(py_error(py, class, format!("{name} = {v} is larger than the supported maximum {max}")));
+    }
+    Ok(v as u64)
+}
+
+fn opt_uint(py: Python<'_>, obj: Option<&Bound<'_, PyAny>>, name: &str, max: u64, class: &str) -> PyResult<Option<u64>> {
+    match obj {
+        None => Ok(None),
+        Some(o) if o.is_none() => Ok(None),
+        Some(o) => uint(py, o, name, max, class).map(Some),
+    }
+}
+
+const U32: u64 = u32::MAX as u64;
+
+fn make_config(
+    py: Python<'_>,
+    max_num_seqs: &Bound<'_, PyAny>,
+    max_model_len: &Bound<'_, PyAny>,
+    available_blocks: Option<&Bound<'_, PyAny>>,
+    max_batch_tkv_limit: Option<&Bound<'_, PyAny>>,
+) -> PyResult<core::Config> {
+    let c = "ConfigError";
+    let seqs = uint(py, max_num_seqs, "max_num_seqs", U32, c)? as u32;
+    let mml = uint(py, max_model_len, "max_model_len", U32, c)? as u32;
+    let blocks = opt_uint(py, available_blocks, "available_blocks", U32 - 1, c)?.map(|b| b as u32);
+    let limit = opt_uint(py, max_batch_tkv_limit, "max_batch_tkv_limit", u64::MAX >> 1, c)?;
+    core::Config::new(seqs, mml, blocks, limit).map_err(|e| core_err(py, e.into()))
+}
+
+// ----- step records -----------------------------------------------------------
+
+/// One observation of the scheduler after a step (step 0: before any step).
+#[pyclass(module = "spyre_cb._core", frozen, get_all, eq)]
+#[derive(Clone, PartialEq)]
+pub struct StepRecord {
+    step: u64,
+    tkv: u32,
+    waiting: Vec<String>,
+    running: Vec<String>,
+    request_outputs: Vec<String>,
+    finished_requests: Vec<String>,
+    n_reserved_blocks: u32,
+    n_used_blocks: u32,
+}
+
+impl From<core::StepRecord> for StepRecord {
+    fn from(r: core::StepRecord) -> Self {
+        Self {
+            step: r.step,
+            tkv: r.tkv,
+            waiting: r.waiting,
+            running: r.running,
+            request_outputs: r.request_outputs,
+            finished_requests: r.finished_requests,
+            n_reserved_blocks: r.n_reserved_blocks,
+            n_used_blocks: r.n_used_blocks,
+        }
+    }
+}
+
+#[pymethods]
+impl StepRecord {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        step: u64,
+        tkv: u32,
+        waiting: Vec<String>,
+        running: Vec<String>,
+        request_outputs: Vec<String>,
+        finished_requests: Vec<String>,
+        n_reserved_blocks: u32,
+        n_used_blocks: u32,
+    ) -> Self {
+        Self { step, tkv, waiting, running, request_outputs, finished_requests, n_reserved_blocks, n_used_blocks }
+    }
+
+    /// The record with the published spec's keys.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("step", self.step)?;
+        d.set_item("tkv", self.tkv)?;
+        d.set_item("waiting", &self.waiting)?;
+        d.set_item("running", &self.running)?;
+        d.set_item("request_outputs", &self.request_outputs)?;
+        d.set_item("finished_requests", &self.finished_requests)?;
+        d.set_item("n_reserved_blocks", self.n_reserved_blocks)?;
+        d.set_item("n_used_blocks", self.n_used_blocks)?;
+        Ok(d)
+    }
+
+    fn __getnewargs__(&self) -> (u64, u32, Vec<String>, Vec<String>, Vec<String>, Vec<String>, u32, u32) {
+        (
+            self.step,
+            self.tkv,
+            self.waiting.clone(),
+            self.running.clone(),
+            self.request_outputs.clone(),
+            self.finished_requests.clone(),
+            self.n_reserved_blocks,
+            self.n_used_blocks,
+        )
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "StepRecord(step={}, tkv={}, waiting={:?}, running={:?}, request_outputs={:?}, finished_requests={:?}, n_reserved_blocks={}, n_used_blocks={})",
+            self.step,
+            self.tkv,
+            self.waiting,
+            self.running,
+            self.request_outputs,
+            self.finished_requests,
+            self.n_reserved_blocks,
+            self.n_used_blocks
+        )
+    }
+}
+
+// ----- plans ------------------------------------------------------------------
+
+fn plan_dict<'py>(py: Python<'py>, plan: core::StepPlan) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    match plan {
+        core::StepPlan::Idle => {
+            d.set_item("kind", "idle")?;
+        }
+        core::StepPlan::Prefill(p) => {
+            d.set_item("kind", "prefill")?;
+            d.set_item("request_id", p.request_id)?;
+            d.set_item("tkv", p.tkv)?;
+            d.set_item("tkv_shift", p.tkv_shift)?;
+            d.set_item("new_batch", p.new_batch)?;
+            d.set_item("prompt_len", p.prompt_len)?;
+            d.set_item("left_padding", p.left_padding)?;
+            d.set_item("right_padding", p.right_padding)?;
+            d.set_item("input_ids", p.input_ids)?;
+            d.set_item("positions", p.positions)?;
+            d.set_item("slot_mapping", p.slot_mapping)?;
+            d.set_item("block_table", p.block_table)?;
+            d.set_item("logits_index", p.logits_index)?;
+        }
+        core::StepPlan::Decode(p) => {
+            d.set_item("kind", "decode")?;
+            let w = p.width as usize;
+            let rows: Vec<&[u32]> = if w == 0 {
+                Vec::new()
+            } else {
+                p.block_table.chunks(w).collect()
+            };
+            d.set_item("block_table", PyList::new(py, rows)?)?;
+            d.set_item("request_ids", p.request_ids)?;
+            d.set_item("tkv", p.tkv)?;
+            d.set_item("input_ids", p.input_ids)?;
+            d.set_item("positions", p.positions)?;
+            d.set_item("slot_mapping", p.slot_mapping)?;
+            d.set_item("left_padding", p.left_padding)?;
+            d.set_item("current_tkv", p.current_tkv)?;
+        }
+    }
+    Ok(d)
+}
+
+// ----- scheduler --------------------------------------------------------------
+
+/// The scheduling core: waiting queue, running batch, KV block pool and tkv.
+#[pyclass(module = "spyre_cb._core")]
+pub struct Scheduler {
+    inner: core::Scheduler,
+}
+
+#[pymethods]
+impl Scheduler {
+    #[new]
+    #[pyo3(signature = (max_num_seqs, max_model_len, available_blocks=None, max_batch_tkv_limit=None))]
+    fn new(
+        py: Python<'_>,
+        max_num_seqs: &Bound<'_, PyAny>,
+        max_model_len: &Bound<'_, PyAny>,
+        available_blocks: Option<&Bound<'_, PyAny>>,
+        max_batch_tkv_limit: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let cfg = make_config(py, max_num_seqs, max_model_len, available_blocks, max_batch_tkv_limit)?;
+        Ok(Self { inner: core::Scheduler::new(cfg) })
+    }
+
+    /// Queues a request with its prompt token ids.
+    fn add_request(
+        &mut self,
+        py: Python<'_>,
+        request_id: &Bound<'_, PyAny>,
+        prompt_token_ids: &Bound<'_, PyAny>,
+        max_tokens: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let id = request_id_str(py, request_id)?;
+        let c = "InvalidRequestError";
+        let mt = uint(py, max_tokens, "max_tokens", U32, c)? as u32;
+        let ids = token_ids(py, prompt_token_ids)?;
+        self.inner.add_request(&id, ids, mt).map_err(|e| core_err(py, e))
+    }
+
+    /// Queues a token-less request (for simulations: plans carry no input ids).
+    fn add_request_len(
+        &mut self,
+        py: Python<'_>,
+        request_id: &Bound<'_, PyAny>,
+        prompt_len: &Bound<'_, PyAny>,
+        max_tokens: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let id = request_id_str(py, request_id)?;
+        let c = "InvalidRequestError";
+        let pl = uint(py, prompt_len, "prompt_len", U32, c)? as u32;
+        let mt = uint(py, max_tokens, "max_tokens", U32, c)? as u32;
+        self.inner.add_request_len(&id, pl, mt).map_err(|e| core_err(py, e))
+    }
+
+    /// Checks a request against the limits without queuing it.
+    fn validate(
+        &self,
+        py: Python<'_>,
+        request_id: &Bound<'_, PyAny>,
+        prompt_len: &Bound<'_, PyAny>,
+        max_tokens: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let id = request_id_str(py, request_id)?;
+        let c = "InvalidRequestError";
+        let pl = uint(py, prompt_len, "prompt_len", U32, c)? as u32;
+        let mt = uint(py, max_tokens, "max_tokens", U32, c)? as u32;
+        self.inner.validate(&id, pl, mt).map_err(|e| core_err(py, e.into()))
+    }
+
+    /// Aborts a waiting or running request.
+    fn abort(&mut self, py: Python<'_>, request_id: &Bound<'_, PyAny>) -> PyResult<()> {
+        let id = request_id_str(py, request_id)?;
+        self.inner.abort(&id).map_err(|e| core_err(py, e))
+    }
+
+    /// Starts a step; returns its plan as a dict (`kind`: prefill/decode/idle).
+    fn schedule<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let plan = self.inner.schedule().map_err(|e| core_err(py, e))?;
+        plan_dict(py, plan)
+    }
+
+    /// Closes the step: one token per planned sequence, optional stop flags.
+    /// Returns `(outputs, finished)`: `[(request_id, token)]` and ids.
+    #[pyo3(signature = (tokens, stopped=None))]
+    fn update(
+        &mut self,
+        py: Python<'_>,
+        tokens: Vec<u32>,
+        stopped: Option<Vec<bool>>,
+    ) -> PyResult<(Vec<(String, u32)>, Vec<String>)> {
+        let stopped = stopped.unwrap_or_default();
+        let out = self.inner.update(&tokens, &stopped).map_err(|e| core_err(py, e))?;
+        Ok((out.outputs, out.finished))
+    }
+
+    fn snapshot(&self) -> StepRecord {
+        self.inner.snapshot().into()
+    }
+
+    fn has_unfinished_requests(&self) -> bool {
+        self.inner.has_unfinished_requests()
+    }
+    fn contains(&self, request_id: &str) -> bool {
+        self.inner.contains(request_id)
+    }
+    /// Why the head of the waiting queue was not admitted in the last step.
+    #[getter]
+    fn last_rejection(&self) -> Option<String> {
+        self.inner.last_rejection().map(|r| format!("{r:?}"))
+    }
+    #[getter]
+    fn step(&self) -> u64 {
+        self.inner.step()
+    }
+    #[getter]
+    fn tkv(&self) -> u32 {
+        self.inner.tkv()
+    }
+    #[getter]
+    fn n_waiting(&self) -> usize {
+        self.inner.n_waiting()
+    }
+    #[getter]
+    fn n_running(&self) -> usize {
+        self.inner.n_running()
+    }
+    #[getter]
+    fn n_reserved_blocks(&self) -> u32 {
+        self.inner.n_reserved_blocks()
+    }
+    #[getter]
+    fn n_free_blocks(&self) -> u32 {
+        self.inner.n_free_blocks()
+    }
+    #[getter]
+    fn n_used_blocks(&self) -> u32 {
+        self.inner.n_used_blocks()
+    }
+    #[getter]
+    fn n_physical_blocks(&self) -> u32 {
+        self.inner.n_physical_blocks()
+    }
+    #[getter]
+    fn max_num_seqs(&self) -> u32 {
+        self.inner.config().max_num_seqs
+    }
+    #[getter]
+    fn max_model_len(&self) -> u32 {
+        self.inner.config().max_model_len
+    }
+    #[getter]
+    fn n_blocks(&self) -> u32 {
+        self.inner.config().n_blocks
+    }
+    #[getter]
+    fn max_batch_tkv_limit(&self) -> u64 {
+        self.inner.config().max_batch_tkv_limit
+    }
+    #[getter]
+    fn block_size(&self) -> u32 {
+        core::BLOCK_SIZE
+    }
+}
+
+fn request_id_str(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<String> {
+    match obj.extract::<String>() {
+        Ok(s) => Ok(s),
+        Err(_) => {
+            let tname = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+            Err(py_error(py, "InvalidRequestError", format!("request_id must be a str, got {tname}")))
+        }
+    }
+}
+
+fn token_ids(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    if obj.is_instance_of::<pyo3::types::PyString>() {
+        return Err(py_error(py, "InvalidRequestError", "prompt_token_ids must be a sequence of ints, got str".into()));
+    }
+    let mut out = Vec::new();
+    let iter = obj.try_iter().map_err(|_| {
+        let tname = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+        py_error(py, "InvalidRequestError", format!("prompt_token_ids must be a sequence of ints, got {tname}"))
+    })?;
+    for (i, item) in iter.enumerate() {
+        let item = item?;
+        let v = uint(py, &item, &format!("prompt_token_ids[{i}]"), U32, "InvalidRequestError")?;
+        out.push(v as u32);
+    }
+    Ok(out)
+}
+
+// ----- simulation -------------------------------------------------------------
+
+/// Model-free simulation; returns `(records, rejected)` with `rejected` a list
+/// of `(request_id, message)` for requests refused at add time.
+#[pyfunction]
+#[pyo3(signature = (requests, max_num_seqs, max_model_len, available_blocks=None, max_batch_tkv_limit=None, steps=None))]
+fn simulate(
+    py: Python<'_>,
+    requests: &Bound<'_, PyAny>,
+    max_num_seqs: &Bound<'_, PyAny>,
+    max_model_len: &Bound<'_, PyAny>,
+    available_blocks: Option<&Bound<'_, PyAny>>,
+    max_batch_tkv_limit: Option<&Bound<'_, PyAny>>,
+    steps: Option<&Bound<'_, PyAny>>,
+) -> PyResult<(Vec<StepRecord>, Vec<(String, String)>)> {
+    let cfg = make_config(py, max_num_seqs, max_model_len, available_blocks, max_batch_tkv_limit)?;
+    let steps = opt_uint(py, steps, "steps", u64::MAX >> 1, "InvalidRequestError")?;
+    let c = "InvalidRequestError";
+    let mut reqs = Vec::new();
+    let iter = requests
+        .try_iter()
+        .map_err(|_| PyTypeError::new_err("requests must be an iterable of (arrival_step, prompt_len, max_tokens)"))?;
+    for (i, item) in iter.enumerate() {
+        let item = item?;
+        let t = item.cast::<PyTuple>().ok().filter(|t| t.len() == 3).map(|t| t.to_owned());
+        let t = match t {
+            Some(t) => t,
+            None => {
+                let seq: Vec<Bound<'_, PyAny>> = item.extract().map_err(|_| {
+                    py_error(py, c, format!("requests[{i}] must be (arrival_step, prompt_len, max_tokens)"))
+                })?;
+                if seq.len() != 3 {
+                    return Err(py_error(py, c, format!("requests[{i}] must have 3 items, got {}", seq.len())));
+                }
+                PyTuple::new(py, seq)?
+            }
+        };
+        reqs.push(core::SimRequest {
+            arrival: uint(py, &t.get_item(0)?, &format!("requests[{i}] arrival_step"), u64::MAX >> 1, c)?,
+            prompt_len: uint(py, &t.get_item(1)?, &format!("requests[{i}] prompt_len"), U32, c)? as u32,
+            max_tokens: uint(py, &t.get_item(2)?, &format!("requests[{i}] max_tokens"), U32, c)? as u32,
+        });
+    }
+    let result = py.detach(|| core::simulate(cfg, &reqs, steps));
+    let records = result.records.into_iter().map(StepRecord::from).collect();
+    let rejected = result.rejected.into_iter().map(|(id, e)| (id, e.to_string())).collect();
+    Ok((records, rejected))
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Scheduler>()?;
+    m.add_class::<StepRecord>()?;
+    m.add_function(wrap_pyfunction!(simulate, m)?)?;
+    m.add("BLOCK_SIZE", core::BLOCK_SIZE)?;
+    m.add("NULL_BLOCK", core::NULL_BLOCK)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,68 @@
+"""spyre_cb: continuous batching for static-shape accelerators (IBM Spyre).
+
+The scheduling core is Rust (``spyre_cb._core``); the model runner is a thin
+Python layer over IBM Foundation Model Stack models.
+
+Model-free planning works without torch::
+
+    import spyre_cb
+    trace = spyre_cb.simulate([(0, 49, 10), (0, 70, 4)], max_num_seqs=2, max_model_len=192)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from spyre_cb._core import BLOCK_SIZE, Scheduler, StepRecord, __version__
+from spyre_cb.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    InvalidRequestError,
+    SchedulerStateError,
+    SpyreCBError,
+    UnknownRequestError,
+)
+from spyre_cb.plan import DecodePlan, IdlePlan, PrefillPlan, StepPlan
+from spyre_cb.simulate import Trace, simulate
+
+if TYPE_CHECKING:  # torch-backed parts load lazily
+    from spyre_cb.engine import Engine, RequestOutput, StepOutput
+    from spyre_cb.sampling import SamplingParams
+
+_LAZY = {
+    "Engine": "spyre_cb.engine",
+    "StepOutput": "spyre_cb.engine",
+    "SamplingParams": "spyre_cb.sampling",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spyre_cb' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = [
+    "BLOCK_SIZE",
+    "Scheduler",
+    "StepRecord",
+    "Trace",
+    "simulate",
+    "PrefillPlan",
+    "DecodePlan",
+    "IdlePlan",
+    "StepPlan",
+    "SpyreCBError",
+    "InvalidRequestError",
+    "ConfigError",
+    "UnknownRequestError",
+    "BackendUnavailableError",
+    "SchedulerStateError",
+    "Engine",
+    "StepOutput",
+    "SamplingParams",
+    "__version__",
+]
