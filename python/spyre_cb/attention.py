@@ -1,0 +1,84 @@
+"""Paged attention for CPU: vectorized store and decode ops for FMS models.
+
+FMS's reference ``spyre_paged_attn`` ops (in ``fms.utils.spyre.paged``) clone
+the whole KV cache on every store and gather keys token by token in Python,
+so a decode step grows with the size of the pool. The ops registered here
+(attention name :data:`VECTORIZED`) store in place through the slot mapping
+and gather a decode batch's keys through its block table in one indexing
+operation, then run one masked SDPA. Same inputs, same semantics:
+
+- prefill (``block_table is None``): keys/values are written to their slots,
+  attention runs over the prompt itself with the additive ``mask``;
+- decode: keys ``left_padded_prompt_mask[i] <= j < current_tkv_mask[i]`` of
+  each sequence's block table (in-table coordinates) are attended to.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: FMS's own ops (reference implementation, slow on CPU).
+FMS_REFERENCE = "spyre_paged_attn"
+#: This module's vectorized ops.
+VECTORIZED = "spyre_cb_paged_attn"
+
+ATTENTION_OPS = {"vectorized": VECTORIZED, "fms": FMS_REFERENCE}
+
+_registered = False
+
+
+def _store(keys, values, key_cache, value_cache, **attn_kwargs):
+    slots = attn_kwargs["slot_mapping"].reshape(-1)
+    kvh, hd = key_cache.shape[2], key_cache.shape[3]
+    key_cache.view(-1, kvh, hd).index_copy_(0, slots, keys.reshape(-1, kvh, hd).to(key_cache.dtype))
+    vd = value_cache.shape[3]
+    value_cache.view(-1, kvh, vd).index_copy_(0, slots, values.reshape(-1, kvh, vd).to(value_cache.dtype))
+    if attn_kwargs.get("block_table", None) is None:
+        return keys, values, key_cache, value_cache
+    return key_cache, value_cache, key_cache, value_cache
+
+
+def _decode(query, key_cache, value_cache, nheads, kvheads, p_dropout, scale_factor, **attn_kwargs):
+    block_table = attn_kwargs["block_table"]  # [B, W]
+    tkv = attn_kwargs["current_tkv_mask"]  # [B]
+    left = attn_kwargs["left_padded_prompt_mask"]  # [B]
+    b, w = block_table.shape
+    block = key_cache.shape[1]
+    keys = key_cache[block_table].reshape(b, w * block, kvheads, -1).transpose(1, 2)
+    values = value_cache[block_table].reshape(b, w * block, kvheads, -1).transpose(1, 2)
+    j = torch.arange(w * block, device=query.device)
+    q_len = query.shape[1]
+    # query t of q_len sits at in-table position tkv - q_len + t (decode: q_len = 1)
+    qpos = tkv[:, None] - q_len + torch.arange(q_len, device=query.device)[None, :]
+    valid = (j[None, None, :] >= left[:, None, None]) & (j[None, None, :] <= qpos[:, :, None])
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2),
+        keys,
+        values,
+        attn_mask=valid[:, None, :, :],
+        scale=scale_factor,
+        enable_gqa=nheads != kvheads,
+    )
+    return out.transpose(1, 2).contiguous()
+
+
+def register() -> None:
+    """Registers both op sets with FMS (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    import fms.utils.spyre.paged  # noqa: F401  (registers FMS_REFERENCE)
+    from fms.modules.attention import _sdpa_compute_op, register_attention_op
+
+    try:
+        register_attention_op(
+            VECTORIZED,
+            _store,
+            _sdpa_compute_op,
+            is_prefill_op=lambda **kw: kw.get("block_table", None) is None,
+            compute_decode_op=_decode,
+        )
+    except KeyError:  # registered by an earlier import of this module
+        pass
+    _registered = True

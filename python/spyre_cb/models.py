@@ -1,0 +1,116 @@
+"""Tiny offline checkpoints for tests and demos.
+
+No model can be downloaded here, so tests build a random-weight decoder and a
+locally trained tokenizer and save them exactly as a real Hugging Face
+checkpoint is laid out (``config.json``, ``model.safetensors``, tokenizer
+files). Engines then load them through the same path a real checkpoint (for
+example granite-3.3-8b-instruct) takes: FMS ``get_model(architecture=
+"hf_pretrained", model_path=...)`` and ``transformers.AutoTokenizer``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+SPECIAL_TOKENS = ("<|pad|>", "<|endoftext|>")
+_ARCHS = ("granite", "llama")
+
+
+def _corpus() -> list[str]:
+    text = resources.files("spyre_cb").joinpath("data/corpus.txt").read_text(encoding="utf-8")
+    return [p for p in text.split("\n\n") if p.strip()]
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on the package's own text."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        _corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        pad_token="<|pad|>",
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        unk_token=None,
+    )
+    tok.model_max_length = 1 << 20
+    return tok
+
+
+def make_tiny_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    seed: int = 0,
+    arch: str = "granite",
+    num_layers: int = 2,
+    hidden_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    vocab_size: int = 512,
+    max_position_embeddings: int = 4096,
+    init_gain: float = 2.0,
+) -> Path:
+    """Writes a random-weight decoder checkpoint and its tokenizer to ``directory``.
+
+    Deterministic for a given ``seed`` and arguments. Embeddings are untied
+    and every matrix is drawn from N(0, (init_gain / sqrt(fan_in))^2), large
+    enough that greedy decoding produces varied tokens (a tied, small-init
+    random model repeats one token, which would make token-equality checks
+    weak). ``arch`` is ``"granite"`` or ``"llama"``.
+    """
+    import torch
+    import transformers
+
+    if arch not in _ARCHS:
+        raise ValueError(f"arch must be one of {_ARCHS}, got {arch!r}")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(vocab_size)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        initializer_range=0.02,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        torch_dtype="float32",
+    )
+    if arch == "granite":
+        config = transformers.GraniteConfig(
+            **common,
+            embedding_multiplier=1.0,
+            residual_multiplier=1.0,
+            attention_multiplier=(hidden_size // num_heads) ** -0.5,
+            logits_scaling=1.0,
+        )
+        model_cls = transformers.GraniteForCausalLM
+    else:
+        config = transformers.LlamaConfig(**common)
+        model_cls = transformers.LlamaForCausalLM
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (init_gain / p.shape[-1] ** 0.5))
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / "spyre_cb_tiny.json").write_text(json.dumps({"seed": seed, "arch": arch}) + "\n")
+    return out

@@ -1,0 +1,147 @@
+"""The model runner: turns each step plan into padded tensors and runs the model.
+
+It only reads the plan made by the Rust core (positions, slots, block tables,
+paddings); it never computes tkv or block math itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from spyre_cb import attention
+from spyre_cb.errors import BackendUnavailableError, ConfigError
+from spyre_cb.plan import DecodePlan, PrefillPlan
+
+BACKENDS = ("eager", "inductor", "sendnn")
+
+
+def check_backend(backend: str) -> None:
+    """Fails fast, before any model is loaded, for a backend that cannot run here."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "sendnn":
+        try:
+            import torch_sendnn  # noqa: F401
+        except ImportError as e:
+            raise BackendUnavailableError(
+                "backend 'sendnn' runs on an IBM Spyre AIU and needs the torch_sendnn package "
+                f"(the AIU software stack), which is not installed here ({e}); "
+                "use backend='eager' or 'inductor' on CPU"
+            ) from None
+
+
+def check_model_dir(model: str | os.PathLike) -> Path:
+    path = Path(model)
+    if not path.is_dir():
+        raise ConfigError(f"model directory {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model directory {str(path)!r} has no config.json: not a Hugging Face checkpoint")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ConfigError(f"model directory {str(path)!r} holds no weights (*.safetensors or *.bin)")
+    return path
+
+
+class ModelRunner:
+    """Loads an FMS model and executes step plans against a paged KV cache."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        n_physical_blocks: int,
+        *,
+        backend: str = "eager",
+        attention_ops: str = "vectorized",
+        dtype: torch.dtype = torch.float32,
+        block_size: int = 64,
+    ) -> None:
+        check_backend(backend)
+        if attention_ops not in attention.ATTENTION_OPS:
+            raise ConfigError(
+                f"attention_ops must be one of {', '.join(attention.ATTENTION_OPS)}, got {attention_ops!r}"
+            )
+        path = check_model_dir(model_path)
+        attention.register()
+        from fms.models import get_model
+
+        try:
+            model = get_model(architecture="hf_pretrained", model_path=str(path), data_type=dtype)
+        except Exception as e:  # an unreadable or unsupported checkpoint
+            raise ConfigError(f"could not load model from {str(path)!r} with FMS: {type(e).__name__}: {e}") from e
+        model.eval()
+        self.model = model
+        self.dtype = dtype
+        self.backend = backend
+        self.attn_name = attention.ATTENTION_OPS[attention_ops]
+        self.block_size = block_size
+        self.vocab_size = int(model.config.src_vocab_size)
+        attn = model.base_model.layers[0].attn
+        self.kv_heads = int(attn.kvheads)
+        self.head_dim = int(attn.emb_kq_per_head)
+        self.n_layers = len(model.base_model.layers)
+        shape = (n_physical_blocks, block_size, self.kv_heads, self.head_dim)
+        self.kv_cache = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(self.n_layers)]
+        self._forward = self._compile(model, backend)
+
+    @staticmethod
+    def _compile(model, backend: str):
+        if backend == "eager":
+            return model
+        import torch._dynamo
+        import torch.fx.experimental._config as fx_config
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        # A block count equal to a prefill length would otherwise merge two
+        # dynamic sizes into one symbol and force recompiles.
+        fx_config.use_duck_shape = False
+        if backend == "inductor":
+            return torch.compile(model, backend="inductor", dynamic=True)
+        return torch.compile(model, backend="sendnn", dynamic=False)
+
+    @torch.inference_mode()
+    def execute(self, plan: PrefillPlan | DecodePlan) -> torch.Tensor:
+        """Runs one step; returns next-token logits, one row per planned sequence."""
+        if isinstance(plan, PrefillPlan):
+            return self._prefill(plan)
+        return self._decode(plan)
+
+    def _prefill(self, plan: PrefillPlan) -> torch.Tensor:
+        n = plan.input_len
+        ids = torch.tensor(plan.input_ids, dtype=torch.long).unsqueeze(0)
+        pos = torch.tensor(plan.positions, dtype=torch.long).unsqueeze(0)
+        slots = torch.tensor(plan.slot_mapping, dtype=torch.long).unsqueeze(0)
+        real = torch.zeros(n, dtype=torch.bool)
+        real[plan.left_padding : plan.left_padding + plan.prompt_len] = True
+        # causal, and pads see only pads (so no row is all -inf)
+        allowed = torch.ones(n, n, dtype=torch.bool).tril_() & (real[:, None] == real[None, :])
+        mask = torch.zeros(1, n, n, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
+        logits, self.kv_cache = self._forward(
+            ids,
+            position_ids=pos,
+            past_key_value_states=self.kv_cache,
+            use_cache=True,
+            last_n_tokens=self.block_size,
+            attn_name=self.attn_name,
+            mask=mask,
+            slot_mapping=slots,
+        )
+        return logits[:, -plan.right_padding - 1, :]
+
+    def _decode(self, plan: DecodePlan) -> torch.Tensor:
+        ids = torch.tensor(plan.input_ids, dtype=torch.long).unsqueeze(1)
+        pos = torch.tensor(plan.positions, dtype=torch.long).unsqueeze(1)
+        slots = torch.tensor(plan.slot_mapping, dtype=torch.long).unsqueeze(1)
+        logits, self.kv_cache = self._forward(
+            ids,
+            position_ids=pos,
+            past_key_value_states=self.kv_cache,
+            use_cache=True,
+            attn_name=self.attn_name,
+            slot_mapping=slots,
+            block_table=torch.tensor(plan.block_table, dtype=torch.long),
+            current_tkv_mask=torch.tensor(plan.current_tkv, dtype=torch.long),
+            left_padded_prompt_mask=torch.tensor(plan.left_padding, dtype=torch.long),
+        )
+        return logits[:, -1, :]

@@ -1,0 +1,143 @@
+"""Sampling parameters and the sampler (greedy, temperature, top-k, top-p, seeds, logprobs)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from spyre_cb.errors import InvalidRequestError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one request (the names vLLM users know).
+
+    ``temperature == 0`` is greedy. ``seed`` makes a sampled request
+    reproducible on its own, whatever else is in the batch. ``stop`` strings
+    and ``stop_token_ids`` end a request early (finish reason ``"stop"``), as
+    does the model's EOS token unless ``ignore_eos``. ``logprobs=n`` returns
+    the top-n log-probabilities of every generated token (plus the chosen one).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    _stop: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str) -> InvalidRequestError:
+            return InvalidRequestError(msg)
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            raise bad(f"max_tokens must be an int, got {type(self.max_tokens).__name__}")
+        if self.max_tokens < 1:
+            raise bad(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise bad(f"temperature must be a number, got {type(self.temperature).__name__}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise bad(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
+        if (
+            isinstance(self.top_p, bool)
+            or not isinstance(self.top_p, (int, float))
+            or not math.isfinite(self.top_p)
+            or not 0 < self.top_p <= 1
+        ):
+            raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise bad(f"seed must be an int or None, got {type(self.seed).__name__}")
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or self.logprobs < 0
+        ):
+            raise bad(f"logprobs must be an int >= 0 or None, got {self.logprobs!r}")
+        stop = self.stop
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise bad(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        self._stop = tuple(stop)
+        if self.stop_token_ids is not None and not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise bad(f"stop_token_ids must be ints >= 0, got {self.stop_token_ids!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return self._stop
+
+
+@dataclass
+class Sampled:
+    token: int
+    logprobs: dict[int, float] | None  # top-n plus the chosen token
+
+
+class Sampler:
+    """Picks one token per row of logits, each row with its own parameters."""
+
+    def __init__(self) -> None:
+        self._generators: dict[str, torch.Generator] = {}
+
+    def start(self, request_id: str, params: SamplingParams, default_seed: int) -> None:
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else default_seed
+            self._generators[request_id] = torch.Generator().manual_seed(seed)
+
+    def forget(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[Sampled]:
+        logits = logits.float()
+        out: list[Sampled] = []
+        greedy_tokens = logits.argmax(dim=-1).tolist()
+        for i, (rid, p) in enumerate(zip(request_ids, params)):
+            row = logits[i]
+            if p.greedy:
+                token = greedy_tokens[i]
+            else:
+                token = self._sample_row(row, p, self._generators[rid])
+            lp = None
+            if p.logprobs is not None:
+                logp = torch.log_softmax(row, dim=-1)
+                lp = {}
+                if p.logprobs > 0:
+                    vals, idx = logp.topk(min(p.logprobs, logp.numel()))
+                    lp = dict(zip(idx.tolist(), vals.tolist()))
+                lp[token] = float(logp[token])
+            out.append(Sampled(token, lp))
+        return out
+
+    @staticmethod
+    def _sample_row(row: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+        row = row / p.temperature
+        if p.top_k > 0 and p.top_k < row.numel():
+            kth = row.topk(p.top_k).values[-1]
+            row = row.masked_fill(row < kth, -math.inf)
+        if p.top_p < 1.0:
+            sorted_logits, order = row.sort(descending=True)
+            probs = sorted_logits.softmax(dim=-1)
+            # drop a token when the mass before it already reaches top_p
+            drop = probs.cumsum(dim=-1) - probs >= p.top_p
+            sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+            row = torch.full_like(row, -math.inf).scatter(0, order, sorted_logits)
+        probs = row.softmax(dim=-1)
+        return int(torch.multinomial(probs, 1, generator=gen).item())
