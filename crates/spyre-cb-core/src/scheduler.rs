@@ -140,6 +140,12 @@ impl Scheduler {
         &self.pool
     }
 
+    /// Left-padding slots of the running batch (virtual, fully padded blocks
+    /// included): the padding share of a decode step's `batch x (tkv + 1)`.
+    pub fn batch_padding(&self) -> u64 {
+        self.running.iter().map(|&h| u64::from(self.req(h).left_pad)).sum()
+    }
+
     /// Block table, left padding (virtual, tokens) and reservation of a running request.
     pub fn running_state(&self, request_id: &str) -> Option<(Vec<u32>, u32, u32)> {
         let h = *self.ids.get(request_id)?;

@@ -4,7 +4,6 @@
 //! errors become the typed exceptions of `spyre_cb.errors`, plans become plain
 //! dicts (picklable, for broadcasting to tensor-parallel ranks).
 
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList, PyTuple};
 
@@ -408,26 +407,12 @@ fn token_ids(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
 
 // ----- simulation -------------------------------------------------------------
 
-/// Model-free simulation; returns `(records, rejected)` with `rejected` a list
-/// of `(request_id, message)` for requests refused at add time.
-#[pyfunction]
-#[pyo3(signature = (requests, max_num_seqs, max_model_len, available_blocks=None, max_batch_tkv_limit=None, steps=None))]
-fn simulate(
-    py: Python<'_>,
-    requests: &Bound<'_, PyAny>,
-    max_num_seqs: &Bound<'_, PyAny>,
-    max_model_len: &Bound<'_, PyAny>,
-    available_blocks: Option<&Bound<'_, PyAny>>,
-    max_batch_tkv_limit: Option<&Bound<'_, PyAny>>,
-    steps: Option<&Bound<'_, PyAny>>,
-) -> PyResult<(Vec<StepRecord>, Vec<(String, String)>)> {
-    let cfg = make_config(py, max_num_seqs, max_model_len, available_blocks, max_batch_tkv_limit)?;
-    let steps = opt_uint(py, steps, "steps", u64::MAX >> 1, "InvalidRequestError")?;
+fn sim_requests(py: Python<'_>, requests: &Bound<'_, PyAny>) -> PyResult<Vec<core::SimRequest>> {
     let c = "InvalidRequestError";
     let mut reqs = Vec::new();
     let iter = requests
         .try_iter()
-        .map_err(|_| PyTypeError::new_err("requests must be an iterable of (arrival_step, prompt_len, max_tokens)"))?;
+        .map_err(|_| py_error(py, c, "requests must be an iterable of (arrival_step, prompt_len, max_tokens)".into()))?;
     for (i, item) in iter.enumerate() {
         let item = item?;
         let t = item.cast::<PyTuple>().ok().filter(|t| t.len() == 3).map(|t| t.to_owned());
@@ -449,6 +434,61 @@ fn simulate(
             max_tokens: uint(py, &t.get_item(2)?, &format!("requests[{i}] max_tokens"), U32, c)? as u32,
         });
     }
+    Ok(reqs)
+}
+
+/// Compact statistics of a simulation: per-step columns and per-request
+/// admission/finish steps (-1 for rejected requests), as a dict of lists.
+#[pyfunction]
+#[pyo3(signature = (requests, max_num_seqs, max_model_len, available_blocks=None, max_batch_tkv_limit=None, steps=None, record_steps=true))]
+#[allow(clippy::too_many_arguments)]
+fn simulate_stats<'py>(
+    py: Python<'py>,
+    requests: &Bound<'py, PyAny>,
+    max_num_seqs: &Bound<'py, PyAny>,
+    max_model_len: &Bound<'py, PyAny>,
+    available_blocks: Option<&Bound<'py, PyAny>>,
+    max_batch_tkv_limit: Option<&Bound<'py, PyAny>>,
+    steps: Option<&Bound<'py, PyAny>>,
+    record_steps: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let cfg = make_config(py, max_num_seqs, max_model_len, available_blocks, max_batch_tkv_limit)?;
+    let steps = opt_uint(py, steps, "steps", u64::MAX >> 1, "InvalidRequestError")?;
+    let reqs = sim_requests(py, requests)?;
+    let st = py.detach(|| core::simulate_stats(cfg, &reqs, steps, record_steps));
+    let d = PyDict::new(py);
+    d.set_item("tkv", st.tkv)?;
+    d.set_item("kind", st.kind.into_iter().map(u32::from).collect::<Vec<u32>>())?;
+    d.set_item("n_running", st.n_running)?;
+    d.set_item("n_waiting", st.n_waiting)?;
+    d.set_item("n_reserved_blocks", st.n_reserved_blocks)?;
+    d.set_item("n_used_blocks", st.n_used_blocks)?;
+    d.set_item("computed_slots", st.computed_slots)?;
+    d.set_item("padding_slots", st.padding_slots)?;
+    let steps_of = |v: Vec<u64>| -> Vec<i64> { v.into_iter().map(|s| if s == u64::MAX { -1 } else { s as i64 }).collect() };
+    d.set_item("admitted", steps_of(st.admitted))?;
+    d.set_item("finished", steps_of(st.finished))?;
+    let rejected: Vec<(String, String)> = st.rejected.into_iter().map(|(id, e)| (id, e.to_string())).collect();
+    d.set_item("rejected", rejected)?;
+    Ok(d)
+}
+
+/// Model-free simulation; returns `(records, rejected)` with `rejected` a list
+/// of `(request_id, message)` for requests refused at add time.
+#[pyfunction]
+#[pyo3(signature = (requests, max_num_seqs, max_model_len, available_blocks=None, max_batch_tkv_limit=None, steps=None))]
+fn simulate(
+    py: Python<'_>,
+    requests: &Bound<'_, PyAny>,
+    max_num_seqs: &Bound<'_, PyAny>,
+    max_model_len: &Bound<'_, PyAny>,
+    available_blocks: Option<&Bound<'_, PyAny>>,
+    max_batch_tkv_limit: Option<&Bound<'_, PyAny>>,
+    steps: Option<&Bound<'_, PyAny>>,
+) -> PyResult<(Vec<StepRecord>, Vec<(String, String)>)> {
+    let cfg = make_config(py, max_num_seqs, max_model_len, available_blocks, max_batch_tkv_limit)?;
+    let steps = opt_uint(py, steps, "steps", u64::MAX >> 1, "InvalidRequestError")?;
+    let reqs = sim_requests(py, requests)?;
     let result = py.detach(|| core::simulate(cfg, &reqs, steps));
     let records = result.records.into_iter().map(StepRecord::from).collect();
     let rejected = result.rejected.into_iter().map(|(id, e)| (id, e.to_string())).collect();
@@ -460,6 +500,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Scheduler>()?;
     m.add_class::<StepRecord>()?;
     m.add_function(wrap_pyfunction!(simulate, m)?)?;
+    m.add_function(wrap_pyfunction!(simulate_stats, m)?)?;
     m.add("BLOCK_SIZE", core::BLOCK_SIZE)?;
     m.add("NULL_BLOCK", core::NULL_BLOCK)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

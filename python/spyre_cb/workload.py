@@ -1,0 +1,87 @@
+"""Workloads for simulation: load them from JSON/JSONL or generate them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from spyre_cb.errors import InvalidRequestError
+
+Request = tuple[int, int, int]  # (arrival_step, prompt_len, max_tokens)
+
+
+def _one(item, where: str) -> Request:
+    if isinstance(item, dict):
+        try:
+            item = (item.get("arrival_step", item.get("arrival", 0)), item["prompt_len"], item["max_tokens"])
+        except KeyError as e:
+            raise InvalidRequestError(f"{where}: missing key {e.args[0]!r} (need prompt_len, max_tokens)") from None
+    if not isinstance(item, (list, tuple)) or len(item) != 3:
+        raise InvalidRequestError(
+            f"{where}: a request is [arrival_step, prompt_len, max_tokens] or an object with those keys, got {item!r}"
+        )
+    out = []
+    for name, v in zip(("arrival_step", "prompt_len", "max_tokens"), item):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise InvalidRequestError(f"{where}: {name} must be an int >= 0, got {v!r}")
+        out.append(v)
+    return tuple(out)  # type: ignore[return-value]
+
+
+def load_workload(path: str | Path) -> list[Request]:
+    """Reads a JSON list (or JSONL, one request per line) of requests.
+
+    A request is ``[arrival_step, prompt_len, max_tokens]`` or
+    ``{"arrival_step": .., "prompt_len": .., "max_tokens": ..}``.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise InvalidRequestError(f"cannot read workload {str(p)!r}: {e.strerror}") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InvalidRequestError(f"{p}: not valid JSON ({e})") from None
+        return [_one(x, f"{p}[{i}]") for i, x in enumerate(data)]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidRequestError(f"{p}:{n}: not valid JSON ({e})") from None
+        out.append(_one(item, f"{p}:{n}"))
+    return out
+
+
+def synthetic_workload(
+    n: int,
+    *,
+    seed: int = 0,
+    max_model_len: int = 2048,
+    mean_interarrival: float = 4.0,
+    prompt_median: float = 200.0,
+    tokens_median: float = 100.0,
+    sigma: float = 1.0,
+) -> list[Request]:
+    """``n`` requests with Poisson arrivals and log-normal lengths.
+
+    Prompt lengths and max_tokens are log-normal around their medians (shape
+    ``sigma``), clipped so that every request fits ``max_model_len``.
+    Deterministic for a given seed.
+    """
+    if n < 0:
+        raise InvalidRequestError(f"n must be >= 0, got {n}")
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(mean_interarrival, size=n) if mean_interarrival > 0 else np.zeros(n)
+    arrivals = np.floor(np.cumsum(gaps)).astype(np.int64)
+    prompts = np.clip(np.rint(rng.lognormal(np.log(prompt_median), sigma, size=n)), 1, max_model_len - 1)
+    tokens = np.clip(np.rint(rng.lognormal(np.log(tokens_median), sigma, size=n)), 1, None)
+    tokens = np.minimum(tokens, max_model_len - prompts)
+    return [(int(a), int(p), int(t)) for a, p, t in zip(arrivals, prompts, tokens)]
