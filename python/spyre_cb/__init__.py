@@ -26,10 +26,18 @@ from spyre_cb.plan import DecodePlan, IdlePlan, PrefillPlan, StepPlan
 from spyre_cb.simulate import Trace, simulate
 
 if TYPE_CHECKING:  # torch-backed parts load lazily
-    from spyre_cb.engine import Engine, RequestOutput, StepOutput
+    from spyre_cb.engine import Engine, StepOutput
+    from spyre_cb.llm import LLM
+    from spyre_cb.outputs import CompletionOutput, RequestOutput
     from spyre_cb.sampling import SamplingParams
+    from spyre_cb.stats import SimulationStats, simulate_stats
 
 _LAZY = {
+    "LLM": "spyre_cb.llm",
+    "RequestOutput": "spyre_cb.outputs",
+    "CompletionOutput": "spyre_cb.outputs",
+    "simulate_stats": "spyre_cb.stats",
+    "SimulationStats": "spyre_cb.stats",
     "Engine": "spyre_cb.engine",
     "StepOutput": "spyre_cb.engine",
     "SamplingParams": "spyre_cb.sampling",
@@ -61,6 +69,11 @@ __all__ = [
     "UnknownRequestError",
     "BackendUnavailableError",
     "SchedulerStateError",
+    "LLM",
+    "RequestOutput",
+    "CompletionOutput",
+    "simulate_stats",
+    "SimulationStats",
     "Engine",
     "StepOutput",
     "SamplingParams",

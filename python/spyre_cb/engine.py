@@ -53,6 +53,14 @@ class RequestState:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def output_text(self, tokenizer) -> str:
+        """Generated text (cut before a matched stop string)."""
+        if self.stop_reason is not None and isinstance(self.stop_reason, str):
+            return self.text
+        if tokenizer is None:
+            return ""
+        return tokenizer.decode(self.output_token_ids, skip_special_tokens=True)
+
 
 class Engine:
     """Continuous batching over an FMS model, scheduled by the Rust core."""
@@ -97,6 +105,8 @@ class Engine:
         self.seed = seed
         self._n_added = 0
         self.requests: dict[str, RequestState] = {}
+        #: kind of the last step: "prefill", "decode", "idle" (None before any step)
+        self.last_plan_kind: str | None = None
 
     # ----- requests ----------------------------------------------------------
 
@@ -170,6 +180,7 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """Runs one step (a prefill or a decode of the batch) and returns its outputs."""
         plan = plan_from_dict(self.scheduler.schedule())
+        self.last_plan_kind = plan.kind
         if isinstance(plan, IdlePlan):
             self.scheduler.update([])
             return []

@@ -24,6 +24,35 @@ def _corpus() -> list[str]:
     return [p for p in text.split("\n\n") if p.strip()]
 
 
+def cache_dir() -> Path:
+    """Where built models are kept: ``$SPYRE_CB_CACHE`` or ``~/.cache/spyre_cb``."""
+    root = os.environ.get("SPYRE_CB_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "spyre_cb"
+
+
+def tiny_model_path(seed: int = 0, arch: str = "granite") -> Path:
+    """The default tiny checkpoint, built once into the cache directory."""
+    import shutil
+    import tempfile
+
+    target = cache_dir() / f"tiny-{arch}-seed{seed}-v1"
+    if (target / "spyre_cb_tiny.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        make_tiny_checkpoint(tmp, seed=seed, arch=arch)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race
+            if not (target / "spyre_cb_tiny.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def build_tokenizer(vocab_size: int = 512):
     """A byte-level BPE tokenizer trained on the package's own text."""
     from tokenizers import ByteLevelBPETokenizer

@@ -1,0 +1,5 @@
+import sys
+
+from spyre_cb.cli import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""``LLM``: offline batch generation on top of the engine (vLLM's shape)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+
+from spyre_cb.engine import Engine
+from spyre_cb.errors import InvalidRequestError
+from spyre_cb.outputs import CompletionOutput, RequestOutput
+from spyre_cb.sampling import SamplingParams
+
+PromptLike = str | Sequence[int]
+
+
+class LLM:
+    """Continuous-batching generation over an FMS model.
+
+    ``model`` is a Hugging Face checkpoint directory, or ``"tiny"`` for the
+    offline random-weight test model (built once into ``$SPYRE_CB_CACHE`` or
+    ``~/.cache/spyre_cb``).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike = "tiny",
+        max_num_seqs: int = 4,
+        max_model_len: int = 512,
+        available_blocks: int | None = None,
+        max_batch_tkv_limit: int | None = None,
+        backend: str = "eager",
+        seed: int = 0,
+        attention_ops: str = "vectorized",
+    ) -> None:
+        if model == "tiny":
+            from spyre_cb.models import tiny_model_path
+
+            model = tiny_model_path()
+        self.engine = Engine(
+            model,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            available_blocks=available_blocks,
+            max_batch_tkv_limit=max_batch_tkv_limit,
+            backend=backend,
+            attention_ops=attention_ops,
+            seed=seed,
+        )
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptLike | Sequence[PromptLike],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generates for every prompt (text or token ids); outputs in input order."""
+        batch = _as_batch(prompts)
+        if sampling_params is None:
+            params = [SamplingParams() for _ in batch]
+        elif isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(batch)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(batch):
+                raise InvalidRequestError(
+                    f"got {len(params)} sampling_params for {len(batch)} prompts: give one, or one per prompt"
+                )
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(batch, params):
+                rid = f"llm-{next(self._ids)}"
+                if isinstance(prompt, str):
+                    self.engine.add_request(rid, sampling_params=p, prompt=prompt)
+                else:
+                    self.engine.add_request(rid, list(prompt), p)
+                ids.append(rid)
+        except BaseException:
+            for rid in ids:  # all or nothing: take back what this call queued
+                self.engine.abort_request(rid)
+                self.engine.release(rid)
+            raise
+        self._run(ids, use_tqdm)
+        return [self._output(rid) for rid in ids]
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> None:
+        from tqdm.auto import tqdm
+
+        mine = set(ids)
+        left = set(ids)
+        with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
+            while left:
+                for out in self.engine.step():
+                    if out.finished and out.request_id in mine:
+                        left.discard(out.request_id)
+                        bar.update(1)
+
+    def _output(self, rid: str) -> RequestOutput:
+        s = self.engine.release(rid)
+        text = s.output_text(self.engine.tokenizer)
+        comp = CompletionOutput(0, text, list(s.output_token_ids), s.logprobs, s.finish_reason, s.stop_reason)
+        return RequestOutput(rid, s.prompt, list(s.prompt_token_ids), [comp], True)
+
+
+def _as_batch(prompts) -> list[PromptLike]:
+    if isinstance(prompts, str):
+        return [prompts]
+    try:
+        items = list(prompts)
+    except TypeError:
+        raise InvalidRequestError(f"prompts must be a string, token ids, or a list of those; got {type(prompts).__name__}") from None
+    if items and all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+        return [items]  # one prompt given as token ids
+    for i, x in enumerate(items):
+        if not isinstance(x, str) and not (
+            isinstance(x, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+        ):
+            raise InvalidRequestError(f"prompts[{i}] must be a string or a list of token ids, got {type(x).__name__}")
+    return items
