@@ -41,12 +41,17 @@ def load_workload(path: str | Path) -> list[Request]:
         text = p.read_text()
     except OSError as e:
         raise InvalidRequestError(f"cannot read workload {str(p)!r}: {e.strerror}") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InvalidRequestError(f"{p}: not valid JSON ({e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None  # not one JSON document: read it as JSONL
+    if isinstance(data, list) and not all(isinstance(x, (list, dict)) for x in data):
+        data = [data]  # a single request on its own
+    if isinstance(data, dict):
+        data = [data]
+    if data is not None:
+        if not isinstance(data, list):
+            raise InvalidRequestError(f"{p}: expected a list of requests, got {type(data).__name__}")
         return [_one(x, f"{p}[{i}]") for i, x in enumerate(data)]
     out = []
     for n, line in enumerate(text.splitlines(), 1):

@@ -1,0 +1,77 @@
+"""The spyre-cb command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, env_extra=None, timeout=300):
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "spyre_cb", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.mark.parametrize("cmd", [[], ["demo"], ["generate"], ["simulate"]])
+def test_help(cmd):
+    r = run(*cmd, "--help")
+    assert r.returncode == 0 and "usage: spyre-cb" in r.stdout
+
+
+def test_demo_shows_batching(tmp_path):
+    r = run("demo", env_extra={"SPYRE_CB_CACHE": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    rows = [ln.split() for ln in lines if ln[:5].strip().isdigit()]
+    kinds = {row[1] for row in rows}
+    assert {"prefill", "decode"} <= kinds
+    # at some step several requests run together: continuous batching happened
+    assert any(len(row) > 4 and "," in row[-2] for row in rows if row[1] == "decode")
+    assert "generated:" in r.stdout and "[7]" in r.stdout
+
+
+def test_simulate_synthetic_summary_json_and_plot(tmp_path):
+    png, js = tmp_path / "sim.png", tmp_path / "sim.json"
+    r = run("simulate", "--synthetic", "1000", "--seed", "3", "--plot", str(png), "--json", str(js))
+    assert r.returncode == 0, r.stderr
+    assert "requests          1000 (0 rejected)" in r.stdout
+    for key in ("mean batch size", "padding share", "blocks high-water", "queueing delay"):
+        assert key in r.stdout
+    assert png.stat().st_size > 20_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads(js.read_text())
+    assert doc["summary"]["requests"] == 1000 and len(doc["columns"]["tkv"]) == doc["summary"]["steps"] + 1
+
+
+def test_simulate_file_prints_the_step_table(tmp_path):
+    w = tmp_path / "w.jsonl"
+    w.write_text('[0, 49, 10]\n{"arrival_step": 0, "prompt_len": 70, "max_tokens": 4}\n[1, 300, 5]\n')
+    r = run("simulate", str(w), "--max-num-seqs", "2", "--max-model-len", "192", "--json", str(tmp_path / "o.json"))
+    assert r.returncode == 0, r.stderr
+    assert "rejected request 2: prompt of 300 tokens plus max_tokens 5 = 305 exceeds max_model_len 192" in r.stderr
+    row2 = next(ln for ln in r.stdout.splitlines() if ln.split()[:1] == ["2"])
+    assert row2.split()[:3] == ["2", "prefill", "128"]
+    doc = json.loads((tmp_path / "o.json").read_text())
+    assert doc["steps"][2]["running"] == ["1", "0"]
+
+
+def test_simulate_errors_exit_2(tmp_path):
+    r = run("simulate", "--synthetic", "5", "--max-model-len", "100")
+    assert r.returncode == 2 and "multiple of the block size 64, got 100" in r.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('[[0, "x", 3]]')
+    r = run("simulate", str(bad))
+    assert r.returncode == 2 and "prompt_len must be an int >= 0, got 'x'" in r.stderr
+
+
+def test_generate(tiny_model):
+    r = run("generate", "--model", str(tiny_model), "--prompt", "The river", "--prompt", "Good", "--max-tokens", "5", "--json")
+    assert r.returncode == 0, r.stderr
+    docs = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert [d["prompt"] for d in docs] == ["The river", "Good"]
+    assert all(len(d["token_ids"]) == 5 for d in docs)
