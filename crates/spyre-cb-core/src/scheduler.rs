@@ -146,6 +146,70 @@ impl Scheduler {
         self.running.iter().map(|&h| u64::from(self.req(h).left_pad)).sum()
     }
 
+    /// Checks the bookkeeping invariants; `Err` names the first one broken.
+    /// (Used by the property tests; cheap enough to call every step.)
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let cfg = &self.cfg;
+        if self.n_reserved > cfg.n_blocks {
+            return Err(format!("reserved {} > n_blocks {}", self.n_reserved, cfg.n_blocks));
+        }
+        if self.tkv > cfg.max_model_len {
+            return Err(format!("tkv {} > max_model_len {}", self.tkv, cfg.max_model_len));
+        }
+        let mut seen = vec![false; cfg.n_blocks as usize + 1];
+        let mut reserved = 0u32;
+        let mut used = 0u32;
+        for &h in self.running.iter().chain(self.to_free.iter()) {
+            let r = self.req(h);
+            reserved += r.reserved;
+            if r.blocks.len() as u32 > r.reserved {
+                return Err(format!("request {}: {} blocks used > {} reserved", r.id, r.blocks.len(), r.reserved));
+            }
+            for &b in &r.blocks {
+                if b == NULL_BLOCK || b > cfg.n_blocks {
+                    return Err(format!("request {} holds invalid block {b}", r.id));
+                }
+                if std::mem::replace(&mut seen[b as usize], true) {
+                    return Err(format!("block {b} owned twice (request {})", r.id));
+                }
+                if !self.pool.is_allocated(b) {
+                    return Err(format!("block {b} of request {} is not allocated in the pool", r.id));
+                }
+                used += 1;
+            }
+        }
+        for &h in &self.running {
+            let r = self.req(h);
+            if r.left_pad > self.tkv {
+                return Err(format!("request {}: left padding {} > tkv {}", r.id, r.left_pad, self.tkv));
+            }
+            let real = self.tkv - r.left_pad;
+            // prompt tokens plus every generated token but the newest are in the cache
+            if real != r.prompt_len + r.generated - 1 {
+                return Err(format!(
+                    "request {}: {} real positions but {} prompt + {} generated",
+                    r.id, real, r.prompt_len, r.generated
+                ));
+            }
+            let need = self.tkv.div_ceil(BLOCK_SIZE) - r.fully_padded_blocks();
+            if r.blocks.len() as u32 != need {
+                return Err(format!("request {}: {} blocks for {need} needed", r.id, r.blocks.len()));
+            }
+        }
+        if reserved != self.n_reserved {
+            return Err(format!("reserved sum {reserved} != counter {}", self.n_reserved));
+        }
+        if used != self.pool.n_used() || self.pool.n_used() + self.pool.n_free() != cfg.n_blocks {
+            return Err(format!(
+                "blocks: {used} owned, pool says {} used + {} free of {}",
+                self.pool.n_used(),
+                self.pool.n_free(),
+                cfg.n_blocks
+            ));
+        }
+        Ok(())
+    }
+
     /// Block table, left padding (virtual, tokens) and reservation of a running request.
     pub fn running_state(&self, request_id: &str) -> Option<(Vec<u32>, u32, u32)> {
         let h = *self.ids.get(request_id)?;

@@ -80,3 +80,22 @@ fn all_published_scenarios_match_every_step() {
         }
     }
 }
+
+/// A tkv shift must not push a running request past max_model_len
+/// (condition 3's second half): A starts unaligned at tkv 10 with 190 tokens
+/// to go; B's 100-token prompt would shift the batch to tkv 148.
+#[test]
+fn shift_never_pushes_running_request_past_max_model_len() {
+    let cfg = Config::new(2, 256, None, None).unwrap();
+    let reqs = [
+        SimRequest { arrival: 0, prompt_len: 10, max_tokens: 200 },
+        SimRequest { arrival: 10, prompt_len: 100, max_tokens: 5 },
+    ];
+    let r = simulate(cfg, &reqs, None);
+    assert!(r.records.iter().all(|s| s.tkv <= 256));
+    assert_eq!(r.records[1].tkv, 10); // 64 + 200 > 256: A starts unaligned
+    // B waits until tkv reaches its prompt length and joins without a shift
+    let joined = r.records.iter().find(|s| s.request_outputs == ["1"]).unwrap();
+    assert_eq!((joined.step, joined.tkv), (92, 100));
+    assert_eq!(joined.running, ["1", "0"]);
+}
