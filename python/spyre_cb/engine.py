@@ -123,6 +123,8 @@ class Engine:
         prompt: str | None = None,
     ) -> None:
         """Queues a request. Raises InvalidRequestError (state unchanged) when it cannot run."""
+        if not isinstance(request_id, str):
+            raise InvalidRequestError(f"request_id must be a str, got {type(request_id).__name__}")
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
@@ -136,7 +138,7 @@ class Engine:
                 raise InvalidRequestError("this model directory has no tokenizer: give prompt_token_ids")
             prompt_token_ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
         ids = _token_list(prompt_token_ids, self.vocab_size)
-        if isinstance(request_id, str) and request_id in self.requests and not self.requests[request_id].finished:
+        if request_id in self.requests and not self.requests[request_id].finished:
             raise InvalidRequestError(f"request id {request_id!r} is already in use by an unfinished request")
         self.scheduler.add_request(request_id, ids, params.max_tokens)
         state = RequestState(request_id, ids, params, prompt=prompt)

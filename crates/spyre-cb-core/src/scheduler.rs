@@ -210,6 +210,16 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Blocks held by a running request or one that finished in the last
+    /// step (its blocks return at the start of the next); `None` otherwise.
+    pub fn request_blocks(&self, request_id: &str) -> Option<Vec<u32>> {
+        let h = *self.ids.get(request_id)?;
+        if !self.running.contains(&h) && !self.to_free.contains(&h) {
+            return None;
+        }
+        Some(self.req(h).blocks.clone())
+    }
+
     /// Block table, left padding (virtual, tokens) and reservation of a running request.
     pub fn running_state(&self, request_id: &str) -> Option<(Vec<u32>, u32, u32)> {
         let h = *self.ids.get(request_id)?;

@@ -316,6 +316,14 @@ impl Scheduler {
     fn has_unfinished_requests(&self) -> bool {
         self.inner.has_unfinished_requests()
     }
+    /// Raises SchedulerStateError naming the first broken bookkeeping invariant.
+    fn check_invariants(&self, py: Python<'_>) -> PyResult<()> {
+        self.inner.check_invariants().map_err(|m| py_error(py, "SchedulerStateError", m))
+    }
+    /// Blocks held by a running request (or one that finished in the last step).
+    fn request_blocks(&self, request_id: &str) -> Option<Vec<u32>> {
+        self.inner.request_blocks(request_id)
+    }
     fn contains(&self, request_id: &str) -> bool {
         self.inner.contains(request_id)
     }
