@@ -200,7 +200,7 @@ class Engine:
             raise
         tokens = [s.token for s in sampled]
         stopped = [self._append(s, x.token, x.logprobs) for s, x in zip(states, sampled)]
-        _, finished = self.scheduler.update(tokens, stopped)
+        finished = self.scheduler.update(tokens, stopped)
         done = set(finished)
         outs = []
         for s, x, stop in zip(states, sampled, stopped):

@@ -61,7 +61,7 @@ fn main() {
         tok.clear();
         tok.resize(plan.n_sequences(), 0);
         let out = s.update(&tok, &[]).unwrap();
-        tokens += out.outputs.len() as u64;
+        tokens += tok.len() as u64;
         let before = finished;
         finished += out.finished.len() as u64;
         steps += 1;

@@ -73,12 +73,17 @@ pub fn reserved_blocks(tkv: u32, prompt_len: u32, max_tokens: u32) -> u64 {
 /// Largest batch x tkv from now until the joining request finishes
 /// (condition 5's staircase walk).
 pub fn peak_volume(tkv: u32, running_remaining: &[u32], max_tokens: u32) -> u64 {
+    peak_volume_with(tkv, running_remaining, max_tokens, &mut Vec::new())
+}
+
+fn peak_volume_with(tkv: u32, running_remaining: &[u32], max_tokens: u32, ends: &mut Vec<u64>) -> u64 {
     let end_new = u64::from(tkv) + u64::from(max_tokens) - 1;
-    let mut ends: Vec<u64> = running_remaining.iter().map(|&r| u64::from(tkv) + u64::from(r)).collect();
+    ends.clear();
+    ends.extend(running_remaining.iter().map(|&r| u64::from(tkv) + u64::from(r)));
     ends.sort_unstable();
     let mut b = running_remaining.len() as u64 + 1;
     let mut peak = 0;
-    for e in ends {
+    for &e in ends.iter() {
         if e >= end_new {
             break;
         }
@@ -94,6 +99,17 @@ pub fn can_schedule(
     view: &BatchView<'_>,
     prompt_len: u32,
     max_tokens: u32,
+) -> Result<Admission, Rejection> {
+    can_schedule_with(cfg, view, prompt_len, max_tokens, &mut Vec::new())
+}
+
+/// [`can_schedule`] with a reusable buffer (no allocation per call).
+pub fn can_schedule_with(
+    cfg: &Config,
+    view: &BatchView<'_>,
+    prompt_len: u32,
+    max_tokens: u32,
+    scratch: &mut Vec<u64>,
 ) -> Result<Admission, Rejection> {
     let n_running = view.running_remaining.len() as u64;
     if n_running + u64::from(view.admitted_this_step) >= u64::from(cfg.max_num_seqs) {
@@ -130,7 +146,7 @@ pub fn can_schedule(
     if reserved > u64::from(view.n_free_blocks) {
         return Err(Rejection::NotEnoughBlocks);
     }
-    if peak_volume(new_tkv, view.running_remaining, max_tokens) > cfg.max_batch_tkv_limit {
+    if peak_volume_with(new_tkv, view.running_remaining, max_tokens, scratch) > cfg.max_batch_tkv_limit {
         return Err(Rejection::VolumeLimit);
     }
     Ok(Admission { tkv: new_tkv, shift: shift as u32, new_batch: false, reserved: reserved as u32 })

@@ -26,7 +26,7 @@ pub use config::{Config, BLOCK_SIZE};
 pub use error::{ConfigError, CoreError, InvalidRequest};
 pub use plan::{DecodePlan, PrefillPlan, StepPlan};
 pub use scheduler::{Scheduler, StepOutcome};
-pub use simulate::{simulate, simulate_stats, SimRequest, SimResult, SimStats};
+pub use simulate::{simulate, simulate_compact, simulate_stats, CompactTrace, SimRequest, SimResult, SimStats};
 pub use trace::StepRecord;
 
 /// `ceil(a / b)` for unsigned integers.

@@ -6,12 +6,14 @@
 //! `64 * fully_padded_blocks`. Slots are `block * 64 + offset` in a KV cache of
 //! `n_blocks + 1` physical blocks (block 0 is the null block).
 
+use std::sync::Arc;
+
 use crate::block_pool::BlockId;
 
 /// Prefill of one request (prefill batch size 1).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PrefillPlan {
-    pub request_id: String,
+    pub request_id: Arc<str>,
     /// Batch tkv after this prefill; the prompt's last token sits at `tkv - 1`.
     pub tkv: u32,
     /// How far the running sequences moved right to make room (multiple of 64).
@@ -48,7 +50,10 @@ impl PrefillPlan {
 /// One decode step of every running sequence, most recently admitted first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodePlan {
-    pub request_ids: Vec<String>,
+    /// Ids in batch order (left empty with `PlanDetail::Minimal`).
+    pub request_ids: Vec<Arc<str>>,
+    /// Sequences in the batch.
+    pub batch_size: u32,
     /// Virtual position every sequence writes its input token at (the batch
     /// tkv before this step; it is `tkv + 1` afterwards).
     pub tkv: u32,
@@ -70,9 +75,6 @@ pub struct DecodePlan {
 }
 
 impl DecodePlan {
-    pub fn batch_size(&self) -> usize {
-        self.request_ids.len()
-    }
 
     /// Block table row of sequence `i`.
     pub fn block_table_row(&self, i: usize) -> &[BlockId] {
@@ -94,8 +96,8 @@ impl StepPlan {
     /// Request ids in the order `update` expects their tokens.
     pub fn request_ids(&self) -> Vec<&str> {
         match self {
-            Self::Prefill(p) => vec![p.request_id.as_str()],
-            Self::Decode(d) => d.request_ids.iter().map(String::as_str).collect(),
+            Self::Prefill(p) => vec![&*p.request_id],
+            Self::Decode(d) => d.request_ids.iter().map(|s| &**s).collect(),
             Self::Idle => Vec::new(),
         }
     }
@@ -103,7 +105,7 @@ impl StepPlan {
     pub fn n_sequences(&self) -> usize {
         match self {
             Self::Prefill(_) => 1,
-            Self::Decode(d) => d.request_ids.len(),
+            Self::Decode(d) => d.batch_size as usize,
             Self::Idle => 0,
         }
     }

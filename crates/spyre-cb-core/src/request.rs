@@ -1,12 +1,14 @@
 //! One request's scheduling state.
 
+use std::sync::Arc;
+
 use crate::block_pool::BlockId;
 use crate::config::BLOCK_SIZE;
 
 /// A request known to the scheduler, waiting or running.
 #[derive(Clone, Debug)]
 pub(crate) struct Request {
-    pub id: String,
+    pub id: Arc<str>,
     /// Prompt token ids; empty for token-less (simulation) requests, and
     /// dropped once the prefill plan has copied them.
     pub prompt: Vec<u32>,
@@ -24,10 +26,12 @@ pub(crate) struct Request {
     pub blocks: Vec<BlockId>,
     /// Blocks reserved at prefill for the worst case.
     pub reserved: u32,
+    /// Caller's numeric tag (simulations: the request's index).
+    pub tag: u32,
 }
 
 impl Request {
-    pub fn new(id: String, prompt: Vec<u32>, prompt_len: u32, max_tokens: u32) -> Self {
+    pub fn new(id: Arc<str>, prompt: Vec<u32>, prompt_len: u32, max_tokens: u32) -> Self {
         Self {
             id,
             prompt,
@@ -38,6 +42,7 @@ impl Request {
             left_pad: 0,
             blocks: Vec::new(),
             reserved: 0,
+            tag: 0,
         }
     }
 

@@ -8,6 +8,7 @@
 //! requests stopped. [`Scheduler::snapshot`] observes the state in between.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use crate::admission::{self, Admission, BatchView, Rejection};
 use crate::block_pool::{BlockPool, NULL_BLOCK};
@@ -26,23 +27,24 @@ pub enum PlanDetail {
     Full,
     /// Request ids, tkv and shift only (tensors' worth of vectors left empty).
     IdsOnly,
+    /// Kind, tkv and batch size only (decode ids left empty too).
+    Minimal,
 }
 
-/// What `update` reports for the step it closes.
+/// What `update` reports for the step it closes (every planned sequence got
+/// its token, in plan order).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StepOutcome {
-    /// `(request id, new token)` for every sequence of the step, plan order.
-    pub outputs: Vec<(String, u32)>,
     /// Ids that finished in this step (max_tokens reached or stopped).
-    pub finished: Vec<String>,
+    pub finished: Vec<Arc<str>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pending {
     None,
     Idle,
-    Prefill(Handle),
-    Decode(Vec<Handle>),
+    Prefill,
+    Decode,
 }
 
 #[derive(Clone, Debug)]
@@ -51,7 +53,7 @@ pub struct Scheduler {
     pool: BlockPool,
     slots: Vec<Option<Request>>,
     free_slots: Vec<Handle>,
-    ids: HashMap<String, Handle>,
+    ids: HashMap<Arc<str>, Handle>,
     waiting: VecDeque<Handle>,
     /// Admission order, oldest first (observations list it reversed).
     running: Vec<Handle>,
@@ -60,9 +62,14 @@ pub struct Scheduler {
     /// Finished or aborted running requests whose blocks return to the pool
     /// at the start of the next step.
     to_free: Vec<Handle>,
-    outputs: Vec<String>,
-    finished: Vec<String>,
+    /// Handles of the sequences of the current step, plan order: after
+    /// `update`, those that produced a token (alive until the next step).
+    outputs: Vec<Handle>,
+    finished: Vec<Handle>,
     step: u64,
+    /// Reused buffers (no allocation per step).
+    scratch_remaining: Vec<u32>,
+    scratch_ends: Vec<u64>,
     pending: Pending,
     last_rejection: Option<Rejection>,
 }
@@ -86,6 +93,8 @@ impl Scheduler {
             step: 0,
             pending: Pending::None,
             last_rejection: None,
+            scratch_remaining: Vec::new(),
+            scratch_ends: Vec::new(),
         }
     }
 
@@ -270,15 +279,36 @@ impl Scheduler {
     pub fn add_request(&mut self, request_id: &str, prompt: Vec<u32>, max_tokens: u32) -> Result<(), CoreError> {
         let len = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
         self.validate(request_id, len, max_tokens)?;
-        self.insert(Request::new(request_id.to_owned(), prompt, len, max_tokens));
+        self.insert(Request::new(Arc::from(request_id), prompt, len, max_tokens));
         Ok(())
     }
 
     /// Queues a token-less request (simulation): plans carry no input ids.
     pub fn add_request_len(&mut self, request_id: &str, prompt_len: u32, max_tokens: u32) -> Result<(), CoreError> {
+        self.add_request_tagged(request_id, 0, prompt_len, max_tokens)
+    }
+
+    /// A token-less request with a numeric `tag` the caller reads back through
+    /// [`Scheduler::running_tags`] and friends (cheaper than ids in hot loops).
+    pub fn add_request_tagged(&mut self, request_id: &str, tag: u32, prompt_len: u32, max_tokens: u32) -> Result<(), CoreError> {
         self.validate(request_id, prompt_len, max_tokens)?;
-        self.insert(Request::new(request_id.to_owned(), Vec::new(), prompt_len, max_tokens));
+        let mut r = Request::new(Arc::from(request_id), Vec::new(), prompt_len, max_tokens);
+        r.tag = tag;
+        self.insert(r);
         Ok(())
+    }
+
+    /// Tags of the running requests, most recently admitted first.
+    pub fn running_tags(&self) -> impl Iterator<Item = u32> + '_ {
+        self.running.iter().rev().map(|&h| self.req(h).tag)
+    }
+    /// Tags of the requests that produced a token in the last step.
+    pub fn last_output_tags(&self) -> impl Iterator<Item = u32> + '_ {
+        self.outputs.iter().map(|&h| self.req(h).tag)
+    }
+    /// Tags of the requests that finished in the last step.
+    pub fn last_finished_tags(&self) -> impl Iterator<Item = u32> + '_ {
+        self.finished.iter().map(|&h| self.req(h).tag)
     }
 
     fn insert(&mut self, req: Request) {
@@ -350,7 +380,9 @@ impl Scheduler {
 
         self.last_rejection = None;
         if let Some(&head) = self.waiting.front() {
-            let remaining: Vec<u32> = self.running.iter().map(|&h| self.req(h).remaining()).collect();
+            let mut remaining = std::mem::take(&mut self.scratch_remaining);
+            remaining.clear();
+            remaining.extend(self.running.iter().map(|&h| self.req(h).remaining()));
             let view = BatchView {
                 tkv: self.tkv,
                 running_remaining: &remaining,
@@ -361,11 +393,14 @@ impl Scheduler {
                 let r = self.req(head);
                 (r.prompt_len, r.max_tokens)
             };
-            match admission::can_schedule(&self.cfg, &view, pl, mt) {
+            let decision = admission::can_schedule_with(&self.cfg, &view, pl, mt, &mut self.scratch_ends);
+            self.scratch_remaining = remaining;
+            match decision {
                 Ok(adm) => {
                     self.waiting.pop_front();
                     let plan = self.prefill(head, adm, detail)?;
-                    self.pending = Pending::Prefill(head);
+                    self.outputs.push(head);
+                    self.pending = Pending::Prefill;
                     return Ok(StepPlan::Prefill(plan));
                 }
                 Err(why) => self.last_rejection = Some(why),
@@ -377,7 +412,8 @@ impl Scheduler {
             return Ok(StepPlan::Idle);
         }
         let plan = self.decode(detail)?;
-        self.pending = Pending::Decode(self.running.iter().rev().copied().collect());
+        self.outputs.extend(self.running.iter().rev().copied());
+        self.pending = Pending::Decode;
         Ok(StepPlan::Decode(plan))
     }
 
@@ -487,8 +523,10 @@ impl Scheduler {
         let pos = self.tkv;
         let n = self.running.len();
         let full = detail == PlanDetail::Full;
+        let ids = detail != PlanDetail::Minimal;
         let mut plan = DecodePlan {
-            request_ids: Vec::with_capacity(n),
+            request_ids: Vec::with_capacity(if ids { n } else { 0 }),
+            batch_size: n as u32,
             tkv: pos,
             input_ids: Vec::new(),
             positions: Vec::new(),
@@ -520,7 +558,9 @@ impl Scheduler {
                 r.blocks.push(b);
             }
             let r = self.req(h);
-            plan.request_ids.push(r.id.clone());
+            if ids {
+                plan.request_ids.push(r.id.clone());
+            }
             if full {
                 let base = fp * BLOCK_SIZE;
                 plan.input_ids.push(r.last_token);
@@ -549,45 +589,57 @@ impl Scheduler {
     /// order) and whether each sequence stopped early (EOS, stop string...).
     /// Requests that reach `max_tokens` finish without being told.
     pub fn update(&mut self, tokens: &[u32], stopped: &[bool]) -> Result<StepOutcome, CoreError> {
-        let pending = std::mem::replace(&mut self.pending, Pending::None);
-        let handles: Vec<Handle> = match &pending {
-            Pending::None => {
-                return Err(CoreError::State("update called without a pending plan: call schedule() first".into()))
-            }
-            Pending::Idle => Vec::new(),
-            Pending::Prefill(h) => vec![*h],
-            Pending::Decode(hs) => hs.clone(),
-        };
-        if tokens.len() != handles.len() || (!stopped.is_empty() && stopped.len() != handles.len()) {
-            let n = handles.len();
-            self.pending = pending;
+        let mut outcome = StepOutcome::default();
+        self.update_into(tokens, stopped, &mut outcome)?;
+        Ok(outcome)
+    }
+
+    /// [`Scheduler::update`] writing the finished ids into `outcome` (cleared first).
+    pub fn update_into(&mut self, tokens: &[u32], stopped: &[bool], outcome: &mut StepOutcome) -> Result<(), CoreError> {
+        outcome.finished.clear();
+        if self.pending == Pending::None {
+            return Err(CoreError::State("update called without a pending plan: call schedule() first".into()));
+        }
+        let n = self.outputs.len();
+        if tokens.len() != n || (!stopped.is_empty() && stopped.len() != n) {
             return Err(CoreError::State(format!(
                 "update expects {n} tokens and {n} (or 0) stop flags for this step, got {} and {}",
                 tokens.len(),
                 stopped.len()
             )));
         }
-        if matches!(pending, Pending::Decode(_)) {
+        if self.pending == Pending::Decode {
             self.tkv += 1;
         }
-        let mut outcome = StepOutcome::default();
-        for (i, &h) in handles.iter().enumerate() {
+        self.pending = Pending::None;
+        for i in 0..n {
+            let h = self.outputs[i];
             let stop = stopped.get(i).copied().unwrap_or(false);
             let r = self.req_mut(h);
             r.generated += 1;
             r.last_token = tokens[i];
-            let done = stop || r.generated >= r.max_tokens;
-            let id = r.id.clone();
-            outcome.outputs.push((id.clone(), tokens[i]));
-            self.outputs.push(id.clone());
-            if done {
+            if stop || r.generated >= r.max_tokens {
+                let id = r.id.clone();
                 self.running.retain(|&x| x != h);
                 self.to_free.push(h);
-                self.finished.push(id.clone());
+                self.finished.push(h);
                 outcome.finished.push(id);
             }
         }
-        Ok(outcome)
+        Ok(())
+    }
+
+    /// Running ids, most recently admitted first (no copies).
+    pub fn running_ids(&self) -> impl Iterator<Item = &str> + '_ {
+        self.running.iter().rev().map(|&h| &*self.req(h).id)
+    }
+    /// Ids that produced a token in the last step.
+    pub fn last_outputs(&self) -> impl Iterator<Item = &str> + '_ {
+        self.outputs.iter().map(|&h| &*self.req(h).id)
+    }
+    /// Ids that finished in the last step.
+    pub fn last_finished(&self) -> impl Iterator<Item = &str> + '_ {
+        self.finished.iter().map(|&h| &*self.req(h).id)
     }
 
     /// The current observation.
@@ -595,10 +647,10 @@ impl Scheduler {
         StepRecord {
             step: self.step,
             tkv: self.tkv,
-            waiting: self.waiting.iter().map(|&h| self.req(h).id.clone()).collect(),
-            running: self.running.iter().rev().map(|&h| self.req(h).id.clone()).collect(),
-            request_outputs: self.outputs.clone(),
-            finished_requests: self.finished.clone(),
+            waiting: self.waiting.iter().map(|&h| self.req(h).id.to_string()).collect(),
+            running: self.running_ids().map(str::to_owned).collect(),
+            request_outputs: self.last_outputs().map(str::to_owned).collect(),
+            finished_requests: self.last_finished().map(str::to_owned).collect(),
             n_reserved_blocks: self.n_reserved,
             n_used_blocks: self.pool.n_used(),
         }

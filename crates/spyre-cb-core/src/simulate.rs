@@ -22,45 +22,119 @@ pub struct SimResult {
     pub rejected: Vec<(String, InvalidRequest)>,
 }
 
+/// One step of a [`CompactTrace`]: request indices instead of id strings, and
+/// the waiting queue as a range of [`CompactTrace::accepted`] (the queue is
+/// FIFO and nothing is aborted in a simulation, so it is always contiguous).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompactRecord {
+    pub step: u64,
+    pub tkv: u32,
+    pub waiting: (u32, u32),
+    pub running: Vec<u32>,
+    pub request_outputs: Vec<u32>,
+    pub finished_requests: Vec<u32>,
+    pub n_reserved_blocks: u32,
+    pub n_used_blocks: u32,
+}
+
+/// A whole simulation, stored in O(steps x batch) rather than O(steps x queue).
+#[derive(Clone, Debug, Default)]
+pub struct CompactTrace {
+    /// Indices of accepted requests in the order they were queued.
+    pub accepted: Vec<u32>,
+    pub records: Vec<CompactRecord>,
+    /// Rejected requests: index and reason.
+    pub rejected: Vec<(u32, InvalidRequest)>,
+}
+
+impl CompactTrace {
+    /// Request indices waiting at record `i`, in queue order.
+    pub fn waiting(&self, i: usize) -> &[u32] {
+        let (a, b) = self.records[i].waiting;
+        &self.accepted[a as usize..b as usize]
+    }
+
+    /// The full record `i`, with ids as strings.
+    pub fn record(&self, i: usize) -> StepRecord {
+        let r = &self.records[i];
+        let ids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>();
+        StepRecord {
+            step: r.step,
+            tkv: r.tkv,
+            waiting: ids(self.waiting(i)),
+            running: ids(&r.running),
+            request_outputs: ids(&r.request_outputs),
+            finished_requests: ids(&r.finished_requests),
+            n_reserved_blocks: r.n_reserved_blocks,
+            n_used_blocks: r.n_used_blocks,
+        }
+    }
+}
+
 /// Runs the workload. Observation order is the published one: requests that
 /// arrive at step N are added, then step N is observed, then step N + 1 runs.
 /// With `steps = None` it runs until every request has finished and the step
 /// after (tkv back to 0); otherwise it records steps `0..=steps`.
 pub fn simulate(cfg: Config, requests: &[SimRequest], steps: Option<u64>) -> SimResult {
+    let t = simulate_compact(cfg, requests, steps);
+    SimResult {
+        records: (0..t.records.len()).map(|i| t.record(i)).collect(),
+        rejected: t.rejected.into_iter().map(|(i, e)| (i.to_string(), e)).collect(),
+    }
+}
+
+/// [`simulate`], keeping the trace compact (see [`CompactTrace`]).
+pub fn simulate_compact(cfg: Config, requests: &[SimRequest], steps: Option<u64>) -> CompactTrace {
+    use crate::plan::StepPlan;
+
     let mut sched = Scheduler::new(cfg);
     let mut order: Vec<usize> = (0..requests.len()).collect();
     order.sort_by_key(|&i| requests[i].arrival);
     let mut next = 0;
-    let mut result = SimResult::default();
+    let mut trace = CompactTrace::default();
+    let mut admitted = 0u32;
     let mut tokens = Vec::new();
+    let mut outcome = crate::scheduler::StepOutcome::default();
     for n in 0u64.. {
         if n > 0 {
             let plan = sched
-                .schedule_with(PlanDetail::IdsOnly)
+                .schedule_with(PlanDetail::Minimal)
                 .expect("no step is pending between simulation steps");
+            if matches!(plan, StepPlan::Prefill(_)) {
+                admitted += 1;
+            }
             tokens.clear();
             tokens.resize(plan.n_sequences(), 0);
-            sched.update(&tokens, &[]).expect("one token per planned sequence");
+            sched.update_into(&tokens, &[], &mut outcome).expect("one token per planned sequence");
         }
         while next < order.len() && requests[order[next]].arrival <= n {
             let i = order[next];
             let r = requests[i];
-            let id = i.to_string();
-            if let Err(e) = sched.validate(&id, r.prompt_len, r.max_tokens) {
-                result.rejected.push((id, e));
-            } else {
-                sched.add_request_len(&id, r.prompt_len, r.max_tokens).expect("validated");
+            match sched.add_request_tagged(&i.to_string(), i as u32, r.prompt_len, r.max_tokens) {
+                Ok(()) => trace.accepted.push(i as u32),
+                Err(crate::error::CoreError::InvalidRequest(e)) => trace.rejected.push((i as u32, e)),
+                Err(e) => unreachable!("add_request_len only fails validation: {e}"),
             }
             next += 1;
         }
-        result.records.push(sched.snapshot());
+        debug_assert_eq!(trace.accepted.len() - admitted as usize, sched.n_waiting());
+        trace.records.push(CompactRecord {
+            step: sched.step(),
+            tkv: sched.tkv(),
+            waiting: (admitted, trace.accepted.len() as u32),
+            running: sched.running_tags().collect(),
+            request_outputs: sched.last_output_tags().collect(),
+            finished_requests: sched.last_finished_tags().collect(),
+            n_reserved_blocks: sched.n_reserved_blocks(),
+            n_used_blocks: sched.n_used_blocks(),
+        });
         match steps {
             Some(s) if n >= s => break,
             None if next == order.len() && sched.is_drained() && sched.tkv() == 0 => break,
             _ => {}
         }
     }
-    result
+    trace
 }
 
 /// Step kinds in [`SimStats::kind`].
@@ -111,35 +185,33 @@ pub fn simulate_stats(cfg: Config, requests: &[SimRequest], steps: Option<u64>, 
     for n in 0u64.. {
         let (mut kind, mut computed, mut padding) = (KIND_IDLE, 0u64, 0u64);
         if n > 0 {
-            let plan = sched.schedule_with(PlanDetail::IdsOnly).expect("no pending step");
+            let plan = sched.schedule_with(PlanDetail::Minimal).expect("no pending step");
             match &plan {
                 StepPlan::Idle => {}
                 StepPlan::Prefill(p) => {
                     kind = KIND_PREFILL;
-                    let idx: usize = p.request_id.parse().expect("index id");
-                    st.admitted[idx] = n;
+                    st.admitted[sched.last_output_tags().next().expect("the prefilled request") as usize] = n;
                     computed = u64::from(p.input_len());
                     padding = computed - u64::from(p.prompt_len);
                 }
                 StepPlan::Decode(d) => {
                     kind = KIND_DECODE;
-                    computed = d.request_ids.len() as u64 * (u64::from(d.tkv) + 1);
+                    computed = u64::from(d.batch_size) * (u64::from(d.tkv) + 1);
                     padding = sched.batch_padding();
                 }
             }
             tokens.clear();
             tokens.resize(plan.n_sequences(), 0);
-            let out = sched.update(&tokens, &[]).expect("one token per planned sequence");
-            for id in out.finished {
-                let idx: usize = id.parse().expect("index id");
-                st.finished[idx] = n;
+            sched.update(&tokens, &[]).expect("one token per planned sequence");
+            for idx in sched.last_finished_tags() {
+                st.finished[idx as usize] = n;
             }
         }
         while next < order.len() && requests[order[next]].arrival <= n {
             let i = order[next];
             let r = requests[i];
             let id = i.to_string();
-            match sched.add_request_len(&id, r.prompt_len, r.max_tokens) {
+            match sched.add_request_tagged(&id, i as u32, r.prompt_len, r.max_tokens) {
                 Ok(()) => {}
                 Err(crate::error::CoreError::InvalidRequest(e)) => st.rejected.push((id, e)),
                 Err(e) => unreachable!("add_request_len only fails validation: {e}"),

@@ -102,6 +102,7 @@ fn run(w: &Workload) -> Result<(), TestCaseError> {
             let tokens = vec![7u32; ids.len()];
             let out = s.update(&tokens, &stopped).map_err(|e| TestCaseError::fail(e.to_string()))?;
             for id in out.finished {
+                let id = id.to_string();
                 let i: usize = id.parse().unwrap();
                 let (_, _, mt, stop, _) = w.requests[i];
                 let g = generated[&id];

@@ -5,7 +5,9 @@
 //! dicts (picklable, for broadcasting to tensor-parallel ranks).
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyList, PyTuple};
+use std::sync::Arc;
+
+use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
 
 use spyre_cb_core as core;
 
@@ -83,31 +85,72 @@ fn make_config(
 
 // ----- step records -----------------------------------------------------------
 
+/// A simulation's compact trace with the request ids made into Python strings
+/// once; step records are views into it, so building a trace costs
+/// O(steps x batch) and a record's lists are made only when read.
+struct SharedTrace {
+    trace: core::CompactTrace,
+    names: Vec<Py<PyString>>,
+}
+
+enum RecordData {
+    Owned(core::StepRecord),
+    View(Arc<SharedTrace>, usize),
+}
+
 /// One observation of the scheduler after a step (step 0: before any step).
-#[pyclass(module = "spyre_cb._core", frozen, get_all, eq)]
-#[derive(Clone, PartialEq)]
+#[pyclass(module = "spyre_cb._core", frozen)]
 pub struct StepRecord {
-    step: u64,
-    tkv: u32,
-    waiting: Vec<String>,
-    running: Vec<String>,
-    request_outputs: Vec<String>,
-    finished_requests: Vec<String>,
-    n_reserved_blocks: u32,
-    n_used_blocks: u32,
+    data: RecordData,
 }
 
 impl From<core::StepRecord> for StepRecord {
     fn from(r: core::StepRecord) -> Self {
-        Self {
-            step: r.step,
-            tkv: r.tkv,
-            waiting: r.waiting,
-            running: r.running,
-            request_outputs: r.request_outputs,
-            finished_requests: r.finished_requests,
-            n_reserved_blocks: r.n_reserved_blocks,
-            n_used_blocks: r.n_used_blocks,
+        Self { data: RecordData::Owned(r) }
+    }
+}
+
+type RecordTuple = (u64, u32, Vec<String>, Vec<String>, Vec<String>, Vec<String>, u32, u32);
+
+impl StepRecord {
+    fn names<'py>(&self, py: Python<'py>, which: u8) -> PyResult<Bound<'py, PyList>> {
+        match &self.data {
+            RecordData::Owned(r) => {
+                let v = match which {
+                    0 => &r.waiting,
+                    1 => &r.running,
+                    2 => &r.request_outputs,
+                    _ => &r.finished_requests,
+                };
+                PyList::new(py, v)
+            }
+            RecordData::View(t, i) => {
+                let rec = &t.trace.records[*i];
+                let idx: &[u32] = match which {
+                    0 => t.trace.waiting(*i),
+                    1 => &rec.running,
+                    2 => &rec.request_outputs,
+                    _ => &rec.finished_requests,
+                };
+                PyList::new(py, idx.iter().map(|&k| t.names[k as usize].bind(py)))
+            }
+        }
+    }
+
+    fn numbers(&self) -> (u64, u32, u32, u32) {
+        match &self.data {
+            RecordData::Owned(r) => (r.step, r.tkv, r.n_reserved_blocks, r.n_used_blocks),
+            RecordData::View(t, i) => {
+                let r = &t.trace.records[*i];
+                (r.step, r.tkv, r.n_reserved_blocks, r.n_used_blocks)
+            }
+        }
+    }
+
+    fn owned(&self) -> core::StepRecord {
+        match &self.data {
+            RecordData::Owned(r) => r.clone(),
+            RecordData::View(t, i) => t.trace.record(*i),
         }
     }
 }
@@ -126,47 +169,75 @@ impl StepRecord {
         n_reserved_blocks: u32,
         n_used_blocks: u32,
     ) -> Self {
-        Self { step, tkv, waiting, running, request_outputs, finished_requests, n_reserved_blocks, n_used_blocks }
+        core::StepRecord { step, tkv, waiting, running, request_outputs, finished_requests, n_reserved_blocks, n_used_blocks }
+            .into()
+    }
+
+    #[getter]
+    fn step(&self) -> u64 {
+        self.numbers().0
+    }
+    #[getter]
+    fn tkv(&self) -> u32 {
+        self.numbers().1
+    }
+    #[getter]
+    fn n_reserved_blocks(&self) -> u32 {
+        self.numbers().2
+    }
+    #[getter]
+    fn n_used_blocks(&self) -> u32 {
+        self.numbers().3
+    }
+    #[getter]
+    fn waiting<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        self.names(py, 0)
+    }
+    #[getter]
+    fn running<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        self.names(py, 1)
+    }
+    #[getter]
+    fn request_outputs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        self.names(py, 2)
+    }
+    #[getter]
+    fn finished_requests<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        self.names(py, 3)
     }
 
     /// The record with the published spec's keys.
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (step, tkv, reserved, used) = self.numbers();
         let d = PyDict::new(py);
-        d.set_item("step", self.step)?;
-        d.set_item("tkv", self.tkv)?;
-        d.set_item("waiting", &self.waiting)?;
-        d.set_item("running", &self.running)?;
-        d.set_item("request_outputs", &self.request_outputs)?;
-        d.set_item("finished_requests", &self.finished_requests)?;
-        d.set_item("n_reserved_blocks", self.n_reserved_blocks)?;
-        d.set_item("n_used_blocks", self.n_used_blocks)?;
+        d.set_item("step", step)?;
+        d.set_item("tkv", tkv)?;
+        d.set_item("waiting", self.names(py, 0)?)?;
+        d.set_item("running", self.names(py, 1)?)?;
+        d.set_item("request_outputs", self.names(py, 2)?)?;
+        d.set_item("finished_requests", self.names(py, 3)?)?;
+        d.set_item("n_reserved_blocks", reserved)?;
+        d.set_item("n_used_blocks", used)?;
         Ok(d)
     }
 
-    fn __getnewargs__(&self) -> (u64, u32, Vec<String>, Vec<String>, Vec<String>, Vec<String>, u32, u32) {
-        (
-            self.step,
-            self.tkv,
-            self.waiting.clone(),
-            self.running.clone(),
-            self.request_outputs.clone(),
-            self.finished_requests.clone(),
-            self.n_reserved_blocks,
-            self.n_used_blocks,
-        )
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        match other.cast::<StepRecord>() {
+            Ok(o) => self.owned() == o.get().owned(),
+            Err(_) => false,
+        }
+    }
+
+    fn __getnewargs__(&self) -> RecordTuple {
+        let r = self.owned();
+        (r.step, r.tkv, r.waiting, r.running, r.request_outputs, r.finished_requests, r.n_reserved_blocks, r.n_used_blocks)
     }
 
     fn __repr__(&self) -> String {
+        let r = self.owned();
         format!(
             "StepRecord(step={}, tkv={}, waiting={:?}, running={:?}, request_outputs={:?}, finished_requests={:?}, n_reserved_blocks={}, n_used_blocks={})",
-            self.step,
-            self.tkv,
-            self.waiting,
-            self.running,
-            self.request_outputs,
-            self.finished_requests,
-            self.n_reserved_blocks,
-            self.n_used_blocks
+            r.step, r.tkv, r.waiting, r.running, r.request_outputs, r.finished_requests, r.n_reserved_blocks, r.n_used_blocks
         )
     }
 }
@@ -181,7 +252,7 @@ fn plan_dict<'py>(py: Python<'py>, plan: core::StepPlan) -> PyResult<Bound<'py, 
         }
         core::StepPlan::Prefill(p) => {
             d.set_item("kind", "prefill")?;
-            d.set_item("request_id", p.request_id)?;
+            d.set_item("request_id", &*p.request_id)?;
             d.set_item("tkv", p.tkv)?;
             d.set_item("tkv_shift", p.tkv_shift)?;
             d.set_item("new_batch", p.new_batch)?;
@@ -203,7 +274,7 @@ fn plan_dict<'py>(py: Python<'py>, plan: core::StepPlan) -> PyResult<Bound<'py, 
                 p.block_table.chunks(w).collect()
             };
             d.set_item("block_table", PyList::new(py, rows)?)?;
-            d.set_item("request_ids", p.request_ids)?;
+            d.set_item("request_ids", PyList::new(py, p.request_ids.iter().map(|s| &**s))?)?;
             d.set_item("tkv", p.tkv)?;
             d.set_item("input_ids", p.input_ids)?;
             d.set_item("positions", p.positions)?;
@@ -295,18 +366,18 @@ impl Scheduler {
         plan_dict(py, plan)
     }
 
-    /// Closes the step: one token per planned sequence, optional stop flags.
-    /// Returns `(outputs, finished)`: `[(request_id, token)]` and ids.
+    /// Closes the step: one token per planned sequence (plan order), optional
+    /// stop flags. Returns the ids that finished in this step.
     #[pyo3(signature = (tokens, stopped=None))]
     fn update(
         &mut self,
         py: Python<'_>,
         tokens: Vec<u32>,
         stopped: Option<Vec<bool>>,
-    ) -> PyResult<(Vec<(String, u32)>, Vec<String>)> {
+    ) -> PyResult<Vec<String>> {
         let stopped = stopped.unwrap_or_default();
         let out = self.inner.update(&tokens, &stopped).map_err(|e| core_err(py, e))?;
-        Ok((out.outputs, out.finished))
+        Ok(out.finished.into_iter().map(|id| id.to_string()).collect())
     }
 
     fn snapshot(&self) -> StepRecord {
@@ -497,9 +568,13 @@ fn simulate(
     let cfg = make_config(py, max_num_seqs, max_model_len, available_blocks, max_batch_tkv_limit)?;
     let steps = opt_uint(py, steps, "steps", u64::MAX >> 1, "InvalidRequestError")?;
     let reqs = sim_requests(py, requests)?;
-    let result = py.detach(|| core::simulate(cfg, &reqs, steps));
-    let records = result.records.into_iter().map(StepRecord::from).collect();
-    let rejected = result.rejected.into_iter().map(|(id, e)| (id, e.to_string())).collect();
+    let n = reqs.len();
+    let trace = py.detach(|| core::simulate_compact(cfg, &reqs, steps));
+    let rejected = trace.rejected.iter().map(|(i, e)| (i.to_string(), e.to_string())).collect();
+    let names = (0..n).map(|i| PyString::new(py, &i.to_string()).unbind()).collect();
+    let n_records = trace.records.len();
+    let shared = Arc::new(SharedTrace { trace, names });
+    let records = (0..n_records).map(|i| StepRecord { data: RecordData::View(shared.clone(), i) }).collect();
     Ok((records, rejected))
 }
 

@@ -1,0 +1,144 @@
+//! Scheduler benchmarks (criterion). Run from the repository root: `cargo bench`.
+//!
+//! - `step_loop/*`: one schedule + update step (full plans, as the engine
+//!   uses them) in steady state with 10,000 queued requests of mixed lengths.
+//! - `step_vs_queue/*`: the same step with 100 and with 100,000 waiting: the
+//!   cost must not grow with the queue.
+//! - `can_schedule/*`: admission alone against a batch of max_num_seqs - 1.
+//! - `block_pool/*`: allocate + free.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use spyre_cb_core::admission::{can_schedule, BatchView};
+use spyre_cb_core::scheduler::PlanDetail;
+use spyre_cb_core::{BlockPool, Config, Scheduler};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn range(&mut self, lo: u32, hi: u32) -> u32 {
+        lo + (self.next() % u64::from(hi - lo + 1)) as u32
+    }
+}
+
+/// A scheduler with `queue` requests waiting, kept topped up by `step`.
+struct Loop {
+    s: Scheduler,
+    rng: Rng,
+    queue: usize,
+    next_id: u64,
+    mml: u32,
+    tokens: Vec<u32>,
+    detail: PlanDetail,
+}
+
+impl Loop {
+    fn new(seqs: u32, mml: u32, queue: usize, detail: PlanDetail) -> Self {
+        let mut l = Loop {
+            s: Scheduler::new(Config::new(seqs, mml, None, None).unwrap()),
+            rng: Rng(42),
+            queue,
+            next_id: 0,
+            mml,
+            tokens: Vec::new(),
+            detail,
+        };
+        l.refill();
+        // warm up to a steady state (batch filled)
+        for _ in 0..(4 * seqs as usize + 200) {
+            l.step();
+        }
+        l
+    }
+
+    fn refill(&mut self) {
+        while self.s.n_waiting() < self.queue {
+            let pl = self.rng.range(1, self.mml / 2);
+            let mt = self.rng.range(1, (self.mml - pl).min(1024));
+            self.s.add_request_len(&self.next_id.to_string(), pl, mt).unwrap();
+            self.next_id += 1;
+        }
+    }
+
+    fn step(&mut self) -> usize {
+        let plan = self.s.schedule_with(self.detail).unwrap();
+        let n = plan.n_sequences();
+        black_box(&plan);
+        self.tokens.clear();
+        self.tokens.resize(n, 1);
+        let out = self.s.update(&self.tokens, &[]).unwrap();
+        if !out.finished.is_empty() {
+            self.refill();
+        }
+        n
+    }
+}
+
+fn step_loop(c: &mut Criterion) {
+    let mut g = c.benchmark_group("step_loop");
+    g.throughput(Throughput::Elements(1));
+    for (seqs, mml) in [(4u32, 2048u32), (32, 8192), (256, 32768)] {
+        let mut l = Loop::new(seqs, mml, 10_000, PlanDetail::Full);
+        g.bench_function(BenchmarkId::new("full_plan", format!("seqs{seqs}_mml{mml}")), |b| b.iter(|| l.step()));
+        let mut l = Loop::new(seqs, mml, 10_000, PlanDetail::IdsOnly);
+        g.bench_function(BenchmarkId::new("ids_only", format!("seqs{seqs}_mml{mml}")), |b| b.iter(|| l.step()));
+    }
+    g.finish();
+}
+
+fn step_vs_queue(c: &mut Criterion) {
+    let mut g = c.benchmark_group("step_vs_queue");
+    g.throughput(Throughput::Elements(1));
+    for queue in [100usize, 100_000] {
+        let mut l = Loop::new(32, 8192, queue, PlanDetail::Full);
+        g.bench_function(BenchmarkId::new("seqs32_waiting", queue), |b| b.iter(|| l.step()));
+    }
+    g.finish();
+}
+
+fn admission(c: &mut Criterion) {
+    let mut g = c.benchmark_group("can_schedule");
+    for seqs in [4u32, 32, 256] {
+        let cfg = Config::new(seqs, 32768, None, None).unwrap();
+        let mut rng = Rng(7);
+        let remaining: Vec<u32> = (0..seqs - 1).map(|_| rng.range(1, 8000)).collect();
+        let view = BatchView {
+            tkv: 9000,
+            running_remaining: &remaining,
+            n_free_blocks: cfg.n_blocks / 2,
+            admitted_this_step: 0,
+        };
+        g.bench_function(BenchmarkId::new("admit_into_batch_of", seqs - 1), |b| {
+            b.iter(|| can_schedule(black_box(&cfg), black_box(&view), black_box(9100), black_box(4000)))
+        });
+    }
+    g.finish();
+}
+
+fn block_pool(c: &mut Criterion) {
+    let mut g = c.benchmark_group("block_pool");
+    g.throughput(Throughput::Elements(1));
+    let mut pool = BlockPool::new(131_072);
+    // a half-used pool with a scattered free list
+    let mut held: Vec<u32> = (0..65_536).map(|_| pool.allocate().unwrap()).collect();
+    for i in (0..held.len()).step_by(2) {
+        pool.free(held[i]);
+    }
+    held.retain(|&b| pool.is_allocated(b));
+    g.bench_function("allocate_free", |b| {
+        b.iter(|| {
+            let x = pool.allocate().unwrap();
+            pool.free(black_box(x))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, step_loop, step_vs_queue, admission, block_pool);
+criterion_main!(benches);
