@@ -45,8 +45,10 @@ def _decode(query, key_cache, value_cache, nheads, kvheads, p_dropout, scale_fac
     left = attn_kwargs["left_padded_prompt_mask"]  # [B]
     b, w = block_table.shape
     block = key_cache.shape[1]
-    keys = key_cache[block_table].reshape(b, w * block, kvheads, -1).transpose(1, 2)
-    values = value_cache[block_table].reshape(b, w * block, kvheads, -1).transpose(1, 2)
+    flat = block_table.reshape(-1)
+    # index_select is several times faster than advanced indexing on CPU
+    keys = key_cache.index_select(0, flat).view(b, w * block, kvheads, -1).transpose(1, 2)
+    values = value_cache.index_select(0, flat).view(b, w * block, kvheads, -1).transpose(1, 2)
     j = torch.arange(w * block, device=query.device)
     q_len = query.shape[1]
     # query t of q_len sits at in-table position tkv - q_len + t (decode: q_len = 1)

@@ -1,0 +1,32 @@
+"""Smoke runs of the benchmark scripts (no timing assertions: CI machines are noisy)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHES = Path(__file__).resolve().parent.parent / "benches"
+
+
+def run(script, *args, timeout=300):
+    return subprocess.run(
+        [sys.executable, str(BENCHES / script), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_rust_vs_python_traces_identical():
+    r = run("rust_vs_python.py", "--requests", "300", "--repeat", "1", "--interarrival", "3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "identical traces: yes" in r.stdout and "steps/s" in r.stdout
+
+
+@pytest.mark.slow
+def test_e2e_quick():
+    r = run("e2e.py", "--quick")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "tokens identical to HF (a vs c): 12/12 requests" in r.stdout
+    assert "tokens identical (a vs b): 12/12" in r.stdout
+    assert "outside the model forward" in r.stdout
