@@ -43,7 +43,7 @@ def workload(n: int, seed: int, max_prompt: int, max_new: int):
 
 
 def run_spyre(model, reqs, prompts, args, attention_ops: str):
-    mml = -(-(max(pl + mt for pl, mt in reqs)) // 64) * 64
+    mml = max(args.max_model_len, -(-(max(pl + mt for pl, mt in reqs)) // 64) * 64)
     eng = spyre_cb.Engine(
         model, max_num_seqs=args.max_num_seqs, max_model_len=mml, available_blocks=args.blocks,
         attention_ops=attention_ops,
@@ -70,8 +70,12 @@ def run_spyre(model, reqs, prompts, args, attention_ops: str):
         eng.add_request(str(i), p, SamplingParams(max_tokens=mt, temperature=0.0, ignore_eos=True))
     done: dict[str, float] = {}
     steps = 0
+    batch_sizes = []
     while eng.has_unfinished_requests():
-        for o in eng.step():
+        outs = eng.step()
+        if eng.last_plan_kind == "decode":
+            batch_sizes.append(len(outs))
+        for o in outs:
             if o.finished:
                 done[o.request_id] = time.perf_counter() - t0
         steps += 1
@@ -80,6 +84,7 @@ def run_spyre(model, reqs, prompts, args, attention_ops: str):
     return dict(
         total=total, steps=steps, ttlt=list(done.values()), tokens=tokens,
         outside_share=1.0 - forward_time / total,
+        mean_batch=statistics.mean(batch_sizes) if batch_sizes else 0.0,
     )
 
 
@@ -133,8 +138,11 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-fms", action="store_true", help="skip (b), the slow reference ops")
+    ap.add_argument("--max-prompt", type=int, default=448, help="prompts are 16..max-prompt tokens")
+    ap.add_argument("--max-new", type=int, default=128, help="new tokens are 8..max-new")
+    ap.add_argument("--max-model-len", type=int, default=0, help="engine max_model_len (default: the smallest that fits)")
     args = ap.parse_args(argv)
-    max_prompt, max_new = 448, 128
+    max_prompt, max_new = args.max_prompt, args.max_new
     if args.quick:
         args.requests, args.layers, args.hidden, args.blocks = 12, 2, 256, 128
         max_prompt, max_new = 200, 24
@@ -152,7 +160,8 @@ def main(argv=None) -> int:
             f"{args.requests} requests (prompts {min(p for p, _ in reqs)}-{max(p for p, _ in reqs)}, "
             f"new tokens {min(m for _, m in reqs)}-{max(m for _, m in reqs)}, {useful} useful tokens), "
             f"batch {args.max_num_seqs}, Granite {args.layers} layers hidden {args.hidden}, "
-            f"{args.blocks} KV blocks, torch threads {torch.get_num_threads()}"
+            f"{args.blocks} KV blocks, max_model_len {max(args.max_model_len, -(-(max(p + m for p, m in reqs)) // 64) * 64)}, "
+            f"torch threads {torch.get_num_threads()}"
         )
         a = run_spyre(model, reqs, prompts, args, "vectorized")
         c = run_hf(model, reqs, prompts, args)
@@ -170,6 +179,7 @@ def main(argv=None) -> int:
         if b is not None:
             print(f"(a)/(b) throughput: {ta / tb:.2f}x")
         print(f"(a) share of step time outside the model forward: {100 * a['outside_share']:.1f}% over {a['steps']} steps")
+        print(f"(a) mean decode batch size: {a['mean_batch']:.2f} of {args.max_num_seqs}")
     return 0
 
 
