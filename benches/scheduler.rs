@@ -12,25 +12,13 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use spyre_cb_core::admission::{can_schedule, BatchView};
 use spyre_cb_core::scheduler::PlanDetail;
+use spyre_cb_core::workload::XorShift;
 use spyre_cb_core::{BlockPool, Config, Scheduler};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn range(&mut self, lo: u32, hi: u32) -> u32 {
-        lo + (self.next() % u64::from(hi - lo + 1)) as u32
-    }
-}
 
 /// A scheduler with `queue` requests waiting, kept topped up by `step`.
 struct Loop {
     s: Scheduler,
-    rng: Rng,
+    rng: XorShift,
     queue: usize,
     next_id: u64,
     mml: u32,
@@ -42,7 +30,7 @@ impl Loop {
     fn new(seqs: u32, mml: u32, queue: usize, detail: PlanDetail) -> Self {
         let mut l = Loop {
             s: Scheduler::new(Config::new(seqs, mml, None, None).unwrap()),
-            rng: Rng(42),
+            rng: XorShift::new(42),
             queue,
             next_id: 0,
             mml,
@@ -59,8 +47,7 @@ impl Loop {
 
     fn refill(&mut self) {
         while self.s.n_waiting() < self.queue {
-            let pl = self.rng.range(1, self.mml / 2);
-            let mt = self.rng.range(1, (self.mml - pl).min(1024));
+            let (pl, mt) = self.rng.request(self.mml, self.mml / 2, 1024);
             self.s.add_request_len(&self.next_id.to_string(), pl, mt).unwrap();
             self.next_id += 1;
         }
@@ -106,7 +93,7 @@ fn admission(c: &mut Criterion) {
     let mut g = c.benchmark_group("can_schedule");
     for seqs in [4u32, 32, 256] {
         let cfg = Config::new(seqs, 32768, None, None).unwrap();
-        let mut rng = Rng(7);
+        let mut rng = XorShift::new(7);
         let remaining: Vec<u32> = (0..seqs - 1).map(|_| rng.range(1, 8000)).collect();
         let view = BatchView {
             tkv: 9000,

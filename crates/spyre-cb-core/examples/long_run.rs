@@ -7,21 +7,8 @@
 use std::time::Instant;
 
 use spyre_cb_core::scheduler::PlanDetail;
+use spyre_cb_core::workload::XorShift;
 use spyre_cb_core::{Config, Scheduler};
-
-/// xorshift64*: a tiny deterministic generator (no dependencies).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn range(&mut self, lo: u32, hi: u32) -> u32 {
-        lo + (self.next() % u64::from(hi - lo + 1)) as u32
-    }
-}
 
 fn rss_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -40,7 +27,7 @@ fn main() {
     let seqs: u32 = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(32);
     let mml = 4096;
     let mut s = Scheduler::new(Config::new(seqs, mml, None, None).unwrap());
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = XorShift::new(0x9e37_79b9_7f4a_7c15);
     let slice = (n / 10).max(1);
     let (mut added, mut finished, mut steps, mut tokens) = (0u64, 0u64, 0u64, 0u64);
     let mut tok = Vec::new();
@@ -52,8 +39,7 @@ fn main() {
     while finished < n {
         // keep a bounded queue in front of the batch (a steady stream of arrivals)
         while added < n && s.n_waiting() < 4 * seqs as usize {
-            let pl = rng.range(1, 2048);
-            let mt = rng.range(1, (mml - pl).min(512));
+            let (pl, mt) = rng.request(mml, 2048, 512);
             s.add_request_len(&added.to_string(), pl, mt).expect("valid by construction");
             added += 1;
         }

@@ -19,6 +19,7 @@ pub mod request;
 pub mod scheduler;
 pub mod simulate;
 pub mod trace;
+pub mod workload;
 
 pub use admission::{Admission, Rejection};
 pub use block_pool::{BlockId, BlockPool, NULL_BLOCK};
