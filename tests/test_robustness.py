@@ -183,3 +183,30 @@ def test_nan_and_inf_never_reach_the_sampler():
     for bad in (math.nan, math.inf, -1.0):
         with pytest.raises(spyre_cb.InvalidRequestError, match="temperature"):
             SamplingParams(temperature=bad)
+
+
+def test_a_failing_forward_aborts_that_step_and_the_engine_keeps_serving(tiny_model, hf_greedy):
+    eng = spyre_cb.Engine(tiny_model, max_num_seqs=2, max_model_len=256)
+    p = random_prompts([20, 30, 40], eng.vocab_size, seed=21)
+    eng.add_request("a", p[0], SamplingParams(max_tokens=10, **GREEDY))
+    eng.add_request("b", p[1], SamplingParams(max_tokens=10, **GREEDY))
+    eng.step()  # prefill a
+    real = eng.runner.execute
+
+    def broken(plan):
+        raise RuntimeError("simulated device failure")
+
+    eng.runner.execute = broken
+    with pytest.raises(RuntimeError, match="simulated device failure"):
+        eng.step()  # the prefill of b fails
+    eng.runner.execute = real
+    assert eng.get_request("b").finish_reason == "abort"
+    eng.add_request("c", p[2], SamplingParams(max_tokens=5, **GREEDY))
+    while eng.has_unfinished_requests():
+        eng.step()
+        eng.scheduler.check_invariants()
+    eng.step()
+    snap = eng.snapshot()
+    assert (snap.n_reserved_blocks, snap.n_used_blocks, snap.tkv) == (0, 0, 0)
+    assert eng.get_request("a").output_token_ids == hf_greedy(p[0], 10)
+    assert eng.get_request("c").output_token_ids == hf_greedy(p[2], 5)

@@ -27,6 +27,22 @@ fn py_error(py: Python<'_>, class: &str, message: String) -> PyErr {
     }
 }
 
+/// Runs a core call so that a Rust panic (a bug) reaches Python as a typed
+/// SchedulerStateError instead of a PanicException.
+fn guard<T>(py: Python<'_>, what: &str, f: impl FnOnce() -> Result<T, core::CoreError>) -> PyResult<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(|e| core_err(py, e)),
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(py_error(py, "SchedulerStateError", format!("internal error in {what}: {msg}")))
+        }
+    }
+}
+
 fn core_err(py: Python<'_>, e: core::CoreError) -> PyErr {
     let class = match &e {
         core::CoreError::Config(_) => "ConfigError",
@@ -321,7 +337,7 @@ impl Scheduler {
         let c = "InvalidRequestError";
         let mt = uint(py, max_tokens, "max_tokens", U32, c)? as u32;
         let ids = token_ids(py, prompt_token_ids)?;
-        self.inner.add_request(&id, ids, mt).map_err(|e| core_err(py, e))
+        guard(py, "add_request", || self.inner.add_request(&id, ids, mt))
     }
 
     /// Queues a token-less request (for simulations: plans carry no input ids).
@@ -336,7 +352,7 @@ impl Scheduler {
         let c = "InvalidRequestError";
         let pl = uint(py, prompt_len, "prompt_len", U32, c)? as u32;
         let mt = uint(py, max_tokens, "max_tokens", U32, c)? as u32;
-        self.inner.add_request_len(&id, pl, mt).map_err(|e| core_err(py, e))
+        guard(py, "add_request_len", || self.inner.add_request_len(&id, pl, mt))
     }
 
     /// Checks a request against the limits without queuing it.
@@ -357,12 +373,12 @@ impl Scheduler {
     /// Aborts a waiting or running request.
     fn abort(&mut self, py: Python<'_>, request_id: &Bound<'_, PyAny>) -> PyResult<()> {
         let id = request_id_str(py, request_id)?;
-        self.inner.abort(&id).map_err(|e| core_err(py, e))
+        guard(py, "abort", || self.inner.abort(&id))
     }
 
     /// Starts a step; returns its plan as a dict (`kind`: prefill/decode/idle).
     fn schedule<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let plan = self.inner.schedule().map_err(|e| core_err(py, e))?;
+        let plan = guard(py, "schedule", || self.inner.schedule())?;
         plan_dict(py, plan)
     }
 
@@ -376,7 +392,7 @@ impl Scheduler {
         stopped: Option<Vec<bool>>,
     ) -> PyResult<Vec<String>> {
         let stopped = stopped.unwrap_or_default();
-        let out = self.inner.update(&tokens, &stopped).map_err(|e| core_err(py, e))?;
+        let out = guard(py, "update", || self.inner.update(&tokens, &stopped))?;
         Ok(out.finished.into_iter().map(|id| id.to_string()).collect())
     }
 
@@ -534,7 +550,7 @@ fn simulate_stats<'py>(
     let cfg = make_config(py, max_num_seqs, max_model_len, available_blocks, max_batch_tkv_limit)?;
     let steps = opt_uint(py, steps, "steps", u64::MAX >> 1, "InvalidRequestError")?;
     let reqs = sim_requests(py, requests)?;
-    let st = py.detach(|| core::simulate_stats(cfg, &reqs, steps, record_steps));
+    let st = guard(py, "simulate_stats", || Ok(py.detach(|| core::simulate_stats(cfg, &reqs, steps, record_steps))))?;
     let d = PyDict::new(py);
     d.set_item("tkv", st.tkv)?;
     d.set_item("kind", st.kind.into_iter().map(u32::from).collect::<Vec<u32>>())?;
@@ -569,7 +585,7 @@ fn simulate(
     let steps = opt_uint(py, steps, "steps", u64::MAX >> 1, "InvalidRequestError")?;
     let reqs = sim_requests(py, requests)?;
     let n = reqs.len();
-    let trace = py.detach(|| core::simulate_compact(cfg, &reqs, steps));
+    let trace = guard(py, "simulate", || Ok(py.detach(|| core::simulate_compact(cfg, &reqs, steps))))?;
     let rejected = trace.rejected.iter().map(|(i, e)| (i.to_string(), e.to_string())).collect();
     let names = (0..n).map(|i| PyString::new(py, &i.to_string()).unbind()).collect();
     let n_records = trace.records.len();
