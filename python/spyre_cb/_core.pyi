@@ -90,3 +90,13 @@ def simulate(
     max_batch_tkv_limit: int | None = None,
     steps: int | None = None,
 ) -> tuple[list[StepRecord], list[tuple[str, str]]]: ...
+
+def simulate_stats(
+    requests: Iterable[tuple[int, int, int]],
+    max_num_seqs: int,
+    max_model_len: int,
+    available_blocks: int | None = None,
+    max_batch_tkv_limit: int | None = None,
+    steps: int | None = None,
+    record_steps: bool = True,
+) -> dict[str, Any]: ...
