@@ -229,16 +229,6 @@ impl Scheduler {
         Some(self.req(h).blocks.clone())
     }
 
-    /// Block table, left padding (virtual, tokens) and reservation of a running request.
-    pub fn running_state(&self, request_id: &str) -> Option<(Vec<u32>, u32, u32)> {
-        let h = *self.ids.get(request_id)?;
-        if !self.running.contains(&h) {
-            return None;
-        }
-        let r = self.req(h);
-        Some((r.blocks.clone(), r.left_pad, r.reserved))
-    }
-
     fn req(&self, h: Handle) -> &Request {
         self.slots[h as usize].as_ref().expect("live handle")
     }

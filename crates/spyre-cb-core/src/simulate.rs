@@ -2,8 +2,9 @@
 //! request generating exactly `max_tokens` tokens, and record every step.
 
 use crate::config::Config;
-use crate::error::InvalidRequest;
-use crate::scheduler::{PlanDetail, Scheduler};
+use crate::error::{CoreError, InvalidRequest};
+use crate::plan::StepPlan;
+use crate::scheduler::{PlanDetail, Scheduler, StepOutcome};
 use crate::trace::StepRecord;
 
 /// One request of a simulated workload. Its id is its index in the list.
@@ -83,26 +84,32 @@ pub fn simulate(cfg: Config, requests: &[SimRequest], steps: Option<u64>) -> Sim
     }
 }
 
-/// [`simulate`], keeping the trace compact (see [`CompactTrace`]).
-pub fn simulate_compact(cfg: Config, requests: &[SimRequest], steps: Option<u64>) -> CompactTrace {
-    use crate::plan::StepPlan;
+/// What a simulation records; [`drive`] calls these in the published order.
+trait Recorder {
+    /// Between `schedule` and `update` of step `n` (n >= 1).
+    fn planned(&mut self, sched: &Scheduler, plan: &StepPlan, n: u64);
+    /// After `add_request` of request `index` (at its arrival step).
+    fn added(&mut self, index: u32, result: Result<(), InvalidRequest>);
+    /// Step `n` observed: after its update and its arrivals.
+    fn observed(&mut self, sched: &Scheduler, n: u64);
+}
 
+/// Runs every request to `max_tokens` (token 0 each step): arrivals at step
+/// N are added, then step N is observed, then step N + 1 runs. Stops after
+/// `steps` or, with `None`, once everything finished and the pool is whole.
+fn drive(cfg: Config, requests: &[SimRequest], steps: Option<u64>, rec: &mut impl Recorder) {
     let mut sched = Scheduler::new(cfg);
     let mut order: Vec<usize> = (0..requests.len()).collect();
     order.sort_by_key(|&i| requests[i].arrival);
     let mut next = 0;
-    let mut trace = CompactTrace::default();
-    let mut admitted = 0u32;
     let mut tokens = Vec::new();
-    let mut outcome = crate::scheduler::StepOutcome::default();
+    let mut outcome = StepOutcome::default();
     for n in 0u64.. {
         if n > 0 {
             let plan = sched
                 .schedule_with(PlanDetail::Minimal)
                 .expect("no step is pending between simulation steps");
-            if matches!(plan, StepPlan::Prefill(_)) {
-                admitted += 1;
-            }
+            rec.planned(&sched, &plan, n);
             tokens.clear();
             tokens.resize(plan.n_sequences(), 0);
             sched.update_into(&tokens, &[], &mut outcome).expect("one token per planned sequence");
@@ -110,31 +117,59 @@ pub fn simulate_compact(cfg: Config, requests: &[SimRequest], steps: Option<u64>
         while next < order.len() && requests[order[next]].arrival <= n {
             let i = order[next];
             let r = requests[i];
-            match sched.add_request_tagged(&i.to_string(), i as u32, r.prompt_len, r.max_tokens) {
-                Ok(()) => trace.accepted.push(i as u32),
-                Err(crate::error::CoreError::InvalidRequest(e)) => trace.rejected.push((i as u32, e)),
-                Err(e) => unreachable!("add_request_len only fails validation: {e}"),
-            }
+            let result = match sched.add_request_tagged(&i.to_string(), i as u32, r.prompt_len, r.max_tokens) {
+                Ok(()) => Ok(()),
+                Err(CoreError::InvalidRequest(e)) => Err(e),
+                Err(e) => unreachable!("add_request_tagged only fails validation: {e}"),
+            };
+            rec.added(i as u32, result);
             next += 1;
         }
-        debug_assert_eq!(trace.accepted.len() - admitted as usize, sched.n_waiting());
-        trace.records.push(CompactRecord {
-            step: sched.step(),
-            tkv: sched.tkv(),
-            waiting: (admitted, trace.accepted.len() as u32),
-            running: sched.running_tags().collect(),
-            request_outputs: sched.last_output_tags().collect(),
-            finished_requests: sched.last_finished_tags().collect(),
-            n_reserved_blocks: sched.n_reserved_blocks(),
-            n_used_blocks: sched.n_used_blocks(),
-        });
+        rec.observed(&sched, n);
         match steps {
             Some(s) if n >= s => break,
             None if next == order.len() && sched.is_drained() && sched.tkv() == 0 => break,
             _ => {}
         }
     }
-    trace
+}
+
+/// [`simulate`], keeping the trace compact (see [`CompactTrace`]).
+pub fn simulate_compact(cfg: Config, requests: &[SimRequest], steps: Option<u64>) -> CompactTrace {
+    struct Rec {
+        trace: CompactTrace,
+        admitted: u32,
+    }
+    impl Recorder for Rec {
+        fn planned(&mut self, _: &Scheduler, plan: &StepPlan, _: u64) {
+            if matches!(plan, StepPlan::Prefill(_)) {
+                self.admitted += 1;
+            }
+        }
+        fn added(&mut self, index: u32, result: Result<(), InvalidRequest>) {
+            match result {
+                Ok(()) => self.trace.accepted.push(index),
+                Err(e) => self.trace.rejected.push((index, e)),
+            }
+        }
+        fn observed(&mut self, sched: &Scheduler, _: u64) {
+            let t = &mut self.trace;
+            debug_assert_eq!(t.accepted.len() - self.admitted as usize, sched.n_waiting());
+            t.records.push(CompactRecord {
+                step: sched.step(),
+                tkv: sched.tkv(),
+                waiting: (self.admitted, t.accepted.len() as u32),
+                running: sched.running_tags().collect(),
+                request_outputs: sched.last_output_tags().collect(),
+                finished_requests: sched.last_finished_tags().collect(),
+                n_reserved_blocks: sched.n_reserved_blocks(),
+                n_used_blocks: sched.n_used_blocks(),
+            });
+        }
+    }
+    let mut rec = Rec { trace: CompactTrace::default(), admitted: 0 };
+    drive(cfg, requests, steps, &mut rec);
+    rec.trace
 }
 
 /// Step kinds in [`SimStats::kind`].
@@ -170,69 +205,56 @@ pub struct SimStats {
 /// With `record_steps = false` only the per-request columns are kept (memory
 /// then does not grow with the number of steps).
 pub fn simulate_stats(cfg: Config, requests: &[SimRequest], steps: Option<u64>, record_steps: bool) -> SimStats {
-    use crate::plan::StepPlan;
-
-    let mut sched = Scheduler::new(cfg);
-    let mut order: Vec<usize> = (0..requests.len()).collect();
-    order.sort_by_key(|&i| requests[i].arrival);
-    let mut next = 0;
-    let mut st = SimStats {
+    struct Rec {
+        st: SimStats,
+        record_steps: bool,
+        /// (kind, computed, padding) of the step being run
+        step: (u8, u64, u64),
+    }
+    impl Recorder for Rec {
+        fn planned(&mut self, sched: &Scheduler, plan: &StepPlan, n: u64) {
+            self.step = match plan {
+                StepPlan::Idle => (KIND_IDLE, 0, 0),
+                StepPlan::Prefill(p) => {
+                    let idx = sched.last_output_tags().next().expect("the prefilled request");
+                    self.st.admitted[idx as usize] = n;
+                    let computed = u64::from(p.input_len());
+                    (KIND_PREFILL, computed, computed - u64::from(p.prompt_len))
+                }
+                StepPlan::Decode(d) => {
+                    (KIND_DECODE, u64::from(d.batch_size) * (u64::from(d.tkv) + 1), sched.batch_padding())
+                }
+            };
+        }
+        fn added(&mut self, index: u32, result: Result<(), InvalidRequest>) {
+            if let Err(e) = result {
+                self.st.rejected.push((index.to_string(), e));
+            }
+        }
+        fn observed(&mut self, sched: &Scheduler, n: u64) {
+            for idx in sched.last_finished_tags() {
+                self.st.finished[idx as usize] = n;
+            }
+            let (kind, computed, padding) = std::mem::replace(&mut self.step, (KIND_IDLE, 0, 0));
+            if self.record_steps {
+                let st = &mut self.st;
+                st.tkv.push(sched.tkv());
+                st.kind.push(kind);
+                st.n_running.push(sched.n_running() as u32);
+                st.n_waiting.push(sched.n_waiting() as u32);
+                st.n_reserved_blocks.push(sched.n_reserved_blocks());
+                st.n_used_blocks.push(sched.n_used_blocks());
+                st.computed_slots.push(computed);
+                st.padding_slots.push(padding);
+            }
+        }
+    }
+    let st = SimStats {
         admitted: vec![u64::MAX; requests.len()],
         finished: vec![u64::MAX; requests.len()],
         ..Default::default()
     };
-    let mut tokens = Vec::new();
-    for n in 0u64.. {
-        let (mut kind, mut computed, mut padding) = (KIND_IDLE, 0u64, 0u64);
-        if n > 0 {
-            let plan = sched.schedule_with(PlanDetail::Minimal).expect("no pending step");
-            match &plan {
-                StepPlan::Idle => {}
-                StepPlan::Prefill(p) => {
-                    kind = KIND_PREFILL;
-                    st.admitted[sched.last_output_tags().next().expect("the prefilled request") as usize] = n;
-                    computed = u64::from(p.input_len());
-                    padding = computed - u64::from(p.prompt_len);
-                }
-                StepPlan::Decode(d) => {
-                    kind = KIND_DECODE;
-                    computed = u64::from(d.batch_size) * (u64::from(d.tkv) + 1);
-                    padding = sched.batch_padding();
-                }
-            }
-            tokens.clear();
-            tokens.resize(plan.n_sequences(), 0);
-            sched.update(&tokens, &[]).expect("one token per planned sequence");
-            for idx in sched.last_finished_tags() {
-                st.finished[idx as usize] = n;
-            }
-        }
-        while next < order.len() && requests[order[next]].arrival <= n {
-            let i = order[next];
-            let r = requests[i];
-            let id = i.to_string();
-            match sched.add_request_tagged(&id, i as u32, r.prompt_len, r.max_tokens) {
-                Ok(()) => {}
-                Err(crate::error::CoreError::InvalidRequest(e)) => st.rejected.push((id, e)),
-                Err(e) => unreachable!("add_request_len only fails validation: {e}"),
-            }
-            next += 1;
-        }
-        if record_steps {
-            st.tkv.push(sched.tkv());
-            st.kind.push(kind);
-            st.n_running.push(sched.n_running() as u32);
-            st.n_waiting.push(sched.n_waiting() as u32);
-            st.n_reserved_blocks.push(sched.n_reserved_blocks());
-            st.n_used_blocks.push(sched.n_used_blocks());
-            st.computed_slots.push(computed);
-            st.padding_slots.push(padding);
-        }
-        match steps {
-            Some(s) if n >= s => break,
-            None if next == order.len() && sched.is_drained() && sched.tkv() == 0 => break,
-            _ => {}
-        }
-    }
-    st
+    let mut rec = Rec { st, record_steps, step: (KIND_IDLE, 0, 0) };
+    drive(cfg, requests, steps, &mut rec);
+    rec.st
 }
