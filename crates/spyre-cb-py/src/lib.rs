@@ -61,8 +61,7 @@ fn uint(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str, max: u64, class: &st
     let v: i128 = match obj.extract::<i128>() {
         Ok(v) => v,
         Err(_) => {
-            let tname = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
-            return Err(py_error(py, class, format!("{name} must be an int, got {tname}")));
+            return Err(py_error(py, class, format!("{name} must be an int, got {}", type_name(obj))));
         }
     };
     if v < 0 {
@@ -348,10 +347,7 @@ impl Scheduler {
         prompt_len: &Bound<'_, PyAny>,
         max_tokens: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let id = request_id_str(py, request_id)?;
-        let c = "InvalidRequestError";
-        let pl = uint(py, prompt_len, "prompt_len", U32, c)? as u32;
-        let mt = uint(py, max_tokens, "max_tokens", U32, c)? as u32;
+        let (id, pl, mt) = len_request(py, request_id, prompt_len, max_tokens)?;
         guard(py, "add_request_len", || self.inner.add_request_len(&id, pl, mt))
     }
 
@@ -363,10 +359,7 @@ impl Scheduler {
         prompt_len: &Bound<'_, PyAny>,
         max_tokens: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let id = request_id_str(py, request_id)?;
-        let c = "InvalidRequestError";
-        let pl = uint(py, prompt_len, "prompt_len", U32, c)? as u32;
-        let mt = uint(py, max_tokens, "max_tokens", U32, c)? as u32;
+        let (id, pl, mt) = len_request(py, request_id, prompt_len, max_tokens)?;
         self.inner.validate(&id, pl, mt).map_err(|e| core_err(py, e.into()))
     }
 
@@ -473,13 +466,29 @@ impl Scheduler {
     }
 }
 
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+}
+
+/// The `(request_id, prompt_len, max_tokens)` arguments of a token-less request.
+fn len_request(
+    py: Python<'_>,
+    request_id: &Bound<'_, PyAny>,
+    prompt_len: &Bound<'_, PyAny>,
+    max_tokens: &Bound<'_, PyAny>,
+) -> PyResult<(String, u32, u32)> {
+    let c = "InvalidRequestError";
+    Ok((
+        request_id_str(py, request_id)?,
+        uint(py, prompt_len, "prompt_len", U32, c)? as u32,
+        uint(py, max_tokens, "max_tokens", U32, c)? as u32,
+    ))
+}
+
 fn request_id_str(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<String> {
     match obj.extract::<String>() {
         Ok(s) => Ok(s),
-        Err(_) => {
-            let tname = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
-            Err(py_error(py, "InvalidRequestError", format!("request_id must be a str, got {tname}")))
-        }
+        Err(_) => Err(py_error(py, "InvalidRequestError", format!("request_id must be a str, got {}", type_name(obj)))),
     }
 }
 
@@ -489,8 +498,8 @@ fn token_ids(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     }
     let mut out = Vec::new();
     let iter = obj.try_iter().map_err(|_| {
-        let tname = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
-        py_error(py, "InvalidRequestError", format!("prompt_token_ids must be a sequence of ints, got {tname}"))
+        let msg = format!("prompt_token_ids must be a sequence of ints, got {}", type_name(obj));
+        py_error(py, "InvalidRequestError", msg)
     })?;
     for (i, item) in iter.enumerate() {
         let item = item?;
