@@ -318,3 +318,12 @@ def test_llm_tiny_builds_once_into_the_cache(tmp_path, monkeypatch):
     assert llm.engine.model_path == p and (p / "model.safetensors").stat().st_mtime_ns == stamp
     out = llm.generate("Good software is", SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_numpy_token_ids_are_range_checked_too(tiny_model):
+    import numpy as np
+
+    eng = spyre_cb.Engine(tiny_model, max_num_seqs=2, max_model_len=128)
+    eng.add_request("ok", np.array([1, 2, 3]), SamplingParams(max_tokens=1))
+    with pytest.raises(InvalidRequestError, match=r"prompt_token_ids\[1\] = 99999 is outside the model's vocabulary"):
+        eng.add_request("bad", np.array([1, 99999]), SamplingParams(max_tokens=1))

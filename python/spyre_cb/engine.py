@@ -11,6 +11,7 @@ One step at a time::
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -138,8 +139,7 @@ class Engine:
                 raise InvalidRequestError("this model directory has no tokenizer: give prompt_token_ids")
             prompt_token_ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
         ids = _token_list(prompt_token_ids, self.vocab_size)
-        if request_id in self.requests and not self.requests[request_id].finished:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use by an unfinished request")
+        # the core refuses an id still in use (and leaves everything untouched)
         self.scheduler.add_request(request_id, ids, params.max_tokens)
         state = RequestState(request_id, ids, params, prompt=prompt)
         if params.logprobs is not None:
@@ -259,16 +259,12 @@ def _token_list(ids: Sequence[int], vocab_size: int) -> list[int]:
     except TypeError:
         raise InvalidRequestError(f"prompt_token_ids must be a sequence of ints, got {type(ids).__name__}") from None
     for i, t in enumerate(out):
-        if isinstance(t, bool) or not isinstance(t, int):
-            try:
-                import numpy as np
-
-                if isinstance(t, np.integer):
-                    out[i] = t = int(t)
-                    continue
-            except ImportError:  # pragma: no cover
-                pass
-            raise InvalidRequestError(f"prompt_token_ids[{i}] must be an int, got {type(t).__name__}")
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            out[i] = t = operator.index(t)  # int, numpy integer, ...
+        except TypeError:
+            raise InvalidRequestError(f"prompt_token_ids[{i}] must be an int, got {type(t).__name__}") from None
         if not 0 <= t < vocab_size:
             raise InvalidRequestError(
                 f"prompt_token_ids[{i}] = {t} is outside the model's vocabulary (ids 0..{vocab_size - 1})"

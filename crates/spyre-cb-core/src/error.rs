@@ -54,7 +54,7 @@ impl fmt::Display for InvalidRequest {
                 "request reaches batch x tkv = {volume} even alone in a fresh batch, above max_batch_tkv_limit {limit}"
             ),
             Self::DuplicateId { request_id } => {
-                write!(f, "request id {request_id:?} is already in use by an unfinished request")
+                write!(f, "request id '{request_id}' is already in use by an unfinished request")
             }
         }
     }
@@ -77,7 +77,7 @@ impl fmt::Display for CoreError {
             Self::Config(e) => e.fmt(f),
             Self::InvalidRequest(e) => e.fmt(f),
             Self::UnknownRequest { request_id } => {
-                write!(f, "no unfinished request with id {request_id:?}")
+                write!(f, "no unfinished request with id '{request_id}'")
             }
             Self::State(m) => f.write_str(m),
         }
