@@ -134,3 +134,14 @@ def test_abort_waiting_and_running_frees_blocks_next_step():
     assert s.snapshot().n_reserved_blocks == 2 and s.snapshot().n_used_blocks == 1
     with pytest.raises(UnknownRequestError, match="nope"):
         s.abort("nope")
+
+
+@pytest.mark.parametrize("bad", [[5], [(0, 1)], 7, [(0, "x", 2)]])
+def test_simulate_stats_bad_requests_are_typed_errors(bad):
+    with pytest.raises(InvalidRequestError):
+        spyre_cb.simulate_stats(bad, max_num_seqs=2, max_model_len=128)
+
+
+def test_simulate_stats_accepts_a_generator():
+    st = spyre_cb.simulate_stats(((0, 10, 3) for _ in range(2)), max_num_seqs=2, max_model_len=128)
+    assert st.summary()["tokens"] == 6

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -109,8 +109,9 @@ def simulate_stats(
     steps: int | None = None,
 ) -> SimulationStats:
     """Runs the workload through the scheduler (no model) and returns compact statistics."""
-    requests = [tuple(r) for r in requests]
-    d = _core.simulate_stats(
+    if not isinstance(requests, (list, tuple)):
+        requests = list(requests) if isinstance(requests, Iterable) else requests
+    d = _core.simulate_stats(  # validates every request (typed errors)
         requests,
         max_num_seqs,
         max_model_len,
@@ -124,6 +125,6 @@ def simulate_stats(
         "computed_slots", "padding_slots", "admitted", "finished",
     )}
     return SimulationStats(
-        requests=requests, n_blocks=n_blocks, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+        requests=[tuple(r) for r in requests], n_blocks=n_blocks, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
         rejected=dict(d["rejected"]), **cols,
     )
