@@ -75,3 +75,11 @@ def test_generate(tiny_model):
     docs = [json.loads(ln) for ln in r.stdout.splitlines()]
     assert [d["prompt"] for d in docs] == ["The river", "Good"]
     assert all(len(d["token_ids"]) == 5 for d in docs)
+
+
+def test_demo_honours_the_limit_options(tmp_path):
+    r = run("demo", "--available-blocks", "6", "--max-batch-tkv-limit", "300", env_extra={"SPYRE_CB_CACHE": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert "blocks=6 max_batch_tkv_limit=300" in r.stdout
+    rows = [ln.split() for ln in r.stdout.splitlines() if ln[:5].strip().isdigit()]
+    assert max(int(row[-1].split("/")[0]) for row in rows) <= 6

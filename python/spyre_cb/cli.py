@@ -55,9 +55,12 @@ def cmd_demo(a) -> int:
 
     t0 = time.perf_counter()
     path = tiny_model_path()
-    eng = Engine(path, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, seed=a.seed)
+    eng = Engine(path, seed=a.seed, **_limit_kwargs(a))
     print(f"tiny random-weight Granite at {path} (built offline; its text is noise by design)")
-    print(f"max_num_seqs={a.max_num_seqs} max_model_len={a.max_model_len} blocks={eng.scheduler.n_blocks}\n")
+    print(
+        f"max_num_seqs={a.max_num_seqs} max_model_len={a.max_model_len} blocks={eng.scheduler.n_blocks} "
+        f"max_batch_tkv_limit={eng.scheduler.max_batch_tkv_limit}\n"
+    )
     print(_table_header())
     pending = [(arr, str(i), text, mt) for i, (text, mt, arr) in enumerate(DEMO_PROMPTS)]
     step = 0
