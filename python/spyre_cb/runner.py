@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from spyre_cb import attention
+from spyre_cb._core import BLOCK_SIZE
 from spyre_cb.errors import BackendUnavailableError, ConfigError
 from spyre_cb.plan import DecodePlan, PrefillPlan
 
@@ -55,7 +56,7 @@ class ModelRunner:
         backend: str = "eager",
         attention_ops: str = "vectorized",
         dtype: torch.dtype = torch.float32,
-        block_size: int = 64,
+        block_size: int = BLOCK_SIZE,
     ) -> None:
         check_backend(backend)
         if attention_ops not in attention.ATTENTION_OPS:
