@@ -13,7 +13,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use spyre_cb_core::admission::{can_schedule, BatchView};
 use spyre_cb_core::scheduler::PlanDetail;
 use spyre_cb_core::workload::XorShift;
-use spyre_cb_core::{BlockPool, Config, Scheduler};
+use spyre_cb_core::{BlockPool, SchedulerConfig, Scheduler};
 
 /// A scheduler with `queue` requests waiting, kept topped up by `step`.
 struct Loop {
@@ -29,7 +29,7 @@ struct Loop {
 impl Loop {
     fn new(seqs: u32, mml: u32, queue: usize, detail: PlanDetail) -> Self {
         let mut l = Loop {
-            s: Scheduler::new(Config::new(seqs, mml, None, None).unwrap()),
+            s: Scheduler::new(SchedulerConfig::new(seqs, mml, None, None).unwrap()),
             rng: XorShift::new(42),
             queue,
             next_id: 0,
@@ -92,13 +92,13 @@ fn step_vs_queue(c: &mut Criterion) {
 fn admission(c: &mut Criterion) {
     let mut g = c.benchmark_group("can_schedule");
     for seqs in [4u32, 32, 256] {
-        let cfg = Config::new(seqs, 32768, None, None).unwrap();
+        let cfg = SchedulerConfig::new(seqs, 32768, None, None).unwrap();
         let mut rng = XorShift::new(7);
         let remaining: Vec<u32> = (0..seqs - 1).map(|_| rng.range(1, 8000)).collect();
         let view = BatchView {
             tkv: 9000,
             running_remaining: &remaining,
-            n_free_blocks: cfg.n_blocks / 2,
+            n_unreserved_blocks: cfg.available_blocks / 2,
             admitted_this_step: 0,
         };
         g.bench_function(BenchmarkId::new("admit_into_batch_of", seqs - 1), |b| {

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use spyre_cb_core::scheduler::PlanDetail;
 use spyre_cb_core::workload::XorShift;
-use spyre_cb_core::{Config, Scheduler};
+use spyre_cb_core::{SchedulerConfig, Scheduler};
 
 fn rss_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -26,7 +26,7 @@ fn main() {
     let n: u64 = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let seqs: u32 = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(32);
     let mml = 4096;
-    let mut s = Scheduler::new(Config::new(seqs, mml, None, None).unwrap());
+    let mut s = Scheduler::new(SchedulerConfig::new(seqs, mml, None, None).unwrap());
     let mut rng = XorShift::new(0x9e37_79b9_7f4a_7c15);
     let slice = (n / 10).max(1);
     let (mut added, mut finished, mut steps, mut tokens) = (0u64, 0u64, 0u64, 0u64);

@@ -5,7 +5,7 @@
 //! guaranteed the context and blocks of its worst case, so nothing is ever
 //! preempted.
 
-use crate::config::{Config, BLOCK_SIZE};
+use crate::config::{SchedulerConfig, BLOCK_SIZE};
 use crate::div_ceil;
 
 const B: u64 = BLOCK_SIZE as u64;
@@ -17,7 +17,7 @@ pub struct BatchView<'a> {
     pub tkv: u32,
     /// Tokens each running request may still generate.
     pub running_remaining: &'a [u32],
-    pub n_free_blocks: u32,
+    pub n_unreserved_blocks: u32,
     pub admitted_this_step: u32,
 }
 
@@ -54,7 +54,7 @@ pub enum Rejection {
 /// tkv at which a request alone in a fresh batch starts: its prompt rounded up
 /// to a block boundary, unless that leaves no room for `max_tokens` (then the
 /// prompt length itself, with the prefill right-padded).
-pub fn new_batch_tkv(cfg: &Config, prompt_len: u32, max_tokens: u32) -> u32 {
+pub fn new_batch_tkv(cfg: &SchedulerConfig, prompt_len: u32, max_tokens: u32) -> u32 {
     let aligned = div_ceil(u64::from(prompt_len), B) * B;
     if aligned + u64::from(max_tokens) > u64::from(cfg.max_model_len) {
         prompt_len
@@ -95,7 +95,7 @@ fn peak_volume_with(tkv: u32, running_remaining: &[u32], max_tokens: u32, ends: 
 
 /// `can_schedule` for one request against the current batch.
 pub fn can_schedule(
-    cfg: &Config,
+    cfg: &SchedulerConfig,
     view: &BatchView<'_>,
     prompt_len: u32,
     max_tokens: u32,
@@ -105,7 +105,7 @@ pub fn can_schedule(
 
 /// [`can_schedule`] with a reusable buffer (no allocation per call).
 pub fn can_schedule_with(
-    cfg: &Config,
+    cfg: &SchedulerConfig,
     view: &BatchView<'_>,
     prompt_len: u32,
     max_tokens: u32,
@@ -122,7 +122,7 @@ pub fn can_schedule_with(
         let tkv = new_batch_tkv(cfg, prompt_len, max_tokens);
         let reserved = reserved_blocks(tkv, prompt_len, max_tokens);
         // Validation at add_request guarantees this; keep the pool honest anyway.
-        if reserved > u64::from(view.n_free_blocks) {
+        if reserved > u64::from(view.n_unreserved_blocks) {
             return Err(Rejection::NotEnoughBlocks);
         }
         return Ok(Admission { tkv, shift: 0, new_batch: true, reserved: reserved as u32 });
@@ -143,7 +143,7 @@ pub fn can_schedule_with(
     }
     let new_tkv = new_tkv as u32;
     let reserved = reserved_blocks(new_tkv, prompt_len, max_tokens);
-    if reserved > u64::from(view.n_free_blocks) {
+    if reserved > u64::from(view.n_unreserved_blocks) {
         return Err(Rejection::NotEnoughBlocks);
     }
     if peak_volume_with(new_tkv, view.running_remaining, max_tokens, scratch) > cfg.max_batch_tkv_limit {
@@ -156,12 +156,12 @@ pub fn can_schedule_with(
 mod tests {
     use super::*;
 
-    fn cfg(seqs: u32, mml: u32, blocks: Option<u32>, limit: Option<u64>) -> Config {
-        Config::new(seqs, mml, blocks, limit).unwrap()
+    fn cfg(seqs: u32, mml: u32, blocks: Option<u32>, limit: Option<u64>) -> SchedulerConfig {
+        SchedulerConfig::new(seqs, mml, blocks, limit).unwrap()
     }
 
     fn view(tkv: u32, rem: &[u32], free: u32) -> BatchView<'_> {
-        BatchView { tkv, running_remaining: rem, n_free_blocks: free, admitted_this_step: 0 }
+        BatchView { tkv, running_remaining: rem, n_unreserved_blocks: free, admitted_this_step: 0 }
     }
 
     #[test]

@@ -1,71 +1,91 @@
-//! Engine limits and their defaults.
+//! The scheduler's static limits, resolved once: defaults filled, every value
+//! checked. Everything downstream (scheduler, simulation, the Python engine)
+//! takes a [`SchedulerConfig`] instead of loose numbers.
 
 use crate::error::ConfigError;
 
 /// KV-cache slots per block (a Spyre constraint).
 pub const BLOCK_SIZE: u32 = 64;
 
-/// The static limits the scheduler works within.
+/// Most usable KV blocks a pool may have: 2^24 blocks of 64 slots is 2^30
+/// token slots, far beyond any accelerator's memory, while the pool's own
+/// bookkeeping for it stays below 100 MB.
+pub const MAX_AVAILABLE_BLOCKS: u32 = 1 << 24;
+
+/// The static limits the scheduler works within (see `docs/design.md`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Config {
+pub struct SchedulerConfig {
     /// Most sequences in the decode batch at once.
     pub max_num_seqs: u32,
     /// Longest sequence (prompt + generated), a multiple of [`BLOCK_SIZE`].
     pub max_model_len: u32,
     /// Usable KV blocks (the physical null block comes on top of these).
-    pub n_blocks: u32,
+    pub available_blocks: u32,
     /// Largest batch size x tkv the compiled program supports.
     pub max_batch_tkv_limit: u64,
 }
 
-impl Config {
+impl SchedulerConfig {
     /// Builds a config, filling the defaults of the design:
-    /// `n_blocks = max_num_seqs * max_model_len / 64`,
+    /// `available_blocks = max_num_seqs * max_model_len / 64`,
     /// `max_batch_tkv_limit = max_model_len * max_num_seqs`.
     pub fn new(
         max_num_seqs: u32,
         max_model_len: u32,
-        n_blocks: Option<u32>,
+        available_blocks: Option<u32>,
         max_batch_tkv_limit: Option<u64>,
     ) -> Result<Self, ConfigError> {
         if max_num_seqs < 1 {
-            return Err(ConfigError::new(format!(
-                "max_num_seqs must be at least 1, got {max_num_seqs}"
-            )));
+            return Err(ConfigError::MaxNumSeqs { got: max_num_seqs });
         }
         if max_model_len < BLOCK_SIZE || max_model_len % BLOCK_SIZE != 0 {
-            return Err(ConfigError::new(format!(
-                "max_model_len must be a positive multiple of the block size {BLOCK_SIZE}, got {max_model_len}"
-            )));
+            return Err(ConfigError::MaxModelLen { got: max_model_len });
         }
-        let default_blocks = u64::from(max_num_seqs) * u64::from(max_model_len) / u64::from(BLOCK_SIZE);
-        let n_blocks = match n_blocks {
-            Some(n) => n,
-            None => u32::try_from(default_blocks).map_err(|_| {
-                ConfigError::new(format!(
-                    "default block count max_num_seqs * max_model_len / {BLOCK_SIZE} = {default_blocks} exceeds {}",
-                    u32::MAX - 1
-                ))
-            })?,
+        let blocks = match available_blocks {
+            Some(n) => u64::from(n),
+            None => u64::from(max_num_seqs) * u64::from(max_model_len) / u64::from(BLOCK_SIZE),
         };
-        let blocks_per_seq = max_model_len / BLOCK_SIZE;
-        if n_blocks < blocks_per_seq {
-            return Err(ConfigError::new(format!(
-                "available_blocks {n_blocks} is fewer than one sequence of max_model_len {max_model_len} needs ({blocks_per_seq} blocks of {BLOCK_SIZE})"
-            )));
+        if blocks > u64::from(MAX_AVAILABLE_BLOCKS) {
+            return Err(ConfigError::TooManyBlocks { blocks, defaulted: available_blocks.is_none() });
         }
-        if n_blocks == u32::MAX {
-            return Err(ConfigError::new(format!(
-                "available_blocks must be below {}, got {n_blocks}",
-                u32::MAX
-            )));
+        let blocks = blocks as u32;
+        let blocks_per_seq = max_model_len / BLOCK_SIZE;
+        if blocks < blocks_per_seq {
+            return Err(ConfigError::TooFewBlocks { blocks, max_model_len, blocks_per_seq });
         }
         let limit = max_batch_tkv_limit.unwrap_or(u64::from(max_model_len) * u64::from(max_num_seqs));
         if limit < 1 {
-            return Err(ConfigError::new(format!(
-                "max_batch_tkv_limit must be at least 1, got {limit}"
-            )));
+            return Err(ConfigError::BatchTkvLimit { got: limit });
         }
-        Ok(Self { max_num_seqs, max_model_len, n_blocks, max_batch_tkv_limit: limit })
+        Ok(Self { max_num_seqs, max_model_len, available_blocks: blocks, max_batch_tkv_limit: limit })
+    }
+
+    /// Physical blocks a KV cache must hold: the usable ones plus the null block.
+    pub fn n_physical_blocks(&self) -> u32 {
+        self.available_blocks + 1
+    }
+
+    /// Blocks one sequence of `max_model_len` tokens spans.
+    pub fn max_blocks_per_seq(&self) -> u32 {
+        self.max_model_len / BLOCK_SIZE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_limits() {
+        let c = SchedulerConfig::new(4, 256, None, None).unwrap();
+        assert_eq!((c.available_blocks, c.max_batch_tkv_limit, c.n_physical_blocks()), (16, 1024, 17));
+        assert!(matches!(SchedulerConfig::new(0, 256, None, None), Err(ConfigError::MaxNumSeqs { got: 0 })));
+        assert!(matches!(SchedulerConfig::new(1, 100, None, None), Err(ConfigError::MaxModelLen { got: 100 })));
+        assert!(matches!(SchedulerConfig::new(1, 256, Some(3), None), Err(ConfigError::TooFewBlocks { .. })));
+        assert!(matches!(SchedulerConfig::new(1, 256, None, Some(0)), Err(ConfigError::BatchTkvLimit { got: 0 })));
+        let e = SchedulerConfig::new(1, 256, Some(u32::MAX - 1), None).unwrap_err();
+        assert!(e.to_string().contains("16777216"), "{e}");
+        let e = SchedulerConfig::new(u32::MAX, 1 << 20, None, None).unwrap_err();
+        assert!(e.to_string().contains("max_num_seqs * max_model_len / 64"), "{e}");
     }
 }

@@ -23,11 +23,14 @@ pub mod workload;
 
 pub use admission::{Admission, Rejection};
 pub use block_pool::{BlockId, BlockPool, NULL_BLOCK};
-pub use config::{Config, BLOCK_SIZE};
-pub use error::{ConfigError, CoreError, InvalidRequest};
+pub use config::{SchedulerConfig, BLOCK_SIZE, MAX_AVAILABLE_BLOCKS};
+pub use error::{ConfigError, CoreError, InvalidRequest, StateError};
 pub use plan::{DecodePlan, PrefillPlan, StepPlan};
-pub use scheduler::{Scheduler, StepOutcome};
-pub use simulate::{simulate, simulate_compact, simulate_stats, CompactTrace, SimRequest, SimResult, SimStats};
+pub use scheduler::{PlanDetail, Scheduler, UpdateOutcome};
+pub use simulate::{
+    drive, simulate, simulate_compact, simulate_stats, CompactRecord, CompactTrace, Interrupted, Recorder, SimRequest,
+    SimResult, SimStats,
+};
 pub use trace::StepRecord;
 
 /// `ceil(a / b)` for unsigned integers.

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use crate::admission::{self, Admission, BatchView, Rejection};
 use crate::block_pool::{BlockPool, NULL_BLOCK};
-use crate::config::{Config, BLOCK_SIZE};
-use crate::error::{CoreError, InvalidRequest};
+use crate::config::{SchedulerConfig, BLOCK_SIZE};
+use crate::error::{CoreError, InvalidRequest, StateError};
 use crate::plan::{DecodePlan, PrefillPlan, StepPlan};
 use crate::request::Request;
 use crate::trace::StepRecord;
@@ -34,9 +34,12 @@ pub enum PlanDetail {
 /// What `update` reports for the step it closes (every planned sequence got
 /// its token, in plan order).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct StepOutcome {
+pub struct UpdateOutcome {
     /// Ids that finished in this step (max_tokens reached or stopped).
     pub finished: Vec<Arc<str>>,
+    /// Ids aborted when the step closed: by `cancel`, or by an abort that
+    /// arrived while the step was in flight.
+    pub aborted: Vec<Arc<str>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,10 +52,11 @@ enum Pending {
 
 #[derive(Clone, Debug)]
 pub struct Scheduler {
-    cfg: Config,
+    cfg: SchedulerConfig,
     pool: BlockPool,
-    slots: Vec<Option<Request>>,
-    free_slots: Vec<Handle>,
+    /// Request arena indexed by handle (`None`: a free handle).
+    arena: Vec<Option<Request>>,
+    free_handles: Vec<Handle>,
     ids: HashMap<Arc<str>, Handle>,
     waiting: VecDeque<Handle>,
     /// Admission order, oldest first (observations list it reversed).
@@ -71,17 +75,19 @@ pub struct Scheduler {
     scratch_remaining: Vec<u32>,
     scratch_ends: Vec<u64>,
     pending: Pending,
+    /// Aborts asked for while a step was in flight, applied when it closes.
+    queued_aborts: Vec<Handle>,
     last_rejection: Option<Rejection>,
 }
 
 impl Scheduler {
-    pub fn new(cfg: Config) -> Self {
-        let pool = BlockPool::new(cfg.n_blocks);
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        let pool = BlockPool::new(cfg.available_blocks);
         Self {
             cfg,
             pool,
-            slots: Vec::new(),
-            free_slots: Vec::new(),
+            arena: Vec::new(),
+            free_handles: Vec::new(),
             ids: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -92,6 +98,7 @@ impl Scheduler {
             finished: Vec::new(),
             step: 0,
             pending: Pending::None,
+            queued_aborts: Vec::new(),
             last_rejection: None,
             scratch_remaining: Vec::new(),
             scratch_ends: Vec::new(),
@@ -100,7 +107,7 @@ impl Scheduler {
 
     // ----- accessors -------------------------------------------------------
 
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &SchedulerConfig {
         &self.cfg
     }
     /// Steps run so far.
@@ -119,8 +126,8 @@ impl Scheduler {
     pub fn n_reserved_blocks(&self) -> u32 {
         self.n_reserved
     }
-    pub fn n_free_blocks(&self) -> u32 {
-        self.cfg.n_blocks - self.n_reserved
+    pub fn n_unreserved_blocks(&self) -> u32 {
+        self.cfg.available_blocks - self.n_reserved
     }
     pub fn n_used_blocks(&self) -> u32 {
         self.pool.n_used()
@@ -159,13 +166,13 @@ impl Scheduler {
     /// (Used by the property tests; cheap enough to call every step.)
     pub fn check_invariants(&self) -> Result<(), String> {
         let cfg = &self.cfg;
-        if self.n_reserved > cfg.n_blocks {
-            return Err(format!("reserved {} > n_blocks {}", self.n_reserved, cfg.n_blocks));
+        if self.n_reserved > cfg.available_blocks {
+            return Err(format!("reserved {} > n_blocks {}", self.n_reserved, cfg.available_blocks));
         }
         if self.tkv > cfg.max_model_len {
             return Err(format!("tkv {} > max_model_len {}", self.tkv, cfg.max_model_len));
         }
-        let mut seen = vec![false; cfg.n_blocks as usize + 1];
+        let mut seen = vec![false; cfg.available_blocks as usize + 1];
         let mut reserved = 0u32;
         let mut used = 0u32;
         for &h in self.running.iter().chain(self.to_free.iter()) {
@@ -175,7 +182,7 @@ impl Scheduler {
                 return Err(format!("request {}: {} blocks used > {} reserved", r.id, r.blocks.len(), r.reserved));
             }
             for &b in &r.blocks {
-                if b == NULL_BLOCK || b > cfg.n_blocks {
+                if b == NULL_BLOCK || b > cfg.available_blocks {
                     return Err(format!("request {} holds invalid block {b}", r.id));
                 }
                 if std::mem::replace(&mut seen[b as usize], true) {
@@ -208,12 +215,12 @@ impl Scheduler {
         if reserved != self.n_reserved {
             return Err(format!("reserved sum {reserved} != counter {}", self.n_reserved));
         }
-        if used != self.pool.n_used() || self.pool.n_used() + self.pool.n_free() != cfg.n_blocks {
+        if used != self.pool.n_used() || self.pool.n_used() + self.pool.n_free() != cfg.available_blocks {
             return Err(format!(
                 "blocks: {used} owned, pool says {} used + {} free of {}",
                 self.pool.n_used(),
                 self.pool.n_free(),
-                cfg.n_blocks
+                cfg.available_blocks
             ));
         }
         Ok(())
@@ -230,18 +237,19 @@ impl Scheduler {
     }
 
     fn req(&self, h: Handle) -> &Request {
-        self.slots[h as usize].as_ref().expect("live handle")
+        self.arena[h as usize].as_ref().expect("live handle")
     }
     fn req_mut(&mut self, h: Handle) -> &mut Request {
-        self.slots[h as usize].as_mut().expect("live handle")
+        self.arena[h as usize].as_mut().expect("live handle")
     }
 
     // ----- requests --------------------------------------------------------
 
     /// Checks a request against the limits without adding it.
     pub fn validate(&self, request_id: &str, prompt_len: u32, max_tokens: u32) -> Result<(), InvalidRequest> {
-        if self.ids.contains_key(request_id) {
-            return Err(InvalidRequest::DuplicateId { request_id: request_id.to_owned() });
+        if let Some(&h) = self.ids.get(request_id) {
+            let finishing = self.to_free.contains(&h);
+            return Err(InvalidRequest::DuplicateId { request_id: request_id.to_owned(), finishing });
         }
         if prompt_len == 0 {
             return Err(InvalidRequest::EmptyPrompt);
@@ -255,8 +263,8 @@ impl Scheduler {
         }
         let start = admission::new_batch_tkv(&self.cfg, prompt_len, max_tokens);
         let needed = admission::reserved_blocks(start, prompt_len, max_tokens);
-        if needed > u64::from(self.cfg.n_blocks) {
-            return Err(InvalidRequest::TooManyBlocks { needed, n_blocks: self.cfg.n_blocks });
+        if needed > u64::from(self.cfg.available_blocks) {
+            return Err(InvalidRequest::TooManyBlocks { needed, available_blocks: self.cfg.available_blocks });
         }
         let volume = u64::from(start) + u64::from(max_tokens) - 1;
         if volume > self.cfg.max_batch_tkv_limit {
@@ -303,14 +311,14 @@ impl Scheduler {
 
     fn insert(&mut self, req: Request) {
         let id = req.id.clone();
-        let h = match self.free_slots.pop() {
+        let h = match self.free_handles.pop() {
             Some(h) => {
-                self.slots[h as usize] = Some(req);
+                self.arena[h as usize] = Some(req);
                 h
             }
             None => {
-                self.slots.push(Some(req));
-                (self.slots.len() - 1) as Handle
+                self.arena.push(Some(req));
+                (self.arena.len() - 1) as Handle
             }
         };
         self.ids.insert(id, h);
@@ -318,24 +326,34 @@ impl Scheduler {
     }
 
     fn remove(&mut self, h: Handle) -> Request {
-        let r = self.slots[h as usize].take().expect("live handle");
+        let r = self.arena[h as usize].take().expect("live handle");
         self.ids.remove(&r.id);
-        self.free_slots.push(h);
+        self.free_handles.push(h);
         r
     }
 
     /// Aborts a waiting request (gone at once) or a running one (leaves the
     /// batch now; its blocks return to the pool at the start of the next step).
+    ///
+    /// While a step is in flight (between `schedule` and `update`) the abort
+    /// is accepted and queued: it takes effect when that step closes, after
+    /// its token was recorded, and `update` reports the request as aborted.
     pub fn abort(&mut self, request_id: &str) -> Result<(), CoreError> {
-        if self.pending != Pending::None {
-            return Err(CoreError::State(
-                "abort called while a step is in flight: call update() for the pending plan first".into(),
-            ));
-        }
         let h = match self.ids.get(request_id) {
             Some(&h) if !self.to_free.contains(&h) => h,
             _ => return Err(CoreError::UnknownRequest { request_id: request_id.to_owned() }),
         };
+        if self.pending != Pending::None {
+            if !self.queued_aborts.contains(&h) {
+                self.queued_aborts.push(h);
+            }
+            return Ok(());
+        }
+        self.abort_now(h);
+        Ok(())
+    }
+
+    fn abort_now(&mut self, h: Handle) {
         if let Some(pos) = self.waiting.iter().position(|&w| w == h) {
             self.waiting.remove(pos);
             self.remove(h);
@@ -343,7 +361,6 @@ impl Scheduler {
             self.running.retain(|&x| x != h);
             self.to_free.push(h);
         }
-        Ok(())
     }
 
     // ----- stepping --------------------------------------------------------
@@ -358,9 +375,7 @@ impl Scheduler {
     /// allocates the blocks the step writes to and returns the plan.
     pub fn schedule_with(&mut self, detail: PlanDetail) -> Result<StepPlan, CoreError> {
         if self.pending != Pending::None {
-            return Err(CoreError::State(
-                "schedule called twice: call update() for the pending plan first".into(),
-            ));
+            return Err(StateError::ScheduleWhilePending.into());
         }
         self.step += 1;
         self.outputs.clear();
@@ -376,7 +391,7 @@ impl Scheduler {
             let view = BatchView {
                 tkv: self.tkv,
                 running_remaining: &remaining,
-                n_free_blocks: self.n_free_blocks(),
+                n_unreserved_blocks: self.n_unreserved_blocks(),
                 admitted_this_step: 0,
             };
             let (pl, mt) = {
@@ -405,6 +420,17 @@ impl Scheduler {
         self.outputs.extend(self.running.iter().rev().copied());
         self.pending = Pending::Decode;
         Ok(StepPlan::Decode(plan))
+    }
+
+    /// Runs `k` idle steps at once. Only when nothing is queued, running or
+    /// waiting to be freed (every such step would be the same idle step).
+    pub fn skip_idle_steps(&mut self, k: u64) {
+        assert!(self.is_drained() && self.pending == Pending::None, "idle steps need an empty scheduler");
+        self.step += k;
+        self.tkv = 0;
+        self.outputs.clear();
+        self.finished.clear();
+        self.last_rejection = None;
     }
 
     fn release_finished(&mut self) {
@@ -436,13 +462,25 @@ impl Scheduler {
         self.tkv -= cut;
     }
 
-    fn allocate(&mut self) -> Result<u32, CoreError> {
-        self.pool.allocate().ok_or_else(|| {
-            CoreError::State("internal error: block pool exhausted despite reservations".into())
-        })
+    /// Fails (before anything is changed) when the pool cannot give `n`
+    /// blocks. Reservations make that impossible; this keeps a bug from
+    /// leaving the state half-changed.
+    fn ensure_free(&self, n: u32) -> Result<(), CoreError> {
+        if self.pool.n_free() < n {
+            return Err(StateError::PoolExhausted.into());
+        }
+        Ok(())
+    }
+
+    fn allocate(&mut self) -> u32 {
+        self.pool.allocate().expect("ensure_free checked the pool first")
     }
 
     fn prefill(&mut self, h: Handle, adm: Admission, detail: PlanDetail) -> Result<PrefillPlan, CoreError> {
+        // decide, then mutate: every check before the first change
+        let prompt_len = self.req(h).prompt_len;
+        let fp = (adm.tkv - prompt_len) / BLOCK_SIZE;
+        self.ensure_free(adm.tkv.div_ceil(BLOCK_SIZE) - fp)?;
         if adm.shift > 0 {
             for i in 0..self.running.len() {
                 let rh = self.running[i];
@@ -462,7 +500,7 @@ impl Scheduler {
         let right = input_len - in_left - pl;
         let mut blocks = Vec::with_capacity(n_alloc as usize);
         for _ in 0..n_alloc {
-            blocks.push(self.allocate()?);
+            blocks.push(self.allocate());
         }
         self.n_reserved += adm.reserved;
         let prompt = {
@@ -512,6 +550,16 @@ impl Scheduler {
     fn decode(&mut self, detail: PlanDetail) -> Result<DecodePlan, CoreError> {
         let pos = self.tkv;
         let n = self.running.len();
+        // decide, then mutate: the sequences that start a new block this step
+        let new_blocks = self
+            .running
+            .iter()
+            .filter(|&&h| {
+                let r = self.req(h);
+                pos / BLOCK_SIZE - r.fully_padded_blocks() >= r.blocks.len() as u32
+            })
+            .count();
+        self.ensure_free(new_blocks as u32)?;
         let full = detail == PlanDetail::Full;
         let ids = detail != PlanDetail::Minimal;
         let mut plan = DecodePlan {
@@ -542,7 +590,7 @@ impl Scheduler {
             let idx = pos / BLOCK_SIZE - fp;
             if idx >= nb {
                 debug_assert_eq!(idx, nb, "a decode never skips a block");
-                let b = self.allocate()?;
+                let b = self.allocate();
                 let r = self.req_mut(h);
                 debug_assert!(r.blocks.len() < r.reserved as usize, "allocation beyond reservation");
                 r.blocks.push(b);
@@ -578,25 +626,23 @@ impl Scheduler {
     /// Closes the pending step with one sampled token per sequence (plan
     /// order) and whether each sequence stopped early (EOS, stop string...).
     /// Requests that reach `max_tokens` finish without being told.
-    pub fn update(&mut self, tokens: &[u32], stopped: &[bool]) -> Result<StepOutcome, CoreError> {
-        let mut outcome = StepOutcome::default();
+    pub fn update(&mut self, tokens: &[u32], stopped: &[bool]) -> Result<UpdateOutcome, CoreError> {
+        let mut outcome = UpdateOutcome::default();
         self.update_into(tokens, stopped, &mut outcome)?;
         Ok(outcome)
     }
 
     /// [`Scheduler::update`] writing the finished ids into `outcome` (cleared first).
-    pub fn update_into(&mut self, tokens: &[u32], stopped: &[bool], outcome: &mut StepOutcome) -> Result<(), CoreError> {
+    pub fn update_into(&mut self, tokens: &[u32], stopped: &[bool], outcome: &mut UpdateOutcome) -> Result<(), CoreError> {
         outcome.finished.clear();
+        outcome.aborted.clear();
         if self.pending == Pending::None {
-            return Err(CoreError::State("update called without a pending plan: call schedule() first".into()));
+            return Err(StateError::UpdateWithoutPlan.into());
         }
         let n = self.outputs.len();
         if tokens.len() != n || (!stopped.is_empty() && stopped.len() != n) {
-            return Err(CoreError::State(format!(
-                "update expects {n} tokens and {n} (or 0) stop flags for this step, got {} and {}",
-                tokens.len(),
-                stopped.len()
-            )));
+            return Err(StateError::WrongTokenCount { expected: n, tokens: tokens.len(), stop_flags: stopped.len() }
+                .into());
         }
         if self.pending == Pending::Decode {
             self.tkv += 1;
@@ -616,7 +662,43 @@ impl Scheduler {
                 outcome.finished.push(id);
             }
         }
+        self.apply_queued_aborts(outcome);
         Ok(())
+    }
+
+    /// Closes the pending step without tokens: every request of the plan is
+    /// aborted (its blocks return at the start of the next step) and the
+    /// others are untouched, so the scheduler is usable at once. For a runner
+    /// that failed mid-step. Returns the aborted ids (plan order) in
+    /// `outcome.aborted`.
+    pub fn cancel(&mut self) -> Result<UpdateOutcome, CoreError> {
+        let mut outcome = UpdateOutcome::default();
+        if self.pending == Pending::None {
+            return Err(StateError::UpdateWithoutPlan.into());
+        }
+        self.pending = Pending::None;
+        for h in std::mem::take(&mut self.outputs) {
+            let id = self.req(h).id.clone();
+            self.running.retain(|&x| x != h);
+            self.to_free.push(h);
+            self.queued_aborts.retain(|&x| x != h);
+            outcome.aborted.push(id);
+        }
+        self.apply_queued_aborts(&mut outcome);
+        Ok(outcome)
+    }
+
+    fn apply_queued_aborts(&mut self, outcome: &mut UpdateOutcome) {
+        if self.queued_aborts.is_empty() {
+            return;
+        }
+        for h in std::mem::take(&mut self.queued_aborts) {
+            if self.to_free.contains(&h) {
+                continue; // finished in this very step: it ends as finished
+            }
+            outcome.aborted.push(self.req(h).id.clone());
+            self.abort_now(h);
+        }
     }
 
     /// Running ids, most recently admitted first (no copies).

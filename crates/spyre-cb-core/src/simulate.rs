@@ -1,10 +1,15 @@
 //! Model-free simulation: drive the scheduler through a workload, every
 //! request generating exactly `max_tokens` tokens, and record every step.
+//!
+//! One driver ([`drive`]) runs the published arrive-then-observe order for
+//! every kind of output; a [`Recorder`] decides what is kept. Stretches of
+//! idle steps (nothing queued or running until the next arrival) are run in
+//! one go and recorded as one span, so a far-future arrival costs nothing.
 
-use crate::config::Config;
+use crate::config::SchedulerConfig;
 use crate::error::{CoreError, InvalidRequest};
 use crate::plan::StepPlan;
-use crate::scheduler::{PlanDetail, Scheduler, StepOutcome};
+use crate::scheduler::{PlanDetail, Scheduler, UpdateOutcome};
 use crate::trace::StepRecord;
 
 /// One request of a simulated workload. Its id is its index in the list.
@@ -16,7 +21,8 @@ pub struct SimRequest {
     pub max_tokens: u32,
 }
 
-/// A simulation's records and the requests refused at `add_request`.
+/// A simulation's records (every step materialized) and the requests refused
+/// at `add_request`.
 #[derive(Clone, Debug, Default)]
 pub struct SimResult {
     pub records: Vec<StepRecord>,
@@ -28,7 +34,10 @@ pub struct SimResult {
 /// FIFO and nothing is aborted in a simulation, so it is always contiguous).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompactRecord {
+    /// First step the record stands for.
     pub step: u64,
+    /// Consecutive identical steps it stands for (1, or more for an idle span).
+    pub span: u64,
     pub tkv: u32,
     pub waiting: (u32, u32),
     pub running: Vec<u32>,
@@ -49,6 +58,27 @@ pub struct CompactTrace {
 }
 
 impl CompactTrace {
+    /// Steps covered: `0..n_steps()` (idle spans counted in full).
+    pub fn n_steps(&self) -> u64 {
+        self.records.last().map_or(0, |r| r.step + r.span)
+    }
+
+    /// Index of the record that covers `step`, if the trace reaches it.
+    pub fn record_index(&self, step: u64) -> Option<usize> {
+        if step >= self.n_steps() {
+            return None;
+        }
+        Some(self.records.partition_point(|r| r.step + r.span <= step))
+    }
+
+    /// The observation at `step` (ids as strings).
+    pub fn record_at(&self, step: u64) -> Option<StepRecord> {
+        let i = self.record_index(step)?;
+        let mut r = self.record(i);
+        r.step = step;
+        Some(r)
+    }
+
     /// Request indices waiting at record `i`, in queue order.
     pub fn waiting(&self, i: usize) -> &[u32] {
         let (a, b) = self.records[i].waiting;
@@ -76,36 +106,76 @@ impl CompactTrace {
 /// arrive at step N are added, then step N is observed, then step N + 1 runs.
 /// With `steps = None` it runs until every request has finished and the step
 /// after (tkv back to 0); otherwise it records steps `0..=steps`.
-pub fn simulate(cfg: Config, requests: &[SimRequest], steps: Option<u64>) -> SimResult {
-    let t = simulate_compact(cfg, requests, steps);
+pub fn simulate(cfg: SchedulerConfig, requests: &[SimRequest], steps: Option<u64>) -> SimResult {
+    let t = simulate_compact(cfg, requests, steps, &mut || false).expect("never interrupted");
     SimResult {
-        records: (0..t.records.len()).map(|i| t.record(i)).collect(),
+        records: (0..t.n_steps()).filter_map(|s| t.record_at(s)).collect(),
         rejected: t.rejected.into_iter().map(|(i, e)| (i.to_string(), e)).collect(),
     }
 }
 
 /// What a simulation records; [`drive`] calls these in the published order.
-trait Recorder {
+pub trait Recorder {
     /// Between `schedule` and `update` of step `n` (n >= 1).
     fn planned(&mut self, sched: &Scheduler, plan: &StepPlan, n: u64);
     /// After `add_request` of request `index` (at its arrival step).
     fn added(&mut self, index: u32, result: Result<(), InvalidRequest>);
-    /// Step `n` observed: after its update and its arrivals.
-    fn observed(&mut self, sched: &Scheduler, n: u64);
+    /// Steps `n..n + span` observed (after their updates and arrivals); all
+    /// alike, so `span > 1` only for idle stretches.
+    fn observed(&mut self, sched: &Scheduler, n: u64, span: u64);
 }
+
+/// The simulation stopped early because `interrupt` asked it to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interrupted;
+
+/// How many loop turns between two calls of the `interrupt` hook.
+const INTERRUPT_EVERY: u64 = 1 << 15;
 
 /// Runs every request to `max_tokens` (token 0 each step): arrivals at step
 /// N are added, then step N is observed, then step N + 1 runs. Stops after
 /// `steps` or, with `None`, once everything finished and the pool is whole.
-fn drive(cfg: Config, requests: &[SimRequest], steps: Option<u64>, rec: &mut impl Recorder) {
+/// `interrupt` is called every few thousand steps (e.g. to check for
+/// Ctrl-C); when it returns true the run stops with [`Interrupted`].
+pub fn drive(
+    cfg: SchedulerConfig,
+    requests: &[SimRequest],
+    steps: Option<u64>,
+    rec: &mut impl Recorder,
+    interrupt: &mut dyn FnMut() -> bool,
+) -> Result<(), Interrupted> {
     let mut sched = Scheduler::new(cfg);
     let mut order: Vec<usize> = (0..requests.len()).collect();
     order.sort_by_key(|&i| requests[i].arrival);
     let mut next = 0;
     let mut tokens = Vec::new();
-    let mut outcome = StepOutcome::default();
-    for n in 0u64.. {
+    let mut outcome = UpdateOutcome::default();
+    let last = steps.unwrap_or(u64::MAX);
+    let mut n = 0u64;
+    let mut turns = 0u64;
+    loop {
+        turns += 1;
+        if turns % INTERRUPT_EVERY == 0 && interrupt() {
+            return Err(Interrupted);
+        }
         if n > 0 {
+            // Nothing queued, running or to free: every step until the next
+            // arrival is the same idle step. Run them at once, record one span.
+            if sched.is_drained() && sched.tkv() == 0 {
+                let until = match order.get(next) {
+                    Some(&i) => requests[i].arrival.saturating_sub(1).min(last),
+                    None => last,
+                };
+                if until > n && (steps.is_some() || next < order.len()) {
+                    sched.skip_idle_steps(until - n + 1);
+                    rec.observed(&sched, n, until - n + 1);
+                    if until >= last {
+                        return Ok(());
+                    }
+                    n = until + 1;
+                    continue;
+                }
+            }
             let plan = sched
                 .schedule_with(PlanDetail::Minimal)
                 .expect("no step is pending between simulation steps");
@@ -125,17 +195,23 @@ fn drive(cfg: Config, requests: &[SimRequest], steps: Option<u64>, rec: &mut imp
             rec.added(i as u32, result);
             next += 1;
         }
-        rec.observed(&sched, n);
+        rec.observed(&sched, n, 1);
         match steps {
-            Some(s) if n >= s => break,
-            None if next == order.len() && sched.is_drained() && sched.tkv() == 0 => break,
+            Some(s) if n >= s => return Ok(()),
+            None if next == order.len() && sched.is_drained() && sched.tkv() == 0 => return Ok(()),
             _ => {}
         }
+        n += 1;
     }
 }
 
 /// [`simulate`], keeping the trace compact (see [`CompactTrace`]).
-pub fn simulate_compact(cfg: Config, requests: &[SimRequest], steps: Option<u64>) -> CompactTrace {
+pub fn simulate_compact(
+    cfg: SchedulerConfig,
+    requests: &[SimRequest],
+    steps: Option<u64>,
+    interrupt: &mut dyn FnMut() -> bool,
+) -> Result<CompactTrace, Interrupted> {
     struct Rec {
         trace: CompactTrace,
         admitted: u32,
@@ -152,11 +228,12 @@ pub fn simulate_compact(cfg: Config, requests: &[SimRequest], steps: Option<u64>
                 Err(e) => self.trace.rejected.push((index, e)),
             }
         }
-        fn observed(&mut self, sched: &Scheduler, _: u64) {
+        fn observed(&mut self, sched: &Scheduler, n: u64, span: u64) {
             let t = &mut self.trace;
             debug_assert_eq!(t.accepted.len() - self.admitted as usize, sched.n_waiting());
             t.records.push(CompactRecord {
-                step: sched.step(),
+                step: n,
+                span,
                 tkv: sched.tkv(),
                 waiting: (self.admitted, t.accepted.len() as u32),
                 running: sched.running_tags().collect(),
@@ -168,8 +245,8 @@ pub fn simulate_compact(cfg: Config, requests: &[SimRequest], steps: Option<u64>
         }
     }
     let mut rec = Rec { trace: CompactTrace::default(), admitted: 0 };
-    drive(cfg, requests, steps, &mut rec);
-    rec.trace
+    drive(cfg, requests, steps, &mut rec, interrupt)?;
+    Ok(rec.trace)
 }
 
 /// Step kinds in [`SimStats::kind`].
@@ -181,16 +258,21 @@ pub const KIND_DECODE: u8 = 2;
 /// for long workloads and capacity planning.
 #[derive(Clone, Debug, Default)]
 pub struct SimStats {
-    /// Per step (index 0 = before any step): batch tkv after the step.
+    /// Per row: the first step it stands for (row 0 = step 0, before any step).
+    pub step: Vec<u64>,
+    /// Per row: how many consecutive identical steps it stands for (1, or
+    /// more for a stretch of idle steps).
+    pub span: Vec<u64>,
+    /// Per row: batch tkv after the step.
     pub tkv: Vec<u32>,
-    /// Per step: kind of the step (0 idle, 1 prefill, 2 decode; step 0 idle).
+    /// Per row: kind of the step (0 idle, 1 prefill, 2 decode; step 0 idle).
     pub kind: Vec<u8>,
-    /// Per step: sequences in the batch after the step.
+    /// Per row: sequences in the batch after the step.
     pub n_running: Vec<u32>,
     pub n_waiting: Vec<u32>,
     pub n_reserved_blocks: Vec<u32>,
     pub n_used_blocks: Vec<u32>,
-    /// Per step: KV slots the step computes over (prefill: its padded input;
+    /// Per row: KV slots the step computes over (prefill: its padded input;
     /// decode: batch size x (tkv + 1)) and how many of those are padding.
     pub computed_slots: Vec<u64>,
     pub padding_slots: Vec<u64>,
@@ -204,7 +286,13 @@ pub struct SimStats {
 /// Like [`simulate`] but records [`SimStats`] instead of full step records.
 /// With `record_steps = false` only the per-request columns are kept (memory
 /// then does not grow with the number of steps).
-pub fn simulate_stats(cfg: Config, requests: &[SimRequest], steps: Option<u64>, record_steps: bool) -> SimStats {
+pub fn simulate_stats(
+    cfg: SchedulerConfig,
+    requests: &[SimRequest],
+    steps: Option<u64>,
+    record_steps: bool,
+    interrupt: &mut dyn FnMut() -> bool,
+) -> Result<SimStats, Interrupted> {
     struct Rec {
         st: SimStats,
         record_steps: bool,
@@ -231,13 +319,15 @@ pub fn simulate_stats(cfg: Config, requests: &[SimRequest], steps: Option<u64>, 
                 self.st.rejected.push((index.to_string(), e));
             }
         }
-        fn observed(&mut self, sched: &Scheduler, n: u64) {
+        fn observed(&mut self, sched: &Scheduler, n: u64, span: u64) {
             for idx in sched.last_finished_tags() {
                 self.st.finished[idx as usize] = n;
             }
             let (kind, computed, padding) = std::mem::replace(&mut self.step, (KIND_IDLE, 0, 0));
             if self.record_steps {
                 let st = &mut self.st;
+                st.step.push(n);
+                st.span.push(span);
                 st.tkv.push(sched.tkv());
                 st.kind.push(kind);
                 st.n_running.push(sched.n_running() as u32);
@@ -255,6 +345,6 @@ pub fn simulate_stats(cfg: Config, requests: &[SimRequest], steps: Option<u64>, 
         ..Default::default()
     };
     let mut rec = Rec { st, record_steps, step: (KIND_IDLE, 0, 0) };
-    drive(cfg, requests, steps, &mut rec);
-    rec.st
+    drive(cfg, requests, steps, &mut rec, interrupt)?;
+    Ok(rec.st)
 }

@@ -13,7 +13,7 @@ pub struct StepRecord {
     pub request_outputs: Vec<String>,
     /// Ids that finished in the last step.
     pub finished_requests: Vec<String>,
-    /// `n_blocks - n_free_blocks`: blocks reserved by admitted requests.
+    /// `available_blocks - n_unreserved_blocks`: blocks reserved by admitted requests.
     pub n_reserved_blocks: u32,
     /// Distinct blocks allocated.
     pub n_used_blocks: u32,

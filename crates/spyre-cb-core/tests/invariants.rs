@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
-use spyre_cb_core::{Config, Scheduler, StepPlan, BLOCK_SIZE};
+use spyre_cb_core::{SchedulerConfig, Scheduler, StepPlan, BLOCK_SIZE};
 
 #[derive(Clone, Debug)]
 struct Workload {
@@ -50,7 +50,7 @@ fn request(mml: u32) -> impl Strategy<Value = (u64, u32, u32, Option<u32>, Optio
 }
 
 fn run(w: &Workload) -> Result<(), TestCaseError> {
-    let cfg = Config::new(w.max_num_seqs, w.max_model_len, Some(w.n_blocks), w.limit).unwrap();
+    let cfg = SchedulerConfig::new(w.max_num_seqs, w.max_model_len, Some(w.n_blocks), w.limit).unwrap();
     let limit = cfg.max_batch_tkv_limit;
     let mml = w.max_model_len;
     let mut s = Scheduler::new(cfg);

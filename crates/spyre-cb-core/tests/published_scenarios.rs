@@ -2,7 +2,7 @@
 //! step: the listed ones and the plain decode steps between them.
 
 use serde_json::Value;
-use spyre_cb_core::{simulate, Config, SimRequest, StepRecord};
+use spyre_cb_core::{simulate, SchedulerConfig, SimRequest, StepRecord};
 
 fn load() -> Vec<Value> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/data/scheduler_steps.json");
@@ -56,7 +56,7 @@ fn all_published_scenarios_match_every_step() {
     assert_eq!(scenarios.len(), 12);
     for sc in scenarios {
         let name = sc["name"].as_str().unwrap();
-        let cfg = Config::new(
+        let cfg = SchedulerConfig::new(
             sc["max_num_seqs"].as_u64().unwrap() as u32,
             sc["max_model_len"].as_u64().unwrap() as u32,
             num(&sc["available_blocks"]).map(|b| b as u32),
@@ -86,7 +86,7 @@ fn all_published_scenarios_match_every_step() {
 /// to go; B's 100-token prompt would shift the batch to tkv 148.
 #[test]
 fn shift_never_pushes_running_request_past_max_model_len() {
-    let cfg = Config::new(2, 256, None, None).unwrap();
+    let cfg = SchedulerConfig::new(2, 256, None, None).unwrap();
     let reqs = [
         SimRequest { arrival: 0, prompt_len: 10, max_tokens: 200 },
         SimRequest { arrival: 10, prompt_len: 100, max_tokens: 5 },
