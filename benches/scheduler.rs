@@ -12,16 +12,15 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use spyre_cb_core::admission::{can_schedule, BatchView};
 use spyre_cb_core::scheduler::PlanDetail;
-use spyre_cb_core::workload::XorShift;
+use spyre_cb_core::workload::{Lengths, Synthetic, XorShift};
 use spyre_cb_core::{BlockPool, SchedulerConfig, Scheduler};
 
 /// A scheduler with `queue` requests waiting, kept topped up by `step`.
 struct Loop {
     s: Scheduler,
-    rng: XorShift,
+    workload: Synthetic,
     queue: usize,
     next_id: u64,
-    mml: u32,
     tokens: Vec<u32>,
     detail: PlanDetail,
 }
@@ -30,10 +29,16 @@ impl Loop {
     fn new(seqs: u32, mml: u32, queue: usize, detail: PlanDetail) -> Self {
         let mut l = Loop {
             s: Scheduler::new(SchedulerConfig::new(seqs, mml, None, None).unwrap()),
-            rng: XorShift::new(42),
+            workload: Synthetic::new(
+                42,
+                mml,
+                0.0,
+                Lengths::Uniform { lo: 1, hi: mml / 2 },
+                Lengths::Uniform { lo: 1, hi: 1024 },
+            )
+            .unwrap(),
             queue,
             next_id: 0,
-            mml,
             tokens: Vec::new(),
             detail,
         };
@@ -47,8 +52,8 @@ impl Loop {
 
     fn refill(&mut self) {
         while self.s.n_waiting() < self.queue {
-            let (pl, mt) = self.rng.request(self.mml, self.mml / 2, 1024);
-            self.s.add_request_len(&self.next_id.to_string(), pl, mt).unwrap();
+            let r = self.workload.next().expect("endless");
+            self.s.add_request_len(&self.next_id.to_string(), r.prompt_len, r.max_tokens).unwrap();
             self.next_id += 1;
         }
     }

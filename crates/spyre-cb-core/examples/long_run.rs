@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use spyre_cb_core::scheduler::PlanDetail;
-use spyre_cb_core::workload::XorShift;
+use spyre_cb_core::workload::{Lengths, Synthetic};
 use spyre_cb_core::{SchedulerConfig, Scheduler};
 
 fn rss_kib(field: &str) -> u64 {
@@ -27,7 +27,9 @@ fn main() {
     let seqs: u32 = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(32);
     let mml = 4096;
     let mut s = Scheduler::new(SchedulerConfig::new(seqs, mml, None, None).unwrap());
-    let mut rng = XorShift::new(0x9e37_79b9_7f4a_7c15);
+    let mut workload =
+        Synthetic::new(0x9e37, mml, 0.0, Lengths::Uniform { lo: 1, hi: 2048 }, Lengths::Uniform { lo: 1, hi: 512 })
+            .expect("valid parameters");
     let slice = (n / 10).max(1);
     let (mut added, mut finished, mut steps, mut tokens) = (0u64, 0u64, 0u64, 0u64);
     let mut tok = Vec::new();
@@ -39,8 +41,8 @@ fn main() {
     while finished < n {
         // keep a bounded queue in front of the batch (a steady stream of arrivals)
         while added < n && s.n_waiting() < 4 * seqs as usize {
-            let (pl, mt) = rng.request(mml, 2048, 512);
-            s.add_request_len(&added.to_string(), pl, mt).expect("valid by construction");
+            let r = workload.next().expect("endless");
+            s.add_request_len(&added.to_string(), r.prompt_len, r.max_tokens).expect("valid by construction");
             added += 1;
         }
         let plan = s.schedule_with(PlanDetail::IdsOnly).unwrap();

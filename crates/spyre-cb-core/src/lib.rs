@@ -26,7 +26,7 @@ pub use block_pool::{BlockId, BlockPool, NULL_BLOCK};
 pub use config::{SchedulerConfig, BLOCK_SIZE, MAX_AVAILABLE_BLOCKS};
 pub use error::{ConfigError, CoreError, InvalidRequest, StateError};
 pub use plan::{DecodePlan, PrefillPlan, StepPlan};
-pub use scheduler::{PlanDetail, Scheduler, UpdateOutcome};
+pub use scheduler::{PlanDetail, RequestRef, Scheduler, UpdateOutcome};
 pub use simulate::{
     drive, simulate, simulate_compact, simulate_stats, CompactRecord, CompactTrace, Interrupted, Recorder, SimRequest,
     SimResult, SimStats,

@@ -20,6 +20,14 @@ use crate::trace::StepRecord;
 
 type Handle = u32;
 
+/// A request as the observation accessors show it: its id and the caller's
+/// numeric tag (simulations tag each request with its index).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestRef<'a> {
+    pub id: &'a str,
+    pub tag: u32,
+}
+
 /// How much of the plan to build. Simulations only need the ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PlanDetail {
@@ -287,7 +295,7 @@ impl Scheduler {
     }
 
     /// A token-less request with a numeric `tag` the caller reads back through
-    /// [`Scheduler::running_tags`] and friends (cheaper than ids in hot loops).
+    /// [`RequestRef::tag`] (cheaper than ids in hot loops).
     pub fn add_request_tagged(&mut self, request_id: &str, tag: u32, prompt_len: u32, max_tokens: u32) -> Result<(), CoreError> {
         self.validate(request_id, prompt_len, max_tokens)?;
         let mut r = Request::new(Arc::from(request_id), Vec::new(), prompt_len, max_tokens);
@@ -296,18 +304,6 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Tags of the running requests, most recently admitted first.
-    pub fn running_tags(&self) -> impl Iterator<Item = u32> + '_ {
-        self.running.iter().rev().map(|&h| self.req(h).tag)
-    }
-    /// Tags of the requests that produced a token in the last step.
-    pub fn last_output_tags(&self) -> impl Iterator<Item = u32> + '_ {
-        self.outputs.iter().map(|&h| self.req(h).tag)
-    }
-    /// Tags of the requests that finished in the last step.
-    pub fn last_finished_tags(&self) -> impl Iterator<Item = u32> + '_ {
-        self.finished.iter().map(|&h| self.req(h).tag)
-    }
 
     fn insert(&mut self, req: Request) {
         let id = req.id.clone();
@@ -701,17 +697,25 @@ impl Scheduler {
         }
     }
 
-    /// Running ids, most recently admitted first (no copies).
-    pub fn running_ids(&self) -> impl Iterator<Item = &str> + '_ {
-        self.running.iter().rev().map(|&h| &*self.req(h).id)
+    fn view(&self, h: Handle) -> RequestRef<'_> {
+        let r = self.req(h);
+        RequestRef { id: &r.id, tag: r.tag }
     }
-    /// Ids that produced a token in the last step.
-    pub fn last_outputs(&self) -> impl Iterator<Item = &str> + '_ {
-        self.outputs.iter().map(|&h| &*self.req(h).id)
+    /// Waiting requests in queue order.
+    pub fn waiting(&self) -> impl Iterator<Item = RequestRef<'_>> + '_ {
+        self.waiting.iter().map(|&h| self.view(h))
     }
-    /// Ids that finished in the last step.
-    pub fn last_finished(&self) -> impl Iterator<Item = &str> + '_ {
-        self.finished.iter().map(|&h| &*self.req(h).id)
+    /// Running requests, most recently admitted first.
+    pub fn running(&self) -> impl Iterator<Item = RequestRef<'_>> + '_ {
+        self.running.iter().rev().map(|&h| self.view(h))
+    }
+    /// Requests that produced a token in the last step.
+    pub fn last_outputs(&self) -> impl Iterator<Item = RequestRef<'_>> + '_ {
+        self.outputs.iter().map(|&h| self.view(h))
+    }
+    /// Requests that finished in the last step.
+    pub fn last_finished(&self) -> impl Iterator<Item = RequestRef<'_>> + '_ {
+        self.finished.iter().map(|&h| self.view(h))
     }
 
     /// The current observation.
@@ -719,10 +723,10 @@ impl Scheduler {
         StepRecord {
             step: self.step,
             tkv: self.tkv,
-            waiting: self.waiting.iter().map(|&h| self.req(h).id.to_string()).collect(),
-            running: self.running_ids().map(str::to_owned).collect(),
-            request_outputs: self.last_outputs().map(str::to_owned).collect(),
-            finished_requests: self.last_finished().map(str::to_owned).collect(),
+            waiting: self.waiting().map(|r| r.id.to_owned()).collect(),
+            running: self.running().map(|r| r.id.to_owned()).collect(),
+            request_outputs: self.last_outputs().map(|r| r.id.to_owned()).collect(),
+            finished_requests: self.last_finished().map(|r| r.id.to_owned()).collect(),
             n_reserved_blocks: self.n_reserved,
             n_used_blocks: self.pool.n_used(),
         }

@@ -236,9 +236,9 @@ pub fn simulate_compact(
                 span,
                 tkv: sched.tkv(),
                 waiting: (self.admitted, t.accepted.len() as u32),
-                running: sched.running_tags().collect(),
-                request_outputs: sched.last_output_tags().collect(),
-                finished_requests: sched.last_finished_tags().collect(),
+                running: sched.running().map(|r| r.tag).collect(),
+                request_outputs: sched.last_outputs().map(|r| r.tag).collect(),
+                finished_requests: sched.last_finished().map(|r| r.tag).collect(),
                 n_reserved_blocks: sched.n_reserved_blocks(),
                 n_used_blocks: sched.n_used_blocks(),
             });
@@ -304,7 +304,7 @@ pub fn simulate_stats(
             self.step = match plan {
                 StepPlan::Idle => (KIND_IDLE, 0, 0),
                 StepPlan::Prefill(p) => {
-                    let idx = sched.last_output_tags().next().expect("the prefilled request");
+                    let idx = sched.last_outputs().next().map(|r| r.tag).expect("the prefilled request");
                     self.st.admitted[idx as usize] = n;
                     let computed = u64::from(p.input_len());
                     (KIND_PREFILL, computed, computed - u64::from(p.prompt_len))
@@ -320,7 +320,7 @@ pub fn simulate_stats(
             }
         }
         fn observed(&mut self, sched: &Scheduler, n: u64, span: u64) {
-            for idx in sched.last_finished_tags() {
+            for idx in sched.last_finished().map(|r| r.tag) {
                 self.st.finished[idx as usize] = n;
             }
             let (kind, computed, padding) = std::mem::replace(&mut self.step, (KIND_IDLE, 0, 0));
