@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import spyre_cb
-from spyre_cb.plan import IdlePlan, plan_from_dict
+from spyre_cb.config import EngineConfig
+from spyre_cb.plan import IdlePlan
 from spyre_cb.runner import ModelRunner
 from conftest import random_prompts
 
@@ -14,8 +15,9 @@ from conftest import random_prompts
 @pytest.mark.parametrize("available_blocks", [None, 200])
 def test_vectorized_ops_match_fms_reference(tiny_model, available_blocks):
     sched = spyre_cb.Scheduler(max_num_seqs=3, max_model_len=256, available_blocks=available_blocks)
-    fast = ModelRunner(tiny_model, sched.n_physical_blocks, attention_ops="vectorized")
-    ref = ModelRunner(tiny_model, sched.n_physical_blocks, attention_ops="fms")
+    cfg = EngineConfig(str(tiny_model), **sched.config.to_dict())
+    fast = ModelRunner(tiny_model, cfg)
+    ref = ModelRunner(tiny_model, cfg.replace(attention_ops="fms"))
     # joins at block boundaries and mid-block, a shift (prompt 150 > tkv)
     reqs = {0: [(30, 40)], 3: [(100, 20)], 6: [(150, 12)], 30: [(5, 9)]}
     vocab = fast.vocab_size
@@ -27,7 +29,7 @@ def test_vectorized_ops_match_fms_reference(tiny_model, available_blocks):
         for pl, mt in reqs.get(step, []):
             sched.add_request(str(k), next(prompts)[:pl], mt)
             k += 1
-        plan = plan_from_dict(sched.schedule())
+        plan = sched.schedule()
         if isinstance(plan, IdlePlan):
             sched.update([])
             if not sched.has_unfinished_requests() and step > 30:

@@ -184,7 +184,9 @@ def test_abort_frees_blocks_for_waiting_requests(tiny_model):
     snap = eng.snapshot()
     assert snap.running == [] and snap.waiting == ["b"]
     out = eng.step()  # frees a's blocks, prefills b at once
-    assert [o.request_id for o in out] == ["b"]
+    # the abort shows in the output stream (a final output, no tokens), then b's prefill
+    assert [(o.request_id, o.finished, o.finish_reason, o.new_token_ids) for o in out][0] == ("a", True, "abort", [])
+    assert [o.request_id for o in out] == ["a", "b"]
     assert eng.get_request("a").finish_reason == "abort" and first >= 0
 
 
@@ -284,7 +286,7 @@ def test_volume_limit_rejection(tiny_model):
         (dict(available_blocks=1, max_model_len=256), ConfigError, "available_blocks 1 is fewer than one sequence of max_model_len 256 needs (4 blocks"),
         (dict(backend="tpu"), ConfigError, "backend must be one of eager, inductor, sendnn, got 'tpu'"),
         (dict(backend="sendnn"), BackendUnavailableError, "torch_sendnn"),
-        (dict(dtype="int8"), ConfigError, "dtype must be float32, bfloat16 or float16, got 'int8'"),
+        (dict(dtype="int8"), ConfigError, "dtype must be one of float32, bfloat16, float16, got 'int8'"),
     ],
 )
 def test_bad_engine_config(tiny_model, kw, exc, needle):

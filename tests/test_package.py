@@ -8,7 +8,9 @@ from pathlib import Path
 
 import spyre_cb
 from spyre_cb import _core
-from spyre_cb.plan import DecodePlan, PrefillPlan, plan_from_dict
+import numpy as np
+
+from spyre_cb.plan import DecodePlan, PrefillPlan
 
 PKG = Path(spyre_cb.__file__).parent
 
@@ -53,14 +55,20 @@ def test_plans_pickle_as_plain_data():
     s.add_request("b", [4] * 70, 4)
     plans = []
     for tokens in ([1], [2], [5, 6]):
-        plans.append(plan_from_dict(s.schedule()))
+        plans.append(s.schedule())
         s.update(tokens)
     assert isinstance(plans[0], PrefillPlan) and isinstance(plans[2], DecodePlan)
     assert plans[1].tkv_shift == 64 and plans[1].tkv == 128
     for p in plans:
-        assert pickle.loads(pickle.dumps(p)) == p
+        q = pickle.loads(pickle.dumps(p))
+        assert type(q) is type(p)
+        for a, b in zip(p.__reduce__()[1], q.__reduce__()[1], strict=True):
+            assert np.array_equal(a, b), (p, a, b)
     d = plans[2]
     # b joined with a shift: a gained a fully padded block, which is not in its table
-    assert d.request_ids == ["b", "a"] and d.positions == [70, 49] and d.tkv == 128
-    assert d.current_tkv == [129, 65] and d.left_padding == [58, 15]
-    assert [sum(b != 0 for b in row) for row in d.block_table] == [3, 2] and d.block_table[1][2] == 0
+    assert d.request_ids == ("b", "a") and d.positions.tolist() == [70, 49] and d.tkv == 128
+    assert d.current_tkv.tolist() == [129, 65] and d.left_padding.tolist() == [58, 15]
+    assert (d.block_table != 0).sum(axis=1).tolist() == [3, 2] and d.block_table[1][2] == 0
+    assert d.input_ids.dtype == np.int64 and d.block_table.shape == (2, 3)
+    p = plans[0]
+    assert p.logits_index == p.left_padding + p.prompt_len - 1 and p.input_len == 64

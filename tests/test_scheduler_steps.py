@@ -48,10 +48,11 @@ def test_steps_argument_limits_the_trace():
 
 
 def test_defaults_follow_the_design():
-    s = spyre_cb.Scheduler(max_num_seqs=3, max_model_len=192)
-    assert s.n_blocks == 3 * 192 // 64
-    assert s.max_batch_tkv_limit == 3 * 192
-    assert s.n_physical_blocks == s.n_blocks + 1  # the null block
+    c = spyre_cb.Scheduler(max_num_seqs=3, max_model_len=192).config
+    assert c.available_blocks == 3 * 192 // 64
+    assert c.max_batch_tkv_limit == 3 * 192
+    assert c.n_physical_blocks == c.available_blocks + 1  # the null block
+    assert c == spyre_cb.SchedulerConfig(3, 192, available_blocks=9, max_batch_tkv_limit=576)
 
 
 def test_late_arrival_after_idle_steps():
@@ -79,12 +80,12 @@ def test_new_batch_starts_unaligned_when_alignment_leaves_no_room():
     s = spyre_cb.Scheduler(max_num_seqs=1, max_model_len=128)
     s.add_request("x", list(range(1, 71)), 58)
     plan = s.schedule()
-    assert plan["tkv"] == 70 and plan["left_padding"] == 0 and plan["right_padding"] == 58
+    assert plan.tkv == 70 and plan.left_padding == 0 and plan.right_padding == 58
     s.update([1])
     positions = []
     while s.has_unfinished_requests():
         p = s.schedule()
-        positions.append(p["tkv"])
+        positions.append(p.tkv)
         s.update([1])
     assert max(positions) == 70 + 58 - 2 < 128
 

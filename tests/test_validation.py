@@ -129,7 +129,7 @@ def test_abort_waiting_and_running_frees_blocks_next_step():
     with pytest.raises(UnknownRequestError):
         s.abort("a")
     plan = s.schedule()
-    assert plan["kind"] == "prefill" and plan["request_id"] == "b" and plan["new_batch"]
+    assert plan.kind == "prefill" and plan.request_id == "b" and plan.new_batch
     s.update([1])
     assert s.snapshot().n_reserved_blocks == 2 and s.snapshot().n_used_blocks == 1
     with pytest.raises(UnknownRequestError, match="nope"):

@@ -7,13 +7,25 @@ Model-free planning works without torch::
 
     import spyre_cb
     trace = spyre_cb.simulate([(0, 49, 10), (0, 70, 4)], max_num_seqs=2, max_model_len=192)
+    cfg = spyre_cb.SchedulerConfig(max_num_seqs=2, max_model_len=192)   # resolved limits
+    trace = spyre_cb.simulate([(0, 49, 10)], cfg)
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from spyre_cb._core import BLOCK_SIZE, Scheduler, StepRecord, __version__
+from spyre_cb._core import (
+    BLOCK_SIZE,
+    RejectionReason,
+    Scheduler,
+    SchedulerConfig,
+    StepRecord,
+    Trace,
+    UpdateOutcome,
+    __version__,
+)
+from spyre_cb.config import EngineConfig
 from spyre_cb.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -23,7 +35,7 @@ from spyre_cb.errors import (
     UnknownRequestError,
 )
 from spyre_cb.plan import DecodePlan, IdlePlan, PrefillPlan, StepPlan
-from spyre_cb.simulate import Trace, simulate
+from spyre_cb.simulate import simulate
 
 if TYPE_CHECKING:  # torch-backed parts load lazily
     from spyre_cb.engine import Engine, StepOutput
@@ -55,6 +67,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BLOCK_SIZE",
+    "EngineConfig",
+    "SchedulerConfig",
+    "RejectionReason",
+    "UpdateOutcome",
     "Scheduler",
     "StepRecord",
     "Trace",

@@ -7,6 +7,10 @@ import json
 import sys
 import time
 
+import os
+from pathlib import Path
+
+from spyre_cb.config import EngineConfig, nonneg_int
 from spyre_cb.errors import SpyreCBError
 
 DEMO_PROMPTS = [
@@ -20,22 +24,6 @@ DEMO_PROMPTS = [
      "When a sequence finishes, its blocks return to the pool and", 16, 20),
     ("Good software is", 10, 26),
 ]
-
-
-def _limits(p: argparse.ArgumentParser, seqs: int, mml: int) -> None:
-    p.add_argument("--max-num-seqs", type=int, default=seqs, help=f"decode batch size (default {seqs})")
-    p.add_argument("--max-model-len", type=int, default=mml, help=f"longest sequence, a multiple of 64 (default {mml})")
-    p.add_argument("--available-blocks", type=int, default=None, help="usable KV blocks (default: max_num_seqs * max_model_len / 64)")
-    p.add_argument("--max-batch-tkv-limit", type=int, default=None, help="batch x tkv limit (default: max_model_len * max_num_seqs)")
-
-
-def _limit_kwargs(a) -> dict:
-    return dict(
-        max_num_seqs=a.max_num_seqs,
-        max_model_len=a.max_model_len,
-        available_blocks=a.available_blocks,
-        max_batch_tkv_limit=a.max_batch_tkv_limit,
-    )
 
 
 def _table_header() -> str:
@@ -54,12 +42,15 @@ def cmd_demo(a) -> int:
     from spyre_cb.sampling import SamplingParams
 
     t0 = time.perf_counter()
-    path = tiny_model_path()
-    eng = Engine(path, seed=a.seed, **_limit_kwargs(a))
-    print(f"tiny random-weight Granite at {path} (built offline; its text is noise by design)")
+    config = EngineConfig.from_cli(a)
+    if config.model == "tiny":
+        config = config.replace(model=str(tiny_model_path()))
+        print(f"tiny random-weight Granite at {config.model} (built offline; its text is noise by design)")
+    eng = Engine(config=config)
+    c = config.scheduler
     print(
-        f"max_num_seqs={a.max_num_seqs} max_model_len={a.max_model_len} blocks={eng.scheduler.n_blocks} "
-        f"max_batch_tkv_limit={eng.scheduler.max_batch_tkv_limit}\n"
+        f"max_num_seqs={c.max_num_seqs} max_model_len={c.max_model_len} blocks={c.available_blocks} "
+        f"max_batch_tkv_limit={c.max_batch_tkv_limit}\n"
     )
     print(_table_header())
     pending = [(arr, str(i), text, mt) for i, (text, mt, arr) in enumerate(DEMO_PROMPTS)]
@@ -86,7 +77,7 @@ def cmd_generate(a) -> int:
     from spyre_cb.llm import LLM
     from spyre_cb.sampling import SamplingParams
 
-    llm = LLM(a.model, backend=a.backend, seed=a.seed, **_limit_kwargs(a))
+    llm = LLM(config=EngineConfig.from_cli(a))
     params = SamplingParams(
         max_tokens=a.max_tokens,
         temperature=a.temperature,
@@ -113,36 +104,43 @@ def cmd_simulate(a) -> int:
     from spyre_cb.workload import load_workload, synthetic_workload
 
     if (a.workload is None) == (a.synthetic is None):
-        raise SystemExit("spyre-cb simulate: give a WORKLOAD file or --synthetic N (one of them)")
+        raise UsageError("give a WORKLOAD file or --synthetic N (one of them)")
+    config = EngineConfig.scheduler_from_cli(a)
+    for path, suffixes in ((a.json, (".json",)), (a.plot, (".png", ".svg", ".pdf"))):
+        if path:
+            _check_writable(path, suffixes)
     if a.synthetic is not None:
         reqs = synthetic_workload(
-            a.synthetic, seed=a.seed, max_model_len=a.max_model_len, mean_interarrival=a.mean_interarrival,
+            a.synthetic, seed=a.seed, max_model_len=config.max_model_len, mean_interarrival=a.mean_interarrival,
             prompt_median=a.prompt_median, tokens_median=a.tokens_median,
         )
     else:
         reqs = load_workload(a.workload)
-    limits = _limit_kwargs(a)
-    stats = simulate_stats(reqs, **limits)
+    stats = simulate_stats(reqs, config)
     summary = stats.summary()
     show_table = a.table or (stats.n_steps <= a.table_max and not a.summary)
     records = None
     if show_table or (a.json and stats.n_steps <= a.table_max):
-        records = simulate(reqs, **limits)
+        records = simulate(reqs, config)
     if show_table:
-        kinds = ["-"] + [("idle", "prefill", "decode")[k] for k in stats.kind[1:]]
+        kind_of = {int(st): int(k) for st, k in zip(stats.step, stats.kind)}
         print(_table_header())
-        for rec, kind in zip(records, kinds):
+        for rec in records:
+            kind = "-" if rec.step == 0 else ("idle", "prefill", "decode")[kind_of.get(rec.step, 0)]
             print(_table_row(rec, kind))
         print()
     for rid, why in stats.rejected.items():
         print(f"rejected request {rid}: {why}", file=sys.stderr)
     print(_format_summary(summary))
     if a.json:
-        doc = {"config": limits, "summary": summary, "rejected": stats.rejected}
+        doc = {"config": config.to_dict(), "summary": summary, "rejected": stats.rejected}
         if records is not None:
             doc["steps"] = [r.to_dict() for r in records]
         else:
-            doc["columns"] = {k: getattr(stats, k).tolist() for k in ("tkv", "n_running", "n_waiting", "n_reserved_blocks", "n_used_blocks")}
+            doc["columns"] = {
+                k: getattr(stats, k).tolist()
+                for k in ("step", "span", "tkv", "n_running", "n_waiting", "n_reserved_blocks", "n_used_blocks")
+            }
         with open(a.json, "w") as f:
             json.dump(doc, f)
         print(f"wrote {a.json}")
@@ -150,6 +148,24 @@ def cmd_simulate(a) -> int:
         stats.plot(a.plot)
         print(f"wrote {a.plot}")
     return 0
+
+
+class UsageError(Exception):
+    """A command-line mistake argparse cannot see (exit status 2)."""
+
+
+def _check_writable(path: str, suffixes: tuple[str, ...]) -> None:
+    """Fails before a long simulation, not after it, for an output that cannot be written."""
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise UsageError(f"{path!r}: the file name must end in {' or '.join(suffixes)}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise UsageError(f"{path!r} is a directory")
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {path!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UsageError(f"cannot write {path!r}: permission denied")
 
 
 def _format_summary(s: dict) -> str:
@@ -174,24 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run a staggered workload on the offline tiny model and show every step",
                        description="Builds the tiny random-weight model offline, runs a staggered mixed-length "
                                    "workload through continuous batching and prints every step and the outputs.")
-    _limits(d, 4, 256)
-    d.add_argument("--seed", type=int, default=0)
+    EngineConfig.add_cli_args(d, defaults={"max_model_len": 256})
     d.set_defaults(func=cmd_demo)
 
     g = sub.add_parser("generate", help="generate text for one or more prompts",
                        description="Generates text with continuous batching for each --prompt.")
-    g.add_argument("--model", default="tiny", help="Hugging Face checkpoint directory, or 'tiny' (default)")
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--backend", default="eager", choices=["eager", "inductor", "sendnn"])
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
-    _limits(g, 4, 512)
+    EngineConfig.add_cli_args(g)
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("simulate", help="model-free: run a workload through the exact scheduler",
@@ -199,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "continuous batching would do: per-step table or summary, JSON, and a plot.")
     s.add_argument("workload", nargs="?", help="JSON list or JSONL of [arrival_step, prompt_len, max_tokens]")
     s.add_argument("--synthetic", type=int, metavar="N", help="generate N requests instead of reading a file")
-    s.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload")
+    s.add_argument("--seed", type=nonneg_int, default=0, help="seed of the synthetic workload")
     s.add_argument("--mean-interarrival", type=float, default=16.0, help="synthetic: mean steps between arrivals")
     s.add_argument("--prompt-median", type=float, default=200.0, help="synthetic: median prompt length")
     s.add_argument("--tokens-median", type=float, default=100.0, help="synthetic: median max_tokens")
@@ -208,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--table", action="store_true", help="always print the per-step table")
     s.add_argument("--summary", action="store_true", help="never print the per-step table")
     s.add_argument("--table-max", type=int, default=200, help="longest run shown as a table (default 200 steps)")
-    _limits(s, 8, 2048)
+    EngineConfig.add_cli_args(s, only_scheduler=True, defaults={"max_num_seqs": 8, "max_model_len": 2048})
     s.set_defaults(func=cmd_simulate)
     return p
 
@@ -216,10 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except SpyreCBError as e:
+        return int(args.func(args))
+    except (SpyreCBError, UsageError) as e:
         print(f"spyre-cb {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"spyre-cb {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,21 +7,37 @@ One step at a time::
     while eng.has_unfinished_requests():
         for out in eng.step():
             ...
+
+Every step is a transaction: whatever is raised between ``schedule()`` and
+``update()`` (a failing forward, a KeyboardInterrupt in a stop-string check),
+the step is closed in the core with its requests aborted, and the engine
+serves the next call. A request whose own sampling fails ends alone
+(``finish_reason="abort"``, the reason in ``StepOutput.error``).
+
+Threading: ``add_request``, ``abort_request`` and the look-ups may be called
+from any thread while another thread runs ``step()``. An abort is always
+accepted: it takes effect at once between steps, or when the step in flight
+closes; either way the request's final output (``finish_reason="abort"``)
+comes out of the next ``step()`` that ends it. Only one thread may call
+``step()`` at a time.
 """
 
 from __future__ import annotations
 
 import operator
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from spyre_cb import _core
-from spyre_cb.errors import InvalidRequestError, UnknownRequestError
-from spyre_cb.plan import IdlePlan, plan_from_dict
+from spyre_cb.config import EngineConfig
+from spyre_cb.errors import ConfigError, InvalidRequestError, SchedulerStateError, UnknownRequestError
+from spyre_cb.plan import IdlePlan, StepPlan
 from spyre_cb.runner import ModelRunner, check_backend, check_model_dir
-from spyre_cb.sampling import Sampler, SamplingParams
+from spyre_cb.sampling import Sampled, Sampler, SamplingParams
 
 
 @dataclass
@@ -34,6 +50,7 @@ class StepOutput:
     finish_reason: str | None = None  #: "length", "stop" or "abort" once finished
     stop_reason: int | str | None = None  #: the stop token id or string, if any
     logprobs: list[dict[int, float]] | None = None
+    error: str | None = None  #: why an aborted request was aborted by the engine
 
 
 @dataclass
@@ -49,65 +66,57 @@ class RequestState:
     text: str = ""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def output_text(self, tokenizer) -> str:
+    def output_text(self, tokenizer: Any) -> str:
         """Generated text (cut before a matched stop string)."""
         if self.stop_reason is not None and isinstance(self.stop_reason, str):
             return self.text
         if tokenizer is None:
             return ""
-        return tokenizer.decode(self.output_token_ids, skip_special_tokens=True)
+        text: str = tokenizer.decode(self.output_token_ids, skip_special_tokens=True)
+        return text
 
 
 class Engine:
-    """Continuous batching over an FMS model, scheduled by the Rust core."""
+    """Continuous batching over an FMS model, scheduled by the Rust core.
 
-    def __init__(
-        self,
-        model: str | os.PathLike,
-        max_num_seqs: int = 4,
-        max_model_len: int = 512,
-        available_blocks: int | None = None,
-        max_batch_tkv_limit: int | None = None,
-        backend: str = "eager",
-        attention_ops: str = "vectorized",
-        seed: int = 0,
-        dtype: str = "float32",
-    ) -> None:
-        import torch
+    ``Engine(model, config=None, **options)``: the options are the fields of
+    :class:`~spyre_cb.config.EngineConfig` (``max_num_seqs``,
+    ``max_model_len``, ``available_blocks``, ``max_batch_tkv_limit``,
+    ``backend``, ``attention_ops``, ``dtype``, ``seed``).
+    """
 
+    def __init__(self, model: str | os.PathLike[str] | None = None, config: EngineConfig | None = None, **options: Any) -> None:
+        if model is not None:
+            if not isinstance(model, (str, os.PathLike)):
+                raise ConfigError(f"model must be a checkpoint directory path, got {type(model).__name__}")
+            options["model"] = os.fspath(model)
+        elif config is None:
+            raise ConfigError("give the model: a checkpoint directory (or use LLM(model='tiny'))")
         # cheap checks first: limits, backend, model directory
-        self.scheduler = _core.Scheduler(
-            max_num_seqs, max_model_len, available_blocks=available_blocks, max_batch_tkv_limit=max_batch_tkv_limit
-        )
-        check_backend(backend)
-        path = check_model_dir(model)
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-        if torch_dtype is None:
-            from spyre_cb.errors import ConfigError
-
-            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        self.config = cfg = EngineConfig.from_kwargs(config, **options)
+        self.scheduler = _core.Scheduler(cfg.scheduler)
+        check_backend(cfg.backend)
+        path = check_model_dir(cfg.model)
         self.model_path = Path(path)
-        self.runner = ModelRunner(
-            path,
-            self.scheduler.n_physical_blocks,
-            backend=backend,
-            attention_ops=attention_ops,
-            dtype=torch_dtype,
-            block_size=self.scheduler.block_size,
-        )
+        self.runner = ModelRunner(path, cfg)
         self.tokenizer = _load_tokenizer(path)
         self.eos_token_id = _eos_id(path, self.tokenizer)
         self.sampler = Sampler()
-        self.seed = seed
         self._n_added = 0
         self.requests: dict[str, RequestState] = {}
         #: kind of the last step: "prefill", "decode", "idle" (None before any step)
         self.last_plan_kind: str | None = None
+        # guards the scheduler and the request table; never held during a forward
+        self._lock = threading.RLock()
+        self._stepping = False
+        # aborted between steps: their final outputs come with the next step
+        self._unreported_aborts: list[str] = []
 
     # ----- requests ----------------------------------------------------------
 
@@ -123,7 +132,7 @@ class Engine:
         *,
         prompt: str | None = None,
     ) -> None:
-        """Queues a request. Raises InvalidRequestError (state unchanged) when it cannot run."""
+        """Queues a request, all or nothing: InvalidRequestError (state unchanged) when it cannot run."""
         if not isinstance(request_id, str):
             raise InvalidRequestError(f"request_id must be a str, got {type(request_id).__name__}")
         params = sampling_params if sampling_params is not None else SamplingParams()
@@ -139,113 +148,160 @@ class Engine:
                 raise InvalidRequestError("this model directory has no tokenizer: give prompt_token_ids")
             prompt_token_ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
         ids = _token_list(prompt_token_ids, self.vocab_size)
-        # the core refuses an id still in use (and leaves everything untouched)
-        self.scheduler.add_request(request_id, ids, params.max_tokens)
         state = RequestState(request_id, ids, params, prompt=prompt)
         if params.logprobs is not None:
             state.logprobs = []
-        self.requests[request_id] = state
-        self.sampler.start(request_id, params, self.seed + self._n_added)
-        self._n_added += 1
+        with self._lock:
+            # the core refuses an id still in use (and leaves everything untouched)
+            self.scheduler.add_request(request_id, ids, params.max_tokens)
+            try:
+                self.sampler.start(request_id, params, self.config.seed + self._n_added)
+                self.requests[request_id] = state
+            except BaseException:
+                self.scheduler.abort(request_id)  # waiting: gone at once, or queued during a step
+                self.requests.pop(request_id, None)
+                raise
+            self._n_added += 1
 
     def abort_request(self, request_id: str) -> None:
-        """Aborts a waiting or running request; its blocks return at the next step."""
-        state = self.requests.get(request_id) if isinstance(request_id, str) else None
-        if state is None or state.finished:
-            raise UnknownRequestError(f"no unfinished request with id {request_id!r}")
-        self.scheduler.abort(request_id)
-        state.finish_reason = "abort"
-        self.sampler.forget(request_id)
+        """Aborts a waiting or running request, from any thread; its blocks return at the next step."""
+        with self._lock:
+            state = self.requests.get(request_id) if isinstance(request_id, str) else None
+            if state is None or state.finished:
+                raise UnknownRequestError(f"no unfinished request with id {request_id!r}")
+            self.scheduler.abort(request_id)
+            if not self.scheduler.step_in_flight:
+                self._end(state, "abort")
+                self._unreported_aborts.append(request_id)
+            # else: the step in flight reports it when it closes
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self._unreported_aborts)
 
     def snapshot(self) -> _core.StepRecord:
         """The current observation (same record type as ``simulate`` returns)."""
-        return self.scheduler.snapshot()
+        with self._lock:
+            return self.scheduler.snapshot()
 
     def get_request(self, request_id: str) -> RequestState:
         try:
             return self.requests[request_id]
-        except KeyError:
+        except (KeyError, TypeError):
             raise UnknownRequestError(f"no request with id {request_id!r}") from None
 
     def release(self, request_id: str) -> RequestState:
         """Forgets a finished request's state (the engine keeps it until then)."""
-        state = self.get_request(request_id)
-        if not state.finished:
-            raise InvalidRequestError(f"request {request_id!r} has not finished")
-        return self.requests.pop(request_id)
+        with self._lock:
+            state = self.get_request(request_id)
+            if not state.finished:
+                raise InvalidRequestError(f"request {request_id!r} has not finished")
+            return self.requests.pop(request_id)
 
     # ----- stepping ----------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
         """Runs one step (a prefill or a decode of the batch) and returns its outputs."""
-        plan = plan_from_dict(self.scheduler.schedule())
-        self.last_plan_kind = plan.kind
-        if isinstance(plan, IdlePlan):
-            self.scheduler.update([])
-            return []
-        ids = plan.request_ids
-        states = [self.requests[r] for r in ids]
+        with self._lock:
+            if self._stepping:
+                raise SchedulerStateError("step() is already running in another thread")
+            self._stepping = True
+            try:
+                outs = [self._abort_output(self.requests[r]) for r in self._unreported_aborts if r in self.requests]
+                self._unreported_aborts.clear()
+                plan: StepPlan = self.scheduler.schedule()
+            except BaseException:
+                self._stepping = False
+                raise
         try:
-            logits = self.runner.execute(plan)
-            sampled = self.sampler.sample(logits, ids, [s.params for s in states])
-        except BaseException:
-            # Close the step so the engine keeps serving; these requests end as aborted.
-            self.scheduler.update([0] * len(ids), [True] * len(ids))
-            for s in states:
-                s.finish_reason = "abort"
-                self.sampler.forget(s.request_id)
+            self.last_plan_kind = plan.kind
+            outs.extend(self._run(plan))
+            return outs
+        except BaseException as e:
+            with self._lock:
+                if self.scheduler.step_in_flight:
+                    outcome = self.scheduler.cancel()
+                    reason = f"the step failed: {type(e).__name__}: {e}"
+                    for rid in outcome.aborted:
+                        self._end(self.requests[rid], "abort", error=reason)
             raise
-        tokens = [s.token for s in sampled]
-        stopped = [self._append(s, x.token, x.logprobs) for s, x in zip(states, sampled)]
-        finished = self.scheduler.update(tokens, stopped)
-        done = set(finished)
+        finally:
+            self._stepping = False
+
+    def _run(self, plan: StepPlan) -> list[StepOutput]:
+        """Executes the plan; ``update`` (the commit) is the last thing that can fail."""
+        if isinstance(plan, IdlePlan):
+            with self._lock:
+                return self._close([], [], [])
+        ids = list(plan.request_ids)
+        states = [self.requests[r] for r in ids]
+        logits = self.runner.execute(plan)
+        sampled = self.sampler.sample(logits, ids, [s.params for s in states])
+        with self._lock:
+            stopped = [self._stops(s, x) for s, x in zip(states, sampled)]
+            return self._close(states, sampled, stopped)
+
+    def _close(self, states: list[RequestState], sampled: list[Sampled], stopped: list[bool]) -> list[StepOutput]:
+        """Commits the step in the core, then records what it produced (nothing here can fail midway)."""
+        outcome = self.scheduler.update([x.token for x in sampled], stopped)
+        finished = set(outcome.finished)
+        aborted = set(outcome.aborted)
         outs = []
         for s, x, stop in zip(states, sampled, stopped):
-            if s.request_id in done:
-                if s.finish_reason is None:
-                    s.finish_reason = "stop" if stop else "length"
-                self.sampler.forget(s.request_id)
-            outs.append(
-                StepOutput(
-                    s.request_id,
-                    [x.token],
-                    s.request_id in done,
-                    s.finish_reason,
-                    s.stop_reason,
-                    None if x.logprobs is None else [x.logprobs],
-                )
-            )
+            if s.request_id in aborted:
+                outs.append(self._abort_output(s, "abort"))
+                continue
+            if x.error is not None:
+                self._end(s, "abort", error=x.error)
+                outs.append(self._abort_output(s))
+                continue
+            s.output_token_ids.append(x.token)
+            if s.logprobs is not None and x.logprobs is not None:
+                s.logprobs.append(x.logprobs)
+            done = s.request_id in finished
+            if done:
+                self._end(s, "stop" if stop else "length")
+            lp = None if x.logprobs is None else [x.logprobs]
+            outs.append(StepOutput(s.request_id, [x.token], done, s.finish_reason, s.stop_reason, lp))
+        for rid in outcome.aborted:  # aborted while waiting, during this step
+            s = self.requests[rid]
+            if not s.finished:
+                outs.append(self._abort_output(s, "abort"))
         return outs
+
+    def _end(self, s: RequestState, reason: str, error: str | None = None) -> None:
+        if s.finish_reason is None:
+            s.finish_reason = reason
+            s.error = error
+        self.sampler.forget(s.request_id)
+
+    def _abort_output(self, s: RequestState, end: str | None = None) -> StepOutput:
+        if end is not None:
+            self._end(s, end)
+        return StepOutput(s.request_id, [], True, "abort", None, None, s.error)
 
     def steps(self) -> Iterator[list[StepOutput]]:
         """Streams step outputs until no request is left."""
         while self.has_unfinished_requests():
             yield self.step()
 
-    def _append(self, s: RequestState, token: int, logprobs: dict[int, float] | None) -> bool:
-        """Records a token; True when the request must stop early."""
-        s.output_token_ids.append(token)
-        if s.logprobs is not None and logprobs is not None:
-            s.logprobs.append(logprobs)
+    def _stops(self, s: RequestState, x: Sampled) -> bool:
+        """Whether the request must stop with this token (decided before the commit)."""
+        if x.error is not None:
+            return True  # ends alone, as aborted
+        token = x.token
         p = s.params
         if p.stop_token_ids and token in p.stop_token_ids:
             s.stop_reason = token
-            s.finish_reason = "stop"
             return True
         if not p.ignore_eos and self.eos_token_id is not None and token == self.eos_token_id:
-            s.finish_reason = "stop"
             return True
         if p.stop_strings and self.tokenizer is not None:
-            text = self.tokenizer.decode(s.output_token_ids, skip_special_tokens=True)
+            text = self.tokenizer.decode([*s.output_token_ids, token], skip_special_tokens=True)
             for stop in p.stop_strings:
                 at = text.find(stop, max(0, len(s.text) - len(stop)))
                 if at >= 0:
                     s.text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
                     s.stop_reason = stop
-                    s.finish_reason = "stop"
                     return True
             s.text = text
         return False
@@ -272,18 +328,18 @@ def _token_list(ids: Sequence[int], vocab_size: int) -> list[int]:
     return out
 
 
-def _load_tokenizer(path: Path):
+def _load_tokenizer(path: Path) -> Any:
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
         return None
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path))
-    except Exception:  # a checkpoint without a usable tokenizer still runs on token ids
-        return None
+    except Exception as e:
+        raise ConfigError(f"the tokenizer files in {str(path)!r} are corrupt or unreadable: {type(e).__name__}: {e}") from None
 
 
-def _eos_id(path: Path, tokenizer) -> int | None:
+def _eos_id(path: Path, tokenizer: Any) -> int | None:
     import json
 
     try:
@@ -293,6 +349,7 @@ def _eos_id(path: Path, tokenizer) -> int | None:
             eos = eos[0] if eos else None
         if eos is not None:
             return int(eos)
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         pass
-    return getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    eos_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    return eos_id if isinstance(eos_id, int) else None

@@ -1,38 +1,29 @@
 """The exceptions spyre_cb raises. Every one derives from :class:`SpyreCBError`.
 
-The Rust core raises these same classes across the PyO3 boundary, so callers
-never see a panic or a bare ``Exception``.
+The classes are defined by the native module (``spyre_cb._core``), so the Rust
+core raises these very classes across the PyO3 boundary; callers never see a
+panic or a bare ``Exception``. Each also derives from the builtin a caller
+would catch for that kind of failure:
+
+- :class:`InvalidRequestError` (``ValueError``): a request was refused; the
+  engine state is unchanged and other requests go on.
+- :class:`ConfigError` (``ValueError``): impossible limits or model.
+- :class:`UnknownRequestError` (``KeyError``): no unfinished request has this id.
+- :class:`BackendUnavailableError` (``RuntimeError``): the backend's stack is not installed.
+- :class:`SchedulerStateError` (``RuntimeError``): the schedule -> update
+  protocol was broken, or the scheduler hit an internal error and must be rebuilt.
 """
 
 from __future__ import annotations
 
-
-class SpyreCBError(Exception):
-    """Base class of every error spyre_cb raises on purpose."""
-
-
-class InvalidRequestError(SpyreCBError, ValueError):
-    """A request was refused; the engine state is unchanged and other requests go on."""
-
-
-class ConfigError(SpyreCBError, ValueError):
-    """The engine cannot be built with these limits or this model."""
-
-
-class UnknownRequestError(SpyreCBError, KeyError):
-    """No unfinished request has this id."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-class BackendUnavailableError(SpyreCBError, RuntimeError):
-    """The requested backend's software stack is not installed here."""
-
-
-class SchedulerStateError(SpyreCBError, RuntimeError):
-    """A call broke the schedule -> execute -> update protocol."""
-
+from spyre_cb._core import (
+    BackendUnavailableError,
+    ConfigError,
+    InvalidRequestError,
+    SchedulerStateError,
+    SpyreCBError,
+    UnknownRequestError,
+)
 
 __all__ = [
     "SpyreCBError",

@@ -6,8 +6,11 @@ import itertools
 import os
 from collections.abc import Sequence
 
+from typing import Any
+
+from spyre_cb.config import EngineConfig
 from spyre_cb.engine import Engine
-from spyre_cb.errors import InvalidRequestError
+from spyre_cb.errors import InvalidRequestError, UnknownRequestError
 from spyre_cb.outputs import CompletionOutput, RequestOutput
 from spyre_cb.sampling import SamplingParams
 
@@ -17,36 +20,19 @@ PromptLike = str | Sequence[int]
 class LLM:
     """Continuous-batching generation over an FMS model.
 
-    ``model`` is a Hugging Face checkpoint directory, or ``"tiny"`` for the
-    offline random-weight test model (built once into ``$SPYRE_CB_CACHE`` or
-    ``~/.cache/spyre_cb``).
+    ``LLM(model="tiny", config=None, **options)``: ``model`` is a Hugging Face
+    checkpoint directory, or ``"tiny"`` for the offline random-weight test
+    model (built once into ``$SPYRE_CB_CACHE`` or ``~/.cache/spyre_cb``); the
+    options are the fields of :class:`~spyre_cb.config.EngineConfig`.
     """
 
-    def __init__(
-        self,
-        model: str | os.PathLike = "tiny",
-        max_num_seqs: int = 4,
-        max_model_len: int = 512,
-        available_blocks: int | None = None,
-        max_batch_tkv_limit: int | None = None,
-        backend: str = "eager",
-        seed: int = 0,
-        attention_ops: str = "vectorized",
-    ) -> None:
-        if model == "tiny":
+    def __init__(self, model: str | os.PathLike[str] = "tiny", config: EngineConfig | None = None, **options: Any) -> None:
+        cfg = EngineConfig.from_kwargs(config, model=os.fspath(model) if isinstance(model, os.PathLike) else model, **options)
+        if cfg.model == "tiny":
             from spyre_cb.models import tiny_model_path
 
-            model = tiny_model_path()
-        self.engine = Engine(
-            model,
-            max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len,
-            available_blocks=available_blocks,
-            max_batch_tkv_limit=max_batch_tkv_limit,
-            backend=backend,
-            attention_ops=attention_ops,
-            seed=seed,
-        )
+            cfg = cfg.replace(model=str(tiny_model_path()))
+        self.engine = Engine(config=cfg)
         self._ids = itertools.count()
 
     @property
@@ -85,7 +71,18 @@ class LLM:
                 self.engine.abort_request(rid)
                 self.engine.release(rid)
             raise
-        self._run(ids, use_tqdm)
+        try:
+            self._run(ids, use_tqdm)
+        except BaseException:
+            # interrupted or failed: take back this call's requests so the
+            # next call does not compute them silently
+            for rid in ids:
+                try:
+                    self.engine.abort_request(rid)
+                except UnknownRequestError:
+                    pass  # finished (or already ended by the failed step)
+                self.engine.release(rid)
+            raise
         return [self._output(rid) for rid in ids]
 
     def _run(self, ids: list[str], use_tqdm: bool) -> None:

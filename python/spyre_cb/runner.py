@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from spyre_cb import attention
-from spyre_cb._core import BLOCK_SIZE
+from spyre_cb.config import BACKENDS, EngineConfig
 from spyre_cb.errors import BackendUnavailableError, ConfigError
 from spyre_cb.plan import DecodePlan, PrefillPlan
 
-BACKENDS = ("eager", "inductor", "sendnn")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_backend(backend: str) -> None:
@@ -48,21 +48,10 @@ def check_model_dir(model: str | os.PathLike) -> Path:
 class ModelRunner:
     """Loads an FMS model and executes step plans against a paged KV cache."""
 
-    def __init__(
-        self,
-        model_path: str | os.PathLike,
-        n_physical_blocks: int,
-        *,
-        backend: str = "eager",
-        attention_ops: str = "vectorized",
-        dtype: torch.dtype = torch.float32,
-        block_size: int = BLOCK_SIZE,
-    ) -> None:
+    def __init__(self, model_path: str | os.PathLike, config: EngineConfig) -> None:
+        backend = config.backend
+        dtype = TORCH_DTYPES[config.dtype]
         check_backend(backend)
-        if attention_ops not in attention.ATTENTION_OPS:
-            raise ConfigError(
-                f"attention_ops must be one of {', '.join(attention.ATTENTION_OPS)}, got {attention_ops!r}"
-            )
         path = check_model_dir(model_path)
         attention.register()
         from fms.models import get_model
@@ -75,15 +64,15 @@ class ModelRunner:
         self.model = model
         self.dtype = dtype
         self.backend = backend
-        self.attn_name = attention.ATTENTION_OPS[attention_ops]
-        self.block_size = block_size
+        self.attn_name = attention.ATTENTION_OPS[config.attention_ops]
+        self.block_size = block_size = config.scheduler.block_size
         self.vocab_size = int(model.config.src_vocab_size)
         attn = model.base_model.layers[0].attn
         self.kv_heads = int(attn.kvheads)
         self.head_dim = int(attn.emb_kq_per_head)
         self.n_layers = len(model.base_model.layers)
-        shape = (n_physical_blocks, block_size, self.kv_heads, self.head_dim)
-        self.kv_cache = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(self.n_layers)]
+        shape = (config.scheduler.n_physical_blocks, block_size, self.kv_heads, self.head_dim)
+        self.kv_cache = _allocate_kv_cache(shape, self.n_layers, dtype)
         self._forward = self._compile(model, backend)
 
     @staticmethod
@@ -110,9 +99,9 @@ class ModelRunner:
 
     def _prefill(self, plan: PrefillPlan) -> torch.Tensor:
         n = plan.input_len
-        ids = torch.tensor(plan.input_ids, dtype=torch.long).unsqueeze(0)
-        pos = torch.tensor(plan.positions, dtype=torch.long).unsqueeze(0)
-        slots = torch.tensor(plan.slot_mapping, dtype=torch.long).unsqueeze(0)
+        ids = torch.from_numpy(plan.input_ids).unsqueeze(0)
+        pos = torch.from_numpy(plan.positions).unsqueeze(0)
+        slots = torch.from_numpy(plan.slot_mapping).unsqueeze(0)
         real = torch.zeros(n, dtype=torch.bool)
         real[plan.left_padding : plan.left_padding + plan.prompt_len] = True
         # causal, and pads see only pads (so no row is all -inf)
@@ -128,12 +117,14 @@ class ModelRunner:
             mask=mask,
             slot_mapping=slots,
         )
-        return logits[:, -plan.right_padding - 1, :]
+        # FMS returns logits of the last `last_n_tokens` inputs only (the last
+        # block, which always holds the last prompt token)
+        return logits[:, plan.logits_index - n + logits.shape[1], :]
 
     def _decode(self, plan: DecodePlan) -> torch.Tensor:
-        ids = torch.tensor(plan.input_ids, dtype=torch.long).unsqueeze(1)
-        pos = torch.tensor(plan.positions, dtype=torch.long).unsqueeze(1)
-        slots = torch.tensor(plan.slot_mapping, dtype=torch.long).unsqueeze(1)
+        ids = torch.from_numpy(plan.input_ids).unsqueeze(1)
+        pos = torch.from_numpy(plan.positions).unsqueeze(1)
+        slots = torch.from_numpy(plan.slot_mapping).unsqueeze(1)
         logits, self.kv_cache = self._forward(
             ids,
             position_ids=pos,
@@ -141,8 +132,38 @@ class ModelRunner:
             use_cache=True,
             attn_name=self.attn_name,
             slot_mapping=slots,
-            block_table=torch.tensor(plan.block_table, dtype=torch.long),
-            current_tkv_mask=torch.tensor(plan.current_tkv, dtype=torch.long),
-            left_padded_prompt_mask=torch.tensor(plan.left_padding, dtype=torch.long),
+            block_table=torch.from_numpy(plan.block_table),
+            current_tkv_mask=torch.from_numpy(plan.current_tkv),
+            left_padded_prompt_mask=torch.from_numpy(plan.left_padding),
         )
         return logits[:, -1, :]
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _allocate_kv_cache(shape: tuple[int, ...], n_layers: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The paged KV cache, or a ConfigError naming its size when it cannot fit."""
+    n_bytes = 2 * n_layers * torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    available = _available_memory()
+    what = (
+        f"a KV cache of {n_bytes / 2**30:.2f} GiB ({shape[0]} blocks x {shape[1]} slots x {shape[2]} KV heads x "
+        f"{shape[3]} dims x {n_layers} layers x 2, {dtype})"
+    )
+    if available is not None and n_bytes > available:
+        raise ConfigError(
+            f"{what} does not fit in the {available / 2**30:.2f} GiB of memory available: "
+            "lower available_blocks, max_num_seqs or max_model_len"
+        )
+    try:
+        return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(n_layers)]
+    except (RuntimeError, MemoryError) as e:
+        raise ConfigError(f"could not allocate {what}: {e}") from None

@@ -9,12 +9,16 @@ import torch
 
 from spyre_cb.errors import InvalidRequestError
 
+#: Temperatures below this are greedy (dividing logits by less overflows).
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
     """How to pick tokens for one request (the names vLLM users know).
 
-    ``temperature == 0`` is greedy. ``seed`` makes a sampled request
+    ``temperature`` below ``1e-5`` (:data:`MIN_TEMPERATURE`, as in vLLM) is
+    greedy, as is ``top_k == 1``. ``seed`` makes a sampled request
     reproducible on its own, whatever else is in the batch. ``stop`` strings
     and ``stop_token_ids`` end a request early (finish reason ``"stop"``), as
     does the model's EOS token unless ``ignore_eos``. ``logprobs=n`` returns
@@ -46,6 +50,8 @@ class SamplingParams:
             raise bad(f"max_tokens must be at least 1, got {self.max_tokens}")
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
             raise bad(f"temperature must be a number, got {type(self.temperature).__name__}")
+        if isinstance(self.temperature, int) and not -(2**53) < self.temperature < 2**53:
+            raise bad(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise bad(f"temperature must be a finite number >= 0, got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
@@ -59,6 +65,12 @@ class SamplingParams:
             raise bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise bad(f"seed must be an int or None, got {type(self.seed).__name__}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise bad(f"seed must be in [0, 2**64), got {self.seed}")
+        if not isinstance(self.ignore_eos, bool):
+            raise bad(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise bad(f"include_stop_str_in_output must be a bool, got {type(self.include_stop_str_in_output).__name__}")
         if self.logprobs is not None and (
             isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or self.logprobs < 0
         ):
@@ -68,17 +80,20 @@ class SamplingParams:
             stop = ()
         elif isinstance(stop, str):
             stop = (stop,)
+        elif not isinstance(stop, (list, tuple)):
+            raise bad(f"stop must be a string or a list of strings, got {type(stop).__name__}")
         if not all(isinstance(s, str) and s for s in stop):
             raise bad(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         self._stop = tuple(stop)
-        if self.stop_token_ids is not None and not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
-        ):
-            raise bad(f"stop_token_ids must be ints >= 0, got {self.stop_token_ids!r}")
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)):
+                raise bad(f"stop_token_ids must be a list of ints, got {type(self.stop_token_ids).__name__}")
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+                raise bad(f"stop_token_ids must be ints >= 0, got {self.stop_token_ids!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -89,6 +104,7 @@ class SamplingParams:
 class Sampled:
     token: int
     logprobs: dict[int, float] | None  # top-n plus the chosen token
+    error: str | None = None  # this row could not be sampled: the request ends alone
 
 
 class Sampler:
@@ -109,15 +125,19 @@ class Sampler:
         logits = logits.float()
         out: list[Sampled] = []
         greedy_tokens = logits.argmax(dim=-1).tolist()
+        usable = torch.isfinite(logits).any(dim=-1).tolist()
         for i, (rid, p) in enumerate(zip(request_ids, params)):
-            row = logits[i]
-            if p.greedy:
-                token = greedy_tokens[i]
-            else:
-                token = self._sample_row(row, p, self._generators[rid])
+            try:
+                if not usable[i]:
+                    raise ValueError("the model produced no finite logit")
+                token = greedy_tokens[i] if p.greedy else self._sample_row(logits[i], p, self._generators[rid])
+            except (RuntimeError, ValueError, KeyError) as e:
+                # one request's numbers must not end its batch mates
+                out.append(Sampled(0, None, f"sampling failed: {type(e).__name__}: {e}"))
+                continue
             lp = None
             if p.logprobs is not None:
-                logp = torch.log_softmax(row, dim=-1)
+                logp = torch.log_softmax(logits[i], dim=-1)
                 lp = {}
                 if p.logprobs > 0:
                     vals, idx = logp.topk(min(p.logprobs, logp.numel()))

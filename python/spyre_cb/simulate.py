@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from typing import Any
 
 from spyre_cb import _core
-from spyre_cb._core import StepRecord
-
-
-class Trace(list[StepRecord]):
-    """A list of :class:`StepRecord`, one per step (``trace[i].step == i``).
-
-    ``rejected`` maps the ids of requests refused at ``add_request`` to the
-    reason; the other requests ran as if those had never been submitted.
-    """
-
-    rejected: dict[str, str]
-
-    def __init__(self, records: Iterable[StepRecord] = (), rejected: dict[str, str] | None = None):
-        super().__init__(records)
-        self.rejected = dict(rejected or {})
-
-    def to_dicts(self) -> list[dict]:
-        return [r.to_dict() for r in self]
+from spyre_cb._core import SchedulerConfig, Trace
 
 
 def simulate(
-    requests: Sequence[tuple[int, int, int]],
-    max_num_seqs: int,
-    max_model_len: int,
-    available_blocks: int | None = None,
-    max_batch_tkv_limit: int | None = None,
+    requests: Iterable[tuple[int, int, int]],
+    *config: SchedulerConfig | int | None,
     steps: int | None = None,
+    **limits: Any,
 ) -> Trace:
     """Runs ``requests`` through the scheduler with no model.
 
@@ -42,15 +24,14 @@ def simulate(
     runs until every request has finished plus the step after (tkv back to 0);
     otherwise it records steps ``0..steps``.
 
-    Raises :class:`~spyre_cb.errors.ConfigError` for impossible limits. Invalid
-    requests do not raise: they are listed in ``Trace.rejected``.
+    The limits are a :class:`SchedulerConfig`, or its fields (``max_num_seqs``,
+    ``max_model_len``, ``available_blocks``, ``max_batch_tkv_limit``), resolved
+    by the core exactly as ``SchedulerConfig(...)`` resolves them. Raises :class:`~spyre_cb.errors.ConfigError` for
+    impossible limits. Invalid requests do not raise: they are listed in
+    ``Trace.rejected``. Stretches of idle steps cost no memory; Ctrl-C
+    interrupts a long run.
     """
-    records, rejected = _core.simulate(
-        requests,
-        max_num_seqs,
-        max_model_len,
-        available_blocks=available_blocks,
-        max_batch_tkv_limit=max_batch_tkv_limit,
-        steps=steps,
-    )
-    return Trace(records, dict(rejected))
+    return _core.simulate(requests, *config, steps=steps, **limits)
+
+
+__all__ = ["simulate", "Trace"]

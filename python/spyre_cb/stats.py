@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from spyre_cb import _core
+from spyre_cb._core import SchedulerConfig
 
 KINDS = ("idle", "prefill", "decode")
 
 
 @dataclass
 class SimulationStats:
-    """Per-step columns (index = step) and per-request admission/finish steps."""
+    """Per-step columns and per-request admission/finish steps.
+
+    Each row is one step, or one stretch of identical idle steps: ``step`` is
+    the first step a row stands for and ``span`` how many it stands for.
+    """
 
     requests: list[tuple[int, int, int]]
-    n_blocks: int
-    max_num_seqs: int
-    max_model_len: int
+    config: SchedulerConfig
+    step: np.ndarray
+    span: np.ndarray
     tkv: np.ndarray
     kind: np.ndarray
     n_running: np.ndarray
@@ -34,7 +40,12 @@ class SimulationStats:
 
     @property
     def n_steps(self) -> int:
-        return max(len(self.tkv) - 1, 0)
+        """Steps run (step 0, the state before any step, not counted)."""
+        return int(self.step[-1] + self.span[-1] - 1) if len(self.step) else 0
+
+    @property
+    def n_blocks(self) -> int:
+        return self.config.available_blocks
 
     def summary(self) -> dict:
         """Headline numbers of the run."""
@@ -51,7 +62,7 @@ class SimulationStats:
             "steps": self.n_steps,
             "prefill_steps": int((self.kind == 1).sum()),
             "decode_steps": int(decode.sum()),
-            "idle_steps": int((self.kind[1:] == 0).sum()) if len(self.kind) else 0,
+            "idle_steps": int(self.span[1:][self.kind[1:] == 0].sum()) if len(self.kind) else 0,
             "tokens": int(max_tokens[ok].sum()),
             "mean_batch_size": float(self.n_running[decode].mean()) if decode.any() else 0.0,
             "padding_share": float(self.padding_slots.sum() / computed) if computed else 0.0,
@@ -72,20 +83,21 @@ class SimulationStats:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        x = np.arange(len(self.tkv))
+        x = self.step  # rows of idle stretches span several steps
+        line = dict(lw=0.8, drawstyle="steps-post")
         fig, ax = plt.subplots(4, 1, figsize=(11, 9), sharex=True, constrained_layout=True)
-        ax[0].plot(x, self.tkv, lw=0.8, color="tab:blue")
+        ax[0].plot(x, self.tkv, color="tab:blue", **line)
         ax[0].set_ylabel("tkv")
-        ax[0].axhline(self.max_model_len, ls="--", lw=0.8, color="grey", label="max_model_len")
+        ax[0].axhline(self.config.max_model_len, ls="--", lw=0.8, color="grey", label="max_model_len")
         ax[0].legend(loc="upper right", fontsize=8)
-        ax[1].plot(x, self.n_running, lw=0.8, color="tab:green")
-        ax[1].axhline(self.max_num_seqs, ls="--", lw=0.8, color="grey", label="max_num_seqs")
+        ax[1].plot(x, self.n_running, color="tab:green", **line)
+        ax[1].axhline(self.config.max_num_seqs, ls="--", lw=0.8, color="grey", label="max_num_seqs")
         ax[1].set_ylabel("batch size")
         ax[1].legend(loc="upper right", fontsize=8)
-        ax[2].plot(x, self.n_waiting, lw=0.8, color="tab:orange")
+        ax[2].plot(x, self.n_waiting, color="tab:orange", **line)
         ax[2].set_ylabel("waiting")
-        ax[3].plot(x, self.n_reserved_blocks, lw=0.8, label="reserved", color="tab:red")
-        ax[3].plot(x, self.n_used_blocks, lw=0.8, label="used", color="tab:purple")
+        ax[3].plot(x, self.n_reserved_blocks, label="reserved", color="tab:red", **line)
+        ax[3].plot(x, self.n_used_blocks, label="used", color="tab:purple", **line)
         ax[3].axhline(self.n_blocks, ls="--", lw=0.8, color="grey", label="available")
         ax[3].set_ylabel("KV blocks")
         ax[3].set_xlabel("step")
@@ -101,30 +113,27 @@ class SimulationStats:
 
 
 def simulate_stats(
-    requests: Sequence[tuple[int, int, int]],
-    max_num_seqs: int,
-    max_model_len: int,
-    available_blocks: int | None = None,
-    max_batch_tkv_limit: int | None = None,
+    requests: Iterable[tuple[int, int, int]],
+    *config: SchedulerConfig | int | None,
     steps: int | None = None,
+    **limits: Any,
 ) -> SimulationStats:
-    """Runs the workload through the scheduler (no model) and returns compact statistics."""
+    """Runs the workload through the scheduler (no model) and returns compact statistics.
+
+    The limits are a :class:`SchedulerConfig` or its fields as keywords, as for
+    :func:`spyre_cb.simulate`.
+    """
+    if len(config) == 1 and isinstance(config[0], SchedulerConfig) and not limits:
+        cfg = config[0]
+    else:
+        cfg = SchedulerConfig(*config, **limits)
     if not isinstance(requests, (list, tuple)):
         requests = list(requests) if isinstance(requests, Iterable) else requests
-    d = _core.simulate_stats(  # validates every request (typed errors)
-        requests,
-        max_num_seqs,
-        max_model_len,
-        available_blocks=available_blocks,
-        max_batch_tkv_limit=max_batch_tkv_limit,
-        steps=steps,
-    )
-    n_blocks = _core.Scheduler(max_num_seqs, max_model_len, available_blocks, max_batch_tkv_limit).n_blocks
+    d = _core.simulate_stats(requests, cfg, steps=steps)  # validates every request (typed errors)
     cols = {k: np.asarray(d[k], dtype=np.int64) for k in (
-        "tkv", "kind", "n_running", "n_waiting", "n_reserved_blocks", "n_used_blocks",
+        "step", "span", "tkv", "kind", "n_running", "n_waiting", "n_reserved_blocks", "n_used_blocks",
         "computed_slots", "padding_slots", "admitted", "finished",
     )}
     return SimulationStats(
-        requests=[tuple(r) for r in requests], n_blocks=n_blocks, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-        rejected=dict(d["rejected"]), **cols,
+        requests=[tuple(r) for r in requests], config=cfg, rejected=dict(d["rejected"]), **cols,
     )

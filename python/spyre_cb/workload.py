@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
+from spyre_cb import _core
 from spyre_cb.errors import InvalidRequestError
 
 Request = tuple[int, int, int]  # (arrival_step, prompt_len, max_tokens)
@@ -38,13 +37,17 @@ def load_workload(path: str | Path) -> list[Request]:
     """
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise InvalidRequestError(f"cannot read workload {str(p)!r}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise InvalidRequestError(f"{p}: not a text file (expected JSON or JSONL)") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         data = None  # not one JSON document: read it as JSONL
+    except RecursionError:
+        raise InvalidRequestError(f"{p}: JSON nested too deeply to be a workload") from None
     if isinstance(data, list) and not all(isinstance(x, (list, dict)) for x in data):
         data = [data]  # a single request on its own
     if isinstance(data, dict):
@@ -59,6 +62,8 @@ def load_workload(path: str | Path) -> list[Request]:
             continue
         try:
             item = json.loads(line)
+        except RecursionError:
+            raise InvalidRequestError(f"{p}:{n}: JSON nested too deeply to be a request") from None
         except json.JSONDecodeError as e:
             raise InvalidRequestError(f"{p}:{n}: not valid JSON ({e})") from None
         out.append(_one(item, f"{p}:{n}"))
@@ -74,19 +79,19 @@ def synthetic_workload(
     prompt_median: float = 200.0,
     tokens_median: float = 100.0,
     sigma: float = 1.0,
+    prompt_range: tuple[int, int] | None = None,
+    tokens_range: tuple[int, int] | None = None,
 ) -> list[Request]:
     """``n`` requests with Poisson arrivals and log-normal lengths.
 
     Prompt lengths and max_tokens are log-normal around their medians (shape
-    ``sigma``), clipped so that every request fits ``max_model_len``.
-    Deterministic for a given seed.
+    ``sigma``), or uniform in ``prompt_range`` / ``tokens_range`` when given,
+    clipped so that every request fits ``max_model_len``. Deterministic for a
+    given seed, on every machine: the generator is the Rust core's, the same
+    one the criterion benches and the long run use.
     """
-    if n < 0:
-        raise InvalidRequestError(f"n must be >= 0, got {n}")
-    rng = np.random.default_rng(seed)
-    gaps = rng.exponential(mean_interarrival, size=n) if mean_interarrival > 0 else np.zeros(n)
-    arrivals = np.floor(np.cumsum(gaps)).astype(np.int64)
-    prompts = np.clip(np.rint(rng.lognormal(np.log(prompt_median), sigma, size=n)), 1, max_model_len - 1)
-    tokens = np.clip(np.rint(rng.lognormal(np.log(tokens_median), sigma, size=n)), 1, None)
-    tokens = np.minimum(tokens, max_model_len - prompts)
-    return [(int(a), int(p), int(t)) for a, p, t in zip(arrivals, prompts, tokens)]
+    return _core.synthetic_workload(
+        n, seed=seed, max_model_len=max_model_len, mean_interarrival=mean_interarrival,
+        prompt_median=prompt_median, tokens_median=tokens_median, sigma=sigma,
+        prompt_range=prompt_range, tokens_range=tokens_range,
+    )

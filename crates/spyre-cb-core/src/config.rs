@@ -13,7 +13,7 @@ pub const BLOCK_SIZE: u32 = 64;
 pub const MAX_AVAILABLE_BLOCKS: u32 = 1 << 24;
 
 /// The static limits the scheduler works within (see `docs/design.md`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SchedulerConfig {
     /// Most sequences in the decode batch at once.
     pub max_num_seqs: u32,

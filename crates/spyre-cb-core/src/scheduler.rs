@@ -144,6 +144,10 @@ impl Scheduler {
     pub fn n_physical_blocks(&self) -> u32 {
         self.pool.n_physical_blocks()
     }
+    /// Between `schedule` and `update`/`cancel`.
+    pub fn step_in_flight(&self) -> bool {
+        self.pending != Pending::None
+    }
     /// Requests waiting or running.
     pub fn has_unfinished_requests(&self) -> bool {
         !self.waiting.is_empty() || !self.running.is_empty()

@@ -1,0 +1,358 @@
+//! Observations: `StepRecord` (one step), `Trace` (a whole simulation, idle
+//! stretches stored once), `UpdateOutcome` and `RejectionReason`.
+
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PySlice, PyString};
+
+use spyre_cb_core as core;
+
+use crate::errors::{err, Kind};
+
+/// A simulation's compact trace with the request ids made into Python strings
+/// once; step records are views into it, so building a trace costs
+/// O(steps x batch) and a record's lists are made only when read.
+pub struct SharedTrace {
+    pub trace: core::CompactTrace,
+    pub names: Vec<Py<PyString>>,
+}
+
+enum RecordData {
+    Owned(core::StepRecord),
+    /// Record `index` of the trace, seen at `step` (inside its span).
+    View { trace: Arc<SharedTrace>, index: usize, step: u64 },
+}
+
+/// One observation of the scheduler after a step (step 0: before any step).
+#[pyclass(module = "spyre_cb._core", frozen)]
+pub struct StepRecord {
+    data: RecordData,
+}
+
+impl From<core::StepRecord> for StepRecord {
+    fn from(r: core::StepRecord) -> Self {
+        Self { data: RecordData::Owned(r) }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Ids {
+    Waiting,
+    Running,
+    Outputs,
+    Finished,
+}
+
+type RecordTuple = (u64, u32, Vec<String>, Vec<String>, Vec<String>, Vec<String>, u32, u32);
+
+impl StepRecord {
+    fn ids<'py>(&self, py: Python<'py>, which: Ids) -> PyResult<Bound<'py, PyList>> {
+        match &self.data {
+            RecordData::Owned(r) => PyList::new(
+                py,
+                match which {
+                    Ids::Waiting => &r.waiting,
+                    Ids::Running => &r.running,
+                    Ids::Outputs => &r.request_outputs,
+                    Ids::Finished => &r.finished_requests,
+                },
+            ),
+            RecordData::View { trace, index, .. } => {
+                let rec = &trace.trace.records[*index];
+                let idx: &[u32] = match which {
+                    Ids::Waiting => trace.trace.waiting(*index),
+                    Ids::Running => &rec.running,
+                    Ids::Outputs => &rec.request_outputs,
+                    Ids::Finished => &rec.finished_requests,
+                };
+                PyList::new(py, idx.iter().map(|&k| trace.names[k as usize].bind(py)))
+            }
+        }
+    }
+
+    /// (step, tkv, reserved, used)
+    fn numbers(&self) -> (u64, u32, u32, u32) {
+        match &self.data {
+            RecordData::Owned(r) => (r.step, r.tkv, r.n_reserved_blocks, r.n_used_blocks),
+            RecordData::View { trace, index, step } => {
+                let r = &trace.trace.records[*index];
+                (*step, r.tkv, r.n_reserved_blocks, r.n_used_blocks)
+            }
+        }
+    }
+
+    fn owned(&self) -> core::StepRecord {
+        match &self.data {
+            RecordData::Owned(r) => r.clone(),
+            RecordData::View { trace, index, step } => {
+                let mut r = trace.trace.record(*index);
+                r.step = *step;
+                r
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl StepRecord {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        step: u64,
+        tkv: u32,
+        waiting: Vec<String>,
+        running: Vec<String>,
+        request_outputs: Vec<String>,
+        finished_requests: Vec<String>,
+        n_reserved_blocks: u32,
+        n_used_blocks: u32,
+    ) -> Self {
+        core::StepRecord { step, tkv, waiting, running, request_outputs, finished_requests, n_reserved_blocks, n_used_blocks }
+            .into()
+    }
+
+    #[getter]
+    fn step(&self) -> u64 {
+        self.numbers().0
+    }
+    #[getter]
+    fn tkv(&self) -> u32 {
+        self.numbers().1
+    }
+    #[getter]
+    fn n_reserved_blocks(&self) -> u32 {
+        self.numbers().2
+    }
+    #[getter]
+    fn n_used_blocks(&self) -> u32 {
+        self.numbers().3
+    }
+    #[getter]
+    fn waiting<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        self.ids(py, Ids::Waiting)
+    }
+    #[getter]
+    fn running<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        self.ids(py, Ids::Running)
+    }
+    #[getter]
+    fn request_outputs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        self.ids(py, Ids::Outputs)
+    }
+    #[getter]
+    fn finished_requests<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        self.ids(py, Ids::Finished)
+    }
+
+    /// The record with the published spec's keys.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (step, tkv, reserved, used) = self.numbers();
+        let d = PyDict::new(py);
+        d.set_item("step", step)?;
+        d.set_item("tkv", tkv)?;
+        d.set_item("waiting", self.ids(py, Ids::Waiting)?)?;
+        d.set_item("running", self.ids(py, Ids::Running)?)?;
+        d.set_item("request_outputs", self.ids(py, Ids::Outputs)?)?;
+        d.set_item("finished_requests", self.ids(py, Ids::Finished)?)?;
+        d.set_item("n_reserved_blocks", reserved)?;
+        d.set_item("n_used_blocks", used)?;
+        Ok(d)
+    }
+
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        match other.cast::<StepRecord>() {
+            Ok(o) => self.owned() == o.get().owned(),
+            Err(_) => false,
+        }
+    }
+
+    fn __getnewargs__(&self) -> RecordTuple {
+        let r = self.owned();
+        (r.step, r.tkv, r.waiting, r.running, r.request_outputs, r.finished_requests, r.n_reserved_blocks, r.n_used_blocks)
+    }
+
+    fn __repr__(&self) -> String {
+        let r = self.owned();
+        format!(
+            "StepRecord(step={}, tkv={}, waiting={:?}, running={:?}, request_outputs={:?}, finished_requests={:?}, n_reserved_blocks={}, n_used_blocks={})",
+            r.step, r.tkv, r.waiting, r.running, r.request_outputs, r.finished_requests, r.n_reserved_blocks, r.n_used_blocks
+        )
+    }
+}
+
+/// A simulation's observations: ``trace[i]`` is the record of step ``i``
+/// (``len(trace)`` steps). Stretches of idle steps are stored once, so a
+/// far-future arrival costs no memory; records are made when read.
+#[pyclass(module = "spyre_cb._core", frozen, sequence)]
+pub struct Trace {
+    shared: Arc<SharedTrace>,
+    rejected: Py<PyDict>,
+}
+
+impl Trace {
+    pub fn new(shared: Arc<SharedTrace>, rejected: Py<PyDict>) -> Self {
+        Self { shared, rejected }
+    }
+
+    fn at(&self, step: u64) -> StepRecord {
+        let index = self.shared.trace.record_index(step).expect("step within the trace");
+        StepRecord { data: RecordData::View { trace: self.shared.clone(), index, step } }
+    }
+}
+
+#[pymethods]
+impl Trace {
+    fn __len__(&self) -> usize {
+        self.shared.trace.n_steps() as usize
+    }
+
+    fn __getitem__<'py>(&self, py: Python<'py>, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let n = self.shared.trace.n_steps() as isize;
+        if let Ok(slice) = key.cast::<PySlice>() {
+            let ix = slice.indices(n)?;
+            let mut out = Vec::with_capacity(ix.slicelength);
+            let mut i = ix.start;
+            for _ in 0..ix.slicelength {
+                out.push(self.at(i as u64));
+                i += ix.step;
+            }
+            return Ok(PyList::new(py, out)?.into_any());
+        }
+        let i: isize = key.extract().map_err(|_| {
+            err(py, Kind::InvalidRequest, format!("trace indices must be ints or slices, got {}", crate::convert::type_name(key)))
+        })?;
+        let j = if i < 0 { i + n } else { i };
+        if !(0..n).contains(&j) {
+            return Err(pyo3::exceptions::PyIndexError::new_err(format!("step {i} is outside the trace (0..{n})")));
+        }
+        Ok(Bound::new(py, self.at(j as u64))?.into_any())
+    }
+
+    fn __iter__(slf: Bound<'_, Self>) -> TraceIter {
+        TraceIter { trace: slf.unbind(), next: 0 }
+    }
+
+    /// Requests refused at add time: ``{request id: reason}``.
+    #[getter]
+    fn rejected<'py>(&self, py: Python<'py>) -> Bound<'py, PyDict> {
+        self.rejected.bind(py).clone()
+    }
+
+    /// Records actually stored (an idle stretch counts once).
+    #[getter]
+    fn n_stored_records(&self) -> usize {
+        self.shared.trace.records.len()
+    }
+
+    /// Every step's record as a dict.
+    fn to_dicts<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        (0..self.shared.trace.n_steps()).map(|s| self.at(s).to_dict(py)).collect()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Trace({} steps, {} stored records, {} rejected)",
+            self.shared.trace.n_steps(),
+            self.shared.trace.records.len(),
+            self.shared.trace.rejected.len()
+        )
+    }
+}
+
+#[pyclass(module = "spyre_cb._core")]
+pub struct TraceIter {
+    trace: Py<Trace>,
+    next: u64,
+}
+
+#[pymethods]
+impl TraceIter {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+    fn __next__(&mut self, py: Python<'_>) -> Option<StepRecord> {
+        let t = self.trace.bind(py).get();
+        if self.next >= t.shared.trace.n_steps() {
+            return None;
+        }
+        self.next += 1;
+        Some(t.at(self.next - 1))
+    }
+}
+
+/// What closing a step reported: the ids that finished in it and those
+/// aborted when it closed (by ``cancel()``, or an abort that arrived while
+/// the step was in flight).
+#[pyclass(module = "spyre_cb._core", frozen, get_all)]
+pub struct UpdateOutcome {
+    pub finished: Vec<String>,
+    pub aborted: Vec<String>,
+}
+
+impl From<core::UpdateOutcome> for UpdateOutcome {
+    fn from(o: core::UpdateOutcome) -> Self {
+        let s = |v: Vec<Arc<str>>| v.into_iter().map(|x| x.to_string()).collect();
+        Self { finished: s(o.finished), aborted: s(o.aborted) }
+    }
+}
+
+#[pymethods]
+impl UpdateOutcome {
+    fn __repr__(&self) -> String {
+        format!("UpdateOutcome(finished={:?}, aborted={:?})", self.finished, self.aborted)
+    }
+}
+
+/// Which admission condition kept the head of the waiting queue out.
+#[pyclass(module = "spyre_cb._core", eq, eq_int, frozen, hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectionReason {
+    /// 1: the batch is full.
+    #[pyo3(name = "BATCH_FULL")]
+    BatchFull,
+    /// 2: one prefill per step.
+    #[pyo3(name = "PREFILL_TAKEN")]
+    PrefillTaken,
+    /// 3: the request's tokens would not fit before max_model_len.
+    #[pyo3(name = "NO_ROOM_FOR_TOKENS")]
+    NoRoomForTokens,
+    /// 3: the tkv shift would push a running request past max_model_len.
+    #[pyo3(name = "SHIFT_OVERFLOWS_RUNNING")]
+    ShiftOverflowsRunning,
+    /// 4: not enough unreserved blocks.
+    #[pyo3(name = "NOT_ENOUGH_BLOCKS")]
+    NotEnoughBlocks,
+    /// 5: batch x tkv would exceed max_batch_tkv_limit at some future step.
+    #[pyo3(name = "VOLUME_LIMIT")]
+    VolumeLimit,
+}
+
+impl From<core::Rejection> for RejectionReason {
+    fn from(r: core::Rejection) -> Self {
+        match r {
+            core::Rejection::BatchFull => Self::BatchFull,
+            core::Rejection::PrefillTaken => Self::PrefillTaken,
+            core::Rejection::NoRoomForTokens => Self::NoRoomForTokens,
+            core::Rejection::ShiftOverflowsRunning => Self::ShiftOverflowsRunning,
+            core::Rejection::NotEnoughBlocks => Self::NotEnoughBlocks,
+            core::Rejection::VolumeLimit => Self::VolumeLimit,
+        }
+    }
+}
+
+#[pymethods]
+impl RejectionReason {
+    /// The admission condition in words.
+    #[getter]
+    fn description(&self) -> &'static str {
+        match self {
+            Self::BatchFull => "the batch is full (max_num_seqs)",
+            Self::PrefillTaken => "a prefill already runs this step",
+            Self::NoRoomForTokens => "its tokens would not fit before max_model_len",
+            Self::ShiftOverflowsRunning => "the tkv shift would push a running request past max_model_len",
+            Self::NotEnoughBlocks => "not enough unreserved KV blocks",
+            Self::VolumeLimit => "batch x tkv would exceed max_batch_tkv_limit",
+        }
+    }
+}

@@ -1,0 +1,133 @@
+"""One configuration object for every entry point.
+
+:class:`EngineConfig` holds every option an engine takes, each declared once
+with its default, help text and command-line flag. ``Engine``, ``LLM`` and
+the CLI all build one (the CLI's flags are generated from it), so a new
+option is added here and nowhere else. Its scheduling fields are resolved by
+the Rust core into a :class:`~spyre_cb._core.SchedulerConfig` (defaults
+filled, limits checked) exactly once, at construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from spyre_cb._core import SchedulerConfig
+from spyre_cb.errors import ConfigError
+
+BACKENDS = ("eager", "inductor", "sendnn")
+ATTENTION_OPS = ("vectorized", "fms")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, scheduler: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "scheduler": scheduler})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every option of an engine; frozen, validated at construction."""
+
+    model: str = _opt("tiny", "Hugging Face checkpoint directory, or 'tiny' (the offline test model)")
+    max_num_seqs: int = _opt(4, "most sequences in the decode batch", scheduler=True)
+    max_model_len: int = _opt(512, "longest sequence (prompt + generated), a multiple of 64", scheduler=True)
+    available_blocks: int | None = _opt(
+        None, "usable KV blocks (default: max_num_seqs * max_model_len / 64)", scheduler=True
+    )
+    max_batch_tkv_limit: int | None = _opt(
+        None, "largest batch x tkv (default: max_model_len * max_num_seqs)", scheduler=True
+    )
+    backend: str = _opt("eager", "eager or inductor on CPU; sendnn on an IBM Spyre AIU", choices=BACKENDS)
+    attention_ops: str = _opt(
+        "vectorized", "paged attention ops: this project's vectorized ones, or FMS's reference ops", choices=ATTENTION_OPS
+    )
+    dtype: str = _opt("float32", "weights and KV cache dtype", choices=DTYPES)
+    seed: int = _opt(0, "base seed of sampled requests that give none")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+        if not isinstance(self.model, str) and not hasattr(self.model, "__fspath__"):
+            raise ConfigError(f"model must be a checkpoint directory path or 'tiny', got {type(self.model).__name__}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        # resolved once by the core: defaults filled in, limits checked
+        object.__setattr__(self, "_scheduler", SchedulerConfig(**self.scheduler_kwargs()))
+
+    @property
+    def scheduler(self) -> SchedulerConfig:
+        """The resolved scheduling limits."""
+        sched: SchedulerConfig = self.__dict__["_scheduler"]
+        return sched
+
+    def scheduler_kwargs(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in SchedulerConfig.FIELDS}
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_kwargs(cls, config: EngineConfig | None = None, /, **kwargs: Any) -> EngineConfig:
+        """``config`` with ``kwargs`` applied (unknown names are a ConfigError)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; options are {', '.join(sorted(names))}")
+        if config is None:
+            return cls(**kwargs)
+        if not isinstance(config, EngineConfig):
+            raise ConfigError(f"config must be an EngineConfig, got {type(config).__name__}")
+        return dataclasses.replace(config, **kwargs) if kwargs else config
+
+    # ----- command line ------------------------------------------------------
+
+    @classmethod
+    def add_cli_args(
+        cls, parser: argparse.ArgumentParser, *, only_scheduler: bool = False, defaults: dict[str, Any] | None = None
+    ) -> None:
+        """Adds one ``--flag`` per option (``--max-num-seqs`` ...), with its help and default."""
+        defaults = defaults or {}
+        group = parser.add_argument_group("engine options" if not only_scheduler else "scheduler limits")
+        for f in dataclasses.fields(cls):
+            if only_scheduler and not f.metadata["scheduler"]:
+                continue
+            default = defaults.get(f.name, f.default)
+            shown = "the offline tiny model" if f.name == "model" and default == "tiny" else default
+            kw: dict[str, Any] = dict(default=default, help=f"{f.metadata['help']} (default: {shown})", dest=f.name)
+            if f.metadata["choices"]:
+                kw["choices"] = f.metadata["choices"]
+            elif f.type in ("int", "int | None"):
+                kw["type"] = nonneg_int
+                kw["metavar"] = "N"
+            group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in vars(args).items() if k in names}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @staticmethod
+    def scheduler_from_cli(args: argparse.Namespace) -> SchedulerConfig:
+        return SchedulerConfig(**{name: getattr(args, name) for name in SchedulerConfig.FIELDS})
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+__all__ = ["EngineConfig", "SchedulerConfig", "BACKENDS", "ATTENTION_OPS", "DTYPES"]
