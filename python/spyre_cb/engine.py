@@ -37,7 +37,7 @@ from spyre_cb.config import EngineConfig
 from spyre_cb.errors import ConfigError, InvalidRequestError, SchedulerStateError, UnknownRequestError
 from spyre_cb.plan import IdlePlan, StepPlan
 from spyre_cb.runner import ModelRunner, check_backend, check_model_dir
-from spyre_cb.sampling import Sampled, Sampler, SamplingParams
+from spyre_cb.sampling import SampledBatch, Sampler, SamplingParams
 
 
 @dataclass
@@ -231,37 +231,40 @@ class Engine:
         """Executes the plan; ``update`` (the commit) is the last thing that can fail."""
         if isinstance(plan, IdlePlan):
             with self._lock:
-                return self._close([], [], [])
-        ids = list(plan.request_ids)
-        states = [self.requests[r] for r in ids]
+                return self._close([], SampledBatch([], [], {}), [])
+        states = [self.requests[r] for r in plan.request_ids]
         logits = self.runner.execute(plan)
-        sampled = self.sampler.sample(logits, ids, [s.params for s in states])
+        sampled = self.sampler.sample(logits, list(plan.request_ids), [s.params for s in states])
         with self._lock:
-            stopped = [self._stops(s, x) for s, x in zip(states, sampled)]
+            eos = self.eos_token_id
+            stopped = [
+                i in sampled.errors or self._stops(s, t, eos)
+                for i, (s, t) in enumerate(zip(states, sampled.tokens))
+            ]
             return self._close(states, sampled, stopped)
 
-    def _close(self, states: list[RequestState], sampled: list[Sampled], stopped: list[bool]) -> list[StepOutput]:
+    def _close(self, states: list[RequestState], sampled: SampledBatch, stopped: list[bool]) -> list[StepOutput]:
         """Commits the step in the core, then records what it produced (nothing here can fail midway)."""
-        outcome = self.scheduler.update([x.token for x in sampled], stopped)
+        outcome = self.scheduler.update(sampled.tokens, stopped)
         finished = set(outcome.finished)
         aborted = set(outcome.aborted)
+        errors = sampled.errors
         outs = []
-        for s, x, stop in zip(states, sampled, stopped):
+        for i, (s, token, lp, stop) in enumerate(zip(states, sampled.tokens, sampled.logprobs, stopped)):
             if s.request_id in aborted:
                 outs.append(self._abort_output(s, "abort"))
                 continue
-            if x.error is not None:
-                self._end(s, "abort", error=x.error)
+            if i in errors:
+                self._end(s, "abort", error=errors[i])
                 outs.append(self._abort_output(s))
                 continue
-            s.output_token_ids.append(x.token)
-            if s.logprobs is not None and x.logprobs is not None:
-                s.logprobs.append(x.logprobs)
+            s.output_token_ids.append(token)
+            if s.logprobs is not None and lp is not None:
+                s.logprobs.append(lp)
             done = s.request_id in finished
             if done:
                 self._end(s, "stop" if stop else "length")
-            lp = None if x.logprobs is None else [x.logprobs]
-            outs.append(StepOutput(s.request_id, [x.token], done, s.finish_reason, s.stop_reason, lp))
+            outs.append(StepOutput(s.request_id, [token], done, s.finish_reason, s.stop_reason, None if lp is None else [lp]))
         for rid in outcome.aborted:  # aborted while waiting, during this step
             s = self.requests[rid]
             if not s.finished:
@@ -284,16 +287,13 @@ class Engine:
         while self.has_unfinished_requests():
             yield self.step()
 
-    def _stops(self, s: RequestState, x: Sampled) -> bool:
+    def _stops(self, s: RequestState, token: int, eos: int | None) -> bool:
         """Whether the request must stop with this token (decided before the commit)."""
-        if x.error is not None:
-            return True  # ends alone, as aborted
-        token = x.token
         p = s.params
         if p.stop_token_ids and token in p.stop_token_ids:
             s.stop_reason = token
             return True
-        if not p.ignore_eos and self.eos_token_id is not None and token == self.eos_token_id:
+        if token == eos and not p.ignore_eos:
             return True
         if p.stop_strings and self.tokenizer is not None:
             text = self.tokenizer.decode([*s.output_token_ids, token], skip_special_tokens=True)

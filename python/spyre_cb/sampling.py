@@ -101,10 +101,14 @@ class SamplingParams:
 
 
 @dataclass
-class Sampled:
-    token: int
-    logprobs: dict[int, float] | None  # top-n plus the chosen token
-    error: str | None = None  # this row could not be sampled: the request ends alone
+class SampledBatch:
+    """One token per row (plan order), and per row the top-n logprobs (with the
+    chosen token) or an error: a row that could not be sampled ends its
+    request alone."""
+
+    tokens: list[int]
+    logprobs: list[dict[int, float] | None]
+    errors: dict[int, str]
 
 
 class Sampler:
@@ -121,30 +125,37 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[Sampled]:
+    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> SampledBatch:
         logits = logits.float()
-        out: list[Sampled] = []
-        greedy_tokens = logits.argmax(dim=-1).tolist()
-        usable = torch.isfinite(logits).any(dim=-1).tolist()
+        best, argmax = logits.max(dim=-1)
+        tokens: list[int] = argmax.tolist()
+        logprobs: list[dict[int, float] | None] = [None] * len(tokens)
+        errors: dict[int, str] = {}
+        # a row whose best logit is NaN or infinite cannot be sampled
+        if not bool(torch.isfinite(best).all()):
+            for i in torch.nonzero(~torch.isfinite(best)).flatten().tolist():
+                errors[i] = "sampling failed: the model produced NaN or infinite logits"
         for i, (rid, p) in enumerate(zip(request_ids, params)):
+            if (p.greedy and p.logprobs is None) or i in errors:
+                continue  # the common case: nothing more to do for this row
             try:
-                if not usable[i]:
-                    raise ValueError("the model produced no finite logit")
-                token = greedy_tokens[i] if p.greedy else self._sample_row(logits[i], p, self._generators[rid])
+                if not p.greedy:
+                    tokens[i] = self._sample_row(logits[i], p, self._generators[rid])
             except (RuntimeError, ValueError, KeyError) as e:
                 # one request's numbers must not end its batch mates
-                out.append(Sampled(0, None, f"sampling failed: {type(e).__name__}: {e}"))
+                errors[i] = f"sampling failed: {type(e).__name__}: {e}"
                 continue
-            lp = None
             if p.logprobs is not None:
                 logp = torch.log_softmax(logits[i], dim=-1)
-                lp = {}
+                lp: dict[int, float] = {}
                 if p.logprobs > 0:
                     vals, idx = logp.topk(min(p.logprobs, logp.numel()))
                     lp = dict(zip(idx.tolist(), vals.tolist()))
-                lp[token] = float(logp[token])
-            out.append(Sampled(token, lp))
-        return out
+                lp[tokens[i]] = float(logp[tokens[i]])
+                logprobs[i] = lp
+        for i in errors:
+            tokens[i] = 0
+        return SampledBatch(tokens, logprobs, errors)
 
     @staticmethod
     def _sample_row(row: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
