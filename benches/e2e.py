@@ -45,7 +45,10 @@ def workload(n: int, seed: int, max_prompt: int, max_new: int):
 def run_spyre(model, reqs, prompts, args, attention_ops: str):
     mml = max(args.max_model_len, -(-(max(pl + mt for pl, mt in reqs)) // 64) * 64)
     eng = spyre_cb.Engine(
-        model, max_num_seqs=args.max_num_seqs, max_model_len=mml, available_blocks=args.blocks,
+        model,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=mml,
+        available_blocks=args.blocks,
         attention_ops=attention_ops,
     )
     forward_time = 0.0
@@ -66,7 +69,7 @@ def run_spyre(model, reqs, prompts, args, attention_ops: str):
     eng.step()
     forward_time = 0.0
     t0 = time.perf_counter()
-    for i, ((pl, mt), p) in enumerate(zip(reqs, prompts)):
+    for i, ((_pl, mt), p) in enumerate(zip(reqs, prompts)):
         eng.add_request(str(i), p, SamplingParams(max_tokens=mt, temperature=0.0, ignore_eos=True))
     done: dict[str, float] = {}
     steps = 0
@@ -82,7 +85,10 @@ def run_spyre(model, reqs, prompts, args, attention_ops: str):
     total = time.perf_counter() - t0
     tokens = {str(i): eng.get_request(str(i)).output_token_ids for i in range(len(reqs))}
     return dict(
-        total=total, steps=steps, ttlt=list(done.values()), tokens=tokens,
+        total=total,
+        steps=steps,
+        ttlt=list(done.values()),
+        tokens=tokens,
         outside_share=1.0 - forward_time / total,
         mean_batch=statistics.mean(batch_sizes) if batch_sizes else 0.0,
     )
@@ -107,14 +113,14 @@ def run_hf(model_dir, reqs, prompts, args):
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
             p = prompts[i]
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
         new = max(reqs[i][1] for i in idx)
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=pad)
         end = time.perf_counter() - t0
         for row, i in enumerate(idx):
-            tokens[str(i)] = out[row, width:width + reqs[i][1]].tolist()
+            tokens[str(i)] = out[row, width : width + reqs[i][1]].tolist()
             ttlt.append(end)
     return dict(total=time.perf_counter() - t0, ttlt=ttlt, tokens=tokens)
 
@@ -140,7 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-fms", action="store_true", help="skip (b), the slow reference ops")
     ap.add_argument("--max-prompt", type=int, default=448, help="prompts are 16..max-prompt tokens")
     ap.add_argument("--max-new", type=int, default=128, help="new tokens are 8..max-new")
-    ap.add_argument("--max-model-len", type=int, default=0, help="engine max_model_len (default: the smallest that fits)")
+    ap.add_argument(
+        "--max-model-len", type=int, default=0, help="engine max_model_len (default: the smallest that fits)"
+    )
     args = ap.parse_args(argv)
     max_prompt, max_new = args.max_prompt, args.max_new
     if args.quick:
@@ -149,8 +157,13 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_checkpoint(
-            Path(tmp) / "bench", seed=args.seed, num_layers=args.layers, hidden_size=args.hidden,
-            num_heads=args.hidden // 64, num_kv_heads=max(1, args.hidden // 128), vocab_size=512,
+            Path(tmp) / "bench",
+            seed=args.seed,
+            num_layers=args.layers,
+            hidden_size=args.hidden,
+            num_heads=args.hidden // 64,
+            num_kv_heads=max(1, args.hidden // 128),
+            vocab_size=512,
         )
         reqs = workload(args.requests, args.seed, max_prompt, max_new)
         g = torch.Generator().manual_seed(args.seed + 1)
@@ -174,11 +187,15 @@ def main(argv=None) -> int:
         same = sum(a["tokens"][k] == c["tokens"][k] for k in a["tokens"])
         print(f"tokens identical to HF (a vs c): {same}/{len(reqs)} requests")
         if b is not None:
-            print(f"tokens identical (a vs b): {sum(a['tokens'][k] == b['tokens'][k] for k in a['tokens'])}/{len(reqs)}")
+            print(
+                f"tokens identical (a vs b): {sum(a['tokens'][k] == b['tokens'][k] for k in a['tokens'])}/{len(reqs)}"
+            )
         print(f"(a)/(c) throughput: {ta / tc:.2f}x")
         if b is not None:
             print(f"(a)/(b) throughput: {ta / tb:.2f}x")
-        print(f"(a) share of step time outside the model forward: {100 * a['outside_share']:.1f}% over {a['steps']} steps")
+        print(
+            f"(a) share of step time outside the model forward: {100 * a['outside_share']:.1f}% over {a['steps']} steps"
+        )
         print(f"(a) mean decode batch size: {a['mean_batch']:.2f} of {args.max_num_seqs}")
     return 0
 

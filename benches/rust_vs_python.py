@@ -19,7 +19,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import spec_model  # noqa: E402
-
 import spyre_cb  # noqa: E402
 from spyre_cb.workload import synthetic_workload  # noqa: E402
 
@@ -41,7 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument(
-        "--interarrival", type=float, action="append",
+        "--interarrival",
+        type=float,
+        action="append",
         help="mean steps between arrivals (repeatable; default 3 = saturated batch, 8 = light load)",
     )
     a = ap.parse_args(argv)
@@ -53,8 +54,12 @@ def main(argv=None) -> int:
 
 def run(a, interarrival: float) -> bool:
     reqs = synthetic_workload(
-        a.requests, seed=a.seed, max_model_len=a.max_model_len, mean_interarrival=interarrival,
-        prompt_median=150, tokens_median=60,
+        a.requests,
+        seed=a.seed,
+        max_model_len=a.max_model_len,
+        mean_interarrival=interarrival,
+        prompt_median=150,
+        tokens_median=60,
     )
     limits = dict(max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len)
 

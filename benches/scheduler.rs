@@ -13,7 +13,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use spyre_cb_core::admission::{can_schedule, BatchView};
 use spyre_cb_core::scheduler::PlanDetail;
 use spyre_cb_core::workload::{Lengths, Synthetic, XorShift};
-use spyre_cb_core::{BlockPool, SchedulerConfig, Scheduler};
+use spyre_cb_core::{BlockPool, Scheduler, SchedulerConfig};
 
 /// A scheduler with `queue` requests waiting, kept topped up by `step`.
 struct Loop {

@@ -61,8 +61,10 @@ def main(argv=None) -> int:
                 outside[kind].append(dt - fwd["t"])
         for kind, v in outside.items():
             v = v[5:]  # warm-up
-            print(f"{kind:<8} steps {len(v):>6}  outside the forward: mean {1e6 * statistics.mean(v):8.1f} us, "
-                  f"median {1e6 * statistics.median(v):8.1f} us  (batch up to {a.max_num_seqs}, torch threads {a.threads})")
+            print(
+                f"{kind:<8} steps {len(v):>6}  outside the forward: mean {1e6 * statistics.mean(v):8.1f} us, "
+                f"median {1e6 * statistics.median(v):8.1f} us  (batch up to {a.max_num_seqs}, torch threads {a.threads})"
+            )
     return 0
 
 

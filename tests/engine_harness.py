@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from spyre_cb import Engine, SamplingParams
 from conftest import random_prompts
+from spyre_cb import Engine, SamplingParams
 
 
 def run_engine(eng: Engine, requests, seed: int = 0):

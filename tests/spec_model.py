@@ -56,10 +56,7 @@ class SpecScheduler:
         if prompt_len < 1 or max_tokens < 1 or prompt_len + max_tokens > self.max_model_len:
             return False
         start = self.start_tkv(prompt_len, max_tokens)
-        return (
-            self.reservation(start, prompt_len, max_tokens) <= self.n_blocks
-            and start + max_tokens - 1 <= self.limit
-        )
+        return self.reservation(start, prompt_len, max_tokens) <= self.n_blocks and start + max_tokens - 1 <= self.limit
 
     def free_blocks(self):
         return self.n_blocks - sum(r.reserved for r in self.running + self.to_free)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import spyre_cb
+from conftest import random_prompts
 from spyre_cb.config import EngineConfig
 from spyre_cb.plan import IdlePlan
 from spyre_cb.runner import ModelRunner
-from conftest import random_prompts
 
 
 @pytest.mark.parametrize("available_blocks", [None, 200])

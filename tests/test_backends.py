@@ -7,8 +7,8 @@ import importlib.util
 import pytest
 
 import spyre_cb
-from spyre_cb import BackendUnavailableError, ConfigError
 from engine_harness import run_engine
+from spyre_cb import BackendUnavailableError, ConfigError
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_sendnn") is not None, reason="the AIU stack is installed")
@@ -30,5 +30,5 @@ def test_inductor_matches_hf_on_a_multi_request_scenario(tiny_model, hf_greedy):
     eng = spyre_cb.Engine(tiny_model, max_num_seqs=2, max_model_len=192, backend="inductor")
     records, prompts, outputs = run_engine(eng, reqs, seed=11)
     assert records == list(spyre_cb.simulate(reqs, max_num_seqs=2, max_model_len=192))
-    for i, (_, pl, mt) in enumerate(reqs):
+    for i, (_, _pl, mt) in enumerate(reqs):
         assert outputs[str(i)] == hf_greedy(prompts[i], mt)

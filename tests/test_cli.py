@@ -70,7 +70,18 @@ def test_simulate_errors_exit_2(tmp_path):
 
 
 def test_generate(tiny_model):
-    r = run("generate", "--model", str(tiny_model), "--prompt", "The river", "--prompt", "Good", "--max-tokens", "5", "--json")
+    r = run(
+        "generate",
+        "--model",
+        str(tiny_model),
+        "--prompt",
+        "The river",
+        "--prompt",
+        "Good",
+        "--max-tokens",
+        "5",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     docs = [json.loads(ln) for ln in r.stdout.splitlines()]
     assert [d["prompt"] for d in docs] == ["The river", "Good"]
@@ -78,7 +89,9 @@ def test_generate(tiny_model):
 
 
 def test_demo_honours_the_limit_options(tmp_path):
-    r = run("demo", "--available-blocks", "6", "--max-batch-tkv-limit", "300", env_extra={"SPYRE_CB_CACHE": str(tmp_path)})
+    r = run(
+        "demo", "--available-blocks", "6", "--max-batch-tkv-limit", "300", env_extra={"SPYRE_CB_CACHE": str(tmp_path)}
+    )
     assert r.returncode == 0, r.stderr
     assert "blocks=6 max_batch_tkv_limit=300" in r.stdout
     rows = [ln.split() for ln in r.stdout.splitlines() if ln[:5].strip().isdigit()]

@@ -12,8 +12,8 @@ import os
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import spyre_cb
 import spec_model
+import spyre_cb
 from scenarios import SCENARIOS
 
 EXAMPLES = int(os.environ.get("SPYRE_CB_DIFF_EXAMPLES", "300"))
@@ -48,10 +48,22 @@ def compare(reqs, limits):
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario())
 # regression and corner cases (kept whatever hypothesis draws)
-@example(([(0, 10, 200), (10, 100, 5)], dict(max_num_seqs=2, max_model_len=256, available_blocks=None, max_batch_tkv_limit=None)))
-@example(([(0, 64, 1), (0, 1, 64)], dict(max_num_seqs=1, max_model_len=64, available_blocks=None, max_batch_tkv_limit=None)))
+@example(
+    (
+        [(0, 10, 200), (10, 100, 5)],
+        dict(max_num_seqs=2, max_model_len=256, available_blocks=None, max_batch_tkv_limit=None),
+    )
+)
+@example(
+    ([(0, 64, 1), (0, 1, 64)], dict(max_num_seqs=1, max_model_len=64, available_blocks=None, max_batch_tkv_limit=None))
+)
 @example(([(0, 1, 1)] * 5, dict(max_num_seqs=3, max_model_len=64, available_blocks=1, max_batch_tkv_limit=1)))
-@example(([(0, 30, 30), (0, 63, 1), (1, 64, 64)], dict(max_num_seqs=4, max_model_len=128, available_blocks=2, max_batch_tkv_limit=130)))
+@example(
+    (
+        [(0, 30, 30), (0, 63, 1), (1, 64, 64)],
+        dict(max_num_seqs=4, max_model_len=128, available_blocks=2, max_batch_tkv_limit=130),
+    )
+)
 def test_rust_core_equals_spec_model(case):
     reqs, limits = case
     compare(reqs, limits)

@@ -24,7 +24,7 @@ def test_scenario_with_real_model(sc, tiny_model, hf_greedy):
     records, prompts, outputs = run_engine(eng, sc.requests, seed=zlib.crc32(sc.name.encode()))
     expected = sc.expected_steps()
     assert [r.to_dict() for r in records] == expected
-    for i, (_, pl, mt) in enumerate(sc.requests):
+    for i, (_, _pl, mt) in enumerate(sc.requests):
         assert len(outputs[str(i)]) == mt
         assert outputs[str(i)] == hf_greedy(prompts[i], mt), f"request {i}"
 
@@ -48,5 +48,5 @@ def test_long_prompts_match_hf(max_model_len, max_num_seqs, requests, tiny_model
     # the workload really exercised shifts and multi-block prefills
     tkvs = [r.tkv for r in records]
     assert any(b - a >= 64 for a, b in zip(tkvs, tkvs[1:])), "expected a tkv shift"
-    for i, (_, pl, mt) in enumerate(requests):
+    for i, (_, _pl, mt) in enumerate(requests):
         assert outputs[str(i)] == hf_greedy(prompts[i], mt), f"request {i}"

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 import spyre_cb
+from conftest import random_prompts
 from spyre_cb import (
     BackendUnavailableError,
     ConfigError,
@@ -16,7 +17,6 @@ from spyre_cb import (
     SpyreCBError,
     UnknownRequestError,
 )
-from conftest import random_prompts
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -47,7 +47,9 @@ def test_generate_accepts_token_ids_and_one_prompt(llm):
 
 
 def test_per_prompt_sampling_params(llm):
-    outs = llm.generate(["a", "b"], [SamplingParams(max_tokens=2, **GREEDY), SamplingParams(max_tokens=5, **GREEDY)], use_tqdm=False)
+    outs = llm.generate(
+        ["a", "b"], [SamplingParams(max_tokens=2, **GREEDY), SamplingParams(max_tokens=5, **GREEDY)], use_tqdm=False
+    )
     assert [len(o.outputs[0].token_ids) for o in outs] == [2, 5]
     with pytest.raises(InvalidRequestError, match="got 1 sampling_params for 2 prompts"):
         llm.generate(["a", "b"], [SamplingParams(max_tokens=2)], use_tqdm=False)
@@ -63,9 +65,11 @@ def test_seeded_sampling_is_reproducible_and_differs_by_seed(llm):
     # the same seed gives the same tokens whatever else shares the batch
     mixed = llm.generate(
         ["other prompt", p, "third"],
-        [SamplingParams(max_tokens=30, temperature=0.7, seed=1, ignore_eos=True),
-         SamplingParams(max_tokens=20, temperature=1.0, seed=5, ignore_eos=True),
-         SamplingParams(max_tokens=4, **GREEDY)],
+        [
+            SamplingParams(max_tokens=30, temperature=0.7, seed=1, ignore_eos=True),
+            SamplingParams(max_tokens=20, temperature=1.0, seed=5, ignore_eos=True),
+            SamplingParams(max_tokens=4, **GREEDY),
+        ],
         use_tqdm=False,
     )
     assert mixed[1].outputs[0].token_ids == a[0].outputs[0].token_ids
@@ -74,7 +78,9 @@ def test_seeded_sampling_is_reproducible_and_differs_by_seed(llm):
 def test_top_k_1_equals_greedy(llm):
     p = "Morning light came"
     g = llm.generate([p], SamplingParams(max_tokens=15, **GREEDY), use_tqdm=False)
-    k = llm.generate([p], SamplingParams(max_tokens=15, temperature=1.3, top_k=1, seed=9, ignore_eos=True), use_tqdm=False)
+    k = llm.generate(
+        [p], SamplingParams(max_tokens=15, temperature=1.3, top_k=1, seed=9, ignore_eos=True), use_tqdm=False
+    )
     assert g[0].outputs[0].token_ids == k[0].outputs[0].token_ids
 
 
@@ -89,13 +95,13 @@ def test_top_p_and_top_k_restrict_the_choice(llm):
     for seed in range(40):
         p = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.5, seed=seed)
         s.start("x", p, 0)
-        picks.add(s.sample(logits, ["x"], [p])[0].token)
+        picks.add(s.sample(logits, ["x"], [p]).tokens[0])
     assert picks == {0}  # token 0 alone holds > 50% of the mass
     picks = set()
     for seed in range(60):
         p = SamplingParams(max_tokens=1, temperature=5.0, top_k=2, seed=seed)
         s.start("x", p, 0)
-        picks.add(s.sample(logits, ["x"], [p])[0].token)
+        picks.add(s.sample(logits, ["x"], [p]).tokens[0])
     assert picks == {0, 1}
 
 
@@ -111,12 +117,16 @@ def test_stop_strings_cut_the_text(llm):
     free = llm.generate(["The river"], SamplingParams(max_tokens=30, **GREEDY), use_tqdm=False)[0].outputs[0]
     stop = free.text[5:8]
     assert len(stop) == 3
-    cut = llm.generate(["The river"], SamplingParams(max_tokens=30, stop=[stop], **GREEDY), use_tqdm=False)[0].outputs[0]
+    cut = llm.generate(["The river"], SamplingParams(max_tokens=30, stop=[stop], **GREEDY), use_tqdm=False)[0].outputs[
+        0
+    ]
     assert cut.finish_reason == "stop" and cut.stop_reason == stop
     assert cut.text == free.text[: free.text.index(stop)]
     assert len(cut.token_ids) < 30 and free.token_ids[: len(cut.token_ids)] == cut.token_ids
     kept = llm.generate(
-        ["The river"], SamplingParams(max_tokens=30, stop=stop, include_stop_str_in_output=True, **GREEDY), use_tqdm=False
+        ["The river"],
+        SamplingParams(max_tokens=30, stop=stop, include_stop_str_in_output=True, **GREEDY),
+        use_tqdm=False,
     )[0].outputs[0]
     assert kept.text.endswith(stop)
 
@@ -125,7 +135,9 @@ def test_stop_token_ids(llm):
     free = llm.generate(["Numbers"], SamplingParams(max_tokens=12, **GREEDY), use_tqdm=False)[0].outputs[0]
     t = free.token_ids[4]
     first = free.token_ids.index(t)
-    out = llm.generate(["Numbers"], SamplingParams(max_tokens=12, stop_token_ids=[t], **GREEDY), use_tqdm=False)[0].outputs[0]
+    out = llm.generate(["Numbers"], SamplingParams(max_tokens=12, stop_token_ids=[t], **GREEDY), use_tqdm=False)[
+        0
+    ].outputs[0]
     assert out.token_ids == free.token_ids[: first + 1]
     assert out.finish_reason == "stop" and out.stop_reason == t
 
@@ -195,7 +207,8 @@ def test_abort_waiting_and_running(tiny_model, hf_greedy):
     p = random_prompts([30, 40, 50], eng.vocab_size, seed=8)
     for i, ids in enumerate(p):
         eng.add_request(str(i), ids, SamplingParams(max_tokens=20, **GREEDY))
-    eng.step(); eng.step(); eng.step()  # prefill 0, prefill 1, decode
+    for _ in range(3):  # prefill 0, prefill 1, decode
+        eng.step()
     eng.abort_request("2")  # waiting
     eng.abort_request("0")  # running
     with pytest.raises(UnknownRequestError, match="'0'"):
@@ -232,21 +245,51 @@ def test_streaming_steps(tiny_model):
 @pytest.mark.parametrize(
     "call, exc, needle",
     [
-        (lambda e: e.add_request("x", list(range(200)), SamplingParams(max_tokens=100)), InvalidRequestError,
-         "prompt of 200 tokens plus max_tokens 100 = 300 exceeds max_model_len 256"),
-        (lambda e: e.add_request("x", [1, 2], SamplingParams(max_tokens=300)), InvalidRequestError, "exceeds max_model_len 256"),
+        (
+            lambda e: e.add_request("x", list(range(200)), SamplingParams(max_tokens=100)),
+            InvalidRequestError,
+            "prompt of 200 tokens plus max_tokens 100 = 300 exceeds max_model_len 256",
+        ),
+        (
+            lambda e: e.add_request("x", [1, 2], SamplingParams(max_tokens=300)),
+            InvalidRequestError,
+            "exceeds max_model_len 256",
+        ),
         (lambda e: e.add_request("x", [], SamplingParams(max_tokens=3)), InvalidRequestError, "prompt is empty"),
-        (lambda e: e.add_request("x", prompt="", sampling_params=SamplingParams(max_tokens=3)), InvalidRequestError, "prompt is empty"),
-        (lambda e: e.add_request("x", [1, 99999], SamplingParams(max_tokens=3)), InvalidRequestError,
-         "prompt_token_ids[1] = 99999 is outside the model's vocabulary"),
-        (lambda e: e.add_request("x", [1, -1], SamplingParams(max_tokens=3)), InvalidRequestError, "outside the model's vocabulary"),
-        (lambda e: e.add_request("x", [1, 2.5], SamplingParams(max_tokens=3)), InvalidRequestError, "must be an int, got float"),
+        (
+            lambda e: e.add_request("x", prompt="", sampling_params=SamplingParams(max_tokens=3)),
+            InvalidRequestError,
+            "prompt is empty",
+        ),
+        (
+            lambda e: e.add_request("x", [1, 99999], SamplingParams(max_tokens=3)),
+            InvalidRequestError,
+            "prompt_token_ids[1] = 99999 is outside the model's vocabulary",
+        ),
+        (
+            lambda e: e.add_request("x", [1, -1], SamplingParams(max_tokens=3)),
+            InvalidRequestError,
+            "outside the model's vocabulary",
+        ),
+        (
+            lambda e: e.add_request("x", [1, 2.5], SamplingParams(max_tokens=3)),
+            InvalidRequestError,
+            "must be an int, got float",
+        ),
         (lambda e: SamplingParams(max_tokens=0), InvalidRequestError, "max_tokens must be at least 1, got 0"),
-        (lambda e: SamplingParams(temperature=float("nan")), InvalidRequestError, "temperature must be a finite number >= 0, got nan"),
+        (
+            lambda e: SamplingParams(temperature=float("nan")),
+            InvalidRequestError,
+            "temperature must be a finite number >= 0, got nan",
+        ),
         (lambda e: SamplingParams(top_p=0), InvalidRequestError, "top_p must be in (0, 1], got 0"),
         (lambda e: SamplingParams(top_k=-2), InvalidRequestError, "top_k must be an int >= 0"),
         (lambda e: e.add_request("x", [1], "greedy"), InvalidRequestError, "sampling_params must be a SamplingParams"),
-        (lambda e: e.add_request(7, [1], SamplingParams(max_tokens=1)), InvalidRequestError, "request_id must be a str, got int"),
+        (
+            lambda e: e.add_request(7, [1], SamplingParams(max_tokens=1)),
+            InvalidRequestError,
+            "request_id must be a str, got int",
+        ),
     ],
 )
 def test_invalid_requests_name_the_limit_and_the_engine_keeps_serving(tiny_model, hf_greedy, call, exc, needle):
@@ -281,9 +324,17 @@ def test_volume_limit_rejection(tiny_model):
 @pytest.mark.parametrize(
     "kw, exc, needle",
     [
-        (dict(max_model_len=100), ConfigError, "max_model_len must be a positive multiple of the block size 64, got 100"),
+        (
+            dict(max_model_len=100),
+            ConfigError,
+            "max_model_len must be a positive multiple of the block size 64, got 100",
+        ),
         (dict(max_num_seqs=0), ConfigError, "max_num_seqs must be at least 1, got 0"),
-        (dict(available_blocks=1, max_model_len=256), ConfigError, "available_blocks 1 is fewer than one sequence of max_model_len 256 needs (4 blocks"),
+        (
+            dict(available_blocks=1, max_model_len=256),
+            ConfigError,
+            "available_blocks 1 is fewer than one sequence of max_model_len 256 needs (4 blocks",
+        ),
         (dict(backend="tpu"), ConfigError, "backend must be one of eager, inductor, sendnn, got 'tpu'"),
         (dict(backend="sendnn"), BackendUnavailableError, "torch_sendnn"),
         (dict(dtype="int8"), ConfigError, "dtype must be one of float32, bfloat16, float16, got 'int8'"),

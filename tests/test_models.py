@@ -7,8 +7,8 @@ import hashlib
 import pytest
 
 import spyre_cb
-from spyre_cb.models import make_tiny_checkpoint
 from engine_harness import run_engine
+from spyre_cb.models import make_tiny_checkpoint
 
 
 def digest(path) -> str:
@@ -52,5 +52,7 @@ def test_llama_checkpoint_runs_and_matches_hf(tmp_path):
     for i, (_, pl, mt) in enumerate(reqs):
         ids = torch.tensor([prompts[i]])
         with torch.inference_mode():
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=mt, do_sample=False, pad_token_id=0)
+            ref = hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=mt, do_sample=False, pad_token_id=0
+            )
         assert outputs[str(i)] == ref[0, pl:].tolist(), f"request {i}"

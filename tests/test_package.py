@@ -6,10 +6,10 @@ import ast
 import pickle
 from pathlib import Path
 
-import spyre_cb
-from spyre_cb import _core
 import numpy as np
 
+import spyre_cb
+from spyre_cb import _core
 from spyre_cb.plan import DecodePlan, PrefillPlan
 
 PKG = Path(spyre_cb.__file__).parent

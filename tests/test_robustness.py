@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import spyre_cb
-from spyre_cb import SamplingParams, SpyreCBError
 from conftest import random_prompts
+from spyre_cb import SamplingParams, SpyreCBError
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -58,8 +58,11 @@ def test_random_aborts_and_early_stops_leak_nothing(tiny_model, hf_greedy):
         if candidates and rng.random() < 0.06:
             rid = rng.choice(candidates)
             if True:
-                kind = "waiting" if rid in snap.waiting else (
-                    "running-after-prefill" if eng.last_plan_kind == "prefill" else "running-after-decode")
+                kind = (
+                    "waiting"
+                    if rid in snap.waiting
+                    else ("running-after-prefill" if eng.last_plan_kind == "prefill" else "running-after-decode")
+                )
                 used_before = eng.scheduler.n_used_blocks
                 blocks = eng.scheduler.request_blocks(rid) or []
                 eng.abort_request(rid)
@@ -123,7 +126,9 @@ def fuzz_engine(tiny_model):
     return spyre_cb.Engine(tiny_model, max_num_seqs=2, max_model_len=256)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(
     rid=st.one_of(st.text(max_size=4), weird),
     ids=token_lists,

@@ -64,8 +64,14 @@ def test_late_arrival_after_idle_steps():
 def test_request_finishing_at_prefill():
     trace = spyre_cb.simulate([(0, 10, 1)], max_num_seqs=2, max_model_len=128)
     assert trace[1].to_dict() == dict(
-        step=1, tkv=64, waiting=[], running=[], request_outputs=["0"], finished_requests=["0"],
-        n_reserved_blocks=1, n_used_blocks=1,
+        step=1,
+        tkv=64,
+        waiting=[],
+        running=[],
+        request_outputs=["0"],
+        finished_requests=["0"],
+        n_reserved_blocks=1,
+        n_used_blocks=1,
     )
     assert trace[2].n_reserved_blocks == 0 and trace[2].tkv == 0 and len(trace) == 3
 

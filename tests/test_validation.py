@@ -42,7 +42,9 @@ def test_invalid_requests_raise_and_leave_state_untouched(prompt, max_tokens, kw
 
 def test_too_long_message_names_values_and_limit():
     s = sched()
-    with pytest.raises(InvalidRequestError, match=r"prompt of 150 tokens plus max_tokens 43 = 193 exceeds max_model_len 192"):
+    with pytest.raises(
+        InvalidRequestError, match=r"prompt of 150 tokens plus max_tokens 43 = 193 exceeds max_model_len 192"
+    ):
         s.add_request("x", [1] * 150, 43)
 
 
@@ -120,7 +122,8 @@ def test_abort_waiting_and_running_frees_blocks_next_step():
     s.add_request("a", [1] * 10, 20)
     s.add_request("b", [1] * 10, 20)
     s.add_request("c", [1] * 10, 20)
-    s.schedule(); s.update([1])  # prefill a
+    s.schedule()  # prefill a
+    s.update([1])
     s.abort("c")  # waiting: gone at once
     assert s.snapshot().waiting == ["b"]
     s.abort("a")  # running: leaves now, blocks back at the next step

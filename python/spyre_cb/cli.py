@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-
-import os
 from pathlib import Path
+from typing import Any
 
+from spyre_cb._core import StepRecord
 from spyre_cb.config import EngineConfig, nonneg_int
 from spyre_cb.errors import SpyreCBError
 
@@ -20,8 +21,12 @@ DEMO_PROMPTS = [
     ("Morning light came through the kitchen window while", 30, 5),
     ("def add(a, b):", 8, 9),
     ("Questions are welcome. Which road leads to", 20, 14),
-    ("The key value cache is cut into blocks of sixty four slots. A block belongs to one sequence at a time. "
-     "When a sequence finishes, its blocks return to the pool and", 16, 20),
+    (
+        "The key value cache is cut into blocks of sixty four slots. A block belongs to one sequence at a time. "
+        "When a sequence finishes, its blocks return to the pool and",
+        16,
+        20,
+    ),
     ("Good software is", 10, 26),
 ]
 
@@ -30,13 +35,13 @@ def _table_header() -> str:
     return f"{'step':>5} {'kind':<8} {'tkv':>5}  {'waiting':<16} {'running':<20} {'blocks r/u':>10}"
 
 
-def _table_row(rec, kind: str) -> str:
+def _table_row(rec: StepRecord, kind: str) -> str:
     w = ",".join(rec.waiting) if len(rec.waiting) <= 6 else f"{len(rec.waiting)} requests"
     r = ",".join(rec.running) if len(rec.running) <= 8 else f"{len(rec.running)} requests"
     return f"{rec.step:>5} {kind:<8} {rec.tkv:>5}  {w:<16} {r:<20} {rec.n_reserved_blocks:>4}/{rec.n_used_blocks:<5}"
 
 
-def cmd_demo(a) -> int:
+def cmd_demo(a: argparse.Namespace) -> int:
     from spyre_cb.engine import Engine
     from spyre_cb.models import tiny_model_path
     from spyre_cb.sampling import SamplingParams
@@ -61,19 +66,23 @@ def cmd_demo(a) -> int:
         for item in [x for x in pending if x[0] <= step]:
             pending.remove(item)
             _, rid, text, mt = item
-            eng.add_request(rid, prompt=text, sampling_params=SamplingParams(max_tokens=mt, temperature=0.0, ignore_eos=True))
+            eng.add_request(
+                rid, prompt=text, sampling_params=SamplingParams(max_tokens=mt, temperature=0.0, ignore_eos=True)
+            )
         print(_table_row(eng.snapshot(), eng.last_plan_kind or "-"))
         step += 1
     print("\ngenerated:")
-    for i, (text, mt, arr) in enumerate(DEMO_PROMPTS):
+    for i, (_text, _mt, arr) in enumerate(DEMO_PROMPTS):
         s = eng.get_request(str(i))
         out = s.output_text(eng.tokenizer).replace("\n", "\\n")
-        print(f"  [{i}] arrives at step {arr:>2}, prompt {len(s.prompt_token_ids):>3} tokens, {len(s.output_token_ids):>2} new: {out!r}")
+        print(
+            f"  [{i}] arrives at step {arr:>2}, prompt {len(s.prompt_token_ids):>3} tokens, {len(s.output_token_ids):>2} new: {out!r}"
+        )
     print(f"\n{step - 1} steps in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
-def cmd_generate(a) -> int:
+def cmd_generate(a: argparse.Namespace) -> int:
     from spyre_cb.llm import LLM
     from spyre_cb.sampling import SamplingParams
 
@@ -91,14 +100,18 @@ def cmd_generate(a) -> int:
     for o in outs:
         c = o.outputs[0]
         if a.json:
-            print(json.dumps({"prompt": o.prompt, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}))
+            print(
+                json.dumps(
+                    {"prompt": o.prompt, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+                )
+            )
         else:
             print(f"{o.prompt}{c.text}")
             print(f"-- {len(c.token_ids)} tokens, finish_reason={c.finish_reason}", file=sys.stderr)
     return 0
 
 
-def cmd_simulate(a) -> int:
+def cmd_simulate(a: argparse.Namespace) -> int:
     from spyre_cb.simulate import simulate
     from spyre_cb.stats import simulate_stats
     from spyre_cb.workload import load_workload, synthetic_workload
@@ -111,8 +124,12 @@ def cmd_simulate(a) -> int:
             _check_writable(path, suffixes)
     if a.synthetic is not None:
         reqs = synthetic_workload(
-            a.synthetic, seed=a.seed, max_model_len=config.max_model_len, mean_interarrival=a.mean_interarrival,
-            prompt_median=a.prompt_median, tokens_median=a.tokens_median,
+            a.synthetic,
+            seed=a.seed,
+            max_model_len=config.max_model_len,
+            mean_interarrival=a.mean_interarrival,
+            prompt_median=a.prompt_median,
+            tokens_median=a.tokens_median,
         )
     else:
         reqs = load_workload(a.workload)
@@ -122,7 +139,7 @@ def cmd_simulate(a) -> int:
     records = None
     if show_table or (a.json and stats.n_steps <= a.table_max):
         records = simulate(reqs, config)
-    if show_table:
+    if show_table and records is not None:
         kind_of = {int(st): int(k) for st, k in zip(stats.step, stats.kind)}
         print(_table_header())
         for rec in records:
@@ -133,7 +150,7 @@ def cmd_simulate(a) -> int:
         print(f"rejected request {rid}: {why}", file=sys.stderr)
     print(_format_summary(summary))
     if a.json:
-        doc = {"config": config.to_dict(), "summary": summary, "rejected": stats.rejected}
+        doc: dict[str, Any] = {"config": config.to_dict(), "summary": summary, "rejected": stats.rejected}
         if records is not None:
             doc["steps"] = [r.to_dict() for r in records]
         else:
@@ -184,17 +201,25 @@ def _format_summary(s: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spyre-cb", description="Continuous batching for static-shape accelerators (IBM Spyre).")
+    p = argparse.ArgumentParser(
+        prog="spyre-cb", description="Continuous batching for static-shape accelerators (IBM Spyre)."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="run a staggered workload on the offline tiny model and show every step",
-                       description="Builds the tiny random-weight model offline, runs a staggered mixed-length "
-                                   "workload through continuous batching and prints every step and the outputs.")
+    d = sub.add_parser(
+        "demo",
+        help="run a staggered workload on the offline tiny model and show every step",
+        description="Builds the tiny random-weight model offline, runs a staggered mixed-length "
+        "workload through continuous batching and prints every step and the outputs.",
+    )
     EngineConfig.add_cli_args(d, defaults={"max_model_len": 256})
     d.set_defaults(func=cmd_demo)
 
-    g = sub.add_parser("generate", help="generate text for one or more prompts",
-                       description="Generates text with continuous batching for each --prompt.")
+    g = sub.add_parser(
+        "generate",
+        help="generate text for one or more prompts",
+        description="Generates text with continuous batching for each --prompt.",
+    )
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -206,9 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     EngineConfig.add_cli_args(g)
     g.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("simulate", help="model-free: run a workload through the exact scheduler",
-                       description="Runs a workload through the scheduler without a model and reports what "
-                                   "continuous batching would do: per-step table or summary, JSON, and a plot.")
+    s = sub.add_parser(
+        "simulate",
+        help="model-free: run a workload through the exact scheduler",
+        description="Runs a workload through the scheduler without a model and reports what "
+        "continuous batching would do: per-step table or summary, JSON, and a plot.",
+    )
     s.add_argument("workload", nargs="?", help="JSON list or JSONL of [arrival_step, prompt_len, max_tokens]")
     s.add_argument("--synthetic", type=int, metavar="N", help="generate N requests instead of reading a file")
     s.add_argument("--seed", type=nonneg_int, default=0, help="seed of the synthetic workload")

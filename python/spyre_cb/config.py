@@ -42,7 +42,9 @@ class EngineConfig:
     )
     backend: str = _opt("eager", "eager or inductor on CPU; sendnn on an IBM Spyre AIU", choices=BACKENDS)
     attention_ops: str = _opt(
-        "vectorized", "paged attention ops: this project's vectorized ones, or FMS's reference ops", choices=ATTENTION_OPS
+        "vectorized",
+        "paged attention ops: this project's vectorized ones, or FMS's reference ops",
+        choices=ATTENTION_OPS,
     )
     dtype: str = _opt("float32", "weights and KV cache dtype", choices=DTYPES)
     seed: int = _opt(0, "base seed of sampled requests that give none")

@@ -91,7 +91,9 @@ class Engine:
     ``backend``, ``attention_ops``, ``dtype``, ``seed``).
     """
 
-    def __init__(self, model: str | os.PathLike[str] | None = None, config: EngineConfig | None = None, **options: Any) -> None:
+    def __init__(
+        self, model: str | os.PathLike[str] | None = None, config: EngineConfig | None = None, **options: Any
+    ) -> None:
         if model is not None:
             if not isinstance(model, (str, os.PathLike)):
                 raise ConfigError(f"model must be a checkpoint directory path, got {type(model).__name__}")
@@ -238,8 +240,7 @@ class Engine:
         with self._lock:
             eos = self.eos_token_id
             stopped = [
-                i in sampled.errors or self._stops(s, t, eos)
-                for i, (s, t) in enumerate(zip(states, sampled.tokens))
+                i in sampled.errors or self._stops(s, t, eos) for i, (s, t) in enumerate(zip(states, sampled.tokens))
             ]
             return self._close(states, sampled, stopped)
 
@@ -264,7 +265,9 @@ class Engine:
             done = s.request_id in finished
             if done:
                 self._end(s, "stop" if stop else "length")
-            outs.append(StepOutput(s.request_id, [token], done, s.finish_reason, s.stop_reason, None if lp is None else [lp]))
+            outs.append(
+                StepOutput(s.request_id, [token], done, s.finish_reason, s.stop_reason, None if lp is None else [lp])
+            )
         for rid in outcome.aborted:  # aborted while waiting, during this step
             s = self.requests[rid]
             if not s.finished:
@@ -336,7 +339,9 @@ def _load_tokenizer(path: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
-        raise ConfigError(f"the tokenizer files in {str(path)!r} are corrupt or unreadable: {type(e).__name__}: {e}") from None
+        raise ConfigError(
+            f"the tokenizer files in {str(path)!r} are corrupt or unreadable: {type(e).__name__}: {e}"
+        ) from None
 
 
 def _eos_id(path: Path, tokenizer: Any) -> int | None:

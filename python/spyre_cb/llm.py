@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import os
-from collections.abc import Sequence
-
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from spyre_cb.config import EngineConfig
@@ -26,8 +26,12 @@ class LLM:
     options are the fields of :class:`~spyre_cb.config.EngineConfig`.
     """
 
-    def __init__(self, model: str | os.PathLike[str] = "tiny", config: EngineConfig | None = None, **options: Any) -> None:
-        cfg = EngineConfig.from_kwargs(config, model=os.fspath(model) if isinstance(model, os.PathLike) else model, **options)
+    def __init__(
+        self, model: str | os.PathLike[str] = "tiny", config: EngineConfig | None = None, **options: Any
+    ) -> None:
+        cfg = EngineConfig.from_kwargs(
+            config, model=os.fspath(model) if isinstance(model, os.PathLike) else model, **options
+        )
         if cfg.model == "tiny":
             from spyre_cb.models import tiny_model_path
 
@@ -104,18 +108,54 @@ class LLM:
         return RequestOutput(rid, s.prompt, list(s.prompt_token_ids), [comp], True)
 
 
-def _as_batch(prompts) -> list[PromptLike]:
-    if isinstance(prompts, str):
-        return [prompts]
-    try:
-        items = list(prompts)
-    except TypeError:
-        raise InvalidRequestError(f"prompts must be a string, token ids, or a list of those; got {type(prompts).__name__}") from None
-    if items and all(isinstance(x, int) and not isinstance(x, bool) for x in items):
-        return [items]  # one prompt given as token ids
-    for i, x in enumerate(items):
-        if not isinstance(x, str) and not (
-            isinstance(x, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-        ):
-            raise InvalidRequestError(f"prompts[{i}] must be a string or a list of token ids, got {type(x).__name__}")
-    return items
+def _token_ids(x: object) -> list[int] | None:
+    """``x`` as token ids (ints or NumPy integers, never bools), or None."""
+    if isinstance(x, (str, bytes, dict)) or not isinstance(x, Iterable):
+        return None
+    out = []
+    for t in x:
+        if isinstance(t, bool):
+            return None
+        try:
+            out.append(operator.index(t))
+        except TypeError:
+            return None
+    return out
+
+
+def _one_prompt(x: object, where: str) -> PromptLike:
+    """One prompt in any of vLLM's forms: a str, token ids, ``{"prompt": str}``
+    or ``{"prompt_token_ids": [...]}``."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, dict):
+        if set(x) == {"prompt"} and isinstance(x["prompt"], str):
+            return x["prompt"]
+        if set(x) == {"prompt_token_ids"}:
+            ids = _token_ids(x["prompt_token_ids"])
+            if ids is not None:
+                return ids
+        raise InvalidRequestError(
+            f"{where}: a prompt dict is {{'prompt': str}} or {{'prompt_token_ids': [int, ...]}}, got keys {sorted(x)}"
+        )
+    ids = _token_ids(x)
+    if ids is None:
+        raise InvalidRequestError(
+            f"{where} must be a string, a list of token ids, or a prompt dict, got {type(x).__name__}"
+        )
+    return ids
+
+
+def _as_batch(prompts: object) -> list[PromptLike]:
+    """One prompt or a list of them, as a list."""
+    if isinstance(prompts, (str, dict)):
+        return [_one_prompt(prompts, "prompt")]
+    if not isinstance(prompts, Iterable):
+        raise InvalidRequestError(
+            f"prompts must be a string, token ids, a prompt dict, or a list of those; got {type(prompts).__name__}"
+        )
+    items = list(prompts)
+    single = _token_ids(items)
+    if items and single is not None:
+        return [single]  # one prompt given as token ids
+    return [_one_prompt(x, f"prompts[{i}]") for i, x in enumerate(items)]

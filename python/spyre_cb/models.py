@@ -14,6 +14,7 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 SPECIAL_TOKENS = ("<|pad|>", "<|endoftext|>")
 _ARCHS = ("granite", "llama")
@@ -53,7 +54,7 @@ def tiny_model_path(seed: int = 0, arch: str = "granite") -> Path:
     return target
 
 
-def build_tokenizer(vocab_size: int = 512):
+def build_tokenizer(vocab_size: int = 512) -> Any:
     """A byte-level BPE tokenizer trained on the package's own text."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
@@ -120,6 +121,7 @@ def make_tiny_checkpoint(
         eos_token_id=tok.eos_token_id,
         torch_dtype="float32",
     )
+    config: Any
     if arch == "granite":
         config = transformers.GraniteConfig(
             **common,
@@ -128,7 +130,7 @@ def make_tiny_checkpoint(
             attention_multiplier=(hidden_size // num_heads) ** -0.5,
             logits_scaling=1.0,
         )
-        model_cls = transformers.GraniteForCausalLM
+        model_cls: Any = transformers.GraniteForCausalLM
     else:
         config = transformers.LlamaConfig(**common)
         model_cls = transformers.LlamaForCausalLM

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,7 +77,7 @@ class ModelRunner:
         self._forward = self._compile(model, backend)
 
     @staticmethod
-    def _compile(model, backend: str):
+    def _compile(model: Any, backend: str) -> Any:
         if backend == "eager":
             return model
         import torch._dynamo
@@ -150,7 +151,9 @@ def _available_memory() -> int | None:
     return None
 
 
-def _allocate_kv_cache(shape: tuple[int, ...], n_layers: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _allocate_kv_cache(
+    shape: tuple[int, ...], n_layers: int, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The paged KV cache, or a ConfigError naming its size when it cannot fit."""
     n_bytes = 2 * n_layers * torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     available = _available_memory()

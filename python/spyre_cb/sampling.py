@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,17 @@ class SamplingParams:
         def bad(msg: str) -> InvalidRequestError:
             return InvalidRequestError(msg)
 
+        # NumPy integers count as ints (as everywhere else in the API); bools never do
+        for name in ("max_tokens", "top_k", "seed", "logprobs"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (bool, int)) and hasattr(value, "__index__"):
+                object.__setattr__(self, name, operator.index(value))
+        if isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = [
+                operator.index(t) if not isinstance(t, bool) and hasattr(t, "__index__") else t
+                for t in self.stop_token_ids
+            ]
+
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
             raise bad(f"max_tokens must be an int, got {type(self.max_tokens).__name__}")
         if self.max_tokens < 1:
@@ -70,21 +82,25 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise bad(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
         if not isinstance(self.include_stop_str_in_output, bool):
-            raise bad(f"include_stop_str_in_output must be a bool, got {type(self.include_stop_str_in_output).__name__}")
+            raise bad(
+                f"include_stop_str_in_output must be a bool, got {type(self.include_stop_str_in_output).__name__}"
+            )
         if self.logprobs is not None and (
             isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or self.logprobs < 0
         ):
             raise bad(f"logprobs must be an int >= 0 or None, got {self.logprobs!r}")
-        stop = self.stop
-        if stop is None:
+        stop: tuple[object, ...]
+        if self.stop is None:
             stop = ()
-        elif isinstance(stop, str):
-            stop = (stop,)
-        elif not isinstance(stop, (list, tuple)):
-            raise bad(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+        elif isinstance(self.stop, str):
+            stop = (self.stop,)
+        elif isinstance(self.stop, (list, tuple)):
+            stop = tuple(self.stop)
+        else:
+            raise bad(f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
         if not all(isinstance(s, str) and s for s in stop):
             raise bad(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
-        self._stop = tuple(stop)
+        self._stop = tuple(str(s) for s in stop)
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)):
                 raise bad(f"stop_token_ids must be a list of ints, got {type(self.stop_token_ids).__name__}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,7 +77,7 @@ class SimulationStats:
             "latency_mean": float(latency.mean()) if latency.size else 0.0,
         }
 
-    def plot(self, path, title: str | None = None) -> None:
+    def plot(self, path: str | os.PathLike[str], title: str | None = None) -> None:
         """Draws tkv, batch size, waiting length and reserved/used blocks over steps."""
         import matplotlib
 
@@ -123,17 +124,31 @@ def simulate_stats(
     The limits are a :class:`SchedulerConfig` or its fields as keywords, as for
     :func:`spyre_cb.simulate`.
     """
-    if len(config) == 1 and isinstance(config[0], SchedulerConfig) and not limits:
-        cfg = config[0]
-    else:
-        cfg = SchedulerConfig(*config, **limits)
     if not isinstance(requests, (list, tuple)):
         requests = list(requests) if isinstance(requests, Iterable) else requests
-    d = _core.simulate_stats(requests, cfg, steps=steps)  # validates every request (typed errors)
-    cols = {k: np.asarray(d[k], dtype=np.int64) for k in (
-        "step", "span", "tkv", "kind", "n_running", "n_waiting", "n_reserved_blocks", "n_used_blocks",
-        "computed_slots", "padding_slots", "admitted", "finished",
-    )}
+    # the core resolves the limits and validates every request (typed errors)
+    d = _core.simulate_stats(requests, *config, steps=steps, **limits)
+    cfg: SchedulerConfig = d["config"]
+    cols = {
+        k: np.asarray(d[k], dtype=np.int64)
+        for k in (
+            "step",
+            "span",
+            "tkv",
+            "kind",
+            "n_running",
+            "n_waiting",
+            "n_reserved_blocks",
+            "n_used_blocks",
+            "computed_slots",
+            "padding_slots",
+            "admitted",
+            "finished",
+        )
+    }
     return SimulationStats(
-        requests=[tuple(r) for r in requests], config=cfg, rejected=dict(d["rejected"]), **cols,
+        requests=[tuple(r) for r in requests],
+        config=cfg,
+        rejected=dict(d["rejected"]),
+        **cols,
     )

@@ -11,7 +11,7 @@ from spyre_cb.errors import InvalidRequestError
 Request = tuple[int, int, int]  # (arrival_step, prompt_len, max_tokens)
 
 
-def _one(item, where: str) -> Request:
+def _one(item: object, where: str) -> Request:
     if isinstance(item, dict):
         try:
             item = (item.get("arrival_step", item.get("arrival", 0)), item["prompt_len"], item["max_tokens"])
@@ -91,7 +91,13 @@ def synthetic_workload(
     one the criterion benches and the long run use.
     """
     return _core.synthetic_workload(
-        n, seed=seed, max_model_len=max_model_len, mean_interarrival=mean_interarrival,
-        prompt_median=prompt_median, tokens_median=tokens_median, sigma=sigma,
-        prompt_range=prompt_range, tokens_range=tokens_range,
+        n,
+        seed=seed,
+        max_model_len=max_model_len,
+        mean_interarrival=mean_interarrival,
+        prompt_median=prompt_median,
+        tokens_median=tokens_median,
+        sigma=sigma,
+        prompt_range=prompt_range,
+        tokens_range=tokens_range,
     )

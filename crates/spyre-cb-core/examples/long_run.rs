@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use spyre_cb_core::scheduler::PlanDetail;
 use spyre_cb_core::workload::{Lengths, Synthetic};
-use spyre_cb_core::{SchedulerConfig, Scheduler};
+use spyre_cb_core::{Scheduler, SchedulerConfig};
 
 fn rss_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")

@@ -8,12 +8,25 @@ use crate::config::{BLOCK_SIZE, MAX_AVAILABLE_BLOCKS};
 /// A configuration the scheduler cannot run with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConfigError {
-    MaxNumSeqs { got: u32 },
-    MaxModelLen { got: u32 },
+    MaxNumSeqs {
+        got: u32,
+    },
+    MaxModelLen {
+        got: u32,
+    },
     /// More blocks than [`MAX_AVAILABLE_BLOCKS`] (given, or by default).
-    TooManyBlocks { blocks: u64, defaulted: bool },
-    TooFewBlocks { blocks: u32, max_model_len: u32, blocks_per_seq: u32 },
-    BatchTkvLimit { got: u64 },
+    TooManyBlocks {
+        blocks: u64,
+        defaulted: bool,
+    },
+    TooFewBlocks {
+        blocks: u32,
+        max_model_len: u32,
+        blocks_per_seq: u32,
+    },
+    BatchTkvLimit {
+        got: u64,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -49,13 +62,28 @@ impl std::error::Error for ConfigError {}
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InvalidRequest {
     EmptyPrompt,
-    MaxTokensTooSmall { max_tokens: u32 },
-    TooLong { prompt_len: u32, max_tokens: u32, max_model_len: u32 },
-    TooManyBlocks { needed: u64, available_blocks: u32 },
-    TooMuchVolume { volume: u64, limit: u64 },
+    MaxTokensTooSmall {
+        max_tokens: u32,
+    },
+    TooLong {
+        prompt_len: u32,
+        max_tokens: u32,
+        max_model_len: u32,
+    },
+    TooManyBlocks {
+        needed: u64,
+        available_blocks: u32,
+    },
+    TooMuchVolume {
+        volume: u64,
+        limit: u64,
+    },
     /// The id belongs to a request that is waiting, running, or finished in
     /// the last step (its blocks return at the next step).
-    DuplicateId { request_id: String, finishing: bool },
+    DuplicateId {
+        request_id: String,
+        finishing: bool,
+    },
 }
 
 impl fmt::Display for InvalidRequest {
@@ -95,11 +123,17 @@ impl fmt::Display for InvalidRequest {
 pub enum StateError {
     ScheduleWhilePending,
     UpdateWithoutPlan,
-    WrongTokenCount { expected: usize, tokens: usize, stop_flags: usize },
+    WrongTokenCount {
+        expected: usize,
+        tokens: usize,
+        stop_flags: usize,
+    },
     /// A bug: the pool ran dry although every allocation is reserved.
     PoolExhausted,
     /// An earlier call panicked; the state is unknown and the scheduler refuses further use.
-    Poisoned { cause: String },
+    Poisoned {
+        cause: String,
+    },
 }
 
 impl fmt::Display for StateError {

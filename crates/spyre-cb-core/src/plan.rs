@@ -75,7 +75,6 @@ pub struct DecodePlan {
 }
 
 impl DecodePlan {
-
     /// Block table row of sequence `i`.
     pub fn block_table_row(&self, i: usize) -> &[BlockId] {
         let w = self.width as usize;

@@ -300,14 +300,19 @@ impl Scheduler {
 
     /// A token-less request with a numeric `tag` the caller reads back through
     /// [`RequestRef::tag`] (cheaper than ids in hot loops).
-    pub fn add_request_tagged(&mut self, request_id: &str, tag: u32, prompt_len: u32, max_tokens: u32) -> Result<(), CoreError> {
+    pub fn add_request_tagged(
+        &mut self,
+        request_id: &str,
+        tag: u32,
+        prompt_len: u32,
+        max_tokens: u32,
+    ) -> Result<(), CoreError> {
         self.validate(request_id, prompt_len, max_tokens)?;
         let mut r = Request::new(Arc::from(request_id), Vec::new(), prompt_len, max_tokens);
         r.tag = tag;
         self.insert(r);
         Ok(())
     }
-
 
     fn insert(&mut self, req: Request) {
         let id = req.id.clone();
@@ -528,7 +533,9 @@ impl Scheduler {
             positions.extend(0..pl);
             positions.resize(input_len as usize, 0);
             slot_mapping = (0..input_len)
-                .map(|i| i64::from(blocks[(i / BLOCK_SIZE) as usize]) * i64::from(BLOCK_SIZE) + i64::from(i % BLOCK_SIZE))
+                .map(|i| {
+                    i64::from(blocks[(i / BLOCK_SIZE) as usize]) * i64::from(BLOCK_SIZE) + i64::from(i % BLOCK_SIZE)
+                })
                 .collect();
         }
         Ok(PrefillPlan {
@@ -603,9 +610,8 @@ impl Scheduler {
                 let base = fp * BLOCK_SIZE;
                 plan.input_ids.push(r.last_token);
                 plan.positions.push(pos - r.left_pad);
-                plan.slot_mapping.push(
-                    i64::from(r.blocks[idx as usize]) * i64::from(BLOCK_SIZE) + i64::from(pos % BLOCK_SIZE),
-                );
+                plan.slot_mapping
+                    .push(i64::from(r.blocks[idx as usize]) * i64::from(BLOCK_SIZE) + i64::from(pos % BLOCK_SIZE));
                 plan.left_padding.push(r.left_pad - base);
                 plan.current_tkv.push(pos + 1 - base);
             }
@@ -633,7 +639,12 @@ impl Scheduler {
     }
 
     /// [`Scheduler::update`] writing the finished ids into `outcome` (cleared first).
-    pub fn update_into(&mut self, tokens: &[u32], stopped: &[bool], outcome: &mut UpdateOutcome) -> Result<(), CoreError> {
+    pub fn update_into(
+        &mut self,
+        tokens: &[u32],
+        stopped: &[bool],
+        outcome: &mut UpdateOutcome,
+    ) -> Result<(), CoreError> {
         outcome.finished.clear();
         outcome.aborted.clear();
         if self.pending == Pending::None {
@@ -641,19 +652,20 @@ impl Scheduler {
         }
         let n = self.outputs.len();
         if tokens.len() != n || (!stopped.is_empty() && stopped.len() != n) {
-            return Err(StateError::WrongTokenCount { expected: n, tokens: tokens.len(), stop_flags: stopped.len() }
-                .into());
+            return Err(
+                StateError::WrongTokenCount { expected: n, tokens: tokens.len(), stop_flags: stopped.len() }.into()
+            );
         }
         if self.pending == Pending::Decode {
             self.tkv += 1;
         }
         self.pending = Pending::None;
-        for i in 0..n {
+        for (i, &token) in tokens.iter().enumerate() {
             let h = self.outputs[i];
             let stop = stopped.get(i).copied().unwrap_or(false);
             let r = self.req_mut(h);
             r.generated += 1;
-            r.last_token = tokens[i];
+            r.last_token = token;
             if stop || r.generated >= r.max_tokens {
                 let id = r.id.clone();
                 self.running.retain(|&x| x != h);

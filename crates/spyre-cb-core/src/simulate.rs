@@ -176,9 +176,7 @@ pub fn drive(
                     continue;
                 }
             }
-            let plan = sched
-                .schedule_with(PlanDetail::Minimal)
-                .expect("no step is pending between simulation steps");
+            let plan = sched.schedule_with(PlanDetail::Minimal).expect("no step is pending between simulation steps");
             rec.planned(&sched, &plan, n);
             tokens.clear();
             tokens.resize(plan.n_sequences(), 0);

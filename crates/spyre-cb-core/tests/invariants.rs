@@ -4,7 +4,10 @@
 use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
-use spyre_cb_core::{SchedulerConfig, Scheduler, StepPlan, BLOCK_SIZE};
+use spyre_cb_core::{Scheduler, SchedulerConfig, StepPlan, BLOCK_SIZE};
+
+/// (arrival, prompt_len, max_tokens, stop_after: Option<tokens>, abort_at: Option<step>)
+type Req = (u64, u32, u32, Option<u32>, Option<u64>);
 
 #[derive(Clone, Debug)]
 struct Workload {
@@ -13,7 +16,7 @@ struct Workload {
     n_blocks: u32,
     limit: Option<u64>,
     /// (arrival, prompt_len, max_tokens, stop_after: Option<tokens>, abort_at: Option<step>)
-    requests: Vec<(u64, u32, u32, Option<u32>, Option<u64>)>,
+    requests: Vec<Req>,
 }
 
 fn workload() -> impl Strategy<Value = Workload> {
@@ -39,12 +42,18 @@ fn workload() -> impl Strategy<Value = Workload> {
         })
 }
 
-fn request(mml: u32) -> impl Strategy<Value = (u64, u32, u32, Option<u32>, Option<u64>)> {
+fn request(mml: u32) -> impl Strategy<Value = Req> {
     (0u64..120, 1u32..=mml, 0u32..=100, prop::option::weighted(0.15, 1u32..50), prop::option::weighted(0.1, 0u64..200))
         .prop_map(move |(arr, pl, frac, stop, abort)| {
             // mostly valid lengths, sometimes too long or max_tokens 0
             let room = mml.saturating_sub(pl);
-            let mt = if frac == 0 { 0 } else if frac > 95 { room + 1 } else { (room * frac / 95).max(1) };
+            let mt = if frac == 0 {
+                0
+            } else if frac > 95 {
+                room + 1
+            } else {
+                (room * frac / 95).max(1)
+            };
             (arr, pl, mt, stop, abort)
         })
 }

@@ -94,7 +94,7 @@ fn shift_never_pushes_running_request_past_max_model_len() {
     let r = simulate(cfg, &reqs, None);
     assert!(r.records.iter().all(|s| s.tkv <= 256));
     assert_eq!(r.records[1].tkv, 10); // 64 + 200 > 256: A starts unaligned
-    // B waits until tkv reaches its prompt length and joins without a shift
+                                      // B waits until tkv reaches its prompt length and joins without a shift
     let joined = r.records.iter().find(|s| s.request_outputs == ["1"]).unwrap();
     assert_eq!((joined.step, joined.tkv), (92, 100));
     assert_eq!(joined.running, ["1", "0"]);

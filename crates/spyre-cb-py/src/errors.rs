@@ -38,7 +38,7 @@ fn make(py: Python<'_>, name: &str, bases: Vec<Bound<'_, PyType>>, doc: &str) ->
     let ns = PyDict::new(py);
     ns.set_item("__module__", "spyre_cb.errors")?;
     ns.set_item("__doc__", doc)?;
-    if bases.iter().any(|b| b.is(&py.get_type::<PyKeyError>())) {
+    if bases.iter().any(|b| b.is(py.get_type::<PyKeyError>())) {
         // KeyError would repr() the message; show it as written
         ns.set_item("__str__", py.get_type::<PyException>().getattr("__str__")?)?;
     }
@@ -107,7 +107,9 @@ impl Classes {
     pub fn register(&self, m: &Bound<'_, PyModule>) -> PyResult<()> {
         let py = m.py();
         m.add("SpyreCBError", self.base.bind(py))?;
-        for kind in [Kind::InvalidRequest, Kind::Config, Kind::UnknownRequest, Kind::BackendUnavailable, Kind::SchedulerState] {
+        for kind in
+            [Kind::InvalidRequest, Kind::Config, Kind::UnknownRequest, Kind::BackendUnavailable, Kind::SchedulerState]
+        {
             let cls = self.of(kind).bind(py);
             m.add(cls.name()?, cls)?;
         }

@@ -21,7 +21,11 @@ pub struct SharedTrace {
 enum RecordData {
     Owned(core::StepRecord),
     /// Record `index` of the trace, seen at `step` (inside its span).
-    View { trace: Arc<SharedTrace>, index: usize, step: u64 },
+    View {
+        trace: Arc<SharedTrace>,
+        index: usize,
+        step: u64,
+    },
 }
 
 /// One observation of the scheduler after a step (step 0: before any step).
@@ -108,8 +112,17 @@ impl StepRecord {
         n_reserved_blocks: u32,
         n_used_blocks: u32,
     ) -> Self {
-        core::StepRecord { step, tkv, waiting, running, request_outputs, finished_requests, n_reserved_blocks, n_used_blocks }
-            .into()
+        core::StepRecord {
+            step,
+            tkv,
+            waiting,
+            running,
+            request_outputs,
+            finished_requests,
+            n_reserved_blocks,
+            n_used_blocks,
+        }
+        .into()
     }
 
     #[getter]
@@ -169,7 +182,16 @@ impl StepRecord {
 
     fn __getnewargs__(&self) -> RecordTuple {
         let r = self.owned();
-        (r.step, r.tkv, r.waiting, r.running, r.request_outputs, r.finished_requests, r.n_reserved_blocks, r.n_used_blocks)
+        (
+            r.step,
+            r.tkv,
+            r.waiting,
+            r.running,
+            r.request_outputs,
+            r.finished_requests,
+            r.n_reserved_blocks,
+            r.n_used_blocks,
+        )
     }
 
     fn __repr__(&self) -> String {
@@ -220,7 +242,11 @@ impl Trace {
             return Ok(PyList::new(py, out)?.into_any());
         }
         let i: isize = key.extract().map_err(|_| {
-            err(py, Kind::InvalidRequest, format!("trace indices must be ints or slices, got {}", crate::convert::type_name(key)))
+            err(
+                py,
+                Kind::InvalidRequest,
+                format!("trace indices must be ints or slices, got {}", crate::convert::type_name(key)),
+            )
         })?;
         let j = if i < 0 { i + n } else { i };
         if !(0..n).contains(&j) {

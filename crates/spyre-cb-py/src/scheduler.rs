@@ -220,5 +220,9 @@ fn len_request(
     max_tokens: &Bound<'_, PyAny>,
 ) -> PyResult<(String, u32, u32)> {
     let c = Kind::InvalidRequest;
-    Ok((request_id(id)?, uint(prompt_len, "prompt_len", U32, c)? as u32, uint(max_tokens, "max_tokens", U32, c)? as u32))
+    Ok((
+        request_id(id)?,
+        uint(prompt_len, "prompt_len", U32, c)? as u32,
+        uint(max_tokens, "max_tokens", U32, c)? as u32,
+    ))
 }

@@ -110,8 +110,10 @@ pub fn simulate_stats<'py>(
         None => true,
     };
     let reqs = sim_requests(requests)?;
+    let resolved = SchedulerConfig { inner: cfg.clone() };
     let st = run_simulation(py, "simulate_stats", |hook| core::simulate_stats(cfg, &reqs, steps, record_steps, hook))?;
     let d = PyDict::new(py);
+    d.set_item("config", resolved)?;
     d.set_item("step", st.step)?;
     d.set_item("span", st.span)?;
     d.set_item("tkv", st.tkv)?;
@@ -122,7 +124,8 @@ pub fn simulate_stats<'py>(
     d.set_item("n_used_blocks", st.n_used_blocks)?;
     d.set_item("computed_slots", st.computed_slots)?;
     d.set_item("padding_slots", st.padding_slots)?;
-    let steps_of = |v: Vec<u64>| -> Vec<i64> { v.into_iter().map(|s| if s == u64::MAX { -1 } else { s as i64 }).collect() };
+    let steps_of =
+        |v: Vec<u64>| -> Vec<i64> { v.into_iter().map(|s| if s == u64::MAX { -1 } else { s as i64 }).collect() };
     d.set_item("admitted", steps_of(st.admitted))?;
     d.set_item("finished", steps_of(st.finished))?;
     let rejected: Vec<(String, String)> = st.rejected.into_iter().map(|(id, e)| (id, e.to_string())).collect();
