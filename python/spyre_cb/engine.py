@@ -208,26 +208,46 @@ class Engine:
                 raise SchedulerStateError("step() is already running in another thread")
             self._stepping = True
             try:
-                outs = [self._abort_output(self.requests[r]) for r in self._unreported_aborts if r in self.requests]
-                self._unreported_aborts.clear()
                 plan: StepPlan = self.scheduler.schedule()
             except BaseException:
                 self._stepping = False
                 raise
+            # requests that ended between steps: their final outputs come first
+            ended, self._unreported_aborts = self._unreported_aborts, []
         try:
             self.last_plan_kind = plan.kind
-            outs.extend(self._run(plan))
-            return outs
+            outs = self._run(plan)
         except BaseException as e:
             with self._lock:
-                if self.scheduler.step_in_flight:
-                    outcome = self.scheduler.cancel()
-                    reason = f"the step failed: {type(e).__name__}: {e}"
-                    for rid in outcome.aborted:
-                        self._end(self.requests[rid], "abort", error=reason)
+                self._unreported_aborts[:0] = ended  # delivered by the next step instead
+            self._fail_step(plan, e)
             raise
         finally:
             self._stepping = False
+        return [self._abort_output(self.requests[r]) for r in ended if r in self.requests] + outs
+
+    def _fail_step(self, plan: StepPlan, e: BaseException) -> None:
+        """Ends the step's requests as aborted, whether it failed before its commit
+        (the core cancels the step) or after it (the core aborts them)."""
+        reason = f"the step failed: {type(e).__name__}: {e}"
+        with self._lock:
+            if self.scheduler.step_in_flight:
+                ended = self.scheduler.cancel().aborted
+            else:
+                ended = []
+                for rid in plan.request_ids:
+                    state = self.requests.get(rid)
+                    if state is None or state.finished:
+                        continue
+                    try:
+                        self.scheduler.abort(rid)
+                    except UnknownRequestError:
+                        pass  # it finished in the core with this step: its blocks return anyway
+                    ended.append(rid)
+            for rid in ended:
+                self._end(self.requests[rid], "abort", error=reason)
+            # their final outputs (finish_reason "abort", the error) come with the next step
+            self._unreported_aborts.extend(ended)
 
     def _run(self, plan: StepPlan) -> list[StepOutput]:
         """Executes the plan; ``update`` (the commit) is the last thing that can fail."""

@@ -46,6 +46,48 @@ def check_model_dir(model: str | os.PathLike) -> Path:
     return path
 
 
+def _checkpoint_numel(path: Path) -> int | None:
+    """Weights stored in the checkpoint's safetensors files (None for *.bin checkpoints)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                n = 1
+                for d in st.get_slice(name).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+def check_weights(model: torch.nn.Module, path: Path) -> None:
+    """A cheap load-time check that FMS filled every parameter with finite numbers.
+
+    FMS leaves parameters it finds no weights for uninitialized (for example
+    when config.json names more layers than were saved), which would produce
+    garbage silently; NaN or infinite weights would too.
+    """
+    params = list(model.parameters())
+    needed = sum(p.numel() for p in params)
+    stored = _checkpoint_numel(path)
+    if stored is not None and needed > stored:
+        raise ConfigError(
+            f"model directory {str(path)!r}: config.json describes a model of {needed:,} weights but the "
+            f"checkpoint stores only {stored:,}: the config does not match the weights (more layers or larger "
+            "dimensions than were saved?)"
+        )
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in params:
+        if not bool(torch.isfinite(p).all()):
+            raise ConfigError(
+                f"model directory {str(path)!r}: weight {names.get(id(p), '?')} holds NaN or infinite values"
+            )
+
+
 class ModelRunner:
     """Loads an FMS model and executes step plans against a paged KV cache."""
 
@@ -61,6 +103,7 @@ class ModelRunner:
             model = get_model(architecture="hf_pretrained", model_path=str(path), data_type=dtype)
         except Exception as e:  # an unreadable or unsupported checkpoint
             raise ConfigError(f"could not load model from {str(path)!r} with FMS: {type(e).__name__}: {e}") from e
+        check_weights(model, path)
         model.eval()
         self.model = model
         self.dtype = dtype
