@@ -1,5 +1,5 @@
 """A plain-Python specification of the scheduling policy, written from
-DESIGN.md (not from the Rust code). It is slow and simple on purpose: the
+docs/design.md (not from the Rust code). It is slow and simple on purpose: the
 oracle of the differential tests and the baseline of the Rust-vs-Python
 benchmark. Blocks are counted, not named.
 """

@@ -1,7 +1,7 @@
 //! Admission: may the head of the waiting queue join the running batch now?
 //!
 //! A pure function of the current state, so it can be tested rule by rule.
-//! The five conditions are those of `DESIGN.md`; every admitted request is
+//! The five conditions are those of `docs/design.md`; every admitted request is
 //! guaranteed the context and blocks of its worst case, so nothing is ever
 //! preempted.
 
