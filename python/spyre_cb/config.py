@@ -101,7 +101,8 @@ class EngineConfig:
                 continue
             default = defaults.get(f.name, f.default)
             shown = "the offline tiny model" if f.name == "model" and default == "tiny" else default
-            kw: dict[str, Any] = dict(default=default, help=f"{f.metadata['help']} (default: {shown})", dest=f.name)
+            suffix = "" if default is None else f" (default: {shown})"  # None: the help says what it means
+            kw: dict[str, Any] = dict(default=default, help=f"{f.metadata['help']}{suffix}", dest=f.name)
             if f.metadata["choices"]:
                 kw["choices"] = f.metadata["choices"]
             elif f.type in ("int", "int | None"):
