@@ -30,16 +30,20 @@ import torch
 import spyre_cb
 from spyre_cb import SamplingParams
 from spyre_cb.models import make_tiny_checkpoint
+from spyre_cb.workload import synthetic_workload
 
 
 def workload(n: int, seed: int, max_prompt: int, max_new: int):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        pl = int(torch.randint(16, max_prompt + 1, (1,), generator=g))
-        mt = int(torch.randint(8, max_new + 1, (1,), generator=g))
-        out.append((pl, mt))
-    return out
+    """(prompt_len, max_tokens) pairs from the project's one generator (uniform lengths)."""
+    reqs = synthetic_workload(
+        n,
+        seed=seed,
+        max_model_len=1 << 20,
+        mean_interarrival=0.0,
+        prompt_range=(16, max_prompt),
+        tokens_range=(8, max_new),
+    )
+    return [(pl, mt) for _, pl, mt in reqs]
 
 
 def run_spyre(model, reqs, prompts, args, attention_ops: str):

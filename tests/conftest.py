@@ -58,3 +58,16 @@ def random_prompts(lengths, vocab_size: int, seed: int) -> list[list[int]]:
 
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def drain(eng) -> None:
+    """Steps the engine until nothing is left, then checks that every KV block
+    came back and the core's bookkeeping holds."""
+    for _ in range(10_000):
+        if not eng.has_unfinished_requests():
+            break
+        eng.step()
+    eng.step()
+    snap = eng.snapshot()
+    assert (snap.tkv, snap.n_reserved_blocks, snap.n_used_blocks) == (0, 0, 0), snap
+    eng.scheduler.check_invariants()

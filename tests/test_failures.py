@@ -14,7 +14,7 @@ import time
 import pytest
 
 import spyre_cb
-from conftest import random_prompts
+from conftest import drain, random_prompts
 from spyre_cb import (
     ConfigError,
     InvalidRequestError,
@@ -25,22 +25,10 @@ from spyre_cb import (
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-def drained(eng) -> None:
-    """Steps until nothing is left, then checks that every block came back."""
-    for _ in range(10_000):
-        if not eng.has_unfinished_requests():
-            break
-        eng.step()
-    eng.step()
-    snap = eng.snapshot()
-    assert (snap.tkv, snap.n_reserved_blocks, snap.n_used_blocks) == (0, 0, 0), snap
-    eng.scheduler.check_invariants()
-
-
 def fresh_request_is_exact(eng, hf_greedy, rid="fresh") -> None:
     p = random_prompts([23], eng.vocab_size, seed=77)[0]
     eng.add_request(rid, p, SamplingParams(max_tokens=6, **GREEDY))
-    drained(eng)
+    drain(eng)
     assert eng.release(rid).output_token_ids == hf_greedy(p, 6)
 
 
@@ -70,7 +58,7 @@ def test_keyboard_interrupt_in_stop_string_check_does_not_wedge(tiny_model, hf_g
     ended = [r for r in ("s", "t") if eng.get_request(r).finished]
     assert ended and all(eng.get_request(r).finish_reason == "abort" for r in ended)
     assert "KeyboardInterrupt" in (eng.get_request(ended[0]).error or "")
-    drained(eng)  # the next steps work and nothing leaked
+    drain(eng)  # the next steps work and nothing leaked
     fresh_request_is_exact(eng, hf_greedy)
 
 
@@ -87,7 +75,7 @@ def test_a_failing_forward_aborts_its_step_only(tiny_model, hf_greedy, monkeypat
     monkeypatch.setattr(eng.runner, "execute", real)
     assert eng.get_request("1").finish_reason == "abort" and "device lost" in eng.get_request("1").error
     assert not eng.get_request("0").finished and not eng.get_request("2").finished
-    drained(eng)
+    drain(eng)
     for i in ("0", "2"):
         assert eng.get_request(i).output_token_ids == hf_greedy(p[int(i)], 8)
 
@@ -115,7 +103,7 @@ def test_add_request_racing_step_from_another_thread(tiny_model):
         eng.step()
     th.join(10)
     assert not errors, errors
-    drained(eng)
+    drain(eng)
     assert all(eng.get_request(f"r{i}").finish_reason == "length" for i in range(200))
 
 
@@ -128,7 +116,7 @@ def test_tiny_temperature_is_greedy_not_an_error(tiny_model, hf_greedy):
     for t in (2e-38, 1e-300, 5e-6):
         rid = f"t{t}"
         eng.add_request(rid, p, SamplingParams(max_tokens=5, temperature=t, ignore_eos=True))
-        drained(eng)
+        drain(eng)
         assert eng.release(rid).output_token_ids == hf_greedy(p, 5)
 
 
@@ -144,7 +132,7 @@ def test_a_request_whose_sampling_fails_ends_alone(tiny_model, hf_greedy):
     outs = {o.request_id: o for o in eng.step()}
     assert outs["bad"].finished and outs["bad"].finish_reason == "abort" and "sampling failed" in outs["bad"].error
     assert not outs["a"].finished and not outs["c"].finished
-    drained(eng)
+    drain(eng)
     assert eng.get_request("a").output_token_ids == hf_greedy(p[0], 6)
     assert eng.get_request("c").output_token_ids == hf_greedy(p[2], 6)
 
@@ -281,7 +269,7 @@ def test_cross_thread_aborts_always_succeed(tiny_model, hf_greedy):
     assert not failures, failures[:3]
     assert set(final) == {str(i) for i in range(60)}, "every request has exactly one final output"
     assert all(final[r] == "abort" for r in to_abort)
-    drained(eng)
+    drain(eng)
     for i in range(1, 60, 2):
         assert eng.get_request(str(i)).output_token_ids == hf_greedy(prompts[i], 30)
 
@@ -307,7 +295,7 @@ def test_interrupted_generate_takes_back_its_requests(tiny_model, hf_greedy, mon
     monkeypatch.undo()
     out = llm.generate([p[0]], SamplingParams(max_tokens=5, **GREEDY), use_tqdm=False)
     assert len(out) == 1 and out[0].outputs[0].token_ids == hf_greedy(p[0], 5)
-    drained(llm.engine)
+    drain(llm.engine)
     assert not llm.engine.requests
 
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import spyre_cb
-from conftest import random_prompts
+from conftest import drain, random_prompts
 from spyre_cb import SamplingParams, SpyreCBError
 
 EXAMPLES = int(os.environ.get("SPYRE_CB_FUZZ_EXAMPLES", "200"))
@@ -117,14 +117,7 @@ def settle(eng) -> None:
     for rid, s in list(eng.requests.items()):
         if not s.finished:
             eng.abort_request(rid)
-    for _ in range(1000):
-        if not eng.has_unfinished_requests():
-            break
-        eng.step()
-    eng.step()
-    snap = eng.snapshot()
-    assert (snap.tkv, snap.n_reserved_blocks, snap.n_used_blocks) == (0, 0, 0), snap
-    eng.scheduler.check_invariants()
+    drain(eng)
     for rid in list(eng.requests):
         eng.release(rid)
 
