@@ -7,6 +7,7 @@ import torch
 
 import spyre_cb
 from conftest import random_prompts
+from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
 from spyre_cb.plan import IdlePlan
 from spyre_cb.runner import ModelRunner
@@ -16,8 +17,9 @@ from spyre_cb.runner import ModelRunner
 def test_vectorized_ops_match_fms_reference(tiny_model, available_blocks):
     sched = spyre_cb.Scheduler(max_num_seqs=3, max_model_len=256, available_blocks=available_blocks)
     cfg = EngineConfig(str(tiny_model), **sched.config.to_dict())
-    fast = ModelRunner(tiny_model, cfg)
-    ref = ModelRunner(tiny_model, cfg.replace(attention_ops="fms"))
+    ckpt = Checkpoint.open(tiny_model)
+    fast = ModelRunner(ckpt, cfg)
+    ref = ModelRunner(ckpt, cfg.replace(attention_ops="fms"))
     # joins at block boundaries and mid-block, a shift (prompt 150 > tkv)
     reqs = {0: [(30, 40)], 3: [(100, 20)], 6: [(150, 12)], 30: [(5, 9)]}
     vocab = fast.vocab_size

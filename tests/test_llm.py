@@ -357,6 +357,9 @@ def test_missing_or_malformed_model_directory(tmp_path):
     with pytest.raises(ConfigError, match="holds no weights"):
         spyre_cb.Engine(tmp_path, max_num_seqs=1, max_model_len=64)
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="names no architecture"):
+        spyre_cb.Engine(tmp_path, max_num_seqs=1, max_model_len=64)
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
     with pytest.raises(ConfigError, match="could not load model"):
         spyre_cb.Engine(tmp_path, max_num_seqs=1, max_model_len=64)
 

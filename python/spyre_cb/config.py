@@ -48,6 +48,9 @@ class EngineConfig:
     )
     dtype: str = _opt("float32", "weights and KV cache dtype", choices=DTYPES)
     seed: int = _opt(0, "base seed of sampled requests that give none")
+    allow_unverified_architectures: bool = _opt(
+        False, "run a checkpoint whose architecture spyre_cb has not verified against transformers (with a warning)"
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -57,6 +60,10 @@ class EngineConfig:
                 raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
         if not isinstance(self.model, str) and not hasattr(self.model, "__fspath__"):
             raise ConfigError(f"model must be a checkpoint directory path or 'tiny', got {type(self.model).__name__}")
+        if not isinstance(self.allow_unverified_architectures, bool):
+            raise ConfigError(
+                f"allow_unverified_architectures must be a bool, got {type(self.allow_unverified_architectures).__name__}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         # resolved once by the core: defaults filled in, limits checked
@@ -103,7 +110,9 @@ class EngineConfig:
             shown = "the offline tiny model" if f.name == "model" and default == "tiny" else default
             suffix = "" if default is None else f" (default: {shown})"  # None: the help says what it means
             kw: dict[str, Any] = dict(default=default, help=f"{f.metadata['help']}{suffix}", dest=f.name)
-            if f.metadata["choices"]:
+            if f.type == "bool":
+                kw = dict(action="store_true", help=f.metadata["help"], dest=f.name)
+            elif f.metadata["choices"]:
                 kw["choices"] = f.metadata["choices"]
             elif f.type in ("int", "int | None"):
                 kw["type"] = nonneg_int

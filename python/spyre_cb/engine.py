@@ -29,14 +29,14 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from spyre_cb import _core
+from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
 from spyre_cb.errors import ConfigError, InvalidRequestError, SchedulerStateError, UnknownRequestError
 from spyre_cb.plan import IdlePlan, StepPlan
-from spyre_cb.runner import ModelRunner, check_backend, check_model_dir
+from spyre_cb.runner import ModelRunner, check_backend
 from spyre_cb.sampling import SampledBatch, Sampler, SamplingParams
 
 
@@ -104,11 +104,13 @@ class Engine:
         self.config = cfg = EngineConfig.from_kwargs(config, **options)
         self.scheduler = _core.Scheduler(cfg.scheduler)
         check_backend(cfg.backend)
-        path = check_model_dir(cfg.model)
-        self.model_path = Path(path)
-        self.runner = ModelRunner(path, cfg)
-        self.tokenizer = _load_tokenizer(path)
-        self.eos_token_id = _eos_id(path, self.tokenizer)
+        ckpt = Checkpoint.open(cfg.model, allow_unverified=cfg.allow_unverified_architectures)
+        ckpt.check_max_model_len(cfg.max_model_len)
+        self.model_path = ckpt.path
+        self.tokenizer = ckpt.load_tokenizer()
+        #: every token id that ends a request (unless ignore_eos)
+        self.eos_token_ids = ckpt.eos_token_ids(self.tokenizer)
+        self.runner = ModelRunner(ckpt, cfg)
         self.sampler = Sampler()
         self._n_added = 0
         self.requests: dict[str, RequestState] = {}
@@ -148,7 +150,8 @@ class Engine:
                 raise InvalidRequestError(f"prompt must be a str, got {type(prompt).__name__}")
             if self.tokenizer is None:
                 raise InvalidRequestError("this model directory has no tokenizer: give prompt_token_ids")
-            prompt_token_ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+            # as the checkpoint's tokenizer does by default (BOS where it adds one), like HF and vLLM
+            prompt_token_ids = self.tokenizer(prompt).input_ids
         ids = _token_list(prompt_token_ids, self.vocab_size)
         state = RequestState(request_id, ids, params, prompt=prompt)
         if params.logprobs is not None:
@@ -258,7 +261,7 @@ class Engine:
         logits = self.runner.execute(plan)
         sampled = self.sampler.sample(logits, list(plan.request_ids), [s.params for s in states])
         with self._lock:
-            eos = self.eos_token_id
+            eos = self.eos_token_ids
             stopped = [
                 i in sampled.errors or self._stops(s, t, eos) for i, (s, t) in enumerate(zip(states, sampled.tokens))
             ]
@@ -310,13 +313,13 @@ class Engine:
         while self.has_unfinished_requests():
             yield self.step()
 
-    def _stops(self, s: RequestState, token: int, eos: int | None) -> bool:
+    def _stops(self, s: RequestState, token: int, eos: frozenset[int]) -> bool:
         """Whether the request must stop with this token (decided before the commit)."""
         p = s.params
         if p.stop_token_ids and token in p.stop_token_ids:
             s.stop_reason = token
             return True
-        if token == eos and not p.ignore_eos:
+        if token in eos and not p.ignore_eos:
             return True
         if p.stop_strings and self.tokenizer is not None:
             text = self.tokenizer.decode([*s.output_token_ids, token], skip_special_tokens=True)
@@ -349,32 +352,3 @@ def _token_list(ids: Sequence[int], vocab_size: int) -> list[int]:
                 f"prompt_token_ids[{i}] = {t} is outside the model's vocabulary (ids 0..{vocab_size - 1})"
             )
     return out
-
-
-def _load_tokenizer(path: Path) -> Any:
-    if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:
-        raise ConfigError(
-            f"the tokenizer files in {str(path)!r} are corrupt or unreadable: {type(e).__name__}: {e}"
-        ) from None
-
-
-def _eos_id(path: Path, tokenizer: Any) -> int | None:
-    import json
-
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-        eos = cfg.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        if eos is not None:
-            return int(eos)
-    except (OSError, ValueError, TypeError):
-        pass
-    eos_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    return eos_id if isinstance(eos_id, int) else None

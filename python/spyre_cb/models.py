@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 SPECIAL_TOKENS = ("<|pad|>", "<|endoftext|>")
-_ARCHS = ("granite", "llama")
+_ARCHS = ("granite", "llama", "mistral")
 
 
 def _corpus() -> list[str]:
@@ -94,7 +94,7 @@ def make_tiny_checkpoint(
     and every matrix is drawn from N(0, (init_gain / sqrt(fan_in))^2), large
     enough that greedy decoding produces varied tokens (a tied, small-init
     random model repeats one token, which would make token-equality checks
-    weak). ``arch`` is ``"granite"`` or ``"llama"``.
+    weak). ``arch`` is ``"granite"``, ``"llama"`` or ``"mistral"``.
     """
     import torch
     import transformers
@@ -131,6 +131,9 @@ def make_tiny_checkpoint(
             logits_scaling=1.0,
         )
         model_cls: Any = transformers.GraniteForCausalLM
+    elif arch == "mistral":
+        config = transformers.MistralConfig(**common, sliding_window=None, head_dim=hidden_size // num_heads)
+        model_cls = transformers.MistralForCausalLM
     else:
         config = transformers.LlamaConfig(**common)
         model_cls = transformers.LlamaForCausalLM

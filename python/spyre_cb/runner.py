@@ -6,13 +6,13 @@ paddings); it never computes tkv or block math itself.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from spyre_cb import attention
+from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import BACKENDS, EngineConfig
 from spyre_cb.errors import BackendUnavailableError, ConfigError
 from spyre_cb.plan import DecodePlan, PrefillPlan
@@ -33,17 +33,6 @@ def check_backend(backend: str) -> None:
                 f"(the AIU software stack), which is not installed here ({e}); "
                 "use backend='eager' or 'inductor' on CPU"
             ) from None
-
-
-def check_model_dir(model: str | os.PathLike) -> Path:
-    path = Path(model)
-    if not path.is_dir():
-        raise ConfigError(f"model directory {str(path)!r} does not exist")
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model directory {str(path)!r} has no config.json: not a Hugging Face checkpoint")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ConfigError(f"model directory {str(path)!r} holds no weights (*.safetensors or *.bin)")
-    return path
 
 
 def _checkpoint_numel(path: Path) -> int | None:
@@ -91,11 +80,11 @@ def check_weights(model: torch.nn.Module, path: Path) -> None:
 class ModelRunner:
     """Loads an FMS model and executes step plans against a paged KV cache."""
 
-    def __init__(self, model_path: str | os.PathLike, config: EngineConfig) -> None:
+    def __init__(self, checkpoint: Checkpoint, config: EngineConfig) -> None:
         backend = config.backend
         dtype = TORCH_DTYPES[config.dtype]
         check_backend(backend)
-        path = check_model_dir(model_path)
+        path = checkpoint.path
         attention.register()
         from fms.models import get_model
 
