@@ -38,11 +38,12 @@ def test_unknown_arch_is_refused(tmp_path):
         make_tiny_checkpoint(tmp_path / "x", arch="gpt2")
 
 
-def test_llama_checkpoint_runs_and_matches_hf(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_verified_architectures_run_and_match_hf(tmp_path, arch):
     import torch
     import transformers
 
-    path = make_tiny_checkpoint(tmp_path / "llama", seed=1, arch="llama")
+    path = make_tiny_checkpoint(tmp_path / arch, seed=1, arch=arch)
     reqs = [(0, 49, 12), (0, 70, 6), (3, 130, 8)]  # a join with a tkv shift
     eng = spyre_cb.Engine(path, max_num_seqs=2, max_model_len=256)
     records, prompts, outputs = run_engine(eng, reqs, seed=2)

@@ -54,20 +54,30 @@ def tiny_model_path(seed: int = 0, arch: str = "granite") -> Path:
     return target
 
 
-def build_tokenizer(vocab_size: int = 512) -> Any:
-    """A byte-level BPE tokenizer trained on the package's own text."""
+def build_tokenizer(vocab_size: int = 512, *, add_bos: bool = False) -> Any:
+    """A byte-level BPE tokenizer trained on the package's own text.
+
+    With ``add_bos`` it has its own ``<|bos|>`` token and puts it before every
+    text it encodes (as Llama's and Mistral's tokenizers do).
+    """
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
+    special = [*SPECIAL_TOKENS, "<|bos|>"] if add_bos else list(SPECIAL_TOKENS)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        _corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=list(SPECIAL_TOKENS), show_progress=False
-    )
+    bpe.train_from_iterator(_corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=special, show_progress=False)
+    bos = "<|bos|>" if add_bos else "<|endoftext|>"
+    if add_bos:
+        from tokenizers.processors import TemplateProcessing
+
+        bpe._tokenizer.post_processor = TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bpe.token_to_id(bos))]
+        )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer,
         pad_token="<|pad|>",
         eos_token="<|endoftext|>",
-        bos_token="<|endoftext|>",
+        bos_token=bos,
         unk_token=None,
     )
     tok.model_max_length = 1 << 20
@@ -87,6 +97,7 @@ def make_tiny_checkpoint(
     vocab_size: int = 512,
     max_position_embeddings: int = 4096,
     init_gain: float = 2.0,
+    add_bos: bool = False,
 ) -> Path:
     """Writes a random-weight decoder checkpoint and its tokenizer to ``directory``.
 
@@ -103,7 +114,7 @@ def make_tiny_checkpoint(
         raise ValueError(f"arch must be one of {_ARCHS}, got {arch!r}")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(vocab_size)
+    tok = build_tokenizer(vocab_size, add_bos=add_bos)
     common = dict(
         vocab_size=len(tok),
         hidden_size=hidden_size,
