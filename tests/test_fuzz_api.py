@@ -39,7 +39,24 @@ ids = st.one_of(st.sampled_from(["a", "b", "c", "llm-0"]), weird)
 prompts = st.one_of(weird, st.lists(st.integers(-2, 600), min_size=0, max_size=140), st.text(max_size=30))
 param_kw = st.dictionaries(
     st.sampled_from(
-        ["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs"]
+        [
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+            "stop",
+            "stop_token_ids",
+            "ignore_eos",
+            "logprobs",
+            "n",
+            "min_p",
+            "min_tokens",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "prompt_logprobs",
+        ]
     ),
     st.one_of(weird, st.integers(0, 40), st.floats(0, 2)),
     max_size=4,
@@ -91,7 +108,8 @@ def run_op(op, eng, llm, tiny_model):
         eng.get_request(op[1])
     elif kind == "generate":
         p = params_or_default(op[2])
-        p.max_tokens = min(p.max_tokens, 8)
+        p.max_tokens = min(p.max_tokens or 8, 8)
+        p.n = min(p.n, 2)
         llm.generate(op[1], p, use_tqdm=False)
     elif kind == "simulate":
         spyre_cb.simulate(op[1], 2, 128, steps=op[2] if isinstance(op[2], int) and 0 <= op[2] < 10_000 else None)

@@ -87,6 +87,7 @@ def test_top_k_1_equals_greedy(llm):
 def test_top_p_and_top_k_restrict_the_choice(llm):
     import torch
 
+    from spyre_cb.engine import RequestState
     from spyre_cb.sampling import Sampler
 
     logits = torch.tensor([[5.0, 4.0, 0.0, -1.0, -2.0]])
@@ -95,13 +96,13 @@ def test_top_p_and_top_k_restrict_the_choice(llm):
     for seed in range(40):
         p = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.5, seed=seed)
         s.start("x", p, 0)
-        picks.add(s.sample(logits, ["x"], [p]).tokens[0])
+        picks.add(s.sample(logits, [RequestState("x", [1], p)], frozenset()).tokens[0])
     assert picks == {0}  # token 0 alone holds > 50% of the mass
     picks = set()
     for seed in range(60):
         p = SamplingParams(max_tokens=1, temperature=5.0, top_k=2, seed=seed)
         s.start("x", p, 0)
-        picks.add(s.sample(logits, ["x"], [p]).tokens[0])
+        picks.add(s.sample(logits, [RequestState("x", [1], p)], frozenset()).tokens[0])
     assert picks == {0, 1}
 
 
@@ -110,7 +111,7 @@ def test_logprobs(llm):
     assert len(out.logprobs) == 4
     for tok, lp in zip(out.token_ids, out.logprobs):
         assert tok in lp and len(lp) == 3  # greedy token is in the top 3
-        assert max(lp.values()) == lp[tok] <= 0.0
+        assert max(x.logprob for x in lp.values()) == lp[tok].logprob <= 0.0 and lp[tok].rank == 1
 
 
 def test_stop_strings_cut_the_text(llm):

@@ -35,9 +35,10 @@ from spyre_cb import _core
 from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
 from spyre_cb.errors import ConfigError, InvalidRequestError, SchedulerStateError, UnknownRequestError
-from spyre_cb.plan import IdlePlan, StepPlan
+from spyre_cb.outputs import PositionLogprobs
+from spyre_cb.plan import IdlePlan, PrefillPlan, StepPlan
 from spyre_cb.runner import ModelRunner, check_backend
-from spyre_cb.sampling import SampledBatch, Sampler, SamplingParams
+from spyre_cb.sampling import SampledBatch, Sampler, SamplingParams, top_logprobs
 
 
 @dataclass
@@ -49,7 +50,7 @@ class StepOutput:
     finished: bool
     finish_reason: str | None = None  #: "length", "stop" or "abort" once finished
     stop_reason: int | str | None = None  #: the stop token id or string, if any
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: list[PositionLogprobs] | None = None
     error: str | None = None  #: why an aborted request was aborted by the engine
 
 
@@ -62,7 +63,9 @@ class RequestState:
     params: SamplingParams
     prompt: str | None = None
     output_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
     text: str = ""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -78,7 +81,7 @@ class RequestState:
             return self.text
         if tokenizer is None:
             return ""
-        text: str = tokenizer.decode(self.output_token_ids, skip_special_tokens=True)
+        text: str = tokenizer.decode(self.output_token_ids, skip_special_tokens=self.params.skip_special_tokens)
         return text
 
 
@@ -152,13 +155,26 @@ class Engine:
                 raise InvalidRequestError("this model directory has no tokenizer: give prompt_token_ids")
             # as the checkpoint's tokenizer does by default (BOS where it adds one), like HF and vLLM
             prompt_token_ids = self.tokenizer(prompt).input_ids
+        if params.n != 1:
+            raise InvalidRequestError(
+                f"n = {params.n}: the engine runs one completion per request; LLM.generate fans n out"
+            )
         ids = _token_list(prompt_token_ids, self.vocab_size)
+        max_tokens = params.max_tokens
+        if max_tokens is None:  # as many as fit, like vLLM
+            max_tokens = self.config.max_model_len - len(ids)
+            if max_tokens < 1:
+                raise InvalidRequestError(
+                    f"prompt of {len(ids)} tokens leaves no room to generate within max_model_len "
+                    f"{self.config.max_model_len}"
+                )
         state = RequestState(request_id, ids, params, prompt=prompt)
         if params.logprobs is not None:
             state.logprobs = []
+            state.cumulative_logprob = 0.0
         with self._lock:
             # the core refuses an id still in use (and leaves everything untouched)
-            self.scheduler.add_request(request_id, ids, params.max_tokens)
+            self.scheduler.add_request(request_id, ids, max_tokens)
             try:
                 self.sampler.start(request_id, params, self.config.seed + self._n_added)
                 self.requests[request_id] = state
@@ -258,8 +274,13 @@ class Engine:
             with self._lock:
                 return self._close([], SampledBatch([], [], {}), [])
         states = [self.requests[r] for r in plan.request_ids]
-        logits = self.runner.execute(plan)
-        sampled = self.sampler.sample(logits, list(plan.request_ids), [s.params for s in states])
+        if isinstance(plan, PrefillPlan) and states[0].params.prompt_logprobs is not None:
+            every = self.runner.execute(plan, all_positions=True)  # [input_len, vocab]
+            logits = every[plan.logits_index][None]
+            states[0].prompt_logprobs = self._prompt_logprobs(states[0], every[plan.left_padding : plan.logits_index])
+        else:
+            logits = self.runner.execute(plan)
+        sampled = self.sampler.sample(logits, states, self.eos_token_ids)
         with self._lock:
             eos = self.eos_token_ids
             stopped = [
@@ -284,7 +305,9 @@ class Engine:
                 continue
             s.output_token_ids.append(token)
             if s.logprobs is not None and lp is not None:
+                self._decode_tokens(lp)
                 s.logprobs.append(lp)
+                s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lp[token].logprob
             done = s.request_id in finished
             if done:
                 self._end(s, "stop" if stop else "length")
@@ -296,6 +319,23 @@ class Engine:
             if not s.finished:
                 outs.append(self._abort_output(s, "abort"))
         return outs
+
+    def _decode_tokens(self, lp: PositionLogprobs) -> None:
+        if self.tokenizer is not None:
+            for t, entry in lp.items():
+                entry.decoded_token = self.tokenizer.decode([t])
+
+    def _prompt_logprobs(self, s: RequestState, logits: Any) -> list[PositionLogprobs | None]:
+        """Logprobs of prompt tokens 1.. given the tokens before them (the first has none)."""
+        import torch
+
+        k = s.params.prompt_logprobs or 0
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        out: list[PositionLogprobs | None] = [None]
+        for d in top_logprobs(logp, k, s.prompt_token_ids[1:]):
+            self._decode_tokens(d)
+            out.append(d)
+        return out
 
     def _end(self, s: RequestState, reason: str, error: str | None = None) -> None:
         if s.finish_reason is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import operator
 import os
@@ -40,7 +41,11 @@ class LLM:
         self._ids = itertools.count()
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def get_tokenizer(self) -> Any:
+        """The checkpoint's tokenizer (a transformers tokenizer), as vLLM's ``LLM.get_tokenizer()``."""
         return self.engine.tokenizer
 
     def generate(
@@ -49,7 +54,11 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generates for every prompt (text or token ids); outputs in input order."""
+        """Generates for every prompt; outputs in input order, ``n`` completions each.
+
+        A prompt is a string, token ids, ``{"prompt": str}`` or
+        ``{"prompt_token_ids": [...]}``; give one SamplingParams or one per prompt.
+        """
         batch = _as_batch(prompts)
         if sampling_params is None:
             params = [SamplingParams() for _ in batch]
@@ -61,22 +70,31 @@ class LLM:
                 raise InvalidRequestError(
                     f"got {len(params)} sampling_params for {len(batch)} prompts: give one, or one per prompt"
                 )
+            for i, p in enumerate(params):
+                if not isinstance(p, SamplingParams):
+                    raise InvalidRequestError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
+        groups: list[list[str]] = []  # per prompt: the engine requests of its n completions
         ids: list[str] = []
         try:
             for prompt, p in zip(batch, params):
                 rid = f"llm-{next(self._ids)}"
-                if isinstance(prompt, str):
-                    self.engine.add_request(rid, sampling_params=p, prompt=prompt)
-                else:
-                    self.engine.add_request(rid, list(prompt), p)
-                ids.append(rid)
+                group = []
+                for k, sub in enumerate(_fan_out(p)):
+                    sub_id = rid if p.n == 1 else f"{rid}#{k}"
+                    if isinstance(prompt, str):
+                        self.engine.add_request(sub_id, sampling_params=sub, prompt=prompt)
+                    else:
+                        self.engine.add_request(sub_id, list(prompt), sub)
+                    ids.append(sub_id)
+                    group.append(sub_id)
+                groups.append(group)
         except BaseException:
             for rid in ids:  # all or nothing: take back what this call queued
                 self.engine.abort_request(rid)
                 self.engine.release(rid)
             raise
         try:
-            self._run(ids, use_tqdm)
+            self._run(ids, len(groups), use_tqdm)
         except BaseException:
             # interrupted or failed: take back this call's requests so the
             # next call does not compute them silently
@@ -87,25 +105,81 @@ class LLM:
                     pass  # finished (or already ended by the failed step)
                 self.engine.release(rid)
             raise
-        return [self._output(rid) for rid in ids]
+        return [self._output(group) for group in groups]
 
-    def _run(self, ids: list[str], use_tqdm: bool) -> None:
+    def chat(
+        self,
+        messages: Sequence[dict[str, str]] | Sequence[Sequence[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generates replies to conversations (lists of ``{"role", "content"}``),
+        rendered with the tokenizer's chat template, as vLLM's ``LLM.chat``."""
+        tok = self.engine.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise InvalidRequestError("this model's tokenizer has no chat template: use generate() with a prompt")
+        if messages and isinstance(messages[0], dict):
+            conversations = [messages]
+        else:
+            conversations = list(messages)  # type: ignore[arg-type]
+        prompts: list[PromptLike] = []
+        for i, conv in enumerate(conversations):
+            if not isinstance(conv, (list, tuple)) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in conv
+            ):
+                raise InvalidRequestError(
+                    f"conversation {i} must be a list of {{'role': str, 'content': str}} messages"
+                )
+            try:
+                ids = tok.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt, tokenize=True)
+            except Exception as e:  # noqa: BLE001 (a template error is the caller's input)
+                raise InvalidRequestError(
+                    f"conversation {i}: the chat template failed: {type(e).__name__}: {e}"
+                ) from None
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            prompts.append(list(ids))
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, ids: list[str], n_prompts: int, use_tqdm: bool) -> None:
         from tqdm.auto import tqdm
 
         mine = set(ids)
         left = set(ids)
-        with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
+        with tqdm(total=len(ids), desc="generate", unit="seq", disable=not use_tqdm) as bar:
             while left:
                 for out in self.engine.step():
                     if out.finished and out.request_id in mine:
                         left.discard(out.request_id)
                         bar.update(1)
 
-    def _output(self, rid: str) -> RequestOutput:
-        s = self.engine.release(rid)
-        text = s.output_text(self.engine.tokenizer)
-        comp = CompletionOutput(0, text, list(s.output_token_ids), s.logprobs, s.finish_reason, s.stop_reason)
-        return RequestOutput(rid, s.prompt, list(s.prompt_token_ids), [comp], True)
+    def _output(self, group: list[str]) -> RequestOutput:
+        states = [self.engine.release(rid) for rid in group]
+        comps = [
+            CompletionOutput(
+                k,
+                s.output_text(self.engine.tokenizer),
+                list(s.output_token_ids),
+                s.cumulative_logprob,
+                s.logprobs,
+                s.finish_reason,
+                s.stop_reason,
+            )
+            for k, s in enumerate(states)
+        ]
+        first = states[0]
+        rid = group[0].split("#")[0]
+        return RequestOutput(rid, first.prompt, list(first.prompt_token_ids), comps, True, first.prompt_logprobs)
+
+
+def _fan_out(p: SamplingParams) -> list[SamplingParams]:
+    """The n completions of one prompt as n single requests; seeded ones get
+    seeds seed, seed + 1, ... so that each is reproducible and they differ."""
+    if p.n == 1:
+        return [p]
+    return [dataclasses.replace(p, n=1, seed=None if p.seed is None else (p.seed + k) % 2**64) for k in range(p.n)]
 
 
 def _token_ids(x: object) -> list[int] | None:

@@ -65,7 +65,9 @@ def build_tokenizer(vocab_size: int = 512, *, add_bos: bool = False) -> Any:
 
     special = [*SPECIAL_TOKENS, "<|bos|>"] if add_bos else list(SPECIAL_TOKENS)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=special, show_progress=False)
+    bpe.train_from_iterator(
+        _corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=special, show_progress=False
+    )
     bos = "<|bos|>" if add_bos else "<|endoftext|>"
     if add_bos:
         from tokenizers.processors import TemplateProcessing

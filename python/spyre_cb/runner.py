@@ -124,13 +124,14 @@ class ModelRunner:
         return torch.compile(model, backend="sendnn", dynamic=False)
 
     @torch.inference_mode()
-    def execute(self, plan: PrefillPlan | DecodePlan) -> torch.Tensor:
-        """Runs one step; returns next-token logits, one row per planned sequence."""
+    def execute(self, plan: PrefillPlan | DecodePlan, *, all_positions: bool = False) -> torch.Tensor:
+        """Runs one step; returns next-token logits, one row per planned sequence,
+        or for a prefill with ``all_positions`` one row per input position."""
         if isinstance(plan, PrefillPlan):
-            return self._prefill(plan)
+            return self._prefill(plan, all_positions)
         return self._decode(plan)
 
-    def _prefill(self, plan: PrefillPlan) -> torch.Tensor:
+    def _prefill(self, plan: PrefillPlan, all_positions: bool = False) -> torch.Tensor:
         n = plan.input_len
         ids = torch.from_numpy(plan.input_ids).unsqueeze(0)
         pos = torch.from_numpy(plan.positions).unsqueeze(0)
@@ -145,11 +146,13 @@ class ModelRunner:
             position_ids=pos,
             past_key_value_states=self.kv_cache,
             use_cache=True,
-            last_n_tokens=self.block_size,
+            last_n_tokens=n if all_positions else self.block_size,
             attn_name=self.attn_name,
             mask=mask,
             slot_mapping=slots,
         )
+        if all_positions:
+            return logits[0]
         # FMS returns logits of the last `last_n_tokens` inputs only (the last
         # block, which always holds the last prompt token)
         return logits[:, plan.logits_index - n + logits.shape[1], :]
