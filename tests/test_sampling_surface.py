@@ -236,7 +236,7 @@ def test_llm_takes_dtype_and_seed(tiny_model):
         (dict(n=0), "n must be"),
         (dict(min_p=1.5), "min_p must be in"),
         (dict(presence_penalty=3.0), "presence_penalty must be in"),
-        (dict(repetition_penalty=0.0), "repetition_penalty must be in"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0"),
         (dict(min_tokens=5, max_tokens=2), "min_tokens 5 is larger than max_tokens 2"),
         (dict(prompt_logprobs=-1), "prompt_logprobs must be"),
         (dict(logits_processors=[1]), "logits_processors must be a list of callables"),

@@ -99,9 +99,10 @@ class SamplingParams:
             if isinstance(v, int) and not -(2**53) < v < 2**53:
                 raise bad(f"{name} must be a finite number, got {v}")
             ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
+            if not ok and hi == math.inf:
+                raise bad(f"{name} must be a finite number {'>' if lo_open else '>='} {lo:g}, got {v!r}")
             if not ok:
-                rng = f"{'(' if lo_open else '['}{lo}, {hi}{']' if hi != math.inf else ')'}"
-                raise bad(f"{name} must be in {rng}, got {v!r}")
+                raise bad(f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v!r}")
 
         if not is_int(self.n) or self.n < 1:
             raise bad(f"n must be an int >= 1, got {self.n!r}")
