@@ -151,3 +151,10 @@ def test_broken_model_directories_only_raise_config_errors(tiny_model, tmp_path_
     # it loaded: then it must work (the damage was to an optional file)
     out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 2
+
+
+def test_llm_uses_the_model_of_its_config(bos_model):
+    from spyre_cb.config import EngineConfig
+
+    llm = spyre_cb.LLM(config=EngineConfig(model=str(bos_model), max_num_seqs=1, max_model_len=128))
+    assert llm.engine.model_path == bos_model

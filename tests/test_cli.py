@@ -96,3 +96,110 @@ def test_demo_honours_the_limit_options(tmp_path):
     assert "blocks=6 max_batch_tkv_limit=300" in r.stdout
     rows = [ln.split() for ln in r.stdout.splitlines() if ln[:5].strip().isdigit()]
     assert max(int(row[-1].split("/")[0]) for row in rows) <= 6
+
+
+def test_version():
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"spyre-cb {__import__('spyre_cb').__version__}"
+
+
+def test_generate_options_default_to_the_api():
+    import dataclasses
+
+    from spyre_cb.cli import SAMPLING_HELP, build_parser
+    from spyre_cb.config import EngineConfig
+    from spyre_cb.params import SamplingParams
+
+    a = build_parser().parse_args(["generate", "--prompt", "x"])
+    api = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+    for name in SAMPLING_HELP:
+        assert getattr(a, name) == api[name], name
+    for f in dataclasses.fields(EngineConfig):
+        assert getattr(a, f.name) == f.default, f.name
+    help_text = run("generate", "--help").stdout
+    for flag in (
+        "--min-p",
+        "--repetition-penalty",
+        "--stop-token-ids",
+        "--logprobs",
+        "--dtype",
+        "--chat",
+        "--prompt-file",
+    ):
+        assert flag in help_text
+
+
+def test_generate_json_logprobs_stop_ids_and_prompts_from_stdin(tmp_path):
+    env = {"SPYRE_CB_CACHE": str(tmp_path)}
+    r = run(
+        "generate",
+        "--prompt",
+        "The river",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--logprobs",
+        "2",
+        "--json",
+        env_extra=env,
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout.splitlines()[0])
+    assert len(doc["token_ids"]) == 6 and len(doc["logprobs"]) == 6 and doc["cumulative_logprob"] < 0
+    stop_at = doc["token_ids"][2]
+    r = run(
+        "generate",
+        "--prompt",
+        "The river",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--stop-token-ids",
+        str(stop_at),
+        "--json",
+        env_extra=env,
+    )
+    cut = json.loads(r.stdout.splitlines()[0])
+    assert (
+        cut["token_ids"] == doc["token_ids"][: doc["token_ids"].index(stop_at) + 1] and cut["finish_reason"] == "stop"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "spyre_cb", "generate", "--prompt-file", "-", "--max-tokens", "2", "--json"],
+        input="first prompt\n\nsecond prompt\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["prompt"] for x in r.stdout.splitlines()] == ["first prompt", "second prompt"]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["generate"], "give at least one --prompt"),
+        (["generate", "--prompt-file", "/nonexistent/prompts.txt"], "cannot read prompts"),
+        (["generate", "--prompt", "x", "--chat"], "no chat template"),
+        (["generate", "--prompt", "x", "--top-p", "0"], "top_p must be in"),
+        (["generate", "--prompt", "x", "--max-tokens", "-3"], "must be >= 0"),
+    ],
+)
+def test_generate_usage_errors_exit_2(tmp_path, args, needle):
+    r = run(*args, env_extra={"SPYRE_CB_CACHE": str(tmp_path)})
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_compile_backend_announces_the_warm_up(tmp_path):
+    r = run("generate", "--prompt", "x", "--backend", "inductor", "--model", str(tmp_path / "none"))
+    assert "compiling the model with torch.compile" in r.stderr and r.returncode == 2
+
+
+def test_simulate_summary_says_why_requests_waited():
+    r = run("simulate", "--synthetic", "300", "--seed", "2", "--summary")
+    assert r.returncode == 0, r.stderr
+    assert "queue head waited" in r.stdout and "the batch is full" in r.stdout

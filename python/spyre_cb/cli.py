@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -10,9 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spyre_cb._core import StepRecord
+from spyre_cb._core import RejectionReason, StepRecord, __version__
 from spyre_cb.config import EngineConfig, nonneg_int
 from spyre_cb.errors import SpyreCBError
+from spyre_cb.params import SamplingParams
 
 DEMO_PROMPTS = [
     ("The river was higher than", 24, 0),
@@ -82,32 +84,121 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(a: argparse.Namespace) -> int:
-    from spyre_cb.llm import LLM
-    from spyre_cb.sampling import SamplingParams
+#: The SamplingParams fields `generate` exposes, with their help; defaults come from SamplingParams itself.
+SAMPLING_HELP = {
+    "max_tokens": "most new tokens per completion (0 or 'none': up to max_model_len)",
+    "n": "completions per prompt",
+    "temperature": "sampling temperature; below 1e-5 is greedy",
+    "top_k": "sample from the k most likely tokens (0: all)",
+    "top_p": "sample from the smallest set holding this much probability",
+    "min_p": "drop tokens less likely than min_p x the most likely one (0: off)",
+    "presence_penalty": "subtracted from the logit of every token already generated",
+    "frequency_penalty": "subtracted per occurrence of a token already generated",
+    "repetition_penalty": "divides positive / multiplies negative logits of prompt and output tokens (1: off)",
+    "min_tokens": "EOS and stop ids cannot end a completion before this many tokens",
+    "stop": "stop string (repeatable)",
+    "stop_token_ids": "stop token id (repeatable)",
+    "ignore_eos": "keep generating after the model's EOS",
+    "logprobs": "also report the top-k logprobs of every generated token (--json)",
+    "prompt_logprobs": "also report the top-k logprobs of every prompt token (--json)",
+    "include_stop_str_in_output": "keep the matched stop string in the text",
+    "skip_special_tokens": "leave special tokens out of the text",
+}
 
-    llm = LLM(config=EngineConfig.from_cli(a))
-    params = SamplingParams(
-        max_tokens=a.max_tokens,
-        temperature=a.temperature,
-        top_k=a.top_k,
-        top_p=a.top_p,
-        seed=a.seed,
-        stop=a.stop or None,
-        ignore_eos=a.ignore_eos,
-    )
-    outs = llm.generate(a.prompt, params, use_tqdm=False)
-    for o in outs:
-        c = o.outputs[0]
-        if a.json:
-            print(
-                json.dumps(
-                    {"prompt": o.prompt, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+
+def _max_tokens(text: str) -> int | None:
+    if text.lower() in ("0", "none"):
+        return None
+    return nonneg_int(text)
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per SamplingParams option, with the API's defaults."""
+    group = parser.add_argument_group("sampling options (SamplingParams)")
+    fields = {f.name: f for f in dataclasses.fields(SamplingParams)}
+    for name, help_text in SAMPLING_HELP.items():
+        default = fields[name].default
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            if default:
+                group.add_argument(
+                    f"--no-{name.replace('_', '-')}", dest=name, action="store_false", help=f"do not {help_text}"
                 )
+            else:
+                group.add_argument(flag, dest=name, action="store_true", help=help_text)
+        elif name in ("stop", "stop_token_ids"):
+            group.add_argument(
+                flag, dest=name, action="append", type=nonneg_int if name == "stop_token_ids" else str, help=help_text
+            )
+        elif name == "max_tokens":
+            group.add_argument(
+                flag, dest=name, type=_max_tokens, default=default, help=f"{help_text} (default: {default})"
             )
         else:
-            print(f"{o.prompt}{c.text}")
-            print(f"-- {len(c.token_ids)} tokens, finish_reason={c.finish_reason}", file=sys.stderr)
+            kind = float if isinstance(default, float) else nonneg_int
+            shown = "none" if default is None else default
+            group.add_argument(
+                flag,
+                dest=name,
+                type=kind,
+                default=default,
+                metavar="X" if kind is float else "N",
+                help=f"{help_text} (default: {shown})",
+            )
+
+
+def _prompts(a: argparse.Namespace) -> list[str]:
+    prompts = list(a.prompt or [])
+    if a.prompt_file:
+        try:
+            text = sys.stdin.read() if a.prompt_file == "-" else Path(a.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read prompts from {a.prompt_file!r}: {e}") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError("give at least one --prompt, or --prompt-file FILE (one prompt per line; - for stdin)")
+    return prompts
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from spyre_cb.llm import LLM
+
+    prompts = _prompts(a)
+    params = SamplingParams(**{name: getattr(a, name) for name in SAMPLING_HELP})
+    config = EngineConfig.from_cli(a)
+    if config.backend != "eager":
+        print(
+            f"compiling the model with torch.compile ({config.backend}): the first steps take longer ...",
+            file=sys.stderr,
+            flush=True,
+        )
+    llm = LLM(config=config)
+    if a.chat:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+    else:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, o in zip(prompts, outs):
+        for c in o.outputs:
+            if a.json:
+                doc: dict[str, Any] = {
+                    "prompt": prompt,
+                    "index": c.index,
+                    "text": c.text,
+                    "token_ids": c.token_ids,
+                    "finish_reason": c.finish_reason,
+                }
+                if c.logprobs is not None:
+                    doc["cumulative_logprob"] = c.cumulative_logprob
+                    doc["logprobs"] = [{str(t): lp.logprob for t, lp in pos.items()} for pos in c.logprobs]
+                if o.prompt_logprobs is not None:
+                    doc["prompt_logprobs"] = [
+                        None if pos is None else {str(t): lp.logprob for t, lp in pos.items()}
+                        for pos in o.prompt_logprobs
+                    ]
+                print(json.dumps(doc))
+            else:
+                print(f"{prompt}{c.text}")
+                print(f"-- {len(c.token_ids)} tokens, finish_reason={c.finish_reason}", file=sys.stderr)
     return 0
 
 
@@ -197,6 +288,10 @@ def _format_summary(s: dict) -> str:
         f"p95 {s['queue_delay_p95']:.0f}, max {s['queue_delay_max']} steps",
         f"latency           mean {s['latency_mean']:.1f} steps from arrival to last token",
     ]
+    waits = sorted(((k, v) for k, v in s.get("waits_by_reason", {}).items() if v), key=lambda kv: -kv[1])
+    if waits:
+        lines.append("queue head waited")
+        lines += [f"  {n:>8} steps: {getattr(RejectionReason, k).description}" for k, n in waits]
     return "\n".join(lines)
 
 
@@ -204,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="spyre-cb", description="Continuous batching for static-shape accelerators (IBM Spyre)."
     )
+    p.add_argument("--version", action="version", version=f"spyre-cb {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser(
@@ -220,14 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate text for one or more prompts",
         description="Generates text with continuous batching for each --prompt.",
     )
-    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
-    g.add_argument("--max-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true")
-    g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    g.add_argument("--prompt-file", metavar="FILE", help="read prompts from FILE, one per line (- for stdin)")
+    g.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
+    g.add_argument("--json", action="store_true", help="one JSON object per completion on stdout")
+    _add_sampling_args(g)
     EngineConfig.add_cli_args(g)
     g.set_defaults(func=cmd_generate)
 

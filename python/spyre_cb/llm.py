@@ -28,11 +28,11 @@ class LLM:
     """
 
     def __init__(
-        self, model: str | os.PathLike[str] = "tiny", config: EngineConfig | None = None, **options: Any
+        self, model: str | os.PathLike[str] | None = None, config: EngineConfig | None = None, **options: Any
     ) -> None:
-        cfg = EngineConfig.from_kwargs(
-            config, model=os.fspath(model) if isinstance(model, os.PathLike) else model, **options
-        )
+        if model is not None:  # else the config's model, or the tiny one
+            options["model"] = os.fspath(model) if isinstance(model, os.PathLike) else model
+        cfg = EngineConfig.from_kwargs(config, **options)
         if cfg.model == "tiny":
             from spyre_cb.models import tiny_model_path
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from spyre_cb import _core
-from spyre_cb._core import SchedulerConfig
+from spyre_cb._core import RejectionReason, SchedulerConfig
 
 KINDS = ("idle", "prefill", "decode")
 
@@ -38,6 +38,13 @@ class SimulationStats:
     admitted: np.ndarray  #: step of each request's prefill, -1 if rejected
     finished: np.ndarray  #: step each request finished, -1 if rejected
     rejected: dict[str, str] = field(default_factory=dict)
+    #: steps in which the head of the queue waited, by admission condition (RejectionReason names)
+    waits_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def wait_reasons(self) -> list[tuple[str, int]]:
+        """(condition in words, steps) for each condition that kept a request waiting, most first."""
+        out = [(getattr(RejectionReason, k).description, v) for k, v in self.waits_by_reason.items() if v]
+        return sorted(out, key=lambda kv: -kv[1])
 
     @property
     def n_steps(self) -> int:
@@ -75,6 +82,7 @@ class SimulationStats:
             "queue_delay_p95": float(np.percentile(wait, 95)) if wait.size else 0.0,
             "queue_delay_max": int(wait.max()) if wait.size else 0,
             "latency_mean": float(latency.mean()) if latency.size else 0.0,
+            "waits_by_reason": dict(self.waits_by_reason),
         }
 
     def plot(self, path: str | os.PathLike[str], title: str | None = None) -> None:
@@ -97,6 +105,18 @@ class SimulationStats:
         ax[1].legend(loc="upper right", fontsize=8)
         ax[2].plot(x, self.n_waiting, color="tab:orange", **line)
         ax[2].set_ylabel("waiting")
+        reasons = self.wait_reasons()
+        if reasons:
+            text = "the queue head waited because:\n" + "\n".join(f"{why}: {n} steps" for why, n in reasons)
+            ax[2].text(
+                0.01,
+                0.95,
+                text,
+                transform=ax[2].transAxes,
+                va="top",
+                fontsize=7,
+                bbox=dict(facecolor="white", alpha=0.8, lw=0),
+            )
         ax[3].plot(x, self.n_reserved_blocks, label="reserved", color="tab:red", **line)
         ax[3].plot(x, self.n_used_blocks, label="used", color="tab:purple", **line)
         ax[3].axhline(self.n_blocks, ls="--", lw=0.8, color="grey", label="available")
@@ -150,5 +170,6 @@ def simulate_stats(
         requests=[tuple(r) for r in requests],
         config=cfg,
         rejected=dict(d["rejected"]),
+        waits_by_reason=dict(d["waits_by_reason"]),
         **cols,
     )

@@ -51,6 +51,35 @@ pub enum Rejection {
     VolumeLimit,
 }
 
+impl Rejection {
+    /// Every reason, in condition order.
+    pub const ALL: [Rejection; 6] = [
+        Rejection::BatchFull,
+        Rejection::PrefillTaken,
+        Rejection::NoRoomForTokens,
+        Rejection::ShiftOverflowsRunning,
+        Rejection::NotEnoughBlocks,
+        Rejection::VolumeLimit,
+    ];
+
+    /// Position in [`Rejection::ALL`].
+    pub fn index(self) -> usize {
+        Rejection::ALL.iter().position(|&r| r == self).expect("listed in ALL")
+    }
+
+    /// The name Python sees (`RejectionReason.BATCH_FULL`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Rejection::BatchFull => "BATCH_FULL",
+            Rejection::PrefillTaken => "PREFILL_TAKEN",
+            Rejection::NoRoomForTokens => "NO_ROOM_FOR_TOKENS",
+            Rejection::ShiftOverflowsRunning => "SHIFT_OVERFLOWS_RUNNING",
+            Rejection::NotEnoughBlocks => "NOT_ENOUGH_BLOCKS",
+            Rejection::VolumeLimit => "VOLUME_LIMIT",
+        }
+    }
+}
+
 /// tkv at which a request alone in a fresh batch starts: its prompt rounded up
 /// to a block boundary, unless that leaves no room for `max_tokens` (then the
 /// prompt length itself, with the prefill right-padded).

@@ -279,6 +279,9 @@ pub struct SimStats {
     pub admitted: Vec<u64>,
     pub finished: Vec<u64>,
     pub rejected: Vec<(String, InvalidRequest)>,
+    /// Steps in which the head of the waiting queue was kept out, by
+    /// admission condition (indexed like [`crate::Rejection::ALL`]).
+    pub waits: [u64; 6],
 }
 
 /// Like [`simulate`] but records [`SimStats`] instead of full step records.
@@ -299,6 +302,9 @@ pub fn simulate_stats(
     }
     impl Recorder for Rec {
         fn planned(&mut self, sched: &Scheduler, plan: &StepPlan, n: u64) {
+            if let Some(why) = sched.last_rejection() {
+                self.st.waits[why.index()] += 1;
+            }
             self.step = match plan {
                 StepPlan::Idle => (KIND_IDLE, 0, 0),
                 StepPlan::Prefill(p) => {

@@ -130,6 +130,11 @@ pub fn simulate_stats<'py>(
     d.set_item("finished", steps_of(st.finished))?;
     let rejected: Vec<(String, String)> = st.rejected.into_iter().map(|(id, e)| (id, e.to_string())).collect();
     d.set_item("rejected", rejected)?;
+    let waits = PyDict::new(py);
+    for (why, count) in core::Rejection::ALL.iter().zip(st.waits) {
+        waits.set_item(why.name(), count)?;
+    }
+    d.set_item("waits_by_reason", waits)?;
     Ok(d)
 }
 

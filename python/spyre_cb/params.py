@@ -1,0 +1,161 @@
+"""Sampling parameters (no torch here, so the CLI builds its options from them cheaply)."""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from spyre_cb.errors import InvalidRequestError
+
+#: Temperatures below this are greedy (dividing logits by less overflows), as in vLLM.
+MIN_TEMPERATURE = 1e-5
+
+#: ``fn(output_token_ids, logits_row) -> logits_row`` (vLLM's per-request form).
+LogitsProcessor = Callable[[list[int], Any], Any]  # (output_token_ids, torch.Tensor) -> torch.Tensor
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one request (the names and meanings vLLM users know).
+
+    - ``n``: completions per prompt (``LLM.generate`` returns them together).
+    - ``max_tokens``: at most this many new tokens; ``None`` = up to ``max_model_len``.
+    - ``temperature`` below ``1e-5`` (``0`` included) or ``top_k == 1`` is greedy.
+      ``top_k`` (0 = off), ``top_p`` and ``min_p`` (0 = off) restrict sampling.
+    - ``seed`` makes a sampled request reproducible whatever shares its batch.
+    - ``repetition_penalty`` (>1 discourages tokens of the prompt and the
+      output, as transformers does), ``presence_penalty`` and
+      ``frequency_penalty`` (subtracted per output token seen / per occurrence).
+    - ``min_tokens``: EOS and ``stop_token_ids`` cannot end the request before this many tokens.
+    - ``stop`` strings and ``stop_token_ids`` end a request early (finish reason
+      ``"stop"``), as does any EOS id of the model unless ``ignore_eos``.
+    - ``logprobs=k``: the top-k log-probabilities of every generated token (plus
+      the chosen one); ``prompt_logprobs=k`` the same for the prompt tokens.
+    - ``skip_special_tokens``: leave special tokens out of the output text.
+    - ``logits_processors``: callables ``fn(output_token_ids, logits) -> logits``.
+    """
+
+    n: int = 1
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    logits_processors: list[LogitsProcessor] | None = None
+    _stop: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg: str) -> InvalidRequestError:
+            return InvalidRequestError(msg)
+
+        # NumPy integers count as ints (as everywhere else in the API); bools never do
+        for name in ("n", "max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "min_tokens"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (bool, int)) and hasattr(value, "__index__"):
+                object.__setattr__(self, name, operator.index(value))
+        if isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = [
+                operator.index(t) if not isinstance(t, bool) and hasattr(t, "__index__") else t
+                for t in self.stop_token_ids
+            ]
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def number(name: str, lo: float, hi: float = math.inf, *, lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise bad(f"{name} must be a number, got {type(v).__name__}")
+            if isinstance(v, int) and not -(2**53) < v < 2**53:
+                raise bad(f"{name} must be a finite number, got {v}")
+            ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
+            if not ok and hi == math.inf:
+                raise bad(f"{name} must be a finite number {'>' if lo_open else '>='} {lo:g}, got {v!r}")
+            if not ok:
+                raise bad(f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v!r}")
+
+        if not is_int(self.n) or self.n < 1:
+            raise bad(f"n must be an int >= 1, got {self.n!r}")
+        if self.max_tokens is not None:
+            if not is_int(self.max_tokens):
+                raise bad(f"max_tokens must be an int or None, got {type(self.max_tokens).__name__}")
+            if self.max_tokens < 1:
+                raise bad(f"max_tokens must be at least 1, got {self.max_tokens}")
+        number("temperature", 0.0)
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise bad(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
+        number("top_p", 0.0, 1.0, lo_open=True)
+        number("min_p", 0.0, 1.0)
+        number("presence_penalty", -2.0, 2.0)
+        number("frequency_penalty", -2.0, 2.0)
+        number("repetition_penalty", 0.0, lo_open=True)
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
+            raise bad(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad(f"min_tokens {self.min_tokens} is larger than max_tokens {self.max_tokens}")
+        if self.seed is not None and not is_int(self.seed):
+            raise bad(f"seed must be an int or None, got {type(self.seed).__name__}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise bad(f"seed must be in [0, 2**64), got {self.seed}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or v < 0):
+                raise bad(f"{name} must be an int >= 0 or None, got {v!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        stop: tuple[object, ...]
+        if self.stop is None:
+            stop = ()
+        elif isinstance(self.stop, str):
+            stop = (self.stop,)
+        elif isinstance(self.stop, (list, tuple)):
+            stop = tuple(self.stop)
+        else:
+            raise bad(f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
+        if not all(isinstance(s, str) and s for s in stop):
+            raise bad(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        self._stop = tuple(str(s) for s in stop)
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)):
+                raise bad(f"stop_token_ids must be a list of ints, got {type(self.stop_token_ids).__name__}")
+            if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+                raise bad(f"stop_token_ids must be ints >= 0, got {self.stop_token_ids!r}")
+        if self.logits_processors is not None and (
+            not isinstance(self.logits_processors, (list, tuple))
+            or not all(callable(f) for f in self.logits_processors)
+        ):
+            raise bad("logits_processors must be a list of callables fn(output_token_ids, logits) -> logits")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return self._stop
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+__all__ = ["SamplingParams", "LogitsProcessor", "MIN_TEMPERATURE"]
