@@ -158,3 +158,18 @@ def test_llm_uses_the_model_of_its_config(bos_model):
 
     llm = spyre_cb.LLM(config=EngineConfig(model=str(bos_model), max_num_seqs=1, max_model_len=128))
     assert llm.engine.model_path == bos_model
+
+
+def test_vllm_prompt_forms(bos_model):
+    llm = spyre_cb.LLM(bos_model, max_num_seqs=2, max_model_len=128)
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    text = llm.generate("Hello there", params, use_tqdm=False)[0]
+    as_dict = llm.generate({"prompt": "Hello there"}, params, use_tqdm=False)[0]
+    assert as_dict.prompt_token_ids == text.prompt_token_ids and as_dict.outputs[0].token_ids == text.outputs[0].token_ids
+    ids = text.prompt_token_ids
+    mixed = llm.generate(["Hello there", {"prompt_token_ids": ids}, ids], params, use_tqdm=False)
+    assert len({tuple(o.outputs[0].token_ids) for o in mixed}) == 1
+    for bad in ({"text": "x"}, {"prompt": 5}, [{"prompt": "a", "extra": 1}], 3.5, [None]):
+        with pytest.raises(spyre_cb.InvalidRequestError):
+            llm.generate(bad, params, use_tqdm=False)
+    assert not llm.engine.requests
