@@ -165,7 +165,9 @@ def test_vllm_prompt_forms(bos_model):
     params = SamplingParams(max_tokens=4, **GREEDY)
     text = llm.generate("Hello there", params, use_tqdm=False)[0]
     as_dict = llm.generate({"prompt": "Hello there"}, params, use_tqdm=False)[0]
-    assert as_dict.prompt_token_ids == text.prompt_token_ids and as_dict.outputs[0].token_ids == text.outputs[0].token_ids
+    assert (
+        as_dict.prompt_token_ids == text.prompt_token_ids and as_dict.outputs[0].token_ids == text.outputs[0].token_ids
+    )
     ids = text.prompt_token_ids
     mixed = llm.generate(["Hello there", {"prompt_token_ids": ids}, ids], params, use_tqdm=False)
     assert len({tuple(o.outputs[0].token_ids) for o in mixed}) == 1
