@@ -46,7 +46,7 @@ def workload(n: int, seed: int, max_prompt: int, max_new: int):
     return [(pl, mt) for _, pl, mt in reqs]
 
 
-def run_spyre(model, reqs, prompts, args, attention_ops: str):
+def run_spyre(model, reqs, prompts, args, attention_ops: str, tp: int = 1):
     mml = max(args.max_model_len, -(-(max(pl + mt for pl, mt in reqs)) // 64) * 64)
     eng = spyre_cb.Engine(
         model,
@@ -54,6 +54,7 @@ def run_spyre(model, reqs, prompts, args, attention_ops: str):
         max_model_len=mml,
         available_blocks=args.blocks,
         attention_ops=attention_ops,
+        tensor_parallel_size=tp,
     )
     forward_time = 0.0
     inner = eng.runner._forward
@@ -88,6 +89,8 @@ def run_spyre(model, reqs, prompts, args, attention_ops: str):
         steps += 1
     total = time.perf_counter() - t0
     tokens = {str(i): eng.get_request(str(i)).output_token_ids for i in range(len(reqs))}
+    stats = dict(getattr(eng.executor, "stats", {}))
+    eng.shutdown()
     return dict(
         total=total,
         steps=steps,
@@ -95,6 +98,7 @@ def run_spyre(model, reqs, prompts, args, attention_ops: str):
         tokens=tokens,
         outside_share=1.0 - forward_time / total,
         mean_batch=statistics.mean(batch_sizes) if batch_sizes else 0.0,
+        executor=stats,
     )
 
 
@@ -153,6 +157,12 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--max-model-len", type=int, default=0, help="engine max_model_len (default: the smallest that fits)"
     )
+    ap.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="also run (a) over N ranks (gloo) and report TP=N vs TP=1 and the plan broadcast per step",
+    )
     args = ap.parse_args(argv)
     max_prompt, max_new = args.max_prompt, args.max_new
     if args.quick:
@@ -201,6 +211,19 @@ def main(argv=None) -> int:
             f"(a) share of step time outside the model forward: {100 * a['outside_share']:.1f}% over {a['steps']} steps"
         )
         print(f"(a) mean decode batch size: {a['mean_batch']:.2f} of {args.max_num_seqs}")
+        if args.tensor_parallel_size > 1:
+            n = args.tensor_parallel_size
+            t = run_spyre(model, reqs, prompts, args, "vectorized", tp=n)
+            tt = report(f"(a) spyre_cb, tensor_parallel_size={n}", t, useful)
+            same = sum(a["tokens"][k] == t["tokens"][k] for k in a["tokens"])
+            st = t["executor"]
+            print(f"tokens identical (TP={n} vs TP=1): {same}/{len(reqs)}")
+            print(f"TP={n} / TP=1 throughput: {tt / ta:.2f}x")
+            print(
+                f"plan broadcast: {1e6 * st['broadcast_s'] / st['steps']:.0f} us per step, "
+                f"{100 * st['broadcast_s'] / st['forward_s']:.1f}% of rank 0's forward "
+                f"({1e3 * st['forward_s'] / st['steps']:.1f} ms per step)"
+            )
     return 0
 
 

@@ -29,6 +29,7 @@ from spyre_cb.config import EngineConfig
 from spyre_cb.errors import (
     BackendUnavailableError,
     ConfigError,
+    ExecutorError,
     InvalidRequestError,
     SchedulerStateError,
     SpyreCBError,
@@ -82,6 +83,7 @@ __all__ = [
     "SpyreCBError",
     "InvalidRequestError",
     "ConfigError",
+    "ExecutorError",
     "UnknownRequestError",
     "BackendUnavailableError",
     "SchedulerStateError",

@@ -21,6 +21,7 @@ from spyre_cb.errors import ConfigError
 BACKENDS = ("eager", "inductor", "sendnn")
 ATTENTION_OPS = ("vectorized", "fms")
 DTYPES = ("float32", "bfloat16", "float16")
+DISTRIBUTED = ("gloo", "nccl")
 
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, scheduler: bool = False) -> Any:
@@ -48,6 +49,9 @@ class EngineConfig:
     )
     dtype: str = _opt("float32", "weights and KV cache dtype", choices=DTYPES)
     seed: int = _opt(0, "base seed of sampled requests that give none")
+    tensor_parallel_size: int = _opt(1, "ranks a step is split across (processes started by the engine)")
+    distributed_backend: str = _opt("gloo", "torch.distributed backend of the ranks (gloo on CPU)", choices=DISTRIBUTED)
+    tp_timeout_s: float = _opt(60.0, "seconds a tensor-parallel start-up or collective may take before it fails")
     allow_unverified_architectures: bool = _opt(
         False, "run a checkpoint whose architecture spyre_cb has not verified against transformers (with a warning)"
     )
@@ -64,6 +68,12 @@ class EngineConfig:
             raise ConfigError(
                 f"allow_unverified_architectures must be a bool, got {type(self.allow_unverified_architectures).__name__}"
             )
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 64:
+            raise ConfigError(f"tensor_parallel_size must be an int in [1, 64], got {tp!r}")
+        t = self.tp_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 86_400:
+            raise ConfigError(f"tp_timeout_s must be a number of seconds in (0, 86400), got {t!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         # resolved once by the core: defaults filled in, limits checked
@@ -117,6 +127,9 @@ class EngineConfig:
             elif f.type in ("int", "int | None"):
                 kw["type"] = nonneg_int
                 kw["metavar"] = "N"
+            elif f.type == "float":
+                kw["type"] = float
+                kw["metavar"] = "S"
             group.add_argument("--" + f.name.replace("_", "-"), **kw)
 
     @classmethod
@@ -142,4 +155,4 @@ def nonneg_int(text: str) -> int:
     return value
 
 
-__all__ = ["EngineConfig", "SchedulerConfig", "BACKENDS", "ATTENTION_OPS", "DTYPES"]
+__all__ = ["EngineConfig", "SchedulerConfig", "BACKENDS", "ATTENTION_OPS", "DTYPES", "DISTRIBUTED"]

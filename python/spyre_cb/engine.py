@@ -35,6 +35,7 @@ from spyre_cb import _core
 from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
 from spyre_cb.errors import ConfigError, InvalidRequestError, SchedulerStateError, UnknownRequestError
+from spyre_cb.executor import make_executor
 from spyre_cb.outputs import PositionLogprobs
 from spyre_cb.plan import IdlePlan, PrefillPlan, StepPlan
 from spyre_cb.runner import ModelRunner, check_backend
@@ -113,7 +114,9 @@ class Engine:
         self.tokenizer = ckpt.load_tokenizer()
         #: every token id that ends a request (unless ignore_eos)
         self.eos_token_ids = ckpt.eos_token_ids(self.tokenizer)
-        self.runner = ModelRunner(ckpt, cfg)
+        #: runs each plan: this process's model runner, or rank 0 of tensor_parallel_size ranks
+        self.executor = make_executor(ckpt, cfg)
+        self.runner: ModelRunner = self.executor.runner  # rank 0's runner
         self.sampler = Sampler()
         self._n_added = 0
         self.requests: dict[str, RequestState] = {}
@@ -124,6 +127,16 @@ class Engine:
         self._stepping = False
         # aborted between steps: their final outputs come with the next step
         self._unreported_aborts: list[str] = []
+
+    def shutdown(self) -> None:
+        """Stops tensor-parallel workers (nothing to do for a single process); idempotent."""
+        self.executor.shutdown()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     # ----- requests ----------------------------------------------------------
 
@@ -275,11 +288,11 @@ class Engine:
                 return self._close([], SampledBatch([], [], {}), [])
         states = [self.requests[r] for r in plan.request_ids]
         if isinstance(plan, PrefillPlan) and states[0].params.prompt_logprobs is not None:
-            every = self.runner.execute(plan, all_positions=True)  # [input_len, vocab]
+            every = self.executor.execute(plan, all_positions=True)  # [input_len, vocab]
             logits = every[plan.logits_index][None]
             states[0].prompt_logprobs = self._prompt_logprobs(states[0], every[plan.left_padding : plan.logits_index])
         else:
-            logits = self.runner.execute(plan)
+            logits = self.executor.execute(plan)
         sampled = self.sampler.sample(logits, states, self.eos_token_ids)
         with self._lock:
             eos = self.eos_token_ids

@@ -12,6 +12,8 @@ would catch for that kind of failure:
 - :class:`BackendUnavailableError` (``RuntimeError``): the backend's stack is not installed.
 - :class:`SchedulerStateError` (``RuntimeError``): the schedule -> update
   protocol was broken, or the scheduler hit an internal error and must be rebuilt.
+- :class:`ExecutorError` (``RuntimeError``): a tensor-parallel worker did not
+  start, died or timed out; the engine has shut its workers down.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 from spyre_cb._core import (
     BackendUnavailableError,
     ConfigError,
+    ExecutorError,
     InvalidRequestError,
     SchedulerStateError,
     SpyreCBError,
@@ -32,4 +35,5 @@ __all__ = [
     "UnknownRequestError",
     "BackendUnavailableError",
     "SchedulerStateError",
+    "ExecutorError",
 ]

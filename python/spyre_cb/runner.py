@@ -80,7 +80,7 @@ def check_weights(model: torch.nn.Module, path: Path) -> None:
 class ModelRunner:
     """Loads an FMS model and executes step plans against a paged KV cache."""
 
-    def __init__(self, checkpoint: Checkpoint, config: EngineConfig) -> None:
+    def __init__(self, checkpoint: Checkpoint, config: EngineConfig, *, tensor_parallel: bool = False) -> None:
         backend = config.backend
         dtype = TORCH_DTYPES[config.dtype]
         check_backend(backend)
@@ -89,7 +89,16 @@ class ModelRunner:
         from fms.models import get_model
 
         try:
-            model = get_model(architecture="hf_pretrained", model_path=str(path), data_type=dtype)
+            if tensor_parallel:  # this rank's shard; the process group is set up by the executor
+                model = get_model(
+                    architecture="hf_pretrained",
+                    model_path=str(path),
+                    data_type=dtype,
+                    distributed_strategy="tp",
+                    group=torch.distributed.group.WORLD,
+                )
+            else:
+                model = get_model(architecture="hf_pretrained", model_path=str(path), data_type=dtype)
         except Exception as e:  # an unreadable or unsupported checkpoint
             raise ConfigError(f"could not load model from {str(path)!r} with FMS: {type(e).__name__}: {e}") from e
         check_weights(model, path)

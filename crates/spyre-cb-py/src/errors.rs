@@ -21,6 +21,7 @@ pub enum Kind {
     UnknownRequest,
     BackendUnavailable,
     SchedulerState,
+    Executor,
 }
 
 pub struct Classes {
@@ -30,6 +31,7 @@ pub struct Classes {
     unknown_request: Py<PyType>,
     backend_unavailable: Py<PyType>,
     scheduler_state: Py<PyType>,
+    executor: Py<PyType>,
 }
 
 static CLASSES: PyOnceLock<Classes> = PyOnceLock::new();
@@ -85,6 +87,12 @@ fn build(py: Python<'_>) -> PyResult<Classes> {
             vec![b(), py.get_type::<PyRuntimeError>()],
             "A call broke the schedule -> execute -> update protocol, or the scheduler must be rebuilt.",
         )?,
+        executor: make(
+            py,
+            "ExecutorError",
+            vec![b(), py.get_type::<PyRuntimeError>()],
+            "A model executor failed: a tensor-parallel worker did not start, died, or timed out.",
+        )?,
         base,
     })
 }
@@ -101,6 +109,7 @@ impl Classes {
             Kind::UnknownRequest => &self.unknown_request,
             Kind::BackendUnavailable => &self.backend_unavailable,
             Kind::SchedulerState => &self.scheduler_state,
+            Kind::Executor => &self.executor,
         }
     }
 
@@ -108,7 +117,14 @@ impl Classes {
         let py = m.py();
         m.add("SpyreCBError", self.base.bind(py))?;
         for kind in
-            [Kind::InvalidRequest, Kind::Config, Kind::UnknownRequest, Kind::BackendUnavailable, Kind::SchedulerState]
+            [
+            Kind::InvalidRequest,
+            Kind::Config,
+            Kind::UnknownRequest,
+            Kind::BackendUnavailable,
+            Kind::SchedulerState,
+            Kind::Executor,
+        ]
         {
             let cls = self.of(kind).bind(py);
             m.add(cls.name()?, cls)?;

@@ -1,0 +1,140 @@
+"""Tensor parallelism: 2 ranks over gloo on CPU, started by the engine.
+
+The same step records as ``simulate()`` and the same tokens as one process
+and as transformers' greedy output, for checkpoints with fewer KV heads than
+ranks (Granite, 1 KV head) and more (Llama, 4); a worker killed mid-run is a
+clear ExecutorError within seconds and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+import transformers
+
+import spyre_cb
+from conftest import random_prompts
+from engine_harness import run_engine
+from scenarios import IDS, SCENARIOS
+from spyre_cb import ExecutorError, SamplingParams
+from spyre_cb.models import make_tiny_checkpoint
+from spyre_cb.workload import synthetic_workload
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    return {
+        "granite-kv1": make_tiny_checkpoint(root / "granite", seed=5, num_heads=4, num_kv_heads=1),
+        "llama-kv4": make_tiny_checkpoint(root / "llama", seed=6, arch="llama", num_heads=4, num_kv_heads=4),
+    }
+
+
+def hf_reference(path, prompts, max_tokens) -> dict[str, list[int]]:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = {}
+    for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+        x = torch.tensor([p])
+        with torch.inference_mode():
+            y = hf.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        out[str(i)] = y[0, len(p) :].tolist()
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sc", SCENARIOS[:6], ids=IDS[:6])
+def test_published_scenarios_under_tp2(models, sc):
+    path = models["granite-kv1"]
+    with spyre_cb.Engine(path, tensor_parallel_size=2, **sc.limits) as eng:
+        records, prompts, outputs = run_engine(eng, sc.requests, seed=11)
+    assert [r.to_dict() for r in records] == sc.expected_steps()
+    ref = hf_reference(path, prompts, [mt for _, _, mt in sc.requests])
+    assert outputs == ref
+
+
+@pytest.mark.parametrize("sc", SCENARIOS[6:], ids=IDS[6:])
+def test_more_published_scenarios_under_tp2_llama(models, sc):
+    path = models["llama-kv4"]
+    with spyre_cb.Engine(path, tensor_parallel_size=2, **sc.limits) as eng:
+        records, prompts, outputs = run_engine(eng, sc.requests, seed=12)
+    assert [r.to_dict() for r in records] == sc.expected_steps()
+    assert outputs == hf_reference(path, prompts, [mt for _, _, mt in sc.requests])
+
+
+@pytest.mark.parametrize("name", ["granite-kv1", "llama-kv4"])
+def test_random_workload_tp2_equals_tp1_and_hf(models, name):
+    path = models[name]
+    reqs = synthetic_workload(
+        14, seed=3, max_model_len=256, mean_interarrival=2.0, prompt_median=40, tokens_median=12
+    )
+    limits = dict(max_num_seqs=3, max_model_len=256)
+    with spyre_cb.Engine(path, tensor_parallel_size=2, **limits) as eng:
+        rec2, prompts, out2 = run_engine(eng, reqs, seed=13)
+    with spyre_cb.Engine(path, **limits) as eng:
+        rec1, _, out1 = run_engine(eng, reqs, seed=13)
+    assert rec2 == rec1 == list(spyre_cb.simulate(reqs, **limits))
+    assert out2 == out1 == hf_reference(path, prompts, [mt for _, _, mt in reqs])
+
+
+def test_a_killed_worker_is_a_clear_error_and_leaves_nothing(models):
+    path = models["granite-kv1"]
+    eng = spyre_cb.Engine(path, tensor_parallel_size=2, max_num_seqs=2, max_model_len=128)
+    pids = eng.executor.worker_pids
+    try:
+        p = random_prompts([20, 30], eng.vocab_size, seed=1)
+        for i, ids in enumerate(p):
+            eng.add_request(str(i), ids, SamplingParams(max_tokens=40, **GREEDY))
+        for _ in range(4):
+            eng.step()
+        os.kill(pids[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(ExecutorError, match="died|failed"):
+            for _ in range(50):
+                eng.step()
+        assert time.monotonic() - t0 < 10
+        assert all(eng.get_request(r).finish_reason == "abort" for r in ("0", "1"))
+        with pytest.raises(ExecutorError):
+            eng.add_request("x", p[0], SamplingParams(max_tokens=2, **GREEDY))
+            eng.step()
+    finally:
+        eng.shutdown()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids)
+    assert not torch.distributed.is_initialized()
+
+
+def test_a_rank_that_cannot_load_fails_start_up_cleanly(models):
+    # 4 query heads do not split over 3 ranks: every rank fails to load its shard
+    with pytest.raises((spyre_cb.ConfigError, ExecutorError)):
+        spyre_cb.Engine(models["llama-kv4"], tensor_parallel_size=3, max_num_seqs=1, max_model_len=128)
+    assert not torch.distributed.is_initialized()
+    with spyre_cb.Engine(models["llama-kv4"], max_num_seqs=1, max_model_len=128) as eng:  # the process is usable
+        eng.add_request("a", [1, 2, 3], SamplingParams(max_tokens=2, **GREEDY))
+        while eng.has_unfinished_requests():
+            eng.step()
