@@ -88,9 +88,7 @@ def test_more_published_scenarios_under_tp2_llama(models, sc):
 @pytest.mark.parametrize("name", ["granite-kv1", "llama-kv4"])
 def test_random_workload_tp2_equals_tp1_and_hf(models, name):
     path = models[name]
-    reqs = synthetic_workload(
-        14, seed=3, max_model_len=256, mean_interarrival=2.0, prompt_median=40, tokens_median=12
-    )
+    reqs = synthetic_workload(14, seed=3, max_model_len=256, mean_interarrival=2.0, prompt_median=40, tokens_median=12)
     limits = dict(max_num_seqs=3, max_model_len=256)
     with spyre_cb.Engine(path, tensor_parallel_size=2, **limits) as eng:
         rec2, prompts, out2 = run_engine(eng, reqs, seed=13)
@@ -138,3 +136,50 @@ def test_a_rank_that_cannot_load_fails_start_up_cleanly(models):
         eng.add_request("a", [1, 2, 3], SamplingParams(max_tokens=2, **GREEDY))
         while eng.has_unfinished_requests():
             eng.step()
+
+
+def test_keyboard_interrupt_in_a_step_stops_the_workers(models, monkeypatch):
+    eng = spyre_cb.Engine(models["granite-kv1"], tensor_parallel_size=2, max_num_seqs=2, max_model_len=128)
+    pids = eng.executor.worker_pids
+    try:
+        eng.add_request("a", [5, 6, 7, 8], SamplingParams(max_tokens=20, **GREEDY))
+        eng.step()
+
+        def interrupted(*a, **k):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(eng.runner, "execute", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            eng.step()
+        assert eng.get_request("a").finish_reason == "abort"
+        with pytest.raises(ExecutorError, match="shut down"):
+            eng.add_request("b", [1, 2], SamplingParams(max_tokens=2, **GREEDY))
+            eng.step()
+    finally:
+        eng.shutdown()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids) and not torch.distributed.is_initialized()
+
+
+def test_plans_survive_the_wire_format():
+    import numpy as np
+
+    from spyre_cb.executor import pack_plan, unpack_plan
+
+    s = spyre_cb.Scheduler(3, 512)
+    for i in range(3):
+        s.add_request(str(i), [7] * (50 + 90 * i), 30)
+    kinds = set()
+    for _ in range(10):
+        p = s.schedule()
+        q, all_positions = unpack_plan(*pack_plan(p, all_positions=p.kind == "prefill"))
+        assert type(q) is type(p) and all_positions == (p.kind == "prefill")
+        for a, b in zip(p.__reduce__()[1], q.__reduce__()[1]):
+            if not isinstance(a, (str, tuple)):
+                assert np.array_equal(np.asarray(a), np.asarray(b)), (p, a, b)
+        kinds.add(p.kind)
+        s.update([1] * len(p.request_ids))
+    assert kinds == {"prefill", "decode"}
+    assert unpack_plan(*pack_plan(None)) == (None, False)
