@@ -116,16 +116,14 @@ impl Classes {
     pub fn register(&self, m: &Bound<'_, PyModule>) -> PyResult<()> {
         let py = m.py();
         m.add("SpyreCBError", self.base.bind(py))?;
-        for kind in
-            [
+        for kind in [
             Kind::InvalidRequest,
             Kind::Config,
             Kind::UnknownRequest,
             Kind::BackendUnavailable,
             Kind::SchedulerState,
             Kind::Executor,
-        ]
-        {
+        ] {
             let cls = self.of(kind).bind(py);
             m.add(cls.name()?, cls)?;
         }
