@@ -131,38 +131,13 @@ def test_generate_options_default_to_the_api():
 
 def test_generate_json_logprobs_stop_ids_and_prompts_from_stdin(tmp_path):
     env = {"SPYRE_CB_CACHE": str(tmp_path)}
-    r = run(
-        "generate",
-        "--prompt",
-        "The river",
-        "--max-tokens",
-        "6",
-        "--temperature",
-        "0",
-        "--ignore-eos",
-        "--logprobs",
-        "2",
-        "--json",
-        env_extra=env,
-    )
+    greedy = ["generate", "--prompt", "The river", "--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--json"]
+    r = run(*greedy, "--logprobs", "2", env_extra=env)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout.splitlines()[0])
     assert len(doc["token_ids"]) == 6 and len(doc["logprobs"]) == 6 and doc["cumulative_logprob"] < 0
     stop_at = doc["token_ids"][2]
-    r = run(
-        "generate",
-        "--prompt",
-        "The river",
-        "--max-tokens",
-        "6",
-        "--temperature",
-        "0",
-        "--ignore-eos",
-        "--stop-token-ids",
-        str(stop_at),
-        "--json",
-        env_extra=env,
-    )
+    r = run(*greedy, "--stop-token-ids", str(stop_at), env_extra=env)
     cut = json.loads(r.stdout.splitlines()[0])
     assert (
         cut["token_ids"] == doc["token_ids"][: doc["token_ids"].index(stop_at) + 1] and cut["finish_reason"] == "stop"

@@ -199,7 +199,8 @@ def test_ctrl_c_interrupts_a_long_simulation(tmp_path):
     code = (
         "import spyre_cb\n"
         "print('start', flush=True)\n"
-        "spyre_cb.simulate_stats([(0, 100, 1900)] * 2_000_000, max_num_seqs=1, max_model_len=2048)\n"
+        # minutes of simulation in constant memory (no per-step columns)
+        "spyre_cb._core.simulate_stats([(0, 100, 1900)] * 200_000, 1, 2048, record_steps=False)\n"
         "print('finished', flush=True)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

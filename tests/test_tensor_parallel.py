@@ -66,6 +66,15 @@ def alive(pid: int) -> bool:
         return False
 
 
+def assert_workers_gone(pids: list[int]) -> None:
+    """Within 10 s no worker process is left and the process group is gone."""
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids)
+    assert not torch.distributed.is_initialized()
+
+
 @pytest.mark.parametrize("sc", SCENARIOS[:6], ids=IDS[:6])
 def test_published_scenarios_under_tp2(models, sc):
     path = models["granite-kv1"]
@@ -120,11 +129,7 @@ def test_a_killed_worker_is_a_clear_error_and_leaves_nothing(models):
             eng.step()
     finally:
         eng.shutdown()
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(pid) for pid in pids)
-    assert not torch.distributed.is_initialized()
+    assert_workers_gone(pids)
 
 
 def test_a_rank_that_cannot_load_fails_start_up_cleanly(models):
@@ -157,10 +162,7 @@ def test_keyboard_interrupt_in_a_step_stops_the_workers(models, monkeypatch):
             eng.step()
     finally:
         eng.shutdown()
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(pid) for pid in pids) and not torch.distributed.is_initialized()
+    assert_workers_gone(pids)
 
 
 def test_plans_survive_the_wire_format():
