@@ -197,6 +197,8 @@ def test_far_future_arrival_and_huge_steps_are_cheap():
 
 def test_ctrl_c_interrupts_a_long_simulation(tmp_path):
     code = (
+        # a child of a background job inherits SIGINT as ignored: take Python's handler back
+        "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import spyre_cb\n"
         "print('start', flush=True)\n"
         # minutes of simulation in constant memory (no per-step columns)
