@@ -246,3 +246,19 @@ def test_llm_takes_dtype_and_seed(tiny_model):
 def test_new_options_are_validated(kw, needle):
     with pytest.raises(spyre_cb.InvalidRequestError, match=needle):
         SamplingParams(**kw)
+
+
+def test_request_metrics(llm):
+    ids = random_prompts([30, 12], llm.engine.vocab_size, seed=51)
+    outs = llm.generate(
+        ids, [SamplingParams(max_tokens=6, **GREEDY), SamplingParams(max_tokens=1, **GREEDY)], use_tqdm=False
+    )
+    for o, n in zip(outs, (6, 1)):
+        m = o.metrics
+        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.last_token_time <= m.finished_time
+        assert m.n_tokens == n and m.time_to_first_token > 0 and m.queue_time >= 0
+    assert outs[0].metrics.mean_inter_token_latency > 0 and outs[1].metrics.mean_inter_token_latency is None
+    first = outs[0].metrics
+    assert math.isclose(
+        first.mean_inter_token_latency * 5, first.last_token_time - first.first_token_time, rel_tol=1e-9
+    )

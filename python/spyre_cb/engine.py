@@ -27,6 +27,7 @@ from __future__ import annotations
 import operator
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,7 @@ from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
 from spyre_cb.errors import ConfigError, InvalidRequestError, SchedulerStateError, UnknownRequestError
 from spyre_cb.executor import make_executor
-from spyre_cb.outputs import PositionLogprobs
+from spyre_cb.outputs import PositionLogprobs, RequestMetrics
 from spyre_cb.plan import IdlePlan, PrefillPlan, StepPlan
 from spyre_cb.runner import ModelRunner, check_backend
 from spyre_cb.sampling import SampledBatch, Sampler, SamplingParams, top_logprobs
@@ -71,6 +72,7 @@ class RequestState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
 
     @property
     def finished(self) -> bool:
@@ -287,6 +289,8 @@ class Engine:
             with self._lock:
                 return self._close([], SampledBatch([], [], {}), [])
         states = [self.requests[r] for r in plan.request_ids]
+        if isinstance(plan, PrefillPlan) and states[0].metrics.first_scheduled_time is None:
+            states[0].metrics.first_scheduled_time = time.time()
         if isinstance(plan, PrefillPlan) and states[0].params.prompt_logprobs is not None:
             every = self.executor.execute(plan, all_positions=True)  # [input_len, vocab]
             logits = every[plan.logits_index][None]
@@ -307,6 +311,7 @@ class Engine:
         finished = set(outcome.finished)
         aborted = set(outcome.aborted)
         errors = sampled.errors
+        now = time.time()
         outs = []
         for i, (s, token, lp, stop) in enumerate(zip(states, sampled.tokens, sampled.logprobs, stopped)):
             if s.request_id in aborted:
@@ -317,6 +322,11 @@ class Engine:
                 outs.append(self._abort_output(s))
                 continue
             s.output_token_ids.append(token)
+            m = s.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
+            m.n_tokens += 1
             if s.logprobs is not None and lp is not None:
                 self._decode_tokens(lp)
                 s.logprobs.append(lp)
@@ -354,6 +364,7 @@ class Engine:
         if s.finish_reason is None:
             s.finish_reason = reason
             s.error = error
+            s.metrics.finished_time = time.time()
         self.sampler.forget(s.request_id)
 
     def _abort_output(self, s: RequestState, end: str | None = None) -> StepOutput:

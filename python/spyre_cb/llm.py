@@ -171,7 +171,9 @@ class LLM:
         ]
         first = states[0]
         rid = group[0].split("#")[0]
-        return RequestOutput(rid, first.prompt, list(first.prompt_token_ids), comps, True, first.prompt_logprobs)
+        return RequestOutput(
+            rid, first.prompt, list(first.prompt_token_ids), comps, True, first.prompt_logprobs, first.metrics
+        )
 
 
 def _fan_out(p: SamplingParams) -> list[SamplingParams]:
