@@ -41,16 +41,18 @@ def test_keyboard_interrupt_in_stop_string_check_does_not_wedge(tiny_model, hf_g
     eng.add_request("s", p[0], SamplingParams(max_tokens=20, stop=["zzq"], **GREEDY))
     eng.add_request("t", p[1], SamplingParams(max_tokens=20, **GREEDY))
     eng.step()
-    real = eng.tokenizer.decode
+    from spyre_cb.detokenizer import IncrementalDetokenizer
+
+    real = IncrementalDetokenizer.push
     calls = {"n": 0}
 
-    def flaky(*a, **k):
+    def flaky(self, token):  # Ctrl-C lands while the stop string is being looked for
         calls["n"] += 1
         if calls["n"] == 1:
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return real(self, token)
 
-    monkeypatch.setattr(eng.tokenizer, "decode", flaky)
+    monkeypatch.setattr(IncrementalDetokenizer, "push", flaky)
     with pytest.raises(KeyboardInterrupt):
         eng.step()  # prefill of t; its batch is t alone, s decodes next
         eng.step()

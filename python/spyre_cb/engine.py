@@ -35,6 +35,7 @@ from typing import Any
 from spyre_cb import _core
 from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
+from spyre_cb.detokenizer import IncrementalDetokenizer
 from spyre_cb.errors import ConfigError, InvalidRequestError, SchedulerStateError, UnknownRequestError
 from spyre_cb.executor import make_executor
 from spyre_cb.outputs import PositionLogprobs, RequestMetrics
@@ -73,6 +74,8 @@ class RequestState:
     stop_reason: int | str | None = None
     error: str | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
+    #: made on first use, for requests with stop strings
+    detokenizer: IncrementalDetokenizer | None = field(default=None, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -386,9 +389,13 @@ class Engine:
         if token in eos and not p.ignore_eos:
             return True
         if p.stop_strings and self.tokenizer is not None:
-            text = self.tokenizer.decode([*s.output_token_ids, token], skip_special_tokens=True)
+            if s.detokenizer is None:
+                s.detokenizer = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens)
+            before = len(s.detokenizer.text)
+            s.detokenizer.push(token)  # O(1) per token, not a decode of the whole output
+            text = s.detokenizer.text
             for stop in p.stop_strings:
-                at = text.find(stop, max(0, len(s.text) - len(stop)))
+                at = text.find(stop, max(0, before - len(stop) + 1))
                 if at >= 0:
                     s.text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
                     s.stop_reason = stop
