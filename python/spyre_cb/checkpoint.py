@@ -70,6 +70,24 @@ class Checkpoint:
                 f"{self.max_position_embeddings} ({self.path / 'config.json'})"
             )
 
+    def stored_weights(self) -> int | None:
+        """Weights stored in the safetensors files, read from their headers
+        (None for ``*.bin`` checkpoints)."""
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            return None
+        from safetensors import safe_open
+
+        total = 0
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    n = 1
+                    for d in st.get_slice(name).get_shape():
+                        n *= d
+                    total += n
+        return total
+
     def load_tokenizer(self) -> Any:
         """The checkpoint's tokenizer, or None when it ships none (token ids only)."""
         if not (self.path / "tokenizer.json").exists() and not (self.path / "tokenizer_config.json").exists():

@@ -112,7 +112,7 @@ class Engine:
         # cheap checks first: limits, backend, model directory
         self.config = cfg = EngineConfig.from_kwargs(config, **options)
         self.scheduler = _core.Scheduler(cfg.scheduler)
-        check_backend(cfg.backend)
+        check_backend(cfg.backend)  # before any file is read; the runner checks again for direct users
         ckpt = Checkpoint.open(cfg.model, allow_unverified=cfg.allow_unverified_architectures)
         ckpt.check_max_model_len(cfg.max_model_len)
         self.model_path = ckpt.path

@@ -6,14 +6,13 @@ paddings); it never computes tkv or block math itself.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from spyre_cb import attention
 from spyre_cb.checkpoint import Checkpoint
-from spyre_cb.config import BACKENDS, EngineConfig
+from spyre_cb.config import EngineConfig
 from spyre_cb.errors import BackendUnavailableError, ConfigError
 from spyre_cb.plan import DecodePlan, PrefillPlan
 
@@ -21,9 +20,8 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 def check_backend(backend: str) -> None:
-    """Fails fast, before any model is loaded, for a backend that cannot run here."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    """Fails fast, before any model is loaded, for a backend whose software stack is
+    not installed here (EngineConfig has already checked the name)."""
     if backend == "sendnn":
         try:
             import torch_sendnn  # noqa: F401
@@ -35,34 +33,17 @@ def check_backend(backend: str) -> None:
             ) from None
 
 
-def _checkpoint_numel(path: Path) -> int | None:
-    """Weights stored in the checkpoint's safetensors files (None for *.bin checkpoints)."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        return None
-    from safetensors import safe_open
-
-    total = 0
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                n = 1
-                for d in st.get_slice(name).get_shape():
-                    n *= d
-                total += n
-    return total
-
-
-def check_weights(model: torch.nn.Module, path: Path) -> None:
+def check_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
     """A cheap load-time check that FMS filled every parameter with finite numbers.
 
     FMS leaves parameters it finds no weights for uninitialized (for example
     when config.json names more layers than were saved), which would produce
     garbage silently; NaN or infinite weights would too.
     """
+    path = checkpoint.path
     params = list(model.parameters())
     needed = sum(p.numel() for p in params)
-    stored = _checkpoint_numel(path)
+    stored = checkpoint.stored_weights()
     if stored is not None and needed > stored:
         raise ConfigError(
             f"model directory {str(path)!r}: config.json describes a model of {needed:,} weights but the "
@@ -101,7 +82,7 @@ class ModelRunner:
                 model = get_model(architecture="hf_pretrained", model_path=str(path), data_type=dtype)
         except Exception as e:  # an unreadable or unsupported checkpoint
             raise ConfigError(f"could not load model from {str(path)!r} with FMS: {type(e).__name__}: {e}") from e
-        check_weights(model, path)
+        check_weights(model, checkpoint)
         model.eval()
         self.model = model
         self.dtype = dtype
