@@ -12,6 +12,53 @@ pub const BLOCK_SIZE: u32 = 64;
 /// bookkeeping for it stays below 100 MB.
 pub const MAX_AVAILABLE_BLOCKS: u32 = 1 << 24;
 
+/// Options of the chunked-prefill policy (see `docs/design.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChunkOptions {
+    /// Prompt tokens per prefill chunk, a positive multiple of [`BLOCK_SIZE`].
+    pub chunk_size: u32,
+    /// A decode step runs between two prefill chunks while decoders exist.
+    pub interleave: bool,
+    /// Decodes that would overflow the batch x tkv limit are paused instead
+    /// of refusing admission up front.
+    pub decode_pausing: bool,
+    /// Full prompt blocks already in the KV cache are reused.
+    pub prefix_caching: bool,
+}
+
+impl Default for ChunkOptions {
+    fn default() -> Self {
+        Self { chunk_size: 128, interleave: true, decode_pausing: true, prefix_caching: false }
+    }
+}
+
+/// Which scheduling policy a scheduler runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Policy {
+    /// The published continuous-batching policy: one shared batch tkv,
+    /// whole-prompt prefills (the default).
+    #[default]
+    Continuous,
+    /// Chunked prefill with interleaving, decode pausing and prefix caching.
+    Chunked(ChunkOptions),
+}
+
+impl Policy {
+    /// `"continuous"` or `"chunked"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Continuous => "continuous",
+            Self::Chunked(_) => "chunked",
+        }
+    }
+    pub fn chunk_options(&self) -> Option<&ChunkOptions> {
+        match self {
+            Self::Continuous => None,
+            Self::Chunked(o) => Some(o),
+        }
+    }
+}
+
 /// The static limits the scheduler works within (see `docs/design.md`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SchedulerConfig {
@@ -23,6 +70,8 @@ pub struct SchedulerConfig {
     pub available_blocks: u32,
     /// Largest batch size x tkv the compiled program supports.
     pub max_batch_tkv_limit: u64,
+    /// The scheduling policy and its options.
+    pub policy: Policy,
 }
 
 impl SchedulerConfig {
@@ -35,21 +84,46 @@ impl SchedulerConfig {
         available_blocks: Option<u32>,
         max_batch_tkv_limit: Option<u64>,
     ) -> Result<Self, ConfigError> {
+        Self::with_policy(max_num_seqs, max_model_len, available_blocks, max_batch_tkv_limit, Policy::Continuous)
+    }
+
+    /// [`SchedulerConfig::new`] for a given policy. Under the chunked policy
+    /// `max_model_len` need not be a multiple of the block size (the default
+    /// pool then rounds each sequence up to whole blocks).
+    pub fn with_policy(
+        max_num_seqs: u32,
+        max_model_len: u32,
+        available_blocks: Option<u32>,
+        max_batch_tkv_limit: Option<u64>,
+        policy: Policy,
+    ) -> Result<Self, ConfigError> {
         if max_num_seqs < 1 {
             return Err(ConfigError::MaxNumSeqs { got: max_num_seqs });
         }
-        if max_model_len < BLOCK_SIZE || max_model_len % BLOCK_SIZE != 0 {
-            return Err(ConfigError::MaxModelLen { got: max_model_len });
+        match policy {
+            Policy::Continuous => {
+                if max_model_len < BLOCK_SIZE || max_model_len % BLOCK_SIZE != 0 {
+                    return Err(ConfigError::MaxModelLen { got: max_model_len });
+                }
+            }
+            Policy::Chunked(o) => {
+                if max_model_len < 2 {
+                    return Err(ConfigError::MaxModelLenChunked { got: max_model_len });
+                }
+                if o.chunk_size < BLOCK_SIZE || o.chunk_size % BLOCK_SIZE != 0 {
+                    return Err(ConfigError::ChunkSize { got: o.chunk_size });
+                }
+            }
         }
+        let blocks_per_seq = max_model_len.div_ceil(BLOCK_SIZE);
         let blocks = match available_blocks {
             Some(n) => u64::from(n),
-            None => u64::from(max_num_seqs) * u64::from(max_model_len) / u64::from(BLOCK_SIZE),
+            None => u64::from(max_num_seqs) * u64::from(blocks_per_seq),
         };
         if blocks > u64::from(MAX_AVAILABLE_BLOCKS) {
             return Err(ConfigError::TooManyBlocks { blocks, defaulted: available_blocks.is_none() });
         }
         let blocks = blocks as u32;
-        let blocks_per_seq = max_model_len / BLOCK_SIZE;
         if blocks < blocks_per_seq {
             return Err(ConfigError::TooFewBlocks { blocks, max_model_len, blocks_per_seq });
         }
@@ -57,7 +131,7 @@ impl SchedulerConfig {
         if limit < 1 {
             return Err(ConfigError::BatchTkvLimit { got: limit });
         }
-        Ok(Self { max_num_seqs, max_model_len, available_blocks: blocks, max_batch_tkv_limit: limit })
+        Ok(Self { max_num_seqs, max_model_len, available_blocks: blocks, max_batch_tkv_limit: limit, policy })
     }
 
     /// Physical blocks a KV cache must hold: the usable ones plus the null block.
@@ -67,7 +141,7 @@ impl SchedulerConfig {
 
     /// Blocks one sequence of `max_model_len` tokens spans.
     pub fn max_blocks_per_seq(&self) -> u32 {
-        self.max_model_len / BLOCK_SIZE
+        self.max_model_len.div_ceil(BLOCK_SIZE)
     }
 }
 

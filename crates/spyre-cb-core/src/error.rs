@@ -27,6 +27,12 @@ pub enum ConfigError {
     BatchTkvLimit {
         got: u64,
     },
+    MaxModelLenChunked {
+        got: u32,
+    },
+    ChunkSize {
+        got: u32,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -52,6 +58,10 @@ impl fmt::Display for ConfigError {
                  ({blocks_per_seq} blocks of {BLOCK_SIZE})"
             ),
             Self::BatchTkvLimit { got } => write!(f, "max_batch_tkv_limit must be at least 1, got {got}"),
+            Self::MaxModelLenChunked { got } => write!(f, "max_model_len must be at least 2, got {got}"),
+            Self::ChunkSize { got } => {
+                write!(f, "chunk_size must be a positive multiple of the block size {BLOCK_SIZE}, got {got}")
+            }
         }
     }
 }

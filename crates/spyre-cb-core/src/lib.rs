@@ -11,7 +11,10 @@
 //! runner executes it, and [`Scheduler::update`] takes the sampled tokens back.
 
 pub mod admission;
+pub mod block_cache;
 pub mod block_pool;
+pub mod chunked;
+pub mod chunked_sim;
 pub mod config;
 pub mod error;
 pub mod plan;
@@ -22,10 +25,13 @@ pub mod trace;
 pub mod workload;
 
 pub use admission::{Admission, Rejection};
+pub use block_cache::BlockCache;
 pub use block_pool::{BlockId, BlockPool, NULL_BLOCK};
-pub use config::{SchedulerConfig, BLOCK_SIZE, MAX_AVAILABLE_BLOCKS};
+pub use chunked::{ChunkRejection, ChunkedRecord, ChunkedScheduler, Counters};
+pub use chunked_sim::{simulate_chunked, ChunkedSimRequest, ChunkedSimResult, RequestTimes, NO_MATCH_TOKEN};
+pub use config::{ChunkOptions, Policy, SchedulerConfig, BLOCK_SIZE, MAX_AVAILABLE_BLOCKS};
 pub use error::{ConfigError, CoreError, InvalidRequest, StateError};
-pub use plan::{DecodePlan, PrefillPlan, StepPlan};
+pub use plan::{ChunkPlan, DecodePlan, PrefillPlan, StepPlan};
 pub use scheduler::{PlanDetail, RequestRef, Scheduler, UpdateOutcome};
 pub use simulate::{
     drive, simulate, simulate_compact, simulate_stats, CompactRecord, CompactTrace, Interrupted, Recorder, SimRequest,

@@ -47,6 +47,51 @@ impl PrefillPlan {
     }
 }
 
+/// One chunk of a chunked prefill (chunked policy; runs alone in its step).
+///
+/// The input is `chunk_size` tokens: the chunk's stretch of the request's
+/// padded prompt (left padding, whole blocks, in chunk 0 only; the prompt;
+/// right padding up to the end of the prompt's last block). In-table
+/// coordinates are prompt positions: the request's block table starts at
+/// its first prompt block, so input token `t` sits at in-table position
+/// `context_end - chunk_size + t` (negative for left padding).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkPlan {
+    pub request_id: Arc<str>,
+    /// The prompt length (the step's tkv).
+    pub prompt_len: u32,
+    /// Which chunk of the padded prompt this is, and how many there are.
+    pub chunk_index: u32,
+    pub chunk_count: u32,
+    /// Input length (the policy's chunk size).
+    pub chunk_size: u32,
+    /// Pad tokens at the start of the input (non-zero only in chunk 0).
+    pub left_padding: u32,
+    /// Prompt positions `start..end` are computed by this chunk.
+    pub start: u32,
+    pub end: u32,
+    /// In-table position just past the input's last token (prompt
+    /// coordinates): queries attend to keys `0..=` their own position.
+    pub context_end: u32,
+    /// The last chunk: its last prompt token samples the first output token.
+    pub is_last: bool,
+    /// Input token ids (pads 0); empty for token-less (simulated) requests.
+    pub input_ids: Vec<u32>,
+    /// Position ids: prompt tokens their prompt index, pads 0.
+    pub positions: Vec<u32>,
+    /// KV slot of every input token; padding and blocks shared through a
+    /// prefix hit (read only) map to the null block.
+    pub slot_mapping: Vec<i64>,
+    /// The same per input block (`chunk_size / 64` entries; 0 = null block).
+    pub block_slots: Vec<u32>,
+    /// The request's block table (prompt blocks from position 0).
+    pub block_table: Vec<BlockId>,
+    /// Index in the input of the last prompt token (meaningful when `is_last`).
+    pub logits_index: u32,
+    /// Blocks of the prompt reused from the cache (whole chunks skipped).
+    pub cached_blocks: u32,
+}
+
 /// One decode step of every running sequence, most recently admitted first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodePlan {
@@ -86,6 +131,8 @@ impl DecodePlan {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StepPlan {
     Prefill(PrefillPlan),
+    /// A prefill chunk (chunked policy).
+    Chunk(ChunkPlan),
     Decode(DecodePlan),
     /// Nothing runs; the batch is empty (tkv 0).
     Idle,
@@ -96,14 +143,18 @@ impl StepPlan {
     pub fn request_ids(&self) -> Vec<&str> {
         match self {
             Self::Prefill(p) => vec![&*p.request_id],
+            Self::Chunk(c) if c.is_last => vec![&*c.request_id],
+            Self::Chunk(_) => Vec::new(),
             Self::Decode(d) => d.request_ids.iter().map(|s| &**s).collect(),
             Self::Idle => Vec::new(),
         }
     }
 
+    /// Sequences that sample a token in this step (a non-final chunk: none).
     pub fn n_sequences(&self) -> usize {
         match self {
             Self::Prefill(_) => 1,
+            Self::Chunk(c) => usize::from(c.is_last),
             Self::Decode(d) => d.batch_size as usize,
             Self::Idle => 0,
         }

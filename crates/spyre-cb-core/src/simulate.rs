@@ -313,6 +313,9 @@ pub fn simulate_stats(
                     let computed = u64::from(p.input_len());
                     (KIND_PREFILL, computed, computed - u64::from(p.prompt_len))
                 }
+                StepPlan::Chunk(c) => {
+                    (KIND_PREFILL, u64::from(c.chunk_size), u64::from(c.chunk_size - (c.end - c.start)))
+                }
                 StepPlan::Decode(d) => {
                     (KIND_DECODE, u64::from(d.batch_size) * (u64::from(d.tkv) + 1), sched.batch_padding())
                 }

@@ -98,6 +98,7 @@ fn run(w: &Workload) -> Result<(), TestCaseError> {
                     }
                 }
                 StepPlan::Idle => {}
+                StepPlan::Chunk(_) => unreachable!("the continuous policy never chunks"),
             }
             let stopped: Vec<bool> = ids
                 .iter()

@@ -251,6 +251,144 @@ impl IdlePlan {
     }
 }
 
+/// One prefill chunk (chunked policy): ``chunk_size`` input tokens attending
+/// over the request's earlier chunks and cached prefix through its block
+/// table (in-table positions are prompt positions).
+#[pyclass(module = "spyre_cb._core", frozen, get_all)]
+pub struct ChunkPlan {
+    pub request_id: Py<PyString>,
+    pub prompt_len: u32,
+    pub chunk_index: u32,
+    pub chunk_count: u32,
+    pub chunk_size: u32,
+    /// Pad tokens at the start of the input (chunk 0 only).
+    pub left_padding: u32,
+    /// Prompt positions start..end are computed by this chunk.
+    pub start: u32,
+    pub end: u32,
+    /// In-table position just past the input's last token.
+    pub context_end: u32,
+    /// The last chunk samples the request's first token.
+    pub is_last: bool,
+    pub logits_index: u32,
+    /// Prompt blocks reused from the prefix cache.
+    pub cached_blocks: u32,
+    pub input_ids: I64Array,
+    pub positions: I64Array,
+    /// KV slot per input token (padding and shared blocks: the null block).
+    pub slot_mapping: I64Array,
+    /// The same per input block (0 = null block).
+    pub block_slots: I64Array,
+    pub block_table: I64Array,
+}
+
+#[pymethods]
+impl ChunkPlan {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        request_id: Py<PyString>,
+        prompt_len: u32,
+        chunk_index: u32,
+        chunk_count: u32,
+        chunk_size: u32,
+        left_padding: u32,
+        start: u32,
+        end: u32,
+        context_end: u32,
+        is_last: bool,
+        logits_index: u32,
+        cached_blocks: u32,
+        input_ids: &Bound<'_, PyAny>,
+        positions: &Bound<'_, PyAny>,
+        slot_mapping: &Bound<'_, PyAny>,
+        block_slots: &Bound<'_, PyAny>,
+        block_table: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        Ok(Self {
+            request_id,
+            prompt_len,
+            chunk_index,
+            chunk_count,
+            chunk_size,
+            left_padding,
+            start,
+            end,
+            context_end,
+            is_last,
+            logits_index,
+            cached_blocks,
+            input_ids: as_array(py, input_ids)?,
+            positions: as_array(py, positions)?,
+            slot_mapping: as_array(py, slot_mapping)?,
+            block_slots: as_array(py, block_slots)?,
+            block_table: as_array(py, block_table)?,
+        })
+    }
+
+    #[classattr]
+    fn kind() -> &'static str {
+        "chunk"
+    }
+
+    /// The step's tkv: the prompt length.
+    #[getter]
+    fn tkv(&self) -> u32 {
+        self.prompt_len
+    }
+
+    /// The ids that sample a token: ``(request_id,)`` for the last chunk, else ``()``.
+    #[getter]
+    fn request_ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        if self.is_last {
+            PyTuple::new(py, [self.request_id.bind(py)])
+        } else {
+            Ok(PyTuple::empty(py))
+        }
+    }
+
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
+        let py = slf.py();
+        let p = slf.get();
+        let n = |x: u32| -> PyResult<Bound<'py, PyAny>> { Ok(x.into_pyobject(py)?.into_any()) };
+        let items = [
+            p.request_id.bind(py).clone().into_any(),
+            n(p.prompt_len)?,
+            n(p.chunk_index)?,
+            n(p.chunk_count)?,
+            n(p.chunk_size)?,
+            n(p.left_padding)?,
+            n(p.start)?,
+            n(p.end)?,
+            n(p.context_end)?,
+            pyo3::types::PyBool::new(py, p.is_last).to_owned().into_any(),
+            n(p.logits_index)?,
+            n(p.cached_blocks)?,
+            p.input_ids.bind(py).clone().into_any(),
+            p.positions.bind(py).clone().into_any(),
+            p.slot_mapping.bind(py).clone().into_any(),
+            p.block_slots.bind(py).clone().into_any(),
+            p.block_table.bind(py).clone().into_any(),
+        ];
+        let t = PyTuple::new(py, items)?;
+        Ok((slf.get_type().into_any(), t))
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!(
+            "ChunkPlan(request_id={:?}, prompt_len={}, chunk={}/{}, start={}, end={}, is_last={})",
+            self.request_id.bind(py).to_string(),
+            self.prompt_len,
+            self.chunk_index + 1,
+            self.chunk_count,
+            self.start,
+            self.end,
+            self.is_last
+        )
+    }
+}
+
 /// The core's plan as its Python object (vectors moved into arrays).
 pub fn to_python(py: Python<'_>, plan: core::StepPlan) -> PyResult<Py<PyAny>> {
     Ok(match plan {
@@ -270,6 +408,29 @@ pub fn to_python(py: Python<'_>, plan: core::StepPlan) -> PyResult<Py<PyAny>> {
                 positions: array_u32(py, &p.positions),
                 slot_mapping: array(py, p.slot_mapping),
                 block_table: array_u32(py, &p.block_table),
+            },
+        )?
+        .into_any(),
+        core::StepPlan::Chunk(c) => Py::new(
+            py,
+            ChunkPlan {
+                request_id: PyString::new(py, &c.request_id).unbind(),
+                prompt_len: c.prompt_len,
+                chunk_index: c.chunk_index,
+                chunk_count: c.chunk_count,
+                chunk_size: c.chunk_size,
+                left_padding: c.left_padding,
+                start: c.start,
+                end: c.end,
+                context_end: c.context_end,
+                is_last: c.is_last,
+                logits_index: c.logits_index,
+                cached_blocks: c.cached_blocks,
+                input_ids: array_u32(py, &c.input_ids),
+                positions: array_u32(py, &c.positions),
+                slot_mapping: array(py, c.slot_mapping),
+                block_slots: array_u32(py, &c.block_slots),
+                block_table: array_u32(py, &c.block_table),
             },
         )?
         .into_any(),
