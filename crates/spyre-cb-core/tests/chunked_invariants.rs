@@ -17,6 +17,9 @@ static STEPS: AtomicU64 = AtomicU64::new(0);
 static OVER_NO_PAUSE: AtomicU64 = AtomicU64::new(0);
 static PAUSES: AtomicU64 = AtomicU64::new(0);
 
+/// (arrival, prompt, max_tokens, stop after k tokens, abort at step)
+type Req = (u64, Vec<u32>, u32, Option<u32>, Option<u64>);
+
 #[derive(Clone, Debug)]
 struct Work {
     seqs: u32,
@@ -24,8 +27,7 @@ struct Work {
     blocks: Option<u32>,
     limit: Option<u64>,
     opts: ChunkOptions,
-    /// (arrival, prompt, max_tokens, stop_after, abort_at)
-    requests: Vec<(u64, Vec<u32>, u32, Option<u32>, Option<u64>)>,
+    requests: Vec<Req>,
 }
 
 fn work() -> impl Strategy<Value = Work> {
