@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from spyre_cb._core import (
     BLOCK_SIZE,
+    ChunkedStepRecord,
+    ChunkedTrace,
     RejectionReason,
     Scheduler,
     SchedulerConfig,
@@ -35,7 +37,7 @@ from spyre_cb.errors import (
     SpyreCBError,
     UnknownRequestError,
 )
-from spyre_cb.plan import DecodePlan, IdlePlan, PrefillPlan, StepPlan
+from spyre_cb.plan import ChunkPlan, DecodePlan, IdlePlan, PrefillPlan, StepPlan
 from spyre_cb.simulate import simulate
 
 if TYPE_CHECKING:  # torch-backed parts load lazily
@@ -75,8 +77,11 @@ __all__ = [
     "Scheduler",
     "StepRecord",
     "Trace",
+    "ChunkedStepRecord",
+    "ChunkedTrace",
     "simulate",
     "PrefillPlan",
+    "ChunkPlan",
     "DecodePlan",
     "IdlePlan",
     "StepPlan",

@@ -9,8 +9,10 @@ operation, then run one masked SDPA. Same inputs, same semantics:
 
 - prefill (``block_table is None``): keys/values are written to their slots,
   attention runs over the prompt itself with the additive ``mask``;
-- decode: keys ``left_padded_prompt_mask[i] <= j < current_tkv_mask[i]`` of
-  each sequence's block table (in-table coordinates) are attended to.
+- decode, and a chunk of a chunked prefill (several queries per sequence):
+  keys ``left_padded_prompt_mask[i] <= j <= q`` of each sequence's block
+  table (in-table coordinates) are attended to, ``q`` the query's own
+  position (the last query sits at ``current_tkv_mask[i] - 1``).
 """
 
 from __future__ import annotations
@@ -51,8 +53,11 @@ def _decode(query, key_cache, value_cache, nheads, kvheads, p_dropout, scale_fac
     values = value_cache.index_select(0, flat).view(b, w * block, kvheads, -1).transpose(1, 2)
     j = torch.arange(w * block, device=query.device)
     q_len = query.shape[1]
-    # query t of q_len sits at in-table position tkv - q_len + t (decode: q_len = 1)
+    # query t of q_len sits at in-table position tkv - q_len + t (decode:
+    # q_len = 1; a prefill chunk: its left padding lies before position 0 and
+    # attends to the first key only, so that no row is fully masked)
     qpos = tkv[:, None] - q_len + torch.arange(q_len, device=query.device)[None, :]
+    qpos = torch.maximum(qpos, left[:, None])
     valid = (j[None, None, :] >= left[:, None, None]) & (j[None, None, :] <= qpos[:, :, None])
     out = F.scaled_dot_product_attention(
         query.transpose(1, 2),

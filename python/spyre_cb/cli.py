@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spyre_cb._core import RejectionReason, StepRecord, __version__
+from spyre_cb._core import ChunkedStepRecord, StepRecord, __version__
 from spyre_cb.config import EngineConfig, nonneg_int
 from spyre_cb.errors import SpyreCBError
 from spyre_cb.params import SamplingParams
+from spyre_cb.stats import describe_wait
 
 DEMO_PROMPTS = [
     ("The river was higher than", 24, 0),
@@ -37,7 +38,7 @@ def _table_header() -> str:
     return f"{'step':>5} {'kind':<8} {'tkv':>5}  {'waiting':<16} {'running':<20} {'blocks r/u':>10}"
 
 
-def _table_row(rec: StepRecord, kind: str) -> str:
+def _table_row(rec: StepRecord | ChunkedStepRecord, kind: str) -> str:
     w = ",".join(rec.waiting) if len(rec.waiting) <= 6 else f"{len(rec.waiting)} requests"
     r = ",".join(rec.running) if len(rec.running) <= 8 else f"{len(rec.running)} requests"
     return f"{rec.step:>5} {kind:<8} {rec.tkv:>5}  {w:<16} {r:<20} {rec.n_reserved_blocks:>4}/{rec.n_used_blocks:<5}"
@@ -288,10 +289,20 @@ def _format_summary(s: dict) -> str:
         f"p95 {s['queue_delay_p95']:.0f}, max {s['queue_delay_max']} steps",
         f"latency           mean {s['latency_mean']:.1f} steps from arrival to last token",
     ]
+    t, i = s.get("ttft_steps") or {}, s.get("itl_steps") or {}
+    if t:
+        lines.append(f"time to 1st token mean {t['mean']:.1f}, p50 {t['p50']:.0f}, p99 {t['p99']:.0f} steps")
+    if i:
+        lines.append(f"inter-token       mean {i['mean']:.2f}, p50 {i['p50']:.0f}, p99 {i['p99']:.0f} steps")
+    if s.get("policy") == "chunked":
+        lines.append(
+            f"decode pauses     {s['pause_events']} (longest {s['max_pause_steps']} steps); "
+            f"prefix cache saved {s['prefix_cached_blocks']} block prefills"
+        )
     waits = sorted(((k, v) for k, v in s.get("waits_by_reason", {}).items() if v), key=lambda kv: -kv[1])
     if waits:
         lines.append("queue head waited")
-        lines += [f"  {n:>8} steps: {getattr(RejectionReason, k).description}" for k, n in waits]
+        lines += [f"  {n:>8} steps: {describe_wait(k)}" for k, n in waits]
     return "\n".join(lines)
 
 

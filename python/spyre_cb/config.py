@@ -22,6 +22,7 @@ BACKENDS = ("eager", "inductor", "sendnn")
 ATTENTION_OPS = ("vectorized", "fms")
 DTYPES = ("float32", "bfloat16", "float16")
 DISTRIBUTED = ("gloo", "nccl")
+POLICIES = ("continuous", "chunked")
 
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, scheduler: bool = False) -> Any:
@@ -34,13 +35,28 @@ class EngineConfig:
 
     model: str = _opt("tiny", "Hugging Face checkpoint directory, or 'tiny' (the offline test model)")
     max_num_seqs: int = _opt(4, "most sequences in the decode batch", scheduler=True)
-    max_model_len: int = _opt(512, "longest sequence (prompt + generated), a multiple of 64", scheduler=True)
+    max_model_len: int = _opt(
+        512, "longest sequence (prompt + generated); a multiple of 64 under the continuous policy", scheduler=True
+    )
     available_blocks: int | None = _opt(
         None, "usable KV blocks (default: max_num_seqs * max_model_len / 64)", scheduler=True
     )
     max_batch_tkv_limit: int | None = _opt(
         None, "largest batch x tkv (default: max_model_len * max_num_seqs)", scheduler=True
     )
+    policy: str = _opt(
+        "continuous",
+        "scheduling policy: the published continuous batching, or chunked prefill with interleaving, "
+        "decode pausing and prefix caching",
+        choices=POLICIES,
+        scheduler=True,
+    )
+    chunk_size: int = _opt(128, "prompt tokens per prefill chunk, a multiple of 64 (policy chunked)", scheduler=True)
+    interleave: bool = _opt(True, "run a decode step between two prefill chunks (policy chunked)", scheduler=True)
+    decode_pausing: bool = _opt(
+        True, "pause decodes that would exceed max_batch_tkv_limit instead of refusing (policy chunked)", scheduler=True
+    )
+    prefix_caching: bool = _opt(False, "reuse prompt blocks already in the KV cache (policy chunked)", scheduler=True)
     backend: str = _opt("eager", "eager or inductor on CPU; sendnn on an IBM Spyre AIU", choices=BACKENDS)
     attention_ops: str = _opt(
         "vectorized",
@@ -64,10 +80,9 @@ class EngineConfig:
                 raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
         if not isinstance(self.model, str) and not hasattr(self.model, "__fspath__"):
             raise ConfigError(f"model must be a checkpoint directory path or 'tiny', got {type(self.model).__name__}")
-        if not isinstance(self.allow_unverified_architectures, bool):
-            raise ConfigError(
-                f"allow_unverified_architectures must be a bool, got {type(self.allow_unverified_architectures).__name__}"
-            )
+        for name in ("allow_unverified_architectures", "interleave", "decode_pausing", "prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         tp = self.tensor_parallel_size
         if isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 64:
             raise ConfigError(f"tensor_parallel_size must be an int in [1, 64], got {tp!r}")
@@ -121,7 +136,8 @@ class EngineConfig:
             suffix = "" if default is None else f" (default: {shown})"  # None: the help says what it means
             kw: dict[str, Any] = dict(default=default, help=f"{f.metadata['help']}{suffix}", dest=f.name)
             if f.type == "bool":
-                kw = dict(action="store_true", help=f.metadata["help"], dest=f.name)
+                action = argparse.BooleanOptionalAction if default else "store_true"
+                kw = dict(action=action, default=default, help=f.metadata["help"], dest=f.name)
             elif f.metadata["choices"]:
                 kw["choices"] = f.metadata["choices"]
             elif f.type in ("int", "int | None"):
@@ -155,4 +171,4 @@ def nonneg_int(text: str) -> int:
     return value
 
 
-__all__ = ["EngineConfig", "SchedulerConfig", "BACKENDS", "ATTENTION_OPS", "DTYPES", "DISTRIBUTED"]
+__all__ = ["EngineConfig", "SchedulerConfig", "BACKENDS", "ATTENTION_OPS", "DTYPES", "DISTRIBUTED", "POLICIES"]

@@ -39,7 +39,7 @@ from spyre_cb.detokenizer import IncrementalDetokenizer
 from spyre_cb.errors import ConfigError, InvalidRequestError, SchedulerStateError, UnknownRequestError
 from spyre_cb.executor import make_executor
 from spyre_cb.outputs import PositionLogprobs, RequestMetrics
-from spyre_cb.plan import IdlePlan, PrefillPlan, StepPlan
+from spyre_cb.plan import ChunkPlan, IdlePlan, PrefillPlan, StepPlan
 from spyre_cb.runner import ModelRunner, check_backend
 from spyre_cb.sampling import SampledBatch, Sampler, SamplingParams, top_logprobs
 
@@ -173,6 +173,11 @@ class Engine:
                 raise InvalidRequestError("this model directory has no tokenizer: give prompt_token_ids")
             # as the checkpoint's tokenizer does by default (BOS where it adds one), like HF and vLLM
             prompt_token_ids = self.tokenizer(prompt).input_ids
+        if params.prompt_logprobs is not None and self.config.policy == "chunked" and self.config.prefix_caching:
+            raise InvalidRequestError(
+                "prompt_logprobs needs every prompt position computed, but prefix_caching skips cached ones: "
+                "run without prefix_caching for prompt logprobs"
+            )
         if params.n != 1:
             raise InvalidRequestError(
                 f"n = {params.n}: the engine runs one completion per request; LLM.generate fans n out"
@@ -217,7 +222,7 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self._unreported_aborts)
 
-    def snapshot(self) -> _core.StepRecord:
+    def snapshot(self) -> _core.StepRecord | _core.ChunkedStepRecord:
         """The current observation (same record type as ``simulate`` returns)."""
         with self._lock:
             return self.scheduler.snapshot()
@@ -291,6 +296,8 @@ class Engine:
         if isinstance(plan, IdlePlan):
             with self._lock:
                 return self._close([], SampledBatch([], [], {}), [])
+        if isinstance(plan, ChunkPlan):
+            return self._run_chunk(plan)
         states = [self.requests[r] for r in plan.request_ids]
         if isinstance(plan, PrefillPlan) and states[0].metrics.first_scheduled_time is None:
             states[0].metrics.first_scheduled_time = time.time()
@@ -306,6 +313,31 @@ class Engine:
             stopped = [
                 i in sampled.errors or self._stops(s, t, eos) for i, (s, t) in enumerate(zip(states, sampled.tokens))
             ]
+            return self._close(states, sampled, stopped)
+
+    def _run_chunk(self, plan: ChunkPlan) -> list[StepOutput]:
+        """One prefill chunk; only the last one samples (the request's first token)."""
+        state = self.requests[plan.request_id]
+        if state.metrics.first_scheduled_time is None:
+            state.metrics.first_scheduled_time = time.time()
+        if state.params.prompt_logprobs is not None:
+            every = self.executor.execute(plan, all_positions=True)  # [chunk_size, vocab]
+            real = every[plan.left_padding : plan.left_padding + plan.end - plan.start]
+            if plan.start == 0:
+                state.prompt_logprobs = [None]
+            state.prompt_logprobs = (state.prompt_logprobs or [None]) + self._prompt_logprobs_from(
+                state, real[:-1] if plan.is_last else real, plan.start + 1
+            )
+            logits = real[-1][None]
+        else:
+            logits = self.executor.execute(plan)
+        if not plan.is_last:
+            with self._lock:
+                return self._close([], SampledBatch([], [], {}), [])
+        states = [state]
+        sampled = self.sampler.sample(logits, states, self.eos_token_ids)
+        with self._lock:
+            stopped = [0 in sampled.errors or self._stops(state, sampled.tokens[0], self.eos_token_ids)]
             return self._close(states, sampled, stopped)
 
     def _close(self, states: list[RequestState], sampled: SampledBatch, stopped: list[bool]) -> list[StepOutput]:
@@ -353,12 +385,16 @@ class Engine:
 
     def _prompt_logprobs(self, s: RequestState, logits: Any) -> list[PositionLogprobs | None]:
         """Logprobs of prompt tokens 1.. given the tokens before them (the first has none)."""
+        return [None] + self._prompt_logprobs_from(s, logits, 1)
+
+    def _prompt_logprobs_from(self, s: RequestState, logits: Any, first: int) -> list[PositionLogprobs | None]:
+        """Logprobs of prompt tokens ``first..`` from the logits of the positions before them."""
         import torch
 
         k = s.params.prompt_logprobs or 0
         logp = torch.log_softmax(logits.float(), dim=-1)
-        out: list[PositionLogprobs | None] = [None]
-        for d in top_logprobs(logp, k, s.prompt_token_ids[1:]):
+        out: list[PositionLogprobs | None] = []
+        for d in top_logprobs(logp, k, s.prompt_token_ids[first : first + logits.shape[0]]):
             self._decode_tokens(d)
             out.append(d)
         return out

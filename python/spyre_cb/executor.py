@@ -32,7 +32,7 @@ import torch
 from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
 from spyre_cb.errors import ConfigError, ExecutorError
-from spyre_cb.plan import DecodePlan, PrefillPlan
+from spyre_cb.plan import ChunkPlan, DecodePlan, ForwardPlan, PrefillPlan
 from spyre_cb.runner import ModelRunner
 
 # ----- the plan on the wire ----------------------------------------------------
@@ -43,10 +43,10 @@ from spyre_cb.runner import ModelRunner
 # object per step).
 
 HEADER_LEN = 16
-_PREFILL, _DECODE, _STOP = 0, 1, 2
+_PREFILL, _DECODE, _STOP, _CHUNK = 0, 1, 2, 3
 
 
-def pack_plan(plan: PrefillPlan | DecodePlan | None, all_positions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_plan(plan: ForwardPlan | None, all_positions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(header, payload) of a plan; ``None`` packs the stop message."""
     header = torch.zeros(HEADER_LEN, dtype=torch.int64)
     if plan is None:
@@ -56,6 +56,11 @@ def pack_plan(plan: PrefillPlan | DecodePlan | None, all_positions: bool = False
         arrays = [plan.input_ids, plan.positions, plan.slot_mapping, plan.block_table.reshape(-1)]
         arrays += [plan.left_padding, plan.current_tkv]
         meta = [_DECODE, plan.batch_size, plan.block_table.shape[1], plan.tkv]
+    elif isinstance(plan, ChunkPlan):
+        arrays = [plan.input_ids, plan.positions, plan.slot_mapping, plan.block_slots, plan.block_table]
+        meta = [_CHUNK, plan.chunk_size, len(plan.block_table), plan.prompt_len, plan.chunk_index, plan.chunk_count]
+        meta += [plan.left_padding, plan.start, plan.end, plan.context_end, int(plan.is_last), plan.logits_index]
+        meta += [plan.cached_blocks, len(plan.input_ids)]
     else:
         arrays = [plan.input_ids, plan.positions, plan.slot_mapping, plan.block_table]
         meta = [_PREFILL, plan.input_len, len(plan.block_table), plan.tkv, plan.tkv_shift, int(plan.new_batch)]
@@ -67,7 +72,7 @@ def pack_plan(plan: PrefillPlan | DecodePlan | None, all_positions: bool = False
     return header, payload
 
 
-def unpack_plan(header: torch.Tensor, payload: torch.Tensor) -> tuple[PrefillPlan | DecodePlan | None, bool]:
+def unpack_plan(header: torch.Tensor, payload: torch.Tensor) -> tuple[ForwardPlan | None, bool]:
     h = header.tolist()
     all_positions = bool(h[-2])
     data = payload.numpy()
@@ -78,6 +83,14 @@ def unpack_plan(header: torch.Tensor, payload: torch.Tensor) -> tuple[PrefillPla
         parts = np.split(data, np.cumsum([n, n, n, n * w, n])[:5])
         table = parts[3].reshape(n, w).tolist()
         return DecodePlan(("",) * n, n, tkv, parts[0], parts[1], parts[2], table, parts[4], parts[5]), all_positions
+    if h[0] == _CHUNK:
+        size, n_blocks, prompt_len, index, count, left, start, end, ctx, last, logits_index, cached, n_ids = h[1:14]
+        parts = np.split(data, np.cumsum([n_ids, size, size, size // 64])[:4])
+        chunk = ChunkPlan(
+            "", prompt_len, index, count, size, left, start, end, ctx, bool(last), logits_index, cached, *parts
+        )
+        assert len(parts[4]) == n_blocks
+        return chunk, all_positions
     input_len, n_blocks, tkv, shift, new_batch, prompt_len, left, right, logits_index, n_ids = h[1:11]
     parts = np.split(data, np.cumsum([n_ids, input_len, input_len])[:3])
     plan = PrefillPlan(
@@ -87,7 +100,7 @@ def unpack_plan(header: torch.Tensor, payload: torch.Tensor) -> tuple[PrefillPla
     return plan, all_positions
 
 
-def broadcast_plan(plan: PrefillPlan | DecodePlan | None, all_positions: bool = False) -> None:
+def broadcast_plan(plan: ForwardPlan | None, all_positions: bool = False) -> None:
     """Rank 0: sends a plan (or the stop message, ``None``) to every rank."""
     header, payload = pack_plan(plan, all_positions)
     torch.distributed.broadcast(header, src=0)
@@ -95,7 +108,7 @@ def broadcast_plan(plan: PrefillPlan | DecodePlan | None, all_positions: bool = 
         torch.distributed.broadcast(payload, src=0)
 
 
-def receive_plan() -> tuple[PrefillPlan | DecodePlan | None, bool]:
+def receive_plan() -> tuple[ForwardPlan | None, bool]:
     """Ranks > 0: the next plan from rank 0 (``None``: stop)."""
     header = torch.zeros(HEADER_LEN, dtype=torch.int64)
     torch.distributed.broadcast(header, src=0)
@@ -111,7 +124,7 @@ class Executor(Protocol):
     @property
     def vocab_size(self) -> int: ...
 
-    def execute(self, plan: PrefillPlan | DecodePlan, *, all_positions: bool = False) -> torch.Tensor: ...
+    def execute(self, plan: ForwardPlan, *, all_positions: bool = False) -> torch.Tensor: ...
 
     def shutdown(self) -> None: ...
 
@@ -131,7 +144,7 @@ class LocalExecutor:
     def vocab_size(self) -> int:
         return self.runner.vocab_size
 
-    def execute(self, plan: PrefillPlan | DecodePlan, *, all_positions: bool = False) -> torch.Tensor:
+    def execute(self, plan: ForwardPlan, *, all_positions: bool = False) -> torch.Tensor:
         if all_positions:
             return self.runner.execute(plan, all_positions=True)
         return self.runner.execute(plan)
@@ -264,7 +277,7 @@ class TensorParallelExecutor:
             self._teardown()
             raise ExecutorError(f"tensor-parallel worker {', '.join(dead)} died; the engine cannot run further steps")
 
-    def execute(self, plan: PrefillPlan | DecodePlan, *, all_positions: bool = False) -> torch.Tensor:
+    def execute(self, plan: ForwardPlan, *, all_positions: bool = False) -> torch.Tensor:
         if self._closed:
             raise ExecutorError(
                 "the tensor-parallel executor was shut down (a worker failed, or shutdown() was called)"

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Union
 
-from spyre_cb._core import DecodePlan, IdlePlan, PrefillPlan
+from spyre_cb._core import ChunkPlan, DecodePlan, IdlePlan, PrefillPlan
 
-StepPlan = Union[PrefillPlan, DecodePlan, IdlePlan]
+StepPlan = Union[PrefillPlan, ChunkPlan, DecodePlan, IdlePlan]
+#: What a runner executes (an idle step runs nothing).
+ForwardPlan = Union[PrefillPlan, ChunkPlan, DecodePlan]
 
-__all__ = ["PrefillPlan", "DecodePlan", "IdlePlan", "StepPlan"]
+__all__ = ["PrefillPlan", "ChunkPlan", "DecodePlan", "IdlePlan", "StepPlan", "ForwardPlan"]

@@ -14,7 +14,7 @@ from spyre_cb import attention
 from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
 from spyre_cb.errors import BackendUnavailableError, ConfigError
-from spyre_cb.plan import DecodePlan, PrefillPlan
+from spyre_cb.plan import ChunkPlan, DecodePlan, ForwardPlan, PrefillPlan
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,12 +114,39 @@ class ModelRunner:
         return torch.compile(model, backend="sendnn", dynamic=False)
 
     @torch.inference_mode()
-    def execute(self, plan: PrefillPlan | DecodePlan, *, all_positions: bool = False) -> torch.Tensor:
-        """Runs one step; returns next-token logits, one row per planned sequence,
-        or for a prefill with ``all_positions`` one row per input position."""
+    def execute(self, plan: ForwardPlan, *, all_positions: bool = False) -> torch.Tensor:
+        """Runs one step; returns next-token logits, one row per sampling
+        sequence (none for a non-final chunk), or for a prefill or chunk with
+        ``all_positions`` one row per input position."""
         if isinstance(plan, PrefillPlan):
             return self._prefill(plan, all_positions)
+        if isinstance(plan, ChunkPlan):
+            return self._chunk(plan, all_positions)
         return self._decode(plan)
+
+    def _chunk(self, plan: ChunkPlan, all_positions: bool = False) -> torch.Tensor:
+        """One chunk of a chunked prefill: its queries attend over the request's
+        earlier chunks and cached prefix blocks through its block table (the
+        decode attention op with ``chunk_size`` queries per sequence)."""
+        n = plan.chunk_size
+        keep = n if all_positions else (n - plan.logits_index if plan.is_last else 1)
+        logits, self.kv_cache = self._forward(
+            torch.from_numpy(plan.input_ids).unsqueeze(0),
+            position_ids=torch.from_numpy(plan.positions).unsqueeze(0),
+            past_key_value_states=self.kv_cache,
+            use_cache=True,
+            last_n_tokens=keep,
+            attn_name=self.attn_name,
+            slot_mapping=torch.from_numpy(plan.slot_mapping).unsqueeze(0),
+            block_table=torch.from_numpy(plan.block_table).unsqueeze(0),
+            current_tkv_mask=torch.tensor([plan.context_end], dtype=torch.int64),
+            left_padded_prompt_mask=torch.zeros(1, dtype=torch.int64),
+        )
+        if all_positions:
+            return logits[0]
+        if not plan.is_last:
+            return logits[:, :0, :].reshape(0, logits.shape[-1])
+        return logits[:, plan.logits_index - n + logits.shape[1], :]
 
     def _prefill(self, plan: PrefillPlan, all_positions: bool = False) -> torch.Tensor:
         n = plan.input_len

@@ -1,4 +1,5 @@
-"""Model-free simulation of a workload through the exact scheduler."""
+"""Model-free simulation of a workload through the exact scheduler, under
+either policy."""
 
 from __future__ import annotations
 
@@ -6,32 +7,44 @@ from collections.abc import Iterable
 from typing import Any
 
 from spyre_cb import _core
-from spyre_cb._core import SchedulerConfig, Trace
+from spyre_cb._core import ChunkedTrace, SchedulerConfig, Trace
+
+#: A simulated request: ``(arrival_step, prompt_len, max_tokens)`` or a dict
+#: ``{"id", "arrival_step", "prompt_token_ids", "max_tokens", "output_token_ids"}``.
+SimRequest = tuple[int, int, int] | dict[str, Any]
 
 
 def simulate(
-    requests: Iterable[tuple[int, int, int]],
+    requests: Iterable[SimRequest],
     *config: SchedulerConfig | int | None,
     steps: int | None = None,
     **limits: Any,
-) -> Trace:
+) -> Trace | ChunkedTrace:
     """Runs ``requests`` through the scheduler with no model.
 
-    ``requests`` are ``(arrival_step, prompt_len, max_tokens)``; request ids are
-    ``"0"``, ``"1"``, ... in list order. Every request generates exactly
+    ``requests`` are ``(arrival_step, prompt_len, max_tokens)`` tuples (ids
+    ``"0"``, ``"1"``, ... in list order) or dicts with ``"id"`` (optional),
+    ``"arrival_step"``, ``"prompt_token_ids"``, ``"max_tokens"`` and optionally
+    ``"output_token_ids"``: the tokens the request emits (prefix-cache hits on
+    blocks filled during decode depend on them; without them a request emits
+    tokens that match no prompt). Every request generates exactly
     ``max_tokens`` tokens. Requests arriving at step N are added, then step N
     is observed, then the next step runs. With ``steps=None`` the simulation
     runs until every request has finished plus the step after (tkv back to 0);
     otherwise it records steps ``0..steps``.
 
     The limits are a :class:`SchedulerConfig`, or its fields (``max_num_seqs``,
-    ``max_model_len``, ``available_blocks``, ``max_batch_tkv_limit``), resolved
-    by the core exactly as ``SchedulerConfig(...)`` resolves them. Raises :class:`~spyre_cb.errors.ConfigError` for
-    impossible limits. Invalid requests do not raise: they are listed in
-    ``Trace.rejected``. Stretches of idle steps cost no memory; Ctrl-C
-    interrupts a long run.
+    ``max_model_len``, ``available_blocks``, ``max_batch_tkv_limit``, and
+    ``policy="continuous"`` (default: the published policy) or ``"chunked"``
+    with ``chunk_size``, ``interleave``, ``decode_pausing``, ``prefix_caching``),
+    resolved by the core exactly as ``SchedulerConfig(...)`` resolves them.
+    Returns a :class:`Trace` (continuous) or :class:`ChunkedTrace` (chunked:
+    records with block tables and ref counts, ``counters`` and ``latency``).
+    Raises :class:`~spyre_cb.errors.ConfigError` for impossible limits. Invalid
+    requests do not raise: they are listed in ``trace.rejected``. Stretches of
+    idle steps cost no memory; Ctrl-C interrupts a long run.
     """
     return _core.simulate(requests, *config, steps=steps, **limits)
 
 
-__all__ = ["simulate", "Trace"]
+__all__ = ["simulate", "SimRequest", "Trace", "ChunkedTrace"]

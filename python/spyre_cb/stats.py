@@ -14,6 +14,22 @@ from spyre_cb._core import RejectionReason, SchedulerConfig
 
 KINDS = ("idle", "prefill", "decode")
 
+#: Why the chunked policy held a prefill chunk back (its ``waits_by_reason`` keys).
+CHUNK_WAIT_REASONS = {
+    "batch_full": "the decode batch was full (max_num_seqs)",
+    "blocks": "not enough unreserved KV blocks for prompt + max_tokens",
+    "volume": "batch x tkv would exceed max_batch_tkv_limit (decode pausing off)",
+    "interleave": "a decode step had to run between two prefill chunks (interleaving)",
+    "paused_decodes": "paused decodes resume before any prefill",
+}
+
+
+def describe_wait(reason: str) -> str:
+    """A waits_by_reason key in words (either policy)."""
+    if reason in CHUNK_WAIT_REASONS:
+        return CHUNK_WAIT_REASONS[reason]
+    return str(getattr(RejectionReason, reason).description)
+
 
 @dataclass
 class SimulationStats:
@@ -38,12 +54,22 @@ class SimulationStats:
     admitted: np.ndarray  #: step of each request's prefill, -1 if rejected
     finished: np.ndarray  #: step each request finished, -1 if rejected
     rejected: dict[str, str] = field(default_factory=dict)
-    #: steps in which the head of the queue waited, by admission condition (RejectionReason names)
+    #: steps in which the head of the queue waited, by admission condition (RejectionReason
+    #: names; under the chunked policy the keys of CHUNK_WAIT_REASONS)
     waits_by_reason: dict[str, int] = field(default_factory=dict)
+    #: time to first token and inter-token latency in steps ({"n", "mean", "p50", "p99", "max"}
+    #: each) and the longest pause
+    latency: dict[str, Any] = field(default_factory=dict)
+    #: chunked policy: pause/resume events, prefill/decode steps, prefix-cache savings
+    counters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def policy(self) -> str:
+        return self.config.policy
 
     def wait_reasons(self) -> list[tuple[str, int]]:
         """(condition in words, steps) for each condition that kept a request waiting, most first."""
-        out = [(getattr(RejectionReason, k).description, v) for k, v in self.waits_by_reason.items() if v]
+        out = [(describe_wait(k), v) for k, v in self.waits_by_reason.items() if v]
         return sorted(out, key=lambda kv: -kv[1])
 
     @property
@@ -83,6 +109,12 @@ class SimulationStats:
             "queue_delay_max": int(wait.max()) if wait.size else 0,
             "latency_mean": float(latency.mean()) if latency.size else 0.0,
             "waits_by_reason": dict(self.waits_by_reason),
+            "policy": self.policy,
+            "ttft_steps": dict(self.latency.get("ttft_steps", {})),
+            "itl_steps": dict(self.latency.get("itl_steps", {})),
+            "max_pause_steps": int(self.latency.get("max_pause_steps", 0)),
+            "pause_events": int(self.counters.get("pause_events", 0)),
+            "prefix_cached_blocks": int(self.counters.get("prefix_cached_blocks", 0)),
         }
 
     def plot(self, path: str | os.PathLike[str], title: str | None = None) -> None:
@@ -134,15 +166,15 @@ class SimulationStats:
 
 
 def simulate_stats(
-    requests: Iterable[tuple[int, int, int]],
+    requests: Iterable[tuple[int, int, int] | dict[str, Any]],
     *config: SchedulerConfig | int | None,
     steps: int | None = None,
     **limits: Any,
 ) -> SimulationStats:
     """Runs the workload through the scheduler (no model) and returns compact statistics.
 
-    The limits are a :class:`SchedulerConfig` or its fields as keywords, as for
-    :func:`spyre_cb.simulate`.
+    The limits are a :class:`SchedulerConfig` or its fields as keywords
+    (``policy="chunked"`` and its options included), as for :func:`spyre_cb.simulate`.
     """
     if not isinstance(requests, (list, tuple)):
         requests = list(requests) if isinstance(requests, Iterable) else requests
@@ -167,9 +199,18 @@ def simulate_stats(
         )
     }
     return SimulationStats(
-        requests=[tuple(r) for r in requests],
+        requests=[_as_tuple(r) for r in requests],
         config=cfg,
         rejected=dict(d["rejected"]),
         waits_by_reason=dict(d["waits_by_reason"]),
+        latency=dict(d["latency"]),
+        counters=dict(d.get("counters", {})),
         **cols,
     )
+
+
+def _as_tuple(r: Any) -> tuple[int, int, int]:
+    if isinstance(r, dict):
+        return (int(r["arrival_step"]), len(r["prompt_token_ids"]), int(r["max_tokens"]))
+    a, p, m = r
+    return (int(a), int(p), int(m))

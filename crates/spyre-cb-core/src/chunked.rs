@@ -167,8 +167,9 @@ pub struct ChunkedScheduler {
     last_rejection: Option<ChunkRejection>,
     /// Block-level slots of the last step's chunk.
     last_slots: Option<(Handle, Vec<u32>)>,
-    /// Batch x tkv of the last decode step.
+    /// Batch x tkv of the last decode step, and its padding slots.
     last_volume: u64,
+    last_padding: u64,
 }
 
 impl ChunkedScheduler {
@@ -199,6 +200,7 @@ impl ChunkedScheduler {
             last_rejection: None,
             last_slots: None,
             last_volume: 0,
+            last_padding: 0,
         }
     }
 
@@ -246,6 +248,10 @@ impl ChunkedScheduler {
     /// Batch size x tkv of the last decode step (0 before any).
     pub fn last_decode_volume(&self) -> u64 {
         self.last_volume
+    }
+    /// Left-padding slots of the last decode step (of its batch x tkv).
+    pub fn last_decode_padding(&self) -> u64 {
+        self.last_padding
     }
     pub fn step_in_flight(&self) -> bool {
         self.pending != Pending::None
@@ -845,6 +851,13 @@ impl ChunkedScheduler {
             self.req_mut(x).paused_steps = 0;
         }
         let tkv = (i64::from(m * B) + off) as u32;
+        self.last_padding = members
+            .iter()
+            .map(|&x| {
+                let r = self.req(x);
+                u64::from(tkv - ((m - r.blocks.len() as u32) * B + r.computed + 1))
+            })
+            .sum();
         self.tkv = tkv;
         self.prev_prefill = false;
         self.last_volume = members.len() as u64 * u64::from(tkv);

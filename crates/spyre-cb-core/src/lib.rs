@@ -28,7 +28,10 @@ pub use admission::{Admission, Rejection};
 pub use block_cache::BlockCache;
 pub use block_pool::{BlockId, BlockPool, NULL_BLOCK};
 pub use chunked::{ChunkRejection, ChunkedRecord, ChunkedScheduler, Counters};
-pub use chunked_sim::{simulate_chunked, ChunkedSimRequest, ChunkedSimResult, RequestTimes, NO_MATCH_TOKEN};
+pub use chunked_sim::{
+    simulate_chunked, ChunkedSimRequest, ChunkedSimResult, LatencySummary, LatencyTracker, RequestTimes, Summary,
+    NO_MATCH_TOKEN,
+};
 pub use config::{ChunkOptions, Policy, SchedulerConfig, BLOCK_SIZE, MAX_AVAILABLE_BLOCKS};
 pub use error::{ConfigError, CoreError, InvalidRequest, StateError};
 pub use plan::{ChunkPlan, DecodePlan, PrefillPlan, StepPlan};

@@ -282,6 +282,8 @@ pub struct SimStats {
     /// Steps in which the head of the waiting queue was kept out, by
     /// admission condition (indexed like [`crate::Rejection::ALL`]).
     pub waits: [u64; 6],
+    /// When each request emitted its tokens.
+    pub latency: crate::chunked_sim::LatencyTracker,
 }
 
 /// Like [`simulate`] but records [`SimStats`] instead of full step records.
@@ -310,6 +312,7 @@ pub fn simulate_stats(
                 StepPlan::Prefill(p) => {
                     let idx = sched.last_outputs().next().map(|r| r.tag).expect("the prefilled request");
                     self.st.admitted[idx as usize] = n;
+                    self.st.latency.scheduled(idx as usize, n);
                     let computed = u64::from(p.input_len());
                     (KIND_PREFILL, computed, computed - u64::from(p.prompt_len))
                 }
@@ -327,8 +330,14 @@ pub fn simulate_stats(
             }
         }
         fn observed(&mut self, sched: &Scheduler, n: u64, span: u64) {
+            if span == 1 {
+                for idx in sched.last_outputs().map(|r| r.tag) {
+                    self.st.latency.token(idx as usize, n);
+                }
+            }
             for idx in sched.last_finished().map(|r| r.tag) {
                 self.st.finished[idx as usize] = n;
+                self.st.latency.finished(idx as usize, n);
             }
             let (kind, computed, padding) = std::mem::replace(&mut self.step, (KIND_IDLE, 0, 0));
             if self.record_steps {
@@ -347,6 +356,7 @@ pub fn simulate_stats(
         }
     }
     let st = SimStats {
+        latency: crate::chunked_sim::LatencyTracker::new(requests.iter().map(|r| r.arrival)),
         admitted: vec![u64::MAX; requests.len()],
         finished: vec![u64::MAX; requests.len()],
         ..Default::default()

@@ -2,9 +2,7 @@
 //! becomes a typed error that names the argument and the limit.
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyString, PyTuple};
-
-use spyre_cb_core as core;
+use pyo3::types::{PyBool, PyString};
 
 use crate::errors::{err, Kind};
 
@@ -96,32 +94,4 @@ pub fn bool_list(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<bool>> {
         }
     }
     Ok(out)
-}
-
-/// The `(arrival_step, prompt_len, max_tokens)` requests of a simulation.
-pub fn sim_requests(requests: &Bound<'_, PyAny>) -> PyResult<Vec<core::SimRequest>> {
-    let py = requests.py();
-    let c = Kind::InvalidRequest;
-    let iter = requests
-        .try_iter()
-        .map_err(|_| err(py, c, "requests must be an iterable of (arrival_step, prompt_len, max_tokens)"))?;
-    let mut reqs = Vec::new();
-    for (i, item) in iter.enumerate() {
-        let item = item?;
-        let seq: Vec<Bound<'_, PyAny>> = match item.cast::<PyTuple>() {
-            Ok(t) => t.iter().collect(),
-            Err(_) if item.is_instance_of::<PyString>() => Vec::new(),
-            Err(_) => item.extract().unwrap_or_default(),
-        };
-        if seq.len() != 3 {
-            let msg = format!("requests[{i}] must be (arrival_step, prompt_len, max_tokens), got {}", type_name(&item));
-            return Err(err(py, c, msg));
-        }
-        reqs.push(core::SimRequest {
-            arrival: uint(&seq[0], &format!("requests[{i}] arrival_step"), MAX_STEPS, c)?,
-            prompt_len: uint(&seq[1], &format!("requests[{i}] prompt_len"), U32, c)? as u32,
-            max_tokens: uint(&seq[2], &format!("requests[{i}] max_tokens"), U32, c)? as u32,
-        });
-    }
-    Ok(reqs)
 }

@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 
 use spyre_cb_core as core;
 
+mod chunked;
 mod config;
 mod convert;
 mod errors;
@@ -24,6 +25,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<config::SchedulerConfig>()?;
     m.add_class::<scheduler::Scheduler>()?;
     m.add_class::<records::StepRecord>()?;
+    m.add_class::<chunked::ChunkedStepRecord>()?;
+    m.add_class::<chunked::ChunkedTrace>()?;
     m.add_class::<records::Trace>()?;
     m.add_class::<records::TraceIter>()?;
     m.add_class::<records::UpdateOutcome>()?;
@@ -31,6 +34,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<plans::PrefillPlan>()?;
     m.add_class::<plans::DecodePlan>()?;
     m.add_class::<plans::IdlePlan>()?;
+    m.add_class::<plans::ChunkPlan>()?;
     m.add_function(wrap_pyfunction!(simulate::simulate, m)?)?;
     m.add_function(wrap_pyfunction!(simulate::simulate_stats, m)?)?;
     m.add_function(wrap_pyfunction!(simulate::synthetic_workload, m)?)?;

@@ -5,21 +5,40 @@ use pyo3::types::{PyDict, PyTuple};
 
 use spyre_cb_core as core;
 
+use crate::chunked::{counters_dict, ChunkedStepRecord};
 use crate::config::SchedulerConfig;
 use crate::convert::{bool_list, request_id, uint, uint_list, U32};
 use crate::errors::{core_err, err, panic_message, Kind};
 use crate::plans;
 use crate::records::{RejectionReason, StepRecord, UpdateOutcome};
 
+/// The core scheduler of either policy.
+#[allow(clippy::large_enum_variant)] // one per scheduler, never moved in a hot loop
+pub enum Inner {
+    Continuous(core::Scheduler),
+    Chunked(core::ChunkedScheduler),
+}
+
+/// Calls the same method on whichever policy runs.
+macro_rules! each {
+    ($inner:expr, $s:ident => $e:expr) => {
+        match $inner {
+            Inner::Continuous($s) => $e,
+            Inner::Chunked($s) => $e,
+        }
+    };
+}
+
 /// The scheduling core: waiting queue, running batch, KV block pool and tkv.
 ///
 /// ``Scheduler(config)`` or ``Scheduler(max_num_seqs, max_model_len,
-/// available_blocks=None, max_batch_tkv_limit=None)``. One thread at a time
-/// (an engine serializes its calls); a call from a second thread while one
-/// runs raises instead of racing.
+/// available_blocks=None, max_batch_tkv_limit=None, policy=..., ...)``. The
+/// config's policy picks the continuous (default) or chunked scheduler. One
+/// thread at a time (an engine serializes its calls); a call from a second
+/// thread while one runs raises instead of racing.
 #[pyclass(module = "spyre_cb._core")]
 pub struct Scheduler {
-    inner: core::Scheduler,
+    inner: Inner,
     /// Set when a core call panicked: the state may be half-changed, so every
     /// later call refuses (the scheduler must be rebuilt).
     poisoned: Option<String>,
@@ -31,7 +50,7 @@ impl Scheduler {
         &mut self,
         py: Python<'_>,
         what: &str,
-        f: impl FnOnce(&mut core::Scheduler) -> Result<T, core::CoreError>,
+        f: impl FnOnce(&mut Inner) -> Result<T, core::CoreError>,
     ) -> PyResult<T> {
         self.check(py)?;
         let inner = &mut self.inner;
@@ -59,13 +78,42 @@ impl Scheduler {
     #[pyo3(signature = (*args, **kwargs))]
     fn new(py: Python<'_>, args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
         let cfg = SchedulerConfig::resolve(py, args, kwargs)?;
-        Ok(Self { inner: core::Scheduler::new(cfg), poisoned: None })
+        let inner = if cfg.policy.is_chunked() {
+            Inner::Chunked(core::ChunkedScheduler::new(cfg))
+        } else {
+            Inner::Continuous(core::Scheduler::new(cfg))
+        };
+        Ok(Self { inner, poisoned: None })
     }
 
     /// The resolved limits.
     #[getter]
     fn config(&self) -> SchedulerConfig {
-        SchedulerConfig { inner: self.inner.config().clone() }
+        SchedulerConfig { inner: each!(&self.inner, s => s.config().clone()) }
+    }
+
+    /// ``"continuous"`` or ``"chunked"``.
+    #[getter]
+    fn policy(&self) -> &'static str {
+        each!(&self.inner, s => s.config().policy.name())
+    }
+
+    /// Event counters (chunked policy; an empty dict for the continuous one).
+    #[getter]
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        match &self.inner {
+            Inner::Chunked(s) => counters_dict(py, &s.counters()),
+            Inner::Continuous(_) => Ok(PyDict::new(py)),
+        }
+    }
+
+    /// Paused requests (chunked policy with decode pausing).
+    #[getter]
+    fn n_paused(&self) -> usize {
+        match &self.inner {
+            Inner::Chunked(s) => s.n_paused(),
+            Inner::Continuous(_) => 0,
+        }
     }
 
     /// Queues a request with its prompt token ids.
@@ -79,7 +127,7 @@ impl Scheduler {
         let id = crate::convert::request_id(request_id)?;
         let mt = uint(max_tokens, "max_tokens", U32, Kind::InvalidRequest)? as u32;
         let ids = uint_list(prompt_token_ids, "prompt_token_ids", U32, Kind::InvalidRequest)?;
-        self.call(py, "add_request", |s| s.add_request(&id, ids, mt))
+        self.call(py, "add_request", |s| each!(s, s => s.add_request(&id, ids, mt)))
     }
 
     /// Queues a token-less request (for simulations: plans carry no input ids).
@@ -91,7 +139,7 @@ impl Scheduler {
         max_tokens: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         let (id, pl, mt) = len_request(request_id, prompt_len, max_tokens)?;
-        self.call(py, "add_request_len", |s| s.add_request_len(&id, pl, mt))
+        self.call(py, "add_request_len", |s| each!(s, s => s.add_request_tagged(&id, 0, pl, mt)))
     }
 
     /// Checks a request against the limits without queuing it.
@@ -104,19 +152,19 @@ impl Scheduler {
     ) -> PyResult<()> {
         self.check(py)?;
         let (id, pl, mt) = len_request(request_id, prompt_len, max_tokens)?;
-        self.inner.validate(&id, pl, mt).map_err(|e| core_err(py, e.into()))
+        each!(&self.inner, s => s.validate(&id, pl, mt)).map_err(|e| core_err(py, e.into()))
     }
 
     /// Aborts a waiting or running request. During a step (after
     /// ``schedule()``) the abort is queued and applied when the step closes.
     fn abort(&mut self, py: Python<'_>, request_id: &Bound<'_, PyAny>) -> PyResult<()> {
         let id = crate::convert::request_id(request_id)?;
-        self.call(py, "abort", |s| s.abort(&id))
+        self.call(py, "abort", |s| each!(s, s => s.abort(&id)))
     }
 
     /// Starts a step; returns its plan (PrefillPlan, DecodePlan or IdlePlan).
     fn schedule(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let plan = self.call(py, "schedule", |s| s.schedule())?;
+        let plan = self.call(py, "schedule", |s| each!(s, s => s.schedule()))?;
         plans::to_python(py, plan)
     }
 
@@ -135,81 +183,102 @@ impl Scheduler {
             Some(s) if !s.is_none() => bool_list(s, "stopped")?,
             _ => Vec::new(),
         };
-        Ok(self.call(py, "update", |s| s.update(&tokens, &stopped))?.into())
+        Ok(self.call(py, "update", |s| each!(s, s => s.update(&tokens, &stopped)))?.into())
     }
 
     /// Closes the pending step without tokens: its requests are aborted
     /// (blocks back at the next step), everything else is untouched.
     fn cancel(&mut self, py: Python<'_>) -> PyResult<UpdateOutcome> {
-        Ok(self.call(py, "cancel", |s| s.cancel())?.into())
+        Ok(self.call(py, "cancel", |s| each!(s, s => s.cancel()))?.into())
     }
 
     /// True between ``schedule()`` and ``update()``/``cancel()``.
     #[getter]
     fn step_in_flight(&self) -> bool {
-        self.inner.step_in_flight()
+        each!(&self.inner, s => s.step_in_flight())
     }
 
-    fn snapshot(&self, py: Python<'_>) -> PyResult<StepRecord> {
+    /// The current observation: a StepRecord, or a ChunkedStepRecord under
+    /// the chunked policy.
+    fn snapshot(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         self.check(py)?;
-        Ok(self.inner.snapshot().into())
+        Ok(match &self.inner {
+            Inner::Continuous(s) => Py::new(py, StepRecord::from(s.snapshot()))?.into_any(),
+            Inner::Chunked(s) => Py::new(py, ChunkedStepRecord::from(s.snapshot()))?.into_any(),
+        })
     }
 
     fn has_unfinished_requests(&self) -> bool {
-        self.inner.has_unfinished_requests()
+        each!(&self.inner, s => s.has_unfinished_requests())
     }
 
     /// Raises SchedulerStateError naming the first broken bookkeeping invariant.
     fn check_invariants(&self, py: Python<'_>) -> PyResult<()> {
         self.check(py)?;
-        self.inner.check_invariants().map_err(|m| err(py, Kind::SchedulerState, m))
+        each!(&self.inner, s => s.check_invariants()).map_err(|m| err(py, Kind::SchedulerState, m))
     }
 
     /// Blocks held by a running request (or one that finished in the last step).
     fn request_blocks(&self, request_id: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u32>>> {
-        Ok(self.inner.request_blocks(&crate::convert::request_id(request_id)?))
+        let id = crate::convert::request_id(request_id)?;
+        Ok(each!(&self.inner, s => s.request_blocks(&id)))
     }
 
     /// Whether the id belongs to a waiting, running or just-finished request.
     fn contains(&self, request_id: &Bound<'_, PyAny>) -> PyResult<bool> {
-        Ok(self.inner.contains(&crate::convert::request_id(request_id)?))
+        let id = crate::convert::request_id(request_id)?;
+        Ok(each!(&self.inner, s => s.contains(&id)))
     }
 
-    /// Why the head of the waiting queue was not admitted in the last step.
+    /// Why the head of the waiting queue was not admitted in the last step
+    /// (continuous policy).
     #[getter]
     fn last_rejection(&self) -> Option<RejectionReason> {
-        self.inner.last_rejection().map(Into::into)
+        match &self.inner {
+            Inner::Continuous(s) => s.last_rejection().map(Into::into),
+            Inner::Chunked(_) => None,
+        }
+    }
+
+    /// Why the next prefill chunk did not run in the last step (chunked
+    /// policy): "batch_full", "blocks", "volume", "interleave" or "paused_decodes".
+    #[getter]
+    fn last_chunk_rejection(&self) -> Option<&'static str> {
+        match &self.inner {
+            Inner::Chunked(s) => s.last_rejection().map(|r| r.name()),
+            Inner::Continuous(_) => None,
+        }
     }
     #[getter]
     fn step(&self) -> u64 {
-        self.inner.step()
+        each!(&self.inner, s => s.step())
     }
     #[getter]
     fn tkv(&self) -> u32 {
-        self.inner.tkv()
+        each!(&self.inner, s => s.tkv())
     }
     #[getter]
     fn n_waiting(&self) -> usize {
-        self.inner.n_waiting()
+        each!(&self.inner, s => s.n_waiting())
     }
     #[getter]
     fn n_running(&self) -> usize {
-        self.inner.n_running()
+        each!(&self.inner, s => s.n_running())
     }
     /// Blocks reserved by admitted requests (available_blocks - n_unreserved_blocks).
     #[getter]
     fn n_reserved_blocks(&self) -> u32 {
-        self.inner.n_reserved_blocks()
+        each!(&self.inner, s => s.n_reserved_blocks())
     }
     /// Blocks no admitted request has reserved (what admission may still give).
     #[getter]
     fn n_unreserved_blocks(&self) -> u32 {
-        self.inner.n_unreserved_blocks()
+        each!(&self.inner, s => s.n_unreserved_blocks())
     }
     /// Blocks allocated in the pool.
     #[getter]
     fn n_used_blocks(&self) -> u32 {
-        self.inner.n_used_blocks()
+        each!(&self.inner, s => s.n_used_blocks())
     }
 }
 

@@ -7,8 +7,9 @@ use pyo3::types::{PyDict, PyString, PyTuple};
 
 use spyre_cb_core as core;
 
+use crate::chunked::{counters_dict, latency_dict, ChunkedTrace};
 use crate::config::SchedulerConfig;
-use crate::convert::{opt_uint, sim_requests, uint, MAX_STEPS, U32};
+use crate::convert::{opt_uint, uint, MAX_STEPS, U32};
 use crate::errors::{err, panic_message, Kind};
 use crate::records::{SharedTrace, Trace};
 
@@ -70,27 +71,46 @@ fn run_simulation<T: Send>(
     }
 }
 
+fn name(r: &core::ChunkedSimRequest, i: usize) -> String {
+    r.id.clone().unwrap_or_else(|| i.to_string())
+}
+
+fn continuous_requests(reqs: &[core::ChunkedSimRequest]) -> Vec<core::SimRequest> {
+    reqs.iter()
+        .map(|r| core::SimRequest { arrival: r.arrival, prompt_len: r.prompt_len, max_tokens: r.max_tokens })
+        .collect()
+}
+
 /// Model-free simulation: ``simulate(requests, config)`` or
-/// ``simulate(requests, max_num_seqs=..., max_model_len=..., ..., steps=None)``.
-/// Returns a Trace; requests refused at add time are in ``trace.rejected``.
+/// ``simulate(requests, max_num_seqs=..., max_model_len=..., ..., policy=..., steps=None)``.
+/// Returns a Trace (continuous policy) or a ChunkedTrace; requests refused at
+/// add time are in ``trace.rejected``.
 #[pyfunction]
 #[pyo3(signature = (requests, *config, **kwargs))]
-pub fn simulate(
-    py: Python<'_>,
-    requests: &Bound<'_, PyAny>,
-    config: &Bound<'_, PyTuple>,
-    kwargs: Option<&Bound<'_, PyDict>>,
-) -> PyResult<Trace> {
+pub fn simulate<'py>(
+    py: Python<'py>,
+    requests: &Bound<'py, PyAny>,
+    config: &Bound<'py, PyTuple>,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>> {
     let (cfg, steps, _) = split_kwargs(py, config, kwargs)?;
-    let reqs = sim_requests(requests)?;
-    let n = reqs.len();
-    let trace = run_simulation(py, "simulate", |hook| core::simulate_compact(cfg, &reqs, steps, hook))?;
+    let reqs = crate::chunked::requests(requests)?;
     let rejected = PyDict::new(py);
-    for (i, e) in &trace.rejected {
-        rejected.set_item(i.to_string(), e.to_string())?;
+    if cfg.policy.is_chunked() {
+        let res = run_simulation(py, "simulate", |hook| core::simulate_chunked(cfg, &reqs, steps, true, hook))?;
+        for (i, e) in &res.rejected {
+            rejected.set_item(name(&reqs[*i], *i), e.to_string())?;
+        }
+        let t = ChunkedTrace { result: Arc::new(res), rejected: rejected.unbind() };
+        return Ok(Bound::new(py, t)?.into_any());
     }
-    let names = (0..n).map(|i| PyString::new(py, &i.to_string()).unbind()).collect();
-    Ok(Trace::new(Arc::new(SharedTrace { trace, names }), rejected.unbind()))
+    let plain = continuous_requests(&reqs);
+    let trace = run_simulation(py, "simulate", |hook| core::simulate_compact(cfg, &plain, steps, hook))?;
+    for (i, e) in &trace.rejected {
+        rejected.set_item(name(&reqs[*i as usize], *i as usize), e.to_string())?;
+    }
+    let names = reqs.iter().enumerate().map(|(i, r)| PyString::new(py, &name(r, i)).unbind()).collect();
+    Ok(Bound::new(py, Trace::new(Arc::new(SharedTrace { trace, names }), rejected.unbind()))?.into_any())
 }
 
 /// Compact statistics of a simulation as a dict of columns: per row (a step,
@@ -109,8 +129,12 @@ pub fn simulate_stats<'py>(
         Some(v) => v.is_truthy()?,
         None => true,
     };
-    let reqs = sim_requests(requests)?;
+    let reqs = crate::chunked::requests(requests)?;
     let resolved = SchedulerConfig { inner: cfg.clone() };
+    if cfg.policy.is_chunked() {
+        return chunked_stats(py, cfg, resolved, &reqs, steps, record_steps);
+    }
+    let reqs = continuous_requests(&reqs);
     let st = run_simulation(py, "simulate_stats", |hook| core::simulate_stats(cfg, &reqs, steps, record_steps, hook))?;
     let d = PyDict::new(py);
     d.set_item("config", resolved)?;
@@ -126,8 +150,10 @@ pub fn simulate_stats<'py>(
     d.set_item("padding_slots", st.padding_slots)?;
     let steps_of =
         |v: Vec<u64>| -> Vec<i64> { v.into_iter().map(|s| if s == u64::MAX { -1 } else { s as i64 }).collect() };
-    d.set_item("admitted", steps_of(st.admitted))?;
+    d.set_item("admitted", steps_of(st.admitted.clone()))?;
+    d.set_item("first_token", steps_of(st.admitted))?;
     d.set_item("finished", steps_of(st.finished))?;
+    d.set_item("latency", latency_dict(py, &st.latency.summary())?)?;
     let rejected: Vec<(String, String)> = st.rejected.into_iter().map(|(id, e)| (id, e.to_string())).collect();
     d.set_item("rejected", rejected)?;
     let waits = PyDict::new(py);
@@ -135,6 +161,52 @@ pub fn simulate_stats<'py>(
         waits.set_item(why.name(), count)?;
     }
     d.set_item("waits_by_reason", waits)?;
+    Ok(d)
+}
+
+/// `simulate_stats` of the chunked policy: the same row columns (plus
+/// ``n_paused``), per-request first-token and finish steps, latency and counters.
+fn chunked_stats<'py>(
+    py: Python<'py>,
+    cfg: core::SchedulerConfig,
+    resolved: SchedulerConfig,
+    reqs: &[core::ChunkedSimRequest],
+    steps: Option<u64>,
+    record_steps: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let res =
+        run_simulation(py, "simulate_stats", |hook| core::simulate_chunked(cfg, reqs, steps, record_steps, hook))?;
+    let d = PyDict::new(py);
+    d.set_item("config", resolved)?;
+    let col = |f: &dyn Fn(&core::ChunkedRecord) -> u64| -> Vec<u64> { res.records.iter().map(|(r, _)| f(r)).collect() };
+    d.set_item("step", col(&|r| r.base.step))?;
+    d.set_item("span", res.records.iter().map(|(_, s)| *s).collect::<Vec<u64>>())?;
+    d.set_item("tkv", col(&|r| u64::from(r.base.tkv)))?;
+    d.set_item("kind", res.kinds.iter().map(|&k| u32::from(k)).collect::<Vec<u32>>())?;
+    d.set_item("n_running", col(&|r| r.base.running.len() as u64))?;
+    d.set_item("n_waiting", col(&|r| r.base.waiting.len() as u64))?;
+    d.set_item("n_paused", col(&|r| r.paused.len() as u64))?;
+    d.set_item("n_reserved_blocks", col(&|r| u64::from(r.base.n_reserved_blocks)))?;
+    d.set_item("n_used_blocks", col(&|r| u64::from(r.base.n_used_blocks)))?;
+    d.set_item("n_cached_blocks", col(&|r| u64::from(r.n_cached_blocks)))?;
+    d.set_item("computed_slots", res.computed_slots.clone())?;
+    d.set_item("padding_slots", res.padding_slots.clone())?;
+    let opt = |v: Option<u64>| v.map_or(-1, |s| s as i64);
+    let times = &res.latency.times;
+    d.set_item("admitted", times.iter().map(|t| opt(t.scheduled)).collect::<Vec<i64>>())?;
+    let waits = PyDict::new(py);
+    for (why, count) in core::ChunkRejection::ALL.iter().zip(res.waits) {
+        waits.set_item(why.name(), count)?;
+    }
+    d.set_item("waits_by_reason", waits)?;
+    d.set_item("first_token", times.iter().map(|t| opt(t.first_token)).collect::<Vec<i64>>())?;
+    d.set_item("finished", times.iter().map(|t| opt(t.finished)).collect::<Vec<i64>>())?;
+    let rejected: Vec<(String, String)> =
+        res.rejected.iter().map(|(i, e)| (name(&reqs[*i], *i), e.to_string())).collect();
+    d.set_item("rejected", rejected)?;
+    d.set_item("latency", latency_dict(py, &res.latency.summary())?)?;
+    d.set_item("counters", counters_dict(py, &res.counters)?)?;
+    d.set_item("max_decode_volume", res.max_decode_volume)?;
     Ok(d)
 }
 
