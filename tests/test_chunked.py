@@ -234,3 +234,74 @@ def test_runner_fact_decode_padding_to_same_block(tiny_model, hf_greedy):
         eng.step()
     for rid in ("short", "long"):
         assert eng.get_request(rid).output_token_ids == hf_greedy(prompts[rid], 4)
+
+
+# ----- failures ------------------------------------------------------------------
+
+
+def _chunked_engine(tiny_model, **kw):
+    opts = dict(max_num_seqs=3, max_model_len=512, policy="chunked", chunk_size=64, prefix_caching=True)
+    opts.update(kw)
+    return spyre_cb.Engine(tiny_model, **opts)
+
+
+def test_a_failing_chunk_aborts_its_request_only(tiny_model, hf_greedy, monkeypatch):
+    from conftest import drain, random_prompts
+
+    eng = _chunked_engine(tiny_model)
+    p = random_prompts([20, 300, 30], eng.vocab_size, seed=5)
+    for i in range(3):
+        eng.add_request(str(i), p[i], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    eng.step()  # prefill 0 (one chunk)
+    eng.step()  # decode 0 (interleaving)
+    eng.step()  # chunk 1 of 5 of request 1
+    eng.step()  # decode 0
+    assert eng.snapshot().running == ["0", "1"] and eng.snapshot().n_used_blocks == 2
+    real = eng.runner.execute
+    monkeypatch.setattr(eng.runner, "execute", lambda plan, **kw: (_ for _ in ()).throw(RuntimeError("device lost")))
+    with pytest.raises(RuntimeError, match="device lost"):
+        eng.step()  # chunk 2 of request 1 fails: request 1 alone is aborted
+    monkeypatch.setattr(eng.runner, "execute", real)
+    r1 = eng.get_request("1")
+    assert r1.finish_reason == "abort" and "device lost" in r1.error
+    assert eng.snapshot().n_used_blocks == 1  # its blocks are back
+    drain(eng)
+    for i in (0, 2):
+        assert eng.get_request(str(i)).output_token_ids == hf_greedy(p[i], 10)
+
+
+def test_abort_of_an_ongoing_prefill_returns_its_blocks(tiny_model, hf_greedy):
+    from conftest import drain, random_prompts
+
+    eng = _chunked_engine(tiny_model, max_num_seqs=2)
+    p = random_prompts([400, 40], eng.vocab_size, seed=6)
+    for i in range(2):
+        eng.add_request(str(i), p[i], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    eng.step()
+    eng.step()  # two chunks of request 0 (nothing decodes: no interleaving needed)
+    held = eng.snapshot().n_used_blocks
+    assert held == 2
+    eng.abort_request("0")
+    outs = eng.step()
+    assert any(o.request_id == "0" and o.finish_reason == "abort" for o in outs)
+    drain(eng)
+    assert eng.get_request("1").output_token_ids == hf_greedy(p[1], 6)
+
+
+def test_tensor_parallel_runs_chunks(tiny_model, hf_greedy):
+    """A chunk travels to the other rank like any plan; tokens stay HF's."""
+    from conftest import random_prompts
+
+    eng = spyre_cb.Engine(
+        tiny_model, max_num_seqs=2, max_model_len=512, policy="chunked", chunk_size=64, tensor_parallel_size=2
+    )
+    try:
+        p = random_prompts([150, 20], eng.vocab_size, seed=8)
+        for i in range(2):
+            eng.add_request(str(i), p[i], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+        while eng.has_unfinished_requests():
+            eng.step()
+        for i in range(2):
+            assert eng.get_request(str(i)).output_token_ids == hf_greedy(p[i], 5)
+    finally:
+        eng.shutdown()
