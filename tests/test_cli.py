@@ -178,3 +178,26 @@ def test_simulate_summary_says_why_requests_waited():
     r = run("simulate", "--synthetic", "300", "--seed", "2", "--summary")
     assert r.returncode == 0, r.stderr
     assert "queue head waited" in r.stdout and "the batch is full" in r.stdout
+
+
+def test_chunked_policy_from_the_command_line(tmp_path):
+    """simulate and demo take the chunked policy's options; the summary reports its latencies."""
+    wl = tmp_path / "w.json"
+    wl.write_text(json.dumps([[0, 900, 20], [1, 30, 40], [2, 40, 10]]))
+    r = run("simulate", str(wl), "--policy", "chunked", "--chunk-size", "128", "--max-num-seqs", "4", "--table")
+    assert r.returncode == 0, r.stderr
+    assert "time to 1st token" in r.stdout and "decode pauses" in r.stdout
+    assert "chunk" in r.stdout or "prefill" in r.stdout
+    r = run("simulate", str(wl), "--prefix-caching")  # a chunked option without the policy
+    assert r.returncode == 2 and "policy='chunked'" in r.stderr
+    r = run(
+        "demo",
+        "--policy",
+        "chunked",
+        "--chunk-size",
+        "64",
+        "--no-interleave",
+        env_extra={"SPYRE_CB_CACHE": str(tmp_path)},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "generated:" in r.stdout

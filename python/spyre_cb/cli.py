@@ -56,9 +56,15 @@ def cmd_demo(a: argparse.Namespace) -> int:
         print(f"tiny random-weight Granite at {config.model} (built offline; its text is noise by design)")
     eng = Engine(config=config)
     c = config.scheduler
+    policy = f"policy={c.policy}"
+    if c.policy == "chunked":
+        policy += (
+            f" chunk_size={c.chunk_size} interleave={c.interleave} decode_pausing={c.decode_pausing} "
+            f"prefix_caching={c.prefix_caching}"
+        )
     print(
         f"max_num_seqs={c.max_num_seqs} max_model_len={c.max_model_len} blocks={c.available_blocks} "
-        f"max_batch_tkv_limit={c.max_batch_tkv_limit}\n"
+        f"max_batch_tkv_limit={c.max_batch_tkv_limit} {policy}\n"
     )
     print(_table_header())
     pending = [(arr, str(i), text, mt) for i, (text, mt, arr) in enumerate(DEMO_PROMPTS)]

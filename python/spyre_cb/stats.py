@@ -158,8 +158,9 @@ class SimulationStats:
         s = self.summary()
         fig.suptitle(
             title
-            or f"{s['requests']} requests, {s['steps']} steps, mean batch {s['mean_batch_size']:.2f}, "
-            f"padding {100 * s['padding_share']:.1f}%"
+            or f"{self.policy} policy: {s['requests']} requests, {s['steps']} steps, "
+            f"mean batch {s['mean_batch_size']:.2f}, padding {100 * s['padding_share']:.1f}%"
+            + (f", TTFT p50 {s['ttft_steps']['p50']:.0f} steps" if s["ttft_steps"] else "")
         )
         fig.savefig(path, dpi=110)
         plt.close(fig)
