@@ -305,3 +305,16 @@ def test_tensor_parallel_runs_chunks(tiny_model, hf_greedy):
             assert eng.get_request(str(i)).output_token_ids == hf_greedy(p[i], 5)
     finally:
         eng.shutdown()
+
+
+def test_llm_takes_the_policy_options(tiny_model):
+    prompts = ["hello there " * 40, "a short one", "hello there " * 30 + "and more"]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    base = [
+        o.outputs[0].token_ids
+        for o in spyre_cb.LLM(tiny_model, max_model_len=512).generate(prompts, params, use_tqdm=False)
+    ]
+    llm = spyre_cb.LLM(tiny_model, max_model_len=500, policy="chunked", chunk_size=64, prefix_caching=True)
+    assert llm.engine.config.scheduler.policy == "chunked"
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == base
