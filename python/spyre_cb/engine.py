@@ -197,7 +197,15 @@ class Engine:
             state.cumulative_logprob = 0.0
         with self._lock:
             # the core refuses an id still in use (and leaves everything untouched)
-            self.scheduler.add_request(request_id, ids, max_tokens)
+            # the core ends the request on its stop ids and EOS (after min_tokens) and at max_tokens
+            self.scheduler.add_request(
+                request_id,
+                ids,
+                max_tokens,
+                stop_token_ids=list(params.stop_token_ids or ()),
+                eos_token_ids=[] if params.ignore_eos else sorted(self.eos_token_ids),
+                min_tokens=params.min_tokens,
+            )
             try:
                 self.sampler.start(request_id, params, self.config.seed + self._n_added)
                 self.requests[request_id] = state
@@ -309,9 +317,8 @@ class Engine:
             logits = self.executor.execute(plan)
         sampled = self.sampler.sample(logits, states, self.eos_token_ids)
         with self._lock:
-            eos = self.eos_token_ids
             stopped = [
-                i in sampled.errors or self._stops(s, t, eos) for i, (s, t) in enumerate(zip(states, sampled.tokens))
+                i in sampled.errors or self._stop_string(s, t) for i, (s, t) in enumerate(zip(states, sampled.tokens))
             ]
             return self._close(states, sampled, stopped)
 
@@ -337,18 +344,21 @@ class Engine:
         states = [state]
         sampled = self.sampler.sample(logits, states, self.eos_token_ids)
         with self._lock:
-            stopped = [0 in sampled.errors or self._stops(state, sampled.tokens[0], self.eos_token_ids)]
+            stopped = [0 in sampled.errors or self._stop_string(state, sampled.tokens[0])]
             return self._close(states, sampled, stopped)
 
     def _close(self, states: list[RequestState], sampled: SampledBatch, stopped: list[bool]) -> list[StepOutput]:
         """Commits the step in the core, then records what it produced (nothing here can fail midway)."""
         outcome = self.scheduler.update(sampled.tokens, stopped)
-        finished = set(outcome.finished)
+        # how each finished request ended is the core's decision
+        finished = {
+            rid: (why, tok) for rid, why, tok in zip(outcome.finished, outcome.finish_reasons, outcome.stop_reasons)
+        }
         aborted = set(outcome.aborted)
         errors = sampled.errors
         now = time.time()
         outs = []
-        for i, (s, token, lp, stop) in enumerate(zip(states, sampled.tokens, sampled.logprobs, stopped)):
+        for i, (s, token, lp) in enumerate(zip(states, sampled.tokens, sampled.logprobs)):
             if s.request_id in aborted:
                 outs.append(self._abort_output(s, "abort"))
                 continue
@@ -368,7 +378,10 @@ class Engine:
                 s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lp[token].logprob
             done = s.request_id in finished
             if done:
-                self._end(s, "stop" if stop else "length")
+                why, stop_token = finished[s.request_id]
+                if stop_token is not None:
+                    s.stop_reason = stop_token
+                self._end(s, why)
             outs.append(
                 StepOutput(s.request_id, [token], done, s.finish_reason, s.stop_reason, None if lp is None else [lp])
             )
@@ -416,14 +429,10 @@ class Engine:
         while self.has_unfinished_requests():
             yield self.step()
 
-    def _stops(self, s: RequestState, token: int, eos: frozenset[int]) -> bool:
-        """Whether the request must stop with this token (decided before the commit)."""
+    def _stop_string(self, s: RequestState, token: int) -> bool:
+        """Whether the text now contains one of the request's stop strings (decided
+        before the commit; stop ids, EOS and max_tokens are the core's to check)."""
         p = s.params
-        if p.stop_token_ids and token in p.stop_token_ids:
-            s.stop_reason = token
-            return True
-        if token in eos and not p.ignore_eos:
-            return True
         if p.stop_strings and self.tokenizer is not None:
             if s.detokenizer is None:
                 s.detokenizer = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens)

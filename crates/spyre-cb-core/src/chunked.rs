@@ -16,6 +16,7 @@ use crate::block_pool::{BlockId, NULL_BLOCK};
 use crate::config::{ChunkOptions, Policy, SchedulerConfig, BLOCK_SIZE};
 use crate::error::{CoreError, InvalidRequest, StateError};
 use crate::plan::{ChunkPlan, DecodePlan, StepPlan};
+use crate::request::{finish_of, StopRule};
 use crate::scheduler::{PlanDetail, RequestRef, UpdateOutcome};
 use crate::trace::StepRecord;
 
@@ -111,6 +112,7 @@ struct Req {
     started: bool,
     /// Consecutive steps paused.
     paused_steps: u32,
+    stop: Option<Box<StopRule>>,
 }
 
 impl Req {
@@ -328,9 +330,24 @@ impl ChunkedScheduler {
 
     /// Queues a request with its prompt token ids (prefix caching needs them).
     pub fn add_request(&mut self, request_id: &str, prompt: Vec<u32>, max_tokens: u32) -> Result<(), CoreError> {
+        self.add_request_with(request_id, prompt, max_tokens, StopRule::default())
+    }
+
+    /// Queues a request whose sampled tokens the core checks against `stop`.
+    pub fn add_request_with(
+        &mut self,
+        request_id: &str,
+        prompt: Vec<u32>,
+        max_tokens: u32,
+        stop: StopRule,
+    ) -> Result<(), CoreError> {
         let len = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
         self.validate(request_id, len, max_tokens)?;
         self.insert(request_id, 0, prompt, len, max_tokens);
+        if !stop.is_empty() {
+            let h = self.ids[request_id];
+            self.req_mut(h).stop = Some(Box::new(stop));
+        }
         Ok(())
     }
 
@@ -378,6 +395,7 @@ impl ChunkedScheduler {
             reserved: 0,
             started: false,
             paused_steps: 0,
+            stop: None,
         };
         let h = match self.free_handles.pop() {
             Some(h) => {
@@ -913,8 +931,7 @@ impl ChunkedScheduler {
         stopped: &[bool],
         outcome: &mut UpdateOutcome,
     ) -> Result<(), CoreError> {
-        outcome.finished.clear();
-        outcome.aborted.clear();
+        outcome.clear();
         if self.pending == Pending::None {
             return Err(StateError::UpdateWithoutPlan.into());
         }
@@ -956,10 +973,12 @@ impl ChunkedScheduler {
                 if r.has_tokens() {
                     r.tokens.push(token);
                 }
-                stop || r.generated >= r.max_tokens
+                finish_of(r.stop.as_deref(), token, r.generated, r.max_tokens, stop)
             };
-            if done {
+            if let Some((why, stop_token)) = done {
                 outcome.finished.push(self.req(h).id.clone());
+                outcome.finish_reasons.push(why);
+                outcome.stop_tokens.push(stop_token);
                 self.finished.push(h);
                 self.retire(h);
             }

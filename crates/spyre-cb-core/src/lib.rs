@@ -35,6 +35,7 @@ pub use chunked_sim::{
 pub use config::{ChunkOptions, Policy, SchedulerConfig, BLOCK_SIZE, MAX_AVAILABLE_BLOCKS};
 pub use error::{ConfigError, CoreError, InvalidRequest, StateError};
 pub use plan::{ChunkPlan, DecodePlan, PrefillPlan, StepPlan};
+pub use request::{FinishReason, StopRule};
 pub use scheduler::{PlanDetail, RequestRef, Scheduler, UpdateOutcome};
 pub use simulate::{
     drive, simulate, simulate_compact, simulate_stats, CompactRecord, CompactTrace, Interrupted, Recorder, SimRequest,

@@ -5,6 +5,70 @@ use std::sync::Arc;
 use crate::block_pool::BlockId;
 use crate::config::BLOCK_SIZE;
 
+/// Why a request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FinishReason {
+    /// It generated `max_tokens` tokens.
+    Length,
+    /// A stop token, EOS, or a stop the caller flagged (a stop string).
+    Stop,
+    /// Aborted (by the caller, or because its step failed).
+    Abort,
+}
+
+impl FinishReason {
+    /// `"length"`, `"stop"` or `"abort"` (vLLM's and OpenAI's spelling).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Length => "length",
+            Self::Stop => "stop",
+            Self::Abort => "abort",
+        }
+    }
+}
+
+/// The tokens that end a request, applied by the core to every sampled token.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StopRule {
+    /// Ids that end the request and are reported as its stop reason.
+    pub stop_token_ids: Vec<u32>,
+    /// End-of-sequence ids (empty when the request ignores EOS).
+    pub eos_token_ids: Vec<u32>,
+    /// Neither stops the request before it has this many tokens.
+    pub min_tokens: u32,
+}
+
+impl StopRule {
+    pub fn is_empty(&self) -> bool {
+        self.stop_token_ids.is_empty() && self.eos_token_ids.is_empty()
+    }
+    /// Whether `token`, the request's `generated`-th token, ends it; and
+    /// whether it is one of the stop ids (reported as the stop reason).
+    pub fn check(&self, token: u32, generated: u32) -> (bool, bool) {
+        if generated < self.min_tokens {
+            return (false, false);
+        }
+        let by_id = self.stop_token_ids.contains(&token);
+        (by_id || self.eos_token_ids.contains(&token), by_id)
+    }
+}
+
+/// How one sequence of a step ends, if it does: decided by the core from
+/// its stop rule, `max_tokens` and the caller's stop flag.
+pub(crate) fn finish_of(
+    rule: Option<&StopRule>,
+    token: u32,
+    generated: u32,
+    max_tokens: u32,
+    flagged: bool,
+) -> Option<(FinishReason, Option<u32>)> {
+    let (by_rule, by_id) = rule.map_or((false, false), |r| r.check(token, generated));
+    if flagged || by_rule {
+        return Some((FinishReason::Stop, by_id.then_some(token)));
+    }
+    (generated >= max_tokens).then_some((FinishReason::Length, None))
+}
+
 /// A request known to the scheduler, waiting or running.
 #[derive(Clone, Debug)]
 pub(crate) struct Request {
@@ -28,6 +92,8 @@ pub(crate) struct Request {
     pub reserved: u32,
     /// Caller's numeric tag (simulations: the request's index).
     pub tag: u32,
+    /// Stop tokens applied by the core (none: only max_tokens and flags end it).
+    pub stop: Option<Box<StopRule>>,
 }
 
 impl Request {
@@ -43,6 +109,7 @@ impl Request {
             blocks: Vec::new(),
             reserved: 0,
             tag: 0,
+            stop: None,
         }
     }
 

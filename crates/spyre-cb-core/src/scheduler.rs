@@ -15,7 +15,7 @@ use crate::block_pool::{BlockPool, NULL_BLOCK};
 use crate::config::{SchedulerConfig, BLOCK_SIZE};
 use crate::error::{CoreError, InvalidRequest, StateError};
 use crate::plan::{DecodePlan, PrefillPlan, StepPlan};
-use crate::request::Request;
+use crate::request::{finish_of, FinishReason, Request, StopRule};
 use crate::trace::StepRecord;
 
 type Handle = u32;
@@ -45,9 +45,23 @@ pub enum PlanDetail {
 pub struct UpdateOutcome {
     /// Ids that finished in this step (max_tokens reached or stopped).
     pub finished: Vec<Arc<str>>,
+    /// Why each of `finished` ended (same order): length or stop.
+    pub finish_reasons: Vec<FinishReason>,
+    /// The stop token id of each of `finished` that ended on one of its stop
+    /// ids (EOS, length and stop flags give `None`).
+    pub stop_tokens: Vec<Option<u32>>,
     /// Ids aborted when the step closed: by `cancel`, or by an abort that
     /// arrived while the step was in flight.
     pub aborted: Vec<Arc<str>>,
+}
+
+impl UpdateOutcome {
+    pub fn clear(&mut self) {
+        self.finished.clear();
+        self.finish_reasons.clear();
+        self.stop_tokens.clear();
+        self.aborted.clear();
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -287,9 +301,22 @@ impl Scheduler {
 
     /// Queues a request with its prompt token ids.
     pub fn add_request(&mut self, request_id: &str, prompt: Vec<u32>, max_tokens: u32) -> Result<(), CoreError> {
+        self.add_request_with(request_id, prompt, max_tokens, StopRule::default())
+    }
+
+    /// Queues a request whose sampled tokens the core checks against `stop`.
+    pub fn add_request_with(
+        &mut self,
+        request_id: &str,
+        prompt: Vec<u32>,
+        max_tokens: u32,
+        stop: StopRule,
+    ) -> Result<(), CoreError> {
         let len = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
         self.validate(request_id, len, max_tokens)?;
-        self.insert(Request::new(Arc::from(request_id), prompt, len, max_tokens));
+        let mut r = Request::new(Arc::from(request_id), prompt, len, max_tokens);
+        r.stop = (!stop.is_empty()).then(|| Box::new(stop));
+        self.insert(r);
         Ok(())
     }
 
@@ -645,8 +672,7 @@ impl Scheduler {
         stopped: &[bool],
         outcome: &mut UpdateOutcome,
     ) -> Result<(), CoreError> {
-        outcome.finished.clear();
-        outcome.aborted.clear();
+        outcome.clear();
         if self.pending == Pending::None {
             return Err(StateError::UpdateWithoutPlan.into());
         }
@@ -666,12 +692,14 @@ impl Scheduler {
             let r = self.req_mut(h);
             r.generated += 1;
             r.last_token = token;
-            if stop || r.generated >= r.max_tokens {
+            if let Some((why, stop_token)) = finish_of(r.stop.as_deref(), token, r.generated, r.max_tokens, stop) {
                 let id = r.id.clone();
                 self.running.retain(|&x| x != h);
                 self.to_free.push(h);
                 self.finished.push(h);
                 outcome.finished.push(id);
+                outcome.finish_reasons.push(why);
+                outcome.stop_tokens.push(stop_token);
             }
         }
         self.apply_queued_aborts(outcome);

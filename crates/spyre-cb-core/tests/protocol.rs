@@ -97,3 +97,49 @@ fn far_future_arrivals_are_one_idle_span() {
     let long = [SimRequest { arrival: 0, prompt_len: 10, max_tokens: 150 }; 2000];
     assert!(simulate_compact(cfg, &long, None, &mut || true).is_err());
 }
+
+#[test]
+fn the_core_decides_how_requests_end() {
+    use spyre_cb_core::{ChunkOptions, ChunkedScheduler, FinishReason, Policy, StopRule};
+    let rule = StopRule { stop_token_ids: vec![7], eos_token_ids: vec![2], min_tokens: 2 };
+    let cb = SchedulerConfig::new(4, 256, None, None).unwrap();
+    let ch = SchedulerConfig::with_policy(4, 256, None, None, Policy::Chunked(ChunkOptions::default())).unwrap();
+    // the same token stream through both policies: (tokens each step) -> how each request ends
+    for chunked in [false, true] {
+        let mut cb_s = Scheduler::new(cb.clone());
+        let mut ch_s = ChunkedScheduler::new(ch.clone());
+        let add = |id: &str, mt: u32, cb_s: &mut Scheduler, ch_s: &mut ChunkedScheduler| {
+            if chunked {
+                ch_s.add_request_with(id, vec![1; 10], mt, rule.clone()).unwrap();
+            } else {
+                cb_s.add_request_with(id, vec![1; 10], mt, rule.clone()).unwrap();
+            }
+        };
+        add("eos_early", 10, &mut cb_s, &mut ch_s); // EOS as its first token: too early (min_tokens 2)
+        let mut ends = std::collections::HashMap::new();
+        let feed = |tok: u32,
+                    cb_s: &mut Scheduler,
+                    ch_s: &mut ChunkedScheduler,
+                    ends: &mut std::collections::HashMap<String, (FinishReason, Option<u32>)>| {
+            let n =
+                if chunked { ch_s.schedule().unwrap().n_sequences() } else { cb_s.schedule().unwrap().n_sequences() };
+            let toks = vec![tok; n];
+            let out = if chunked { ch_s.update(&toks, &[]).unwrap() } else { cb_s.update(&toks, &[]).unwrap() };
+            for i in 0..out.finished.len() {
+                ends.insert(out.finished[i].to_string(), (out.finish_reasons[i], out.stop_tokens[i]));
+            }
+        };
+        feed(2, &mut cb_s, &mut ch_s, &mut ends); // prefill: EOS, generated 1 < min_tokens
+        assert!(ends.is_empty());
+        feed(7, &mut cb_s, &mut ch_s, &mut ends); // a stop id at token 2
+        assert_eq!(ends["eos_early"], (FinishReason::Stop, Some(7)), "chunked={chunked}");
+        add("len", 2, &mut cb_s, &mut ch_s);
+        feed(3, &mut cb_s, &mut ch_s, &mut ends);
+        feed(2, &mut cb_s, &mut ch_s, &mut ends); // EOS at max_tokens: stop wins, no stop id
+        assert_eq!(ends["len"], (FinishReason::Stop, None));
+        add("len2", 2, &mut cb_s, &mut ch_s);
+        feed(3, &mut cb_s, &mut ch_s, &mut ends);
+        feed(3, &mut cb_s, &mut ch_s, &mut ends);
+        assert_eq!(ends["len2"], (FinishReason::Length, None));
+    }
+}

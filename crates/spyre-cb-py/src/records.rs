@@ -313,20 +313,33 @@ impl TraceIter {
 #[pyclass(module = "spyre_cb._core", frozen, get_all)]
 pub struct UpdateOutcome {
     pub finished: Vec<String>,
+    /// Why each of ``finished`` ended: "length" or "stop" (same order).
+    pub finish_reasons: Vec<&'static str>,
+    /// The stop token id each of ``finished`` ended on, if it was one of its
+    /// ``stop_token_ids`` (EOS, length and stop flags: None).
+    pub stop_reasons: Vec<Option<u32>>,
     pub aborted: Vec<String>,
 }
 
 impl From<core::UpdateOutcome> for UpdateOutcome {
     fn from(o: core::UpdateOutcome) -> Self {
         let s = |v: Vec<Arc<str>>| v.into_iter().map(|x| x.to_string()).collect();
-        Self { finished: s(o.finished), aborted: s(o.aborted) }
+        Self {
+            finished: s(o.finished),
+            finish_reasons: o.finish_reasons.iter().map(|r| r.name()).collect(),
+            stop_reasons: o.stop_tokens,
+            aborted: s(o.aborted),
+        }
     }
 }
 
 #[pymethods]
 impl UpdateOutcome {
     fn __repr__(&self) -> String {
-        format!("UpdateOutcome(finished={:?}, aborted={:?})", self.finished, self.aborted)
+        format!(
+            "UpdateOutcome(finished={:?}, finish_reasons={:?}, aborted={:?})",
+            self.finished, self.finish_reasons, self.aborted
+        )
     }
 }
 

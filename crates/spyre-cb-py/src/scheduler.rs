@@ -116,18 +116,35 @@ impl Scheduler {
         }
     }
 
-    /// Queues a request with its prompt token ids.
+    /// Queues a request with its prompt token ids. The core ends it on any
+    /// of ``stop_token_ids`` or ``eos_token_ids`` once it has ``min_tokens``
+    /// tokens (and at ``max_tokens``); ``update``'s stop flags end it too.
+    #[pyo3(signature = (request_id, prompt_token_ids, max_tokens, *, stop_token_ids=None, eos_token_ids=None, min_tokens=None))]
+    #[allow(clippy::too_many_arguments)]
     fn add_request(
         &mut self,
         py: Python<'_>,
         request_id: &Bound<'_, PyAny>,
         prompt_token_ids: &Bound<'_, PyAny>,
         max_tokens: &Bound<'_, PyAny>,
+        stop_token_ids: Option<&Bound<'_, PyAny>>,
+        eos_token_ids: Option<&Bound<'_, PyAny>>,
+        min_tokens: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        let c = Kind::InvalidRequest;
         let id = crate::convert::request_id(request_id)?;
-        let mt = uint(max_tokens, "max_tokens", U32, Kind::InvalidRequest)? as u32;
-        let ids = uint_list(prompt_token_ids, "prompt_token_ids", U32, Kind::InvalidRequest)?;
-        self.call(py, "add_request", |s| each!(s, s => s.add_request(&id, ids, mt)))
+        let mt = uint(max_tokens, "max_tokens", U32, c)? as u32;
+        let ids = uint_list(prompt_token_ids, "prompt_token_ids", U32, c)?;
+        let list = |v: Option<&Bound<'_, PyAny>>, name: &str| match v {
+            Some(v) if !v.is_none() => uint_list(v, name, U32, c),
+            _ => Ok(Vec::new()),
+        };
+        let rule = core::StopRule {
+            stop_token_ids: list(stop_token_ids, "stop_token_ids")?,
+            eos_token_ids: list(eos_token_ids, "eos_token_ids")?,
+            min_tokens: crate::convert::opt_uint(min_tokens, "min_tokens", U32, c)?.unwrap_or(0) as u32,
+        };
+        self.call(py, "add_request", |s| each!(s, s => s.add_request_with(&id, ids, mt, rule)))
     }
 
     /// Queues a token-less request (for simulations: plans carry no input ids).
