@@ -1,4 +1,4 @@
-"""The ``spyre-cb`` command: demo, generate, simulate."""
+"""The ``spyre-cb`` command: demo, generate, simulate, serve."""
 
 from __future__ import annotations
 
@@ -265,6 +265,32 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        from spyre_cb.server import serve
+    except ImportError as e:
+        raise UsageError(f"serving needs the server extras: pip install 'spyre_cb[serve]' ({e})") from None
+    if a.model_pos is not None:
+        a.model = a.model_pos
+    config = EngineConfig.from_cli(a)
+    if config.model == "tiny":
+        from spyre_cb.models import tiny_model_path
+
+        config = config.replace(model=str(tiny_model_path()))
+    name = a.served_model_name or (a.model if a.model == "tiny" else str(config.model))
+    print(f"serving {name!r} on http://{a.host}:{a.port}/v1 (policy {config.policy})", flush=True)
+    serve(
+        config,
+        host=a.host,
+        port=a.port,
+        api_key=a.api_key,
+        max_waiting=a.max_waiting,
+        served_model_name=name,
+        log_level=a.log_level,
+    )
+    return 0
+
+
 class UsageError(Exception):
     """A command-line mistake argparse cannot see (exit status 2)."""
 
@@ -360,6 +386,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--table-max", type=int, default=200, help="longest run shown as a table (default 200 steps)")
     EngineConfig.add_cli_args(s, only_scheduler=True, defaults={"max_num_seqs": 8, "max_model_len": 2048})
     s.set_defaults(func=cmd_simulate)
+
+    v = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serves MODEL (a checkpoint directory, or 'tiny') at /v1/completions, /v1/chat/completions, "
+        "/v1/models, /health and /metrics, streaming or not.",
+    )
+    v.add_argument("model_pos", nargs="?", metavar="MODEL", help="checkpoint directory or 'tiny' (or --model)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    v.add_argument("--port", type=nonneg_int, default=8000)
+    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    v.add_argument("--max-waiting", type=nonneg_int, default=None, help="answer 503 while this many requests wait")
+    v.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
+    v.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    EngineConfig.add_cli_args(v)
+    v.set_defaults(func=cmd_serve)
     return p
 
 

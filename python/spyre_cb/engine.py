@@ -55,6 +55,9 @@ class StepOutput:
     stop_reason: int | str | None = None  #: the stop token id or string, if any
     logprobs: list[PositionLogprobs] | None = None
     error: str | None = None  #: why an aborted request was aborted by the engine
+    #: the text these tokens add, with ``Engine.stream_text`` (never part of a stop
+    #: string; on the final output, whatever was held back)
+    text: str | None = None
 
 
 @dataclass
@@ -74,8 +77,11 @@ class RequestState:
     stop_reason: int | str | None = None
     error: str | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
-    #: made on first use, for requests with stop strings
+    #: made on first use, for requests with stop strings or streamed text
     detokenizer: IncrementalDetokenizer | None = field(default=None, repr=False)
+    #: output tokens the detokenizer has seen, and characters of text streamed so far
+    n_detokenized: int = field(default=0, repr=False)
+    n_streamed_chars: int = field(default=0, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -132,6 +138,9 @@ class Engine:
         self._stepping = False
         # aborted between steps: their final outputs come with the next step
         self._unreported_aborts: list[str] = []
+        #: give every StepOutput its text delta (incremental detokenization;
+        #: off by default: LLM decodes once at the end)
+        self.stream_text = False
 
     def shutdown(self) -> None:
         """Stops tensor-parallel workers (nothing to do for a single process); idempotent."""
@@ -382,14 +391,39 @@ class Engine:
                 if stop_token is not None:
                     s.stop_reason = stop_token
                 self._end(s, why)
-            outs.append(
-                StepOutput(s.request_id, [token], done, s.finish_reason, s.stop_reason, None if lp is None else [lp])
-            )
+            out = StepOutput(s.request_id, [token], done, s.finish_reason, s.stop_reason, None if lp is None else [lp])
+            if self.stream_text and self.tokenizer is not None:
+                out.text = self._text_delta(s, done)
+            outs.append(out)
         for rid in outcome.aborted:  # aborted while waiting, during this step
             s = self.requests[rid]
             if not s.finished:
                 outs.append(self._abort_output(s, "abort"))
         return outs
+
+    def _text_delta(self, s: RequestState, done: bool) -> str:
+        """The text the request's newest tokens add (incremental: O(1) per token).
+        While a stop string could still be completing, its possible start is held back."""
+        if s.detokenizer is None:
+            s.detokenizer = IncrementalDetokenizer(self.tokenizer, s.params.skip_special_tokens)
+        for t in s.output_token_ids[s.n_detokenized :]:
+            s.detokenizer.push(t)
+        s.n_detokenized = len(s.output_token_ids)
+        stops = s.params.stop_strings
+        if not stops:
+            s.text = s.detokenizer.text
+        text = s.text  # cut before a matched stop string (or through it, when asked)
+        visible = len(text)
+        if stops and not done:
+            # hold back a suffix that may be the start of a stop string
+            for stop in stops:
+                for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                    if text.endswith(stop[:k]):
+                        visible = min(visible, len(text) - k)
+                        break
+        delta = text[s.n_streamed_chars : visible]
+        s.n_streamed_chars = max(s.n_streamed_chars, visible)
+        return delta
 
     def _decode_tokens(self, lp: PositionLogprobs) -> None:
         if self.tokenizer is not None:
@@ -424,10 +458,17 @@ class Engine:
             self._end(s, end)
         return StepOutput(s.request_id, [], True, "abort", None, None, s.error)
 
-    def steps(self) -> Iterator[list[StepOutput]]:
-        """Streams step outputs until no request is left."""
+    def steps(self, release: bool = True) -> Iterator[list[StepOutput]]:
+        """Streams step outputs until no request is left. With ``release`` (the
+        default) a finished request's state is dropped once its final output
+        has been yielded, so a long stream keeps no finished requests."""
         while self.has_unfinished_requests():
-            yield self.step()
+            outs = self.step()
+            yield outs
+            if release:
+                for o in outs:
+                    if o.finished and o.request_id in self.requests:
+                        self.release(o.request_id)
 
     def _stop_string(self, s: RequestState, token: int) -> bool:
         """Whether the text now contains one of the request's stop strings (decided
@@ -438,6 +479,7 @@ class Engine:
                 s.detokenizer = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens)
             before = len(s.detokenizer.text)
             s.detokenizer.push(token)  # O(1) per token, not a decode of the whole output
+            s.n_detokenized += 1
             text = s.detokenizer.text
             for stop in p.stop_strings:
                 at = text.find(stop, max(0, before - len(stop) + 1))

@@ -1,0 +1,181 @@
+"""``AsyncEngine``: one thread steps the engine, coroutines submit requests.
+
+The engine thread is the only caller of ``Engine.step()``; coroutines on any
+event loop call :meth:`AsyncEngine.generate` (which adds the request through
+the engine's lock, never during a forward) and read the request's outputs —
+token ids and text deltas — from a queue fed by the engine thread. When the
+consumer stops reading before the request finished (a client disconnected,
+a task was cancelled) the request is aborted and its blocks return with the
+engine's next step. A finished request's state is released once its final
+output has been handed over, so nothing outlives its delivery.
+
+Step hooks (``on_step``) run on the engine thread after every step, idle or
+not (the server's metrics are updated there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from spyre_cb.engine import Engine, StepOutput
+from spyre_cb.errors import UnknownRequestError
+from spyre_cb.sampling import SamplingParams
+
+log = logging.getLogger("spyre_cb.async_engine")
+
+StepHook = Callable[[Engine, list[StepOutput]], None]
+
+
+class AsyncEngine:
+    """An :class:`~spyre_cb.engine.Engine` driven by its own thread."""
+
+    def __init__(self, engine: Engine, *, idle_poll_s: float = 0.05) -> None:
+        self.engine = engine
+        engine.stream_text = True
+        self.on_step: list[StepHook] = []
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[StepOutput]]] = {}
+        self._qlock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._idle_poll_s = idle_poll_s
+        self._ids = itertools.count()
+        self.steps_run = 0
+        self._thread = threading.Thread(target=self._loop, name="spyre-cb-engine", daemon=True)
+        self._thread.start()
+
+    # ----- the engine thread -----------------------------------------------------
+
+    def _has_work(self) -> bool:
+        if self.engine.has_unfinished_requests():
+            return True
+        snap = self.engine.snapshot()  # one more step frees finished requests' blocks
+        return bool(snap.tkv or snap.n_used_blocks)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not self._has_work():
+                self._wake.wait(self._idle_poll_s)
+                self._wake.clear()
+                continue
+            try:
+                outs = self.engine.step()
+            except Exception:  # the engine aborted the step's requests; their outputs come next
+                log.exception("a step failed; its requests were aborted")
+                outs = []
+            self.steps_run += 1
+            for hook in self.on_step:
+                try:
+                    hook(self.engine, outs)
+                except Exception:
+                    log.exception("a step hook failed")
+            for o in outs:
+                with self._qlock:
+                    entry = self._queues.pop(o.request_id, None) if o.finished else self._queues.get(o.request_id)
+                if entry is not None:
+                    loop, q = entry
+                    try:
+                        loop.call_soon_threadsafe(q.put_nowait, o)
+                    except RuntimeError:  # the consumer's loop is closed
+                        pass
+                if o.finished and o.request_id in self.engine.requests:
+                    self.engine.release(o.request_id)
+
+    # ----- the front ---------------------------------------------------------------
+
+    def new_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    @property
+    def n_waiting(self) -> int:
+        return int(self.engine.scheduler.n_waiting)
+
+    def submit(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> RequestStream:
+        """Queues a request now (raises InvalidRequestError, nothing queued, when it
+        cannot run) and returns the async iterator of its outputs."""
+        rid = request_id if request_id is not None else self.new_request_id()
+        q: asyncio.Queue[StepOutput] = asyncio.Queue()
+        with self._qlock:
+            self._queues[rid] = (asyncio.get_running_loop(), q)
+        try:
+            self.engine.add_request(rid, prompt_token_ids, params)
+        except BaseException:
+            with self._qlock:
+                self._queues.pop(rid, None)
+            raise
+        self._wake.set()
+        return RequestStream(self, rid, q)
+
+    async def generate(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[StepOutput]:
+        """Adds a request and yields its outputs until the final one
+        (``finished``). Leaving early aborts the request."""
+        stream = self.submit(prompt_token_ids, params, request_id)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
+
+    def abort(self, request_id: str) -> None:
+        """Aborts a request (any thread); unknown or finished ids are ignored."""
+        with self._qlock:
+            self._queues.pop(request_id, None)
+        try:
+            self.engine.abort_request(request_id)
+        except UnknownRequestError:
+            pass
+        self._wake.set()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout_s)
+        self.engine.shutdown()
+
+    def __enter__(self) -> AsyncEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+class RequestStream:
+    """The outputs of one submitted request, in order; the last has ``finished``.
+    Closing it (``aclose()``) before that aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue[StepOutput]) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._queue = queue
+        self.done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            out = await self._queue.get()
+        except BaseException:  # cancelled while waiting: the consumer is gone
+            await self.aclose()
+            raise
+        if out.finished:
+            self.done = True
+        return out
+
+    async def aclose(self) -> None:
+        if not self.done:
+            self.done = True
+            self.engine.abort(self.request_id)
+
+
+__all__ = ["AsyncEngine", "RequestStream"]
