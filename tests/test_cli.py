@@ -159,7 +159,6 @@ def test_generate_json_logprobs_stop_ids_and_prompts_from_stdin(tmp_path):
     [
         (["generate"], "give at least one --prompt"),
         (["generate", "--prompt-file", "/nonexistent/prompts.txt"], "cannot read prompts"),
-        (["generate", "--prompt", "x", "--chat"], "no chat template"),
         (["generate", "--prompt", "x", "--top-p", "0"], "top_p must be in"),
         (["generate", "--prompt", "x", "--max-tokens", "-3"], "must be >= 0"),
     ],
@@ -201,3 +200,20 @@ def test_chunked_policy_from_the_command_line(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "generated:" in r.stdout
+
+
+def test_generate_chat_on_the_tiny_model(tmp_path):
+    """The offline model has a chat template, so --chat (and the server's chat endpoint) work on it."""
+    r = run(
+        "generate",
+        "--prompt",
+        "hello",
+        "--chat",
+        "--max-tokens",
+        "3",
+        "--json",
+        env_extra={"SPYRE_CB_CACHE": str(tmp_path)},
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[0])
+    assert len(out["token_ids"]) <= 3

@@ -219,8 +219,12 @@ def test_chat_uses_the_tokenizer_template(tiny_model, tmp_path, hf):
     expect = list(expect["input_ids"] if isinstance(expect, dict) or hasattr(expect, "input_ids") else expect)
     assert out.prompt_token_ids == expect
     assert out.outputs[0].token_ids == hf_generate(hf, expect, 6)
+    bare = shutil.copytree(tiny_model, tmp_path / "bare")
+    cfg.pop("chat_template")
+    (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(spyre_cb.InvalidRequestError, match="no chat template"):
-        spyre_cb.LLM(tiny_model, max_num_seqs=1, max_model_len=128).chat(msgs)
+        spyre_cb.LLM(bare, max_num_seqs=1, max_model_len=128).chat(msgs)
 
 
 def test_llm_takes_dtype_and_seed(tiny_model):

@@ -36,7 +36,7 @@ def tiny_model_path(seed: int = 0, arch: str = "granite") -> Path:
     import shutil
     import tempfile
 
-    target = cache_dir() / f"tiny-{arch}-seed{seed}-v1"
+    target = cache_dir() / f"tiny-{arch}-seed{seed}-v2"
     if (target / "spyre_cb_tiny.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +52,13 @@ def tiny_model_path(seed: int = 0, arch: str = "granite") -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+#: The tiny model's chat template: each message as ``<|role|>content<|endoftext|>``.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def build_tokenizer(vocab_size: int = 512, *, add_bos: bool = False) -> Any:
@@ -83,6 +90,8 @@ def build_tokenizer(vocab_size: int = 512, *, add_bos: bool = False) -> Any:
         unk_token=None,
     )
     tok.model_max_length = 1 << 20
+    # a minimal role-tagged template, so chat endpoints work on the offline model
+    tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
