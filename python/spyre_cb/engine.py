@@ -411,7 +411,9 @@ class Engine:
         s.n_detokenized = len(s.output_token_ids)
         stops = s.params.stop_strings
         if not stops:
-            s.text = s.detokenizer.text
+            # the stream holds back an unfinished character; the final text is the
+            # whole decode (as LLM.generate returns it), of which it is a prefix
+            s.text = s.output_text(self.tokenizer) if done else s.detokenizer.text
         text = s.text  # cut before a matched stop string (or through it, when asked)
         visible = len(text)
         if stops and not done:
