@@ -8,17 +8,26 @@ three ways in the same process:
   (b) spyre_cb, eager, FMS's own reference paged-attention ops
   (c) transformers static batching: batches of max_num_seqs in arrival order,
       left-padded generate(); only each request's own max_tokens count as useful
+  (d) transformers' own continuous batching (``init_continuous_batching``,
+      paged attention): the same KV capacity in tokens, at most max_num_seqs
+      requests per batch, each request its own max_new_tokens
 
 Prints generated tokens/s, time to last token, and for (a) the share of step
 time spent outside the model forward (scheduling, plan conversion, input
 building, sampling). ``--quick`` is a smoke run (under a minute).
 
-    python benches/e2e.py [--quick] [--requests 64] [--blocks 1024]
+    python benches/e2e.py [--quick] [--requests 64] [--blocks 1024] [--threads N]
+                          [--contention] [--json PATH] [--skip-fms]
+
+``--contention`` runs a CPU-burning process beside the measurement (bounded
+in time, stopped at the end), as another tenant of the same cores would.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -133,6 +142,43 @@ def run_hf(model_dir, reqs, prompts, args):
     return dict(total=time.perf_counter() - t0, ttlt=ttlt, tokens=tokens)
 
 
+def run_hf_cb(model_dir, reqs, prompts, args):
+    """(d) transformers' continuous batching manager, greedy, each request its own max_new_tokens."""
+    import transformers
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    gen = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0, max_new_tokens=max(m for _, m in reqs))
+    cbc = ContinuousBatchingConfig(page_size=64, num_blocks=args.blocks, max_requests_per_batch=args.max_num_seqs)
+    mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cbc)
+    mgr.start()
+    try:
+        mgr.add_request(prompts[0][:16], request_id="warm", max_new_tokens=2)
+        mgr.get_result(request_id="warm", timeout=600)
+        t0 = time.perf_counter()
+        for i, ((_pl, mt), p) in enumerate(zip(reqs, prompts)):
+            mgr.add_request(p, request_id=str(i), max_new_tokens=mt)
+        ttlt, tokens = [], {}
+        while len(tokens) < len(reqs):
+            out = mgr.get_result(timeout=1200)
+            if out is None or out.request_id == "warm":
+                continue
+            tokens[out.request_id] = list(out.generated_tokens)
+            ttlt.append(time.perf_counter() - t0)
+        total = time.perf_counter() - t0
+    finally:
+        mgr.stop(block=True)
+    return dict(total=total, ttlt=ttlt, tokens=tokens)
+
+
+def _burn(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    x = 0
+    while time.monotonic() < end:
+        x += 1
+
+
 def report(name, r, useful):
     tps = useful / r["total"]
     print(
@@ -157,6 +203,12 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--max-model-len", type=int, default=0, help="engine max_model_len (default: the smallest that fits)"
     )
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    ap.add_argument(
+        "--contention", action="store_true", help="run a CPU-burning process beside the measurement (bounded)"
+    )
+    ap.add_argument("--skip-hf-cb", action="store_true", help="skip (d), transformers' continuous batching")
+    ap.add_argument("--json", metavar="PATH", help="write tokens/s of each run and the settings as JSON")
     ap.add_argument(
         "--tensor-parallel-size",
         type=int,
@@ -164,6 +216,21 @@ def main(argv=None) -> int:
         help="also run (a) over N ranks (gloo) and report TP=N vs TP=1 and the plan broadcast per step",
     )
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    burner = None
+    if args.contention:
+        burner = multiprocessing.get_context("spawn").Process(target=_burn, args=(1800.0,), daemon=True)
+        burner.start()
+    try:
+        return _main(args)
+    finally:
+        if burner is not None:
+            burner.terminate()
+            burner.join(10)
+
+
+def _main(args) -> int:
     max_prompt, max_new = args.max_prompt, args.max_new
     if args.quick:
         args.requests, args.layers, args.hidden, args.blocks = 12, 2, 256, 128
@@ -188,7 +255,7 @@ def main(argv=None) -> int:
             f"new tokens {min(m for _, m in reqs)}-{max(m for _, m in reqs)}, {useful} useful tokens), "
             f"batch {args.max_num_seqs}, Granite {args.layers} layers hidden {args.hidden}, "
             f"{args.blocks} KV blocks, max_model_len {max(args.max_model_len, -(-(max(p + m for p, m in reqs)) // 64) * 64)}, "
-            f"torch threads {torch.get_num_threads()}"
+            f"torch threads {torch.get_num_threads()}, contention {'on' if args.contention else 'off'}"
         )
         a = run_spyre(model, reqs, prompts, args, "vectorized")
         c = run_hf(model, reqs, prompts, args)
@@ -200,6 +267,14 @@ def main(argv=None) -> int:
         tc = report("(c) HF transformers static batching", c, useful)
         same = sum(a["tokens"][k] == c["tokens"][k] for k in a["tokens"])
         print(f"tokens identical to HF (a vs c): {same}/{len(reqs)} requests")
+        d = td = None
+        if not args.skip_hf_cb:
+            d = run_hf_cb(model, reqs, prompts, args)
+            td = report("(d) HF transformers continuous batching", d, useful)
+            print(
+                f"tokens identical (d vs c): {sum(d['tokens'][k] == c['tokens'][k] for k in c['tokens'])}/{len(reqs)}"
+            )
+            print(f"(a)/(d) throughput: {ta / td:.2f}x")
         if b is not None:
             print(
                 f"tokens identical (a vs b): {sum(a['tokens'][k] == b['tokens'][k] for k in a['tokens'])}/{len(reqs)}"
@@ -211,6 +286,21 @@ def main(argv=None) -> int:
             f"(a) share of step time outside the model forward: {100 * a['outside_share']:.1f}% over {a['steps']} steps"
         )
         print(f"(a) mean decode batch size: {a['mean_batch']:.2f} of {args.max_num_seqs}")
+        if args.json:
+            doc = {
+                "a": {"tokens_per_s": ta},
+                "c": {"tokens_per_s": tc},
+                "threads": torch.get_num_threads(),
+                "contention": bool(args.contention),
+                "requests": len(reqs),
+                "outside_share": a["outside_share"],
+            }
+            if b is not None:
+                doc["b"] = {"tokens_per_s": tb}
+            if td is not None:
+                doc["d"] = {"tokens_per_s": td}
+            Path(args.json).write_text(json.dumps(doc, indent=1))
+            print(f"wrote {args.json}")
         if args.tensor_parallel_size > 1:
             n = args.tensor_parallel_size
             t = run_spyre(model, reqs, prompts, args, "vectorized", tp=n)

@@ -30,3 +30,10 @@ def test_e2e_quick():
     assert "tokens identical to HF (a vs c): 12/12 requests" in r.stdout
     assert "tokens identical (a vs b): 12/12" in r.stdout
     assert "outside the model forward" in r.stdout
+    assert "tokens identical (d vs c): 12/12" in r.stdout and "(a)/(d) throughput" in r.stdout
+
+
+def test_policies_quick():
+    r = run("policies.py", "--quick")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("| 6/6 |") == 6, r.stdout  # every policy, both workloads: the same tokens
