@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import spyre_cb
 from spyre_cb import SamplingParams
@@ -112,6 +113,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and the direct run")
+    ap.add_argument("--layers", type=int, default=0, help="serve a random-weight Granite this deep (0: the tiny model)")
+    ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -123,12 +126,25 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        from spyre_cb.models import tiny_model_path
+        from spyre_cb.models import make_tiny_checkpoint, tiny_model_path
 
-        model = str(tiny_model_path())
+        if args.layers:
+            h = args.hidden
+            model = str(
+                make_tiny_checkpoint(
+                    Path(cache) / "granite",
+                    seed=0,
+                    num_layers=args.layers,
+                    hidden_size=h,
+                    num_heads=h // 64,
+                    num_kv_heads=max(1, h // 128),
+                )
+            )
+        else:
+            model = str(tiny_model_path())
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "spyre_cb", "serve", "tiny", "--port", str(port)]
+        cmd = [sys.executable, "-m", "spyre_cb", "serve", model, "--served-model-name", "tiny", "--port", str(port)]
         cmd += ["--max-num-seqs", str(args.max_num_seqs)]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -150,8 +166,9 @@ def main(argv=None) -> int:
         direct = drive_engine(model, reqs, args.max_num_seqs)
     s_tps = srv["tokens"] / srv["wall"]
     d_tps = direct["tokens"] / direct["wall"]
+    what = f"Granite {args.layers} layers hidden {args.hidden}" if args.layers else "tiny model"
     print(
-        f"{len(reqs)} requests, {args.clients} concurrent streams, max_num_seqs {args.max_num_seqs}, tiny model, "
+        f"{len(reqs)} requests, {args.clients} concurrent streams, max_num_seqs {args.max_num_seqs}, {what}, "
         f"torch threads {args.threads}, rate {args.rate or 'all at once'}"
     )
     print(

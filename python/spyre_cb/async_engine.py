@@ -73,15 +73,19 @@ class AsyncEngine:
                     hook(self.engine, outs)
                 except Exception:
                     log.exception("a step hook failed")
-            for o in outs:
-                with self._qlock:
+            # one wake-up per event loop per step, not one per output
+            batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[StepOutput], StepOutput]]] = {}
+            with self._qlock:
+                for o in outs:
                     entry = self._queues.pop(o.request_id, None) if o.finished else self._queues.get(o.request_id)
-                if entry is not None:
-                    loop, q = entry
-                    try:
-                        loop.call_soon_threadsafe(q.put_nowait, o)
-                    except RuntimeError:  # the consumer's loop is closed
-                        pass
+                    if entry is not None:
+                        batches.setdefault(entry[0], []).append((entry[1], o))
+            for loop, items in batches.items():
+                try:
+                    loop.call_soon_threadsafe(_deliver, items)
+                except RuntimeError:  # the consumer's loop is closed
+                    pass
+            for o in outs:
                 if o.finished and o.request_id in self.engine.requests:
                     self.engine.release(o.request_id)
 
@@ -147,9 +151,30 @@ class AsyncEngine:
         self.shutdown()
 
 
+def _deliver(items: list[tuple[asyncio.Queue[StepOutput], StepOutput]]) -> None:
+    for q, o in items:
+        q.put_nowait(o)
+
+
+def _merge(a: StepOutput, b: StepOutput) -> StepOutput:
+    """Two consecutive outputs of one request as one (for a consumer that fell behind)."""
+    return StepOutput(
+        a.request_id,
+        a.new_token_ids + b.new_token_ids,
+        b.finished,
+        b.finish_reason,
+        b.stop_reason,
+        None if a.logprobs is None or b.logprobs is None else a.logprobs + b.logprobs,
+        b.error,
+        None if a.text is None and b.text is None else (a.text or "") + (b.text or ""),
+    )
+
+
 class RequestStream:
     """The outputs of one submitted request, in order; the last has ``finished``.
-    Closing it (``aclose()``) before that aborts the request."""
+    Closing it (``aclose()``) before that aborts the request. A consumer that
+    falls behind gets the outputs waiting for it merged into one (all their
+    tokens and text), so a slow client costs one message per read, not per token."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue[StepOutput]) -> None:
         self.engine = engine
@@ -168,6 +193,8 @@ class RequestStream:
         except BaseException:  # cancelled while waiting: the consumer is gone
             await self.aclose()
             raise
+        while not out.finished and not self._queue.empty():
+            out = _merge(out, self._queue.get_nowait())
         if out.finished:
             self.done = True
         return out
