@@ -41,6 +41,7 @@ from spyre_cb.plan import ChunkPlan, DecodePlan, IdlePlan, PrefillPlan, StepPlan
 from spyre_cb.simulate import simulate
 
 if TYPE_CHECKING:  # torch-backed parts load lazily
+    from spyre_cb.async_engine import AsyncEngine
     from spyre_cb.engine import Engine, StepOutput
     from spyre_cb.llm import LLM
     from spyre_cb.outputs import CompletionOutput, RequestOutput
@@ -54,6 +55,7 @@ _LAZY = {
     "simulate_stats": "spyre_cb.stats",
     "SimulationStats": "spyre_cb.stats",
     "Engine": "spyre_cb.engine",
+    "AsyncEngine": "spyre_cb.async_engine",
     "StepOutput": "spyre_cb.engine",
     "SamplingParams": "spyre_cb.sampling",
 }
@@ -98,6 +100,7 @@ __all__ = [
     "simulate_stats",
     "SimulationStats",
     "Engine",
+    "AsyncEngine",
     "StepOutput",
     "SamplingParams",
     "__version__",
