@@ -16,7 +16,7 @@ use crate::block_pool::{BlockId, NULL_BLOCK};
 use crate::config::{ChunkOptions, Policy, SchedulerConfig, BLOCK_SIZE};
 use crate::error::{CoreError, InvalidRequest, StateError};
 use crate::plan::{ChunkPlan, DecodePlan, StepPlan};
-use crate::request::{finish_of, StopRule};
+use crate::request::{check_new_request, check_token_count, finish_of, StopRule};
 use crate::scheduler::{PlanDetail, RequestRef, UpdateOutcome};
 use crate::trace::StepRecord;
 
@@ -301,21 +301,9 @@ impl ChunkedScheduler {
     // ----- requests --------------------------------------------------------
 
     pub fn validate(&self, request_id: &str, prompt_len: u32, max_tokens: u32) -> Result<(), InvalidRequest> {
-        if let Some(&h) = self.ids.get(request_id) {
-            let finishing = self.gone.contains(&h);
-            return Err(InvalidRequest::DuplicateId { request_id: request_id.to_owned(), finishing });
-        }
-        if prompt_len == 0 {
-            return Err(InvalidRequest::EmptyPrompt);
-        }
-        if max_tokens < 1 {
-            return Err(InvalidRequest::MaxTokensTooSmall { max_tokens });
-        }
-        let mml = self.cfg.max_model_len;
+        let in_use = self.ids.get(request_id).map(|h| self.gone.contains(h));
+        check_new_request(in_use, request_id, prompt_len, max_tokens, self.cfg.max_model_len)?;
         let total = u64::from(prompt_len) + u64::from(max_tokens);
-        if total > u64::from(mml) {
-            return Err(InvalidRequest::TooLong { prompt_len, max_tokens, max_model_len: mml });
-        }
         let needed = total.div_ceil(u64::from(B));
         if needed > u64::from(self.cfg.available_blocks) {
             return Err(InvalidRequest::TooManyBlocks { needed, available_blocks: self.cfg.available_blocks });
@@ -935,12 +923,7 @@ impl ChunkedScheduler {
         if self.pending == Pending::None {
             return Err(StateError::UpdateWithoutPlan.into());
         }
-        let n = self.outputs.len();
-        if tokens.len() != n || (!stopped.is_empty() && stopped.len() != n) {
-            return Err(
-                StateError::WrongTokenCount { expected: n, tokens: tokens.len(), stop_flags: stopped.len() }.into()
-            );
-        }
+        check_token_count(self.outputs.len(), tokens, stopped)?;
         let pending = std::mem::replace(&mut self.pending, Pending::None);
         let caching = self.opts.prefix_caching;
         match pending {

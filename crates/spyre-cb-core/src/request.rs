@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::block_pool::BlockId;
 use crate::config::BLOCK_SIZE;
+use crate::error::StateError;
 
 /// Why a request ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -51,6 +52,41 @@ impl StopRule {
         let by_id = self.stop_token_ids.contains(&token);
         (by_id || self.eos_token_ids.contains(&token), by_id)
     }
+}
+
+/// The checks every policy makes of a new request first: its id is free
+/// (`in_use`: `Some(finishing)` when taken), its prompt is not empty, it asks
+/// for at least one token and prompt + max_tokens fit `max_model_len`.
+pub(crate) fn check_new_request(
+    in_use: Option<bool>,
+    request_id: &str,
+    prompt_len: u32,
+    max_tokens: u32,
+    max_model_len: u32,
+) -> Result<(), crate::error::InvalidRequest> {
+    use crate::error::InvalidRequest;
+    if let Some(finishing) = in_use {
+        return Err(InvalidRequest::DuplicateId { request_id: request_id.to_owned(), finishing });
+    }
+    if prompt_len == 0 {
+        return Err(InvalidRequest::EmptyPrompt);
+    }
+    if max_tokens < 1 {
+        return Err(InvalidRequest::MaxTokensTooSmall { max_tokens });
+    }
+    if u64::from(prompt_len) + u64::from(max_tokens) > u64::from(max_model_len) {
+        return Err(InvalidRequest::TooLong { prompt_len, max_tokens, max_model_len });
+    }
+    Ok(())
+}
+
+/// `update`'s argument check, shared by the policies: one token per sampling
+/// sequence, and as many stop flags (or none).
+pub(crate) fn check_token_count(expected: usize, tokens: &[u32], stopped: &[bool]) -> Result<(), StateError> {
+    if tokens.len() != expected || (!stopped.is_empty() && stopped.len() != expected) {
+        return Err(StateError::WrongTokenCount { expected, tokens: tokens.len(), stop_flags: stopped.len() });
+    }
+    Ok(())
 }
 
 /// How one sequence of a step ends, if it does: decided by the core from

@@ -15,7 +15,7 @@ use crate::block_pool::{BlockPool, NULL_BLOCK};
 use crate::config::{SchedulerConfig, BLOCK_SIZE};
 use crate::error::{CoreError, InvalidRequest, StateError};
 use crate::plan::{DecodePlan, PrefillPlan, StepPlan};
-use crate::request::{finish_of, FinishReason, Request, StopRule};
+use crate::request::{check_new_request, check_token_count, finish_of, FinishReason, Request, StopRule};
 use crate::trace::StepRecord;
 
 type Handle = u32;
@@ -273,20 +273,8 @@ impl Scheduler {
 
     /// Checks a request against the limits without adding it.
     pub fn validate(&self, request_id: &str, prompt_len: u32, max_tokens: u32) -> Result<(), InvalidRequest> {
-        if let Some(&h) = self.ids.get(request_id) {
-            let finishing = self.to_free.contains(&h);
-            return Err(InvalidRequest::DuplicateId { request_id: request_id.to_owned(), finishing });
-        }
-        if prompt_len == 0 {
-            return Err(InvalidRequest::EmptyPrompt);
-        }
-        if max_tokens < 1 {
-            return Err(InvalidRequest::MaxTokensTooSmall { max_tokens });
-        }
-        let mml = self.cfg.max_model_len;
-        if u64::from(prompt_len) + u64::from(max_tokens) > u64::from(mml) {
-            return Err(InvalidRequest::TooLong { prompt_len, max_tokens, max_model_len: mml });
-        }
+        let in_use = self.ids.get(request_id).map(|h| self.to_free.contains(h));
+        check_new_request(in_use, request_id, prompt_len, max_tokens, self.cfg.max_model_len)?;
         let start = admission::new_batch_tkv(&self.cfg, prompt_len, max_tokens);
         let needed = admission::reserved_blocks(start, prompt_len, max_tokens);
         if needed > u64::from(self.cfg.available_blocks) {
@@ -676,12 +664,7 @@ impl Scheduler {
         if self.pending == Pending::None {
             return Err(StateError::UpdateWithoutPlan.into());
         }
-        let n = self.outputs.len();
-        if tokens.len() != n || (!stopped.is_empty() && stopped.len() != n) {
-            return Err(
-                StateError::WrongTokenCount { expected: n, tokens: tokens.len(), stop_flags: stopped.len() }.into()
-            );
-        }
+        check_token_count(self.outputs.len(), tokens, stopped)?;
         if self.pending == Pending::Decode {
             self.tkv += 1;
         }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PySlice, PyString, PyTuple};
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use spyre_cb_core as core;
 
@@ -197,25 +197,7 @@ impl ChunkedTrace {
     }
 
     fn __getitem__<'py>(&self, py: Python<'py>, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        let n = self.result.n_steps as isize;
-        if let Ok(slice) = key.cast::<PySlice>() {
-            let ix = slice.indices(n)?;
-            let mut out = Vec::with_capacity(ix.slicelength);
-            let mut i = ix.start;
-            for _ in 0..ix.slicelength {
-                out.push(self.at(i as u64));
-                i += ix.step;
-            }
-            return Ok(PyList::new(py, out)?.into_any());
-        }
-        let i: isize = key.extract().map_err(|_| {
-            err(py, Kind::InvalidRequest, format!("trace indices must be ints or slices, got {}", type_name(key)))
-        })?;
-        let j = if i < 0 { i + n } else { i };
-        if !(0..n).contains(&j) {
-            return Err(pyo3::exceptions::PyIndexError::new_err(format!("step {i} is outside the trace (0..{n})")));
-        }
-        Ok(Bound::new(py, self.at(j as u64))?.into_any())
+        crate::records::sequence_item(py, key, self.result.n_steps, |s| self.at(s))
     }
 
     fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyIterator>> {

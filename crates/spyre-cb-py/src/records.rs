@@ -230,29 +230,7 @@ impl Trace {
     }
 
     fn __getitem__<'py>(&self, py: Python<'py>, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-        let n = self.shared.trace.n_steps() as isize;
-        if let Ok(slice) = key.cast::<PySlice>() {
-            let ix = slice.indices(n)?;
-            let mut out = Vec::with_capacity(ix.slicelength);
-            let mut i = ix.start;
-            for _ in 0..ix.slicelength {
-                out.push(self.at(i as u64));
-                i += ix.step;
-            }
-            return Ok(PyList::new(py, out)?.into_any());
-        }
-        let i: isize = key.extract().map_err(|_| {
-            err(
-                py,
-                Kind::InvalidRequest,
-                format!("trace indices must be ints or slices, got {}", crate::convert::type_name(key)),
-            )
-        })?;
-        let j = if i < 0 { i + n } else { i };
-        if !(0..n).contains(&j) {
-            return Err(pyo3::exceptions::PyIndexError::new_err(format!("step {i} is outside the trace (0..{n})")));
-        }
-        Ok(Bound::new(py, self.at(j as u64))?.into_any())
+        sequence_item(py, key, self.shared.trace.n_steps(), |s| self.at(s))
     }
 
     fn __iter__(slf: Bound<'_, Self>) -> TraceIter {
@@ -284,6 +262,42 @@ impl Trace {
             self.shared.trace.rejected.len()
         )
     }
+}
+
+/// ``trace[key]`` for a trace of `n` steps: an int (negative from the end)
+/// gives the record `at(step)` makes, a slice a list of them.
+pub fn sequence_item<'py, T>(
+    py: Python<'py>,
+    key: &Bound<'py, PyAny>,
+    n: u64,
+    at: impl Fn(u64) -> T,
+) -> PyResult<Bound<'py, PyAny>>
+where
+    T: pyo3::PyClass + Into<pyo3::PyClassInitializer<T>>,
+{
+    let n = n as isize;
+    if let Ok(slice) = key.cast::<PySlice>() {
+        let ix = slice.indices(n)?;
+        let mut out = Vec::with_capacity(ix.slicelength);
+        let mut i = ix.start;
+        for _ in 0..ix.slicelength {
+            out.push(Bound::new(py, at(i as u64))?);
+            i += ix.step;
+        }
+        return Ok(PyList::new(py, out)?.into_any());
+    }
+    let i: isize = key.extract().map_err(|_| {
+        err(
+            py,
+            Kind::InvalidRequest,
+            format!("trace indices must be ints or slices, got {}", crate::convert::type_name(key)),
+        )
+    })?;
+    let j = if i < 0 { i + n } else { i };
+    if !(0..n).contains(&j) {
+        return Err(pyo3::exceptions::PyIndexError::new_err(format!("step {i} is outside the trace (0..{n})")));
+    }
+    Ok(Bound::new(py, at(j as u64))?.into_any())
 }
 
 #[pyclass(module = "spyre_cb._core")]
