@@ -45,9 +45,11 @@ def workload(n: int, seed: int) -> list[tuple[str, int]]:
     return [(" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))), rng.randint(16, 96)) for _ in range(n)]
 
 
-async def drive_server(base: str, reqs, clients: int, rate: float, seed: int) -> dict:
+async def drive_server(base: str, reqs, clients: int, rate: float, seed: int, raw: bool = False) -> dict:
     import openai
 
+    if raw:
+        return await drive_raw(base, reqs, clients, rate, seed)
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=600)
     sem = asyncio.Semaphore(clients)
     rng = random.Random(seed)
@@ -92,6 +94,53 @@ async def drive_server(base: str, reqs, clients: int, rate: float, seed: int) ->
     return {"tokens": tokens, "wall": wall, "ttft": ttft, "itl": itl}
 
 
+async def drive_raw(base: str, reqs, clients: int, rate: float, seed: int) -> dict:
+    """The same load from a minimal SSE reader (httpx, one json.loads per
+    chunk): separates the server's cost from the openai client's."""
+    import json
+
+    import httpx
+
+    sem = asyncio.Semaphore(clients)
+    rng = random.Random(seed)
+    ttft: list[float] = []
+    itl: list[float] = []
+    tokens = 0
+    async with httpx.AsyncClient(base_url=base, timeout=600) as client:
+
+        async def one(prompt: str, mt: int) -> None:
+            nonlocal tokens
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": mt, "temperature": 0, "stream": True}
+            body.update(ignore_eos=True, stream_options={"include_usage": True})
+            async with sem:
+                t0 = time.perf_counter()
+                last = None
+                async with client.stream("POST", "/v1/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        now = time.perf_counter()
+                        chunk = json.loads(line[6:])
+                        if chunk.get("usage"):
+                            tokens += chunk["usage"]["completion_tokens"]
+                        if chunk["choices"]:
+                            if last is None:
+                                ttft.append(now - t0)
+                            else:
+                                itl.append(now - last)
+                            last = now
+
+        t0 = time.perf_counter()
+        tasks = []
+        for prompt, mt in reqs:
+            tasks.append(asyncio.create_task(one(prompt, mt)))
+            if rate > 0:
+                await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+    return {"tokens": tokens, "wall": wall, "ttft": ttft, "itl": itl}
+
+
 def drive_engine(model: str, reqs, max_num_seqs: int) -> dict:
     eng = spyre_cb.Engine(model, max_num_seqs=max_num_seqs)
     tok = eng.tokenizer
@@ -115,6 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and the direct run")
     ap.add_argument("--layers", type=int, default=0, help="serve a random-weight Granite this deep (0: the tiny model)")
     ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--raw-client", action="store_true", help="a minimal SSE reader instead of the openai client")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -158,7 +208,7 @@ def main(argv=None) -> int:
                         raise RuntimeError("server did not start") from None
                     time.sleep(0.2)
             asyncio.run(drive_server(base, reqs[: min(4, len(reqs))], args.clients, 0, 1))  # warm-up
-            srv = asyncio.run(drive_server(base, reqs, args.clients, args.rate, 0))
+            srv = asyncio.run(drive_server(base, reqs, args.clients, args.rate, 0, raw=args.raw_client))
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(30)
@@ -171,8 +221,9 @@ def main(argv=None) -> int:
         f"{len(reqs)} requests, {args.clients} concurrent streams, max_num_seqs {args.max_num_seqs}, {what}, "
         f"torch threads {args.threads}, rate {args.rate or 'all at once'}"
     )
+    client = "minimal SSE reader" if args.raw_client else "openai client"
     print(
-        f"server : {srv['tokens']} tokens in {srv['wall']:.2f} s = {s_tps:.0f} tokens/s; "
+        f"server ({client}): {srv['tokens']} tokens in {srv['wall']:.2f} s = {s_tps:.0f} tokens/s; "
         f"TTFT p50 {1e3 * pct(srv['ttft'], 0.5):.0f} ms p99 {1e3 * pct(srv['ttft'], 0.99):.0f} ms; "
         f"ITL p50 {1e3 * pct(srv['itl'], 0.5):.1f} ms p99 {1e3 * pct(srv['itl'], 0.99):.1f} ms"
     )

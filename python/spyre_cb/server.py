@@ -400,17 +400,26 @@ def build_app(
                 await queue.put((index, o))
             await queue.put((index, None))
 
-        tasks = [asyncio.create_task(pump(i, s)) for i, _, s in streams]
+        async def merged() -> AsyncIterator[tuple[int, StepOutput]]:
+            if len(streams) == 1:  # one choice: read its stream directly (no task, no extra queue hop)
+                index, _, only = streams[0]
+                async for o in only:
+                    yield index, o
+                return
+            left = len(tasks)
+            while left:
+                at, item = await queue.get()
+                if item is None:
+                    left -= 1
+                    continue
+                yield at, item
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, _, s in streams] if len(streams) > 1 else []
         try:
             if chat:
                 for index, _, _ in streams:
                     yield chunk(index, None, role=True)
-            left = len(tasks)
-            while left:
-                index, o = await queue.get()
-                if o is None:
-                    left -= 1
-                    continue
+            async for index, o in merged():
                 n_tokens += len(o.new_token_ids)
                 yield chunk(index, o)
             if body.stream_options and body.stream_options.include_usage:
