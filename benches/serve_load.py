@@ -45,6 +45,42 @@ def workload(n: int, seed: int) -> list[tuple[str, int]]:
     return [(" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))), rng.randint(16, 96)) for _ in range(n)]
 
 
+class Seen:
+    """What the clients saw: tokens (from the usage chunks), TTFT and ITL."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.ttft: list[float] = []
+        self.itl: list[float] = []
+
+    def chunk(self, t0: float, last: float | None, usage_tokens: int, has_choices: bool) -> float | None:
+        now = time.perf_counter()
+        self.tokens += usage_tokens
+        if not has_choices:
+            return last
+        if last is None:
+            self.ttft.append(now - t0)
+        else:
+            self.itl.append(now - last)
+        return now
+
+    def result(self, wall: float) -> dict:
+        return {"tokens": self.tokens, "wall": wall, "ttft": self.ttft, "itl": self.itl}
+
+
+async def arrive(reqs, rate: float, rng: random.Random, one) -> float:
+    """Starts ``one(prompt, max_tokens)`` per request (Poisson arrivals at ``rate``
+    per second, or all at once); returns the wall time until all finished."""
+    t0 = time.perf_counter()
+    tasks = []
+    for prompt, mt in reqs:
+        tasks.append(asyncio.create_task(one(prompt, mt)))
+        if rate > 0:
+            await asyncio.sleep(rng.expovariate(rate))
+    await asyncio.gather(*tasks)
+    return time.perf_counter() - t0
+
+
 async def drive_server(base: str, reqs, clients: int, rate: float, seed: int, raw: bool = False) -> dict:
     import openai
 
@@ -53,12 +89,9 @@ async def drive_server(base: str, reqs, clients: int, rate: float, seed: int, ra
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=600)
     sem = asyncio.Semaphore(clients)
     rng = random.Random(seed)
-    ttft: list[float] = []
-    itl: list[float] = []
-    tokens = 0
+    seen = Seen()
 
     async def one(prompt: str, mt: int) -> None:
-        nonlocal tokens
         async with sem:
             t0 = time.perf_counter()
             last = None
@@ -72,26 +105,11 @@ async def drive_server(base: str, reqs, clients: int, rate: float, seed: int, ra
                 extra_body={"ignore_eos": True},
             )
             async for chunk in stream:
-                now = time.perf_counter()
-                if chunk.usage:
-                    tokens += chunk.usage.completion_tokens
-                if chunk.choices:
-                    if last is None:
-                        ttft.append(now - t0)
-                    else:
-                        itl.append(now - last)
-                    last = now
+                last = seen.chunk(t0, last, chunk.usage.completion_tokens if chunk.usage else 0, bool(chunk.choices))
 
-    t0 = time.perf_counter()
-    tasks = []
-    for prompt, mt in reqs:
-        tasks.append(asyncio.create_task(one(prompt, mt)))
-        if rate > 0:
-            await asyncio.sleep(rng.expovariate(rate))
-    await asyncio.gather(*tasks)
-    wall = time.perf_counter() - t0
+    wall = await arrive(reqs, rate, rng, one)
     await client.close()
-    return {"tokens": tokens, "wall": wall, "ttft": ttft, "itl": itl}
+    return seen.result(wall)
 
 
 async def drive_raw(base: str, reqs, clients: int, rate: float, seed: int) -> dict:
@@ -103,13 +121,10 @@ async def drive_raw(base: str, reqs, clients: int, rate: float, seed: int) -> di
 
     sem = asyncio.Semaphore(clients)
     rng = random.Random(seed)
-    ttft: list[float] = []
-    itl: list[float] = []
-    tokens = 0
+    seen = Seen()
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
 
         async def one(prompt: str, mt: int) -> None:
-            nonlocal tokens
             body = {"model": "tiny", "prompt": prompt, "max_tokens": mt, "temperature": 0, "stream": True}
             body.update(ignore_eos=True, stream_options={"include_usage": True})
             async with sem:
@@ -119,26 +134,12 @@ async def drive_raw(base: str, reqs, clients: int, rate: float, seed: int) -> di
                     async for line in r.aiter_lines():
                         if not line.startswith("data: {"):
                             continue
-                        now = time.perf_counter()
                         chunk = json.loads(line[6:])
-                        if chunk.get("usage"):
-                            tokens += chunk["usage"]["completion_tokens"]
-                        if chunk["choices"]:
-                            if last is None:
-                                ttft.append(now - t0)
-                            else:
-                                itl.append(now - last)
-                            last = now
+                        usage = chunk["usage"]["completion_tokens"] if chunk.get("usage") else 0
+                        last = seen.chunk(t0, last, usage, bool(chunk["choices"]))
 
-        t0 = time.perf_counter()
-        tasks = []
-        for prompt, mt in reqs:
-            tasks.append(asyncio.create_task(one(prompt, mt)))
-            if rate > 0:
-                await asyncio.sleep(rng.expovariate(rate))
-        await asyncio.gather(*tasks)
-        wall = time.perf_counter() - t0
-    return {"tokens": tokens, "wall": wall, "ttft": ttft, "itl": itl}
+        wall = await arrive(reqs, rate, rng, one)
+    return seen.result(wall)
 
 
 def drive_engine(model: str, reqs, max_num_seqs: int) -> dict:

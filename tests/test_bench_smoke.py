@@ -37,3 +37,12 @@ def test_policies_quick():
     r = run("policies.py", "--quick")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("| 6/6 |") == 6, r.stdout  # every policy, both workloads: the same tokens
+
+
+def test_serve_load_quick():
+    r = run("serve_load.py", "--quick")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if " tokens in " in ln]
+    # the server and the direct engine produced the same number of tokens
+    assert len(lines) == 2 and lines[0].split(": ")[1].split()[0] == lines[1].split(": ")[1].split()[0], r.stdout
+    assert "server / engine tokens/s" in r.stdout
