@@ -95,7 +95,9 @@ def test_invalid_request_is_refused_and_nothing_queued(tiny_model):
         return out
 
     try:
-        assert len(asyncio.run(main())) == 2
+        outs = asyncio.run(main())
+        # a reader that falls behind gets waiting outputs merged: count tokens, not outputs
+        assert sum(len(o.new_token_ids) for o in outs) == 2 and outs[-1].finished
         _wait_idle(aeng)
     finally:
         aeng.shutdown()
