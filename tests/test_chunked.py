@@ -196,9 +196,7 @@ def test_runner_fact_prefill_chunks(name, tiny_model, hf_greedy):
     prompt_len = sc.runner_steps[0]["new_reqs"][0]["prompt_len"]
     eng = spyre_cb.Engine(tiny_model, **sc.options)
     prompt = [(7 * i + 3) % eng.vocab_size for i in range(prompt_len)]
-    # the chunks the published schedule runs: num_scheduled_tokens per call
-    plan = eng.scheduler
-    assert plan.policy == "chunked"
+    assert eng.scheduler.policy == "chunked"
     eng.add_request(req["id"], prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
     steps = []
     while eng.has_unfinished_requests():
@@ -365,3 +363,23 @@ def test_random_workloads_engine_equals_simulation_and_hf(tiny_model, hf_greedy)
         for k in seen:
             seen[k] += sim.counters[k]
     assert seen["pause_events"] > 0 and seen["prefix_cached_blocks"] > 0, seen
+
+
+def test_prompt_logprobs_across_chunks_equal_the_whole_prefill(tiny_model):
+    from conftest import random_prompts
+
+    (p,) = random_prompts([150], 512, seed=21)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
+    got = {}
+    for opts in ({}, {"policy": "chunked", "chunk_size": 64}):
+        eng = spyre_cb.Engine(tiny_model, max_num_seqs=2, max_model_len=256, **opts)
+        eng.add_request("x", p, params)
+        while eng.has_unfinished_requests():
+            eng.step()
+        got[bool(opts)] = eng.get_request("x").prompt_logprobs
+    cont, chunked = got[False], got[True]
+    assert len(chunked) == len(cont) == len(p) and chunked[0] is None
+    for a, b in zip(cont[1:], chunked[1:]):
+        assert a.keys() == b.keys()
+        for t in a:
+            assert abs(a[t].logprob - b[t].logprob) < 1e-4

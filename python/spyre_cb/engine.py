@@ -339,11 +339,9 @@ class Engine:
         if state.params.prompt_logprobs is not None:
             every = self.executor.execute(plan, all_positions=True)  # [chunk_size, vocab]
             real = every[plan.left_padding : plan.left_padding + plan.end - plan.start]
-            if plan.start == 0:
-                state.prompt_logprobs = [None]
-            state.prompt_logprobs = (state.prompt_logprobs or [None]) + self._prompt_logprobs_from(
-                state, real[:-1] if plan.is_last else real, plan.start + 1
-            )
+            so_far: list[PositionLogprobs | None] = [None] if plan.start == 0 else (state.prompt_logprobs or [])
+            rows = real[:-1] if plan.is_last else real  # the last row samples the first token
+            state.prompt_logprobs = so_far + self._prompt_logprobs_from(state, rows, plan.start + 1)
             logits = real[-1][None]
         else:
             logits = self.executor.execute(plan)

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::block_cache::{BlockCache, BlockHash, ROOT_HASH};
 use crate::block_pool::{BlockId, NULL_BLOCK};
-use crate::config::{ChunkOptions, Policy, SchedulerConfig, BLOCK_SIZE};
+use crate::config::{ChunkOptions, SchedulerConfig, BLOCK_SIZE};
 use crate::error::{CoreError, InvalidRequest, StateError};
 use crate::plan::{ChunkPlan, DecodePlan, StepPlan};
 use crate::request::{check_new_request, check_token_count, finish_of, StopRule};
@@ -457,11 +457,7 @@ impl ChunkedScheduler {
         self.outputs.clear();
         self.finished.clear();
         self.last_slots = None;
-        for h in std::mem::take(&mut self.gone) {
-            let r = self.arena[h as usize].take().expect("live handle");
-            self.ids.remove(&r.id);
-            self.free_handles.push(h);
-        }
+        self.reap_gone();
         self.last_rejection = None;
 
         let choice = match self.ongoing {
@@ -512,11 +508,7 @@ impl ChunkedScheduler {
     /// Runs `k` idle steps at once (only when nothing is queued or running).
     pub fn skip_idle_steps(&mut self, k: u64) {
         assert!(self.pending == Pending::None && !self.has_unfinished_requests(), "idle steps need an empty scheduler");
-        for h in std::mem::take(&mut self.gone) {
-            let r = self.arena[h as usize].take().expect("live handle");
-            self.ids.remove(&r.id);
-            self.free_handles.push(h);
-        }
+        self.reap_gone();
         self.step += k;
         self.tkv = 0;
         self.prev_prefill = false;
@@ -525,6 +517,16 @@ impl ChunkedScheduler {
         self.last_slots = None;
         self.last_rejection = None;
         self.counters.idle_steps += k;
+    }
+
+    /// Forgets the requests that finished or were aborted before this step
+    /// (their ids become free).
+    fn reap_gone(&mut self) {
+        for h in std::mem::take(&mut self.gone) {
+            let r = self.arena[h as usize].take().expect("live handle");
+            self.ids.remove(&r.id);
+            self.free_handles.push(h);
+        }
     }
 
     /// Full prompt blocks of a waiting request already in the cache, at most
@@ -748,20 +750,18 @@ impl ChunkedScheduler {
         if full {
             positions.reserve(chunk as usize);
             slot_mapping.reserve(chunk as usize);
-            for t in 0..chunk {
-                let padded = base + t;
-                let real = padded.checked_sub(lp).filter(|&p| p >= start && p < end);
-                positions.push(real.unwrap_or(0));
-                let blk = block_slots[(t / B) as usize];
-                slot_mapping.push(i64::from(blk) * i64::from(B) + i64::from(t % B));
-            }
             if r.has_tokens() {
                 input_ids.reserve(chunk as usize);
-                for t in 0..chunk {
-                    let padded = base + t;
-                    let tok = padded.checked_sub(lp).filter(|&p| p >= start && p < end).map(|p| r.tokens[p as usize]);
-                    input_ids.push(tok.unwrap_or(0));
+            }
+            for t in 0..chunk {
+                // the prompt position of input token t, if it is not padding
+                let real = (base + t).checked_sub(lp).filter(|&p| p >= start && p < end);
+                positions.push(real.unwrap_or(0));
+                if r.has_tokens() {
+                    input_ids.push(real.map_or(0, |p| r.tokens[p as usize]));
                 }
+                let blk = block_slots[(t / B) as usize];
+                slot_mapping.push(i64::from(blk) * i64::from(B) + i64::from(t % B));
             }
         }
         let plan = ChunkPlan {
@@ -1128,12 +1128,5 @@ impl ChunkedScheduler {
             }
         }
         Ok(())
-    }
-}
-
-impl Policy {
-    /// Whether plans of this policy can contain chunks.
-    pub fn is_chunked(&self) -> bool {
-        matches!(self, Policy::Chunked(_))
     }
 }

@@ -51,6 +51,10 @@ impl Policy {
             Self::Chunked(_) => "chunked",
         }
     }
+    /// Whether plans of this policy can contain chunks.
+    pub fn is_chunked(&self) -> bool {
+        matches!(self, Self::Chunked(_))
+    }
     pub fn chunk_options(&self) -> Option<&ChunkOptions> {
         match self {
             Self::Continuous => None,
