@@ -4,7 +4,10 @@ One seeded workload (prompts 16-448 tokens, 8-128 new tokens, all queued at
 t=0) on a random-weight Granite large enough that the model dominates, run
 three ways in the same process:
 
-  (a) spyre_cb, eager, vectorized paged attention (the default)
+  (a) spyre_cb, eager, native paged attention (the default: decodes read the
+      KV blocks in place through the Rust kernel)
+  (a') with --ablate: spyre_cb with the vectorized torch ops (gather + SDPA),
+      to measure the kernel's gain in the same run
   (b) spyre_cb, eager, FMS's own reference paged-attention ops
   (c) transformers static batching: batches of max_num_seqs in arrival order,
       left-padded generate(); only each request's own max_tokens count as useful
@@ -17,7 +20,7 @@ time spent outside the model forward (scheduling, plan conversion, input
 building, sampling). ``--quick`` is a smoke run (under a minute).
 
     python benches/e2e.py [--quick] [--requests 64] [--blocks 1024] [--threads N]
-                          [--contention] [--json PATH] [--skip-fms]
+                          [--contention] [--json PATH] [--skip-fms] [--ablate]
 
 ``--contention`` runs a CPU-burning process beside the measurement (bounded
 in time, stopped at the end), as another tenant of the same cores would.
@@ -221,6 +224,9 @@ def main(argv=None) -> int:
         "--contention", action="store_true", help="run a CPU-burning process beside the measurement (bounded)"
     )
     ap.add_argument("--skip-hf-cb", action="store_true", help="skip (d), transformers' continuous batching")
+    ap.add_argument(
+        "--ablate", action="store_true", help="also run (a') with the vectorized torch ops: the native kernel's gain"
+    )
     ap.add_argument("--json", metavar="PATH", help="write tokens/s of each run and the settings as JSON")
     ap.add_argument(
         "--tensor-parallel-size",
@@ -270,9 +276,17 @@ def _main(args) -> int:
             f"{args.blocks} KV blocks, max_model_len {max(args.max_model_len, -(-(max(p + m for p, m in reqs)) // 64) * 64)}, "
             f"torch threads {torch.get_num_threads()}, contention {'on' if args.contention else 'off'}"
         )
-        a = run_spyre(model, reqs, prompts, args, "vectorized")
+        a = run_spyre(model, reqs, prompts, args, "native")
         c = run_hf(model, reqs, prompts, args)
-        ta = report("(a) spyre_cb continuous, vectorized ops", a, useful)
+        ta = report("(a) spyre_cb continuous, native ops", a, useful)
+        ta0 = None
+        if args.ablate:
+            a0 = run_spyre(model, reqs, prompts, args, "vectorized")
+            ta0 = report("(a') spyre_cb, vectorized torch ops", a0, useful)
+            print(
+                f"tokens identical (a vs a'): {sum(a['tokens'][k] == a0['tokens'][k] for k in a['tokens'])}/{len(reqs)}"
+            )
+            print(f"native kernel's gain (a)/(a'): {ta / ta0:.2f}x")
         b = None
         if not args.skip_fms:
             b = run_spyre(model, reqs, prompts, args, "fms")
@@ -310,13 +324,15 @@ def _main(args) -> int:
             }
             if b is not None:
                 doc["b"] = {"tokens_per_s": tb}
+            if ta0 is not None:
+                doc["a_vectorized"] = {"tokens_per_s": ta0}
             if td is not None:
                 doc["d"] = {"tokens_per_s": td}
             Path(args.json).write_text(json.dumps(doc, indent=1))
             print(f"wrote {args.json}")
         if args.tensor_parallel_size > 1:
             n = args.tensor_parallel_size
-            t = run_spyre(model, reqs, prompts, args, "vectorized", tp=n)
+            t = run_spyre(model, reqs, prompts, args, "native", tp=n)
             tt = report(f"(a) spyre_cb, tensor_parallel_size={n}", t, useful)
             same = sum(a["tokens"][k] == t["tokens"][k] for k in a["tokens"])
             st = t["executor"]

@@ -1,4 +1,4 @@
-"""The vectorized CPU paged-attention ops against FMS's own reference ops."""
+"""This project's CPU paged-attention ops (native kernel, vectorized torch) against FMS's own reference ops."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from spyre_cb.plan import IdlePlan
 from spyre_cb.runner import ModelRunner
 
 
+@pytest.mark.parametrize("ops", ["native", "vectorized"])
 @pytest.mark.parametrize("available_blocks", [None, 200])
-def test_vectorized_ops_match_fms_reference(tiny_model, available_blocks):
+def test_ops_match_fms_reference(tiny_model, available_blocks, ops):
     sched = spyre_cb.Scheduler(max_num_seqs=3, max_model_len=256, available_blocks=available_blocks)
     cfg = EngineConfig(str(tiny_model), **sched.config.to_dict())
     ckpt = Checkpoint.open(tiny_model)
-    fast = ModelRunner(ckpt, cfg)
+    fast = ModelRunner(ckpt, cfg.replace(attention_ops=ops))
     ref = ModelRunner(ckpt, cfg.replace(attention_ops="fms"))
     # joins at block boundaries and mid-block, a shift (prompt 150 > tkv)
     reqs = {0: [(30, 40)], 3: [(100, 20)], 6: [(150, 12)], 30: [(5, 9)]}
@@ -52,7 +53,7 @@ def test_engines_with_either_ops_give_the_same_tokens(tiny_model):
 
     reqs = [(0, 49, 20), (0, 70, 8), (4, 130, 10)]
     outs = []
-    for ops in ("vectorized", "fms"):
+    for ops in ("native", "vectorized", "fms"):
         eng = spyre_cb.Engine(tiny_model, max_num_seqs=2, max_model_len=256, attention_ops=ops)
         outs.append(run_engine(eng, reqs, seed=3)[2])
-    assert outs[0] == outs[1]
+    assert outs[0] == outs[1] == outs[2]

@@ -34,6 +34,7 @@ __all__ = [
     "simulate",
     "simulate_stats",
     "synthetic_workload",
+    "paged_decode_attention",
     "BLOCK_SIZE",
     "NULL_BLOCK",
     "MAX_AVAILABLE_BLOCKS",
@@ -498,3 +499,22 @@ def synthetic_workload(
     prompt_range: tuple[int, int] | None = None,
     tokens_range: tuple[int, int] | None = None,
 ) -> list[tuple[int, int, int]]: ...
+def paged_decode_attention(
+    query: npt.NDArray[np.float32],
+    key_cache: npt.NDArray[np.float32],
+    value_cache: npt.NDArray[np.float32],
+    block_table: npt.NDArray[np.int64],
+    context_start: npt.NDArray[np.int64],
+    context_end: npt.NDArray[np.int64],
+    scale: float,
+    out: npt.NDArray[np.float32],
+    threads: int = 1,
+) -> None:
+    """Decode attention read in place from a paged KV cache, written into ``out``.
+
+    ``query`` ``[batch, heads, head_dim]``; caches ``[blocks, block_size,
+    kv_heads, dim]``; ``block_table`` ``[batch, width]``; sequence ``i``
+    attends to in-table positions ``context_start[i] <= j <
+    context_end[i]``; ``out`` ``[batch, heads, value_dim]``. Arrays must be
+    C-contiguous; a bad shape, range or block id raises ``ValueError``.
+    """

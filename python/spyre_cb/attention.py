@@ -13,6 +13,13 @@ operation, then run one masked SDPA. Same inputs, same semantics:
   keys ``left_padded_prompt_mask[i] <= j <= q`` of each sequence's block
   table (in-table coordinates) are attended to, ``q`` the query's own
   position (the last query sits at ``current_tkv_mask[i] - 1``).
+
+The native ops (attention name :data:`NATIVE`, the default) run float32
+single-query decodes through this project's Rust kernel
+(``spyre_cb._core.paged_decode_attention``), which reads each sequence's
+real keys in place through its block table: no gather copy, no mask, no
+work on padding. Everything else (prefills, chunks, other dtypes) takes the
+vectorized path.
 """
 
 from __future__ import annotations
@@ -20,12 +27,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from spyre_cb import _core
+
 #: FMS's own ops (reference implementation, slow on CPU).
 FMS_REFERENCE = "spyre_paged_attn"
 #: This module's vectorized ops.
 VECTORIZED = "spyre_cb_paged_attn"
+#: The vectorized ops with decodes through the native kernel.
+NATIVE = "spyre_cb_native_paged_attn"
 
-ATTENTION_OPS = {"vectorized": VECTORIZED, "fms": FMS_REFERENCE}
+ATTENTION_OPS = {"native": NATIVE, "vectorized": VECTORIZED, "fms": FMS_REFERENCE}
 
 _registered = False
 
@@ -70,22 +81,76 @@ def _decode(query, key_cache, value_cache, nheads, kvheads, p_dropout, scale_fac
     return out.transpose(1, 2).contiguous()
 
 
+@torch.library.custom_op("spyre_cb::paged_decode", mutates_args=())
+def paged_decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_start: torch.Tensor,
+    context_end: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention read in place from the paged cache: ``query`` is
+    ``[batch, heads, head_dim]``, the result ``[batch, heads, value_dim]``;
+    sequence ``i`` attends to in-table positions ``context_start[i] <= j <
+    context_end[i]``. A torch custom op, so that compiled models call it as is."""
+    b, h, _ = query.shape
+    out = torch.empty(b, h, value_cache.shape[-1], dtype=query.dtype)
+    _core.paged_decode_attention(
+        query.contiguous().numpy(),
+        key_cache.numpy(),
+        value_cache.numpy(),
+        block_table.contiguous().numpy(),
+        context_start.contiguous().numpy(),
+        context_end.contiguous().numpy(),
+        scale,
+        out.numpy(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+@paged_decode.register_fake
+def _(query, key_cache, value_cache, block_table, context_start, context_end, scale):
+    b, h, _ = query.shape
+    return query.new_empty(b, h, value_cache.shape[-1])
+
+
+def _native_decode(query, key_cache, value_cache, nheads, kvheads, p_dropout, scale_factor, **attn_kwargs):
+    b, q_len = query.shape[0], query.shape[1]
+    if q_len != 1 or query.dtype != torch.float32 or key_cache.dtype != torch.float32:
+        return _decode(query, key_cache, value_cache, nheads, kvheads, p_dropout, scale_factor, **attn_kwargs)
+    scale = scale_factor if scale_factor is not None else query.shape[-1] ** -0.5
+    out = paged_decode(
+        query.reshape(b, nheads, -1),
+        key_cache,
+        value_cache,
+        attn_kwargs["block_table"],
+        attn_kwargs["left_padded_prompt_mask"],
+        attn_kwargs["current_tkv_mask"],
+        float(scale),
+    )
+    return out.view(b, 1, nheads, -1)
+
+
 def register() -> None:
-    """Registers both op sets with FMS (idempotent)."""
+    """Registers the op sets with FMS (idempotent)."""
     global _registered
     if _registered:
         return
     import fms.utils.spyre.paged  # noqa: F401  (registers FMS_REFERENCE)
     from fms.modules.attention import _sdpa_compute_op, register_attention_op
 
-    try:
-        register_attention_op(
-            VECTORIZED,
-            _store,
-            _sdpa_compute_op,
-            is_prefill_op=lambda **kw: kw.get("block_table", None) is None,
-            compute_decode_op=_decode,
-        )
-    except KeyError:  # registered by an earlier import of this module
-        pass
+    for name, decode in ((VECTORIZED, _decode), (NATIVE, _native_decode)):
+        try:
+            register_attention_op(
+                name,
+                _store,
+                _sdpa_compute_op,
+                is_prefill_op=lambda **kw: kw.get("block_table", None) is None,
+                compute_decode_op=decode,
+            )
+        except KeyError:  # registered by an earlier import of this module
+            pass
     _registered = True

@@ -19,7 +19,7 @@ from spyre_cb._core import SchedulerConfig
 from spyre_cb.errors import ConfigError
 
 BACKENDS = ("eager", "inductor", "sendnn")
-ATTENTION_OPS = ("vectorized", "fms")
+ATTENTION_OPS = ("native", "vectorized", "fms")
 DTYPES = ("float32", "bfloat16", "float16")
 DISTRIBUTED = ("gloo", "nccl")
 POLICIES = ("continuous", "chunked")
@@ -59,8 +59,9 @@ class EngineConfig:
     prefix_caching: bool = _opt(False, "reuse prompt blocks already in the KV cache (policy chunked)", scheduler=True)
     backend: str = _opt("eager", "eager or inductor on CPU; sendnn on an IBM Spyre AIU", choices=BACKENDS)
     attention_ops: str = _opt(
-        "vectorized",
-        "paged attention ops: this project's vectorized ones, or FMS's reference ops",
+        "native",
+        "paged attention ops: native (decodes read the KV blocks in place, a Rust kernel), vectorized "
+        "(torch gather + SDPA), or FMS's reference ops",
         choices=ATTENTION_OPS,
     )
     dtype: str = _opt("float32", "weights and KV cache dtype", choices=DTYPES)

@@ -4,7 +4,8 @@
 //! (`convert`), core errors become the exception classes this module defines
 //! (`errors`), and core values become Python objects: the config (`config`),
 //! observations (`records`), step plans (`plans`), the scheduler
-//! (`scheduler`) and simulations (`simulate`).
+//! (`scheduler`) and simulations (`simulate`); and the
+//! runner's CPU kernels over numpy views (`kernels`).
 
 use pyo3::prelude::*;
 
@@ -14,6 +15,7 @@ mod chunked;
 mod config;
 mod convert;
 mod errors;
+mod kernels;
 mod plans;
 mod records;
 mod scheduler;
@@ -38,6 +40,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simulate::simulate, m)?)?;
     m.add_function(wrap_pyfunction!(simulate::simulate_stats, m)?)?;
     m.add_function(wrap_pyfunction!(simulate::synthetic_workload, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::paged_decode_attention, m)?)?;
     m.add("BLOCK_SIZE", core::BLOCK_SIZE)?;
     m.add("NULL_BLOCK", core::NULL_BLOCK)?;
     m.add("MAX_AVAILABLE_BLOCKS", core::MAX_AVAILABLE_BLOCKS)?;

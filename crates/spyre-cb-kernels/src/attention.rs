@@ -1,0 +1,266 @@
+//! Decode attention over a paged KV cache, one query per sequence.
+//!
+//! Sequence `b` attends to the keys at in-table positions
+//! `context_start[b] <= j < context_end[b]` of its block table: position `j`
+//! lives in slot `j % block_size` of block `block_table[b][j / block_size]`.
+//! (`context_start` is the sequence's left padding and `context_end` the
+//! batch `tkv` in the continuous policy; the query is the token at
+//! `context_end - 1`, whose key the step has already stored.) Query heads
+//! share key/value heads in groups (`n_heads / kv_heads` query heads per KV
+//! head, grouped-query attention); the result is
+//! `softmax(scale * q k^T) v` per query head, computed exactly, without a
+//! mask: positions outside the range are never read.
+
+use std::fmt;
+use std::thread;
+
+use crate::math;
+
+/// Sizes of one call. Tensors are dense, row-major, in the layouts given on
+/// [`DecodeInputs`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeShape {
+    pub batch: usize,
+    pub n_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub value_dim: usize,
+    pub n_blocks: usize,
+    pub block_size: usize,
+    pub table_width: usize,
+}
+
+/// Borrowed inputs of [`paged_decode`].
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeInputs<'a> {
+    /// `[batch, n_heads, head_dim]`.
+    pub query: &'a [f32],
+    /// `[n_blocks, block_size, kv_heads, head_dim]`.
+    pub key_cache: &'a [f32],
+    /// `[n_blocks, block_size, kv_heads, value_dim]`.
+    pub value_cache: &'a [f32],
+    /// `[batch, table_width]` physical block ids.
+    pub block_table: &'a [i64],
+    /// `[batch]`: first attended in-table position (the left padding).
+    pub context_start: &'a [i64],
+    /// `[batch]`: one past the last attended position (the query's own).
+    pub context_end: &'a [i64],
+    /// Multiplies `q . k` before the softmax (usually `1 / sqrt(head_dim)`).
+    pub scale: f32,
+}
+
+/// An input the kernel refuses; nothing is read out of bounds and `out` is
+/// left untouched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelError {
+    /// A buffer's length disagrees with the shape.
+    Length { what: &'static str, expected: usize, got: usize },
+    /// A size that must be positive is zero, or heads do not group.
+    Shape(String),
+    /// A sequence's attended range is empty or runs past its block table.
+    Context { seq: usize, start: i64, end: i64, limit: usize },
+    /// A block id the range reads is not a block of the cache.
+    Block { seq: usize, position: usize, block: i64, n_blocks: usize },
+}
+
+impl fmt::Display for KernelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Length { what, expected, got } => {
+                write!(f, "paged decode attention: {what} holds {got} elements, the shape needs {expected}")
+            }
+            Self::Shape(msg) => write!(f, "paged decode attention: {msg}"),
+            Self::Context { seq, start, end, limit } => write!(
+                f,
+                "paged decode attention: sequence {seq} attends to positions {start}..{end}, which must be a \
+                 non-empty range within its block table's {limit} slots"
+            ),
+            Self::Block { seq, position, block, n_blocks } => write!(
+                f,
+                "paged decode attention: sequence {seq} reads position {position} from block {block}, outside the \
+                 cache's {n_blocks} blocks"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for KernelError {}
+
+fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), KernelError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(KernelError::Length { what, expected, got })
+    }
+}
+
+fn validate(s: &DecodeShape, x: &DecodeInputs<'_>, out_len: usize) -> Result<(), KernelError> {
+    let positive = [
+        ("n_heads", s.n_heads),
+        ("kv_heads", s.kv_heads),
+        ("head_dim", s.head_dim),
+        ("value_dim", s.value_dim),
+        ("block_size", s.block_size),
+    ];
+    if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+        return Err(KernelError::Shape(format!("{name} must be positive")));
+    }
+    if s.n_heads % s.kv_heads != 0 {
+        return Err(KernelError::Shape(format!(
+            "{} query heads do not divide into groups over {} KV heads",
+            s.n_heads, s.kv_heads
+        )));
+    }
+    let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(|| KernelError::Shape("sizes overflow".into()));
+    let slots = mul(s.n_blocks, s.block_size)?;
+    check_len("query", mul(mul(s.batch, s.n_heads)?, s.head_dim)?, x.query.len())?;
+    check_len("key_cache", mul(mul(slots, s.kv_heads)?, s.head_dim)?, x.key_cache.len())?;
+    check_len("value_cache", mul(mul(slots, s.kv_heads)?, s.value_dim)?, x.value_cache.len())?;
+    check_len("block_table", mul(s.batch, s.table_width)?, x.block_table.len())?;
+    check_len("context_start", s.batch, x.context_start.len())?;
+    check_len("context_end", s.batch, x.context_end.len())?;
+    check_len("out", mul(mul(s.batch, s.n_heads)?, s.value_dim)?, out_len)?;
+    let limit = mul(s.table_width, s.block_size)?;
+    for seq in 0..s.batch {
+        let (start, end) = (x.context_start[seq], x.context_end[seq]);
+        if start < 0 || end <= start || end as u64 > limit as u64 {
+            return Err(KernelError::Context { seq, start, end, limit });
+        }
+        let (first, last) = (start as usize / s.block_size, (end as usize - 1) / s.block_size);
+        let row = &x.block_table[seq * s.table_width..(seq + 1) * s.table_width];
+        for (w, &block) in row.iter().enumerate().take(last + 1).skip(first) {
+            if block < 0 || block as u64 >= s.n_blocks as u64 {
+                let position = (start as usize).max(w * s.block_size);
+                return Err(KernelError::Block { seq, position, block, n_blocks: s.n_blocks });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Multiply-adds below which one more thread does not pay for its start.
+const MIN_WORK_PER_THREAD: usize = 1 << 21;
+
+/// Decode attention of `shape.batch` sequences into `out`
+/// (`[batch, n_heads, value_dim]`), split over up to `threads` threads (the
+/// calling one included) by (sequence, KV head) when the work is large
+/// enough to pay for starting them.
+pub fn paged_decode(
+    shape: &DecodeShape,
+    inputs: &DecodeInputs<'_>,
+    out: &mut [f32],
+    threads: usize,
+) -> Result<(), KernelError> {
+    validate(shape, inputs, out.len())?;
+    let group = shape.n_heads / shape.kv_heads;
+    let item_len = group * shape.value_dim;
+    let items = shape.batch * shape.kv_heads;
+    if items == 0 {
+        return Ok(());
+    }
+    // a thread is worth starting only for enough work (starting one costs
+    // tens of microseconds)
+    let work: usize =
+        (0..shape.batch).map(|b| (inputs.context_end[b] - inputs.context_start[b]) as usize).sum::<usize>()
+            * shape.n_heads
+            * (shape.head_dim + shape.value_dim);
+    let threads = threads.min(work / MIN_WORK_PER_THREAD).clamp(1, items);
+    let per_thread = items.div_ceil(threads);
+    thread::scope(|scope| {
+        let mut parts = out.chunks_mut(per_thread * item_len).enumerate();
+        let first = parts.next();
+        for (t, part) in parts {
+            scope.spawn(move || run(shape, inputs, t * per_thread, part));
+        }
+        if let Some((_, part)) = first {
+            run(shape, inputs, 0, part);
+        }
+    });
+    Ok(())
+}
+
+/// Items `first..` (as many as `out` holds), in the widest instruction set
+/// this CPU has.
+fn run(shape: &DecodeShape, inputs: &DecodeInputs<'_>, first: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            unsafe { run_avx2(shape, inputs, first, out) };
+            return;
+        }
+    }
+    run_items(shape, inputs, first, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2(shape: &DecodeShape, inputs: &DecodeInputs<'_>, first: usize, out: &mut [f32]) {
+    run_items(shape, inputs, first, out);
+}
+
+#[inline(always)]
+fn run_items(s: &DecodeShape, x: &DecodeInputs<'_>, first: usize, out: &mut [f32]) {
+    let group = s.n_heads / s.kv_heads;
+    let mut scratch = Scratch::default();
+    for (k, out_item) in out.chunks_mut(group * s.value_dim).enumerate() {
+        let item = first + k;
+        attend(s, x, item / s.kv_heads, item % s.kv_heads, out_item, &mut scratch);
+    }
+}
+
+/// Buffers one thread reuses from item to item.
+#[derive(Default)]
+struct Scratch {
+    /// `[group, n]` scores, then probabilities (unnormalized).
+    scores: Vec<f32>,
+    /// `1 / Σ` of each query head's probabilities.
+    norms: Vec<f32>,
+}
+
+/// `(i, slot)` for the positions `start + i < end` of a block table row.
+#[inline(always)]
+fn slots(table: &[i64], start: usize, end: usize, bs: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+    (start / bs..=(end - 1) / bs).flat_map(move |w| {
+        let base = table[w] as usize * bs;
+        (start.max(w * bs)..end.min((w + 1) * bs)).map(move |j| (j - start, base + j - w * bs))
+    })
+}
+
+/// The query heads of KV head `kv` of sequence `seq` (inputs validated).
+#[inline(always)]
+fn attend(s: &DecodeShape, x: &DecodeInputs<'_>, seq: usize, kv: usize, out: &mut [f32], scratch: &mut Scratch) {
+    let group = s.n_heads / s.kv_heads;
+    let (d, dv, bs) = (s.head_dim, s.value_dim, s.block_size);
+    let start = x.context_start[seq] as usize;
+    let end = x.context_end[seq] as usize;
+    let n = end - start;
+    let table = &x.block_table[seq * s.table_width..(seq + 1) * s.table_width];
+    let queries = &x.query[(seq * s.n_heads + kv * group) * d..(seq * s.n_heads + (kv + 1) * group) * d];
+    let scores = &mut scratch.scores;
+    scores.clear();
+    scores.resize(group * n, 0.0);
+    for (i, slot) in slots(table, start, end, bs) {
+        let at = (slot * s.kv_heads + kv) * d;
+        let key = &x.key_cache[at..at + d];
+        for (h, q) in queries.chunks_exact(d).enumerate() {
+            scores[h * n + i] = math::dot(q, key) * x.scale;
+        }
+    }
+    scratch.norms.clear();
+    for row in scores.chunks_exact_mut(n) {
+        let m = math::max(row);
+        scratch.norms.push(1.0 / math::exp_shifted_sum(row, m));
+    }
+    out.fill(0.0);
+    for (i, slot) in slots(table, start, end, bs) {
+        let at = (slot * s.kv_heads + kv) * dv;
+        let value = &x.value_cache[at..at + dv];
+        for (h, acc) in out.chunks_exact_mut(dv).enumerate() {
+            math::axpy(acc, scores[h * n + i], value);
+        }
+    }
+    for (acc, norm) in out.chunks_exact_mut(dv).zip(&scratch.norms) {
+        math::scale(acc, *norm);
+    }
+}

@@ -1,0 +1,70 @@
+//! The runner's CPU kernels (`spyre-cb-kernels`) over numpy views of torch
+//! tensors: no copy in, the result written into a caller-owned array, the GIL
+//! released while the kernel runs. Malformed inputs raise `ValueError`
+//! naming the limit they broke; nothing is read out of bounds.
+
+use numpy::PyUntypedArrayMethods;
+use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArray4, PyReadwriteArray3};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use spyre_cb_kernels::{paged_decode, DecodeInputs, DecodeShape};
+
+/// Decode attention read in place from a paged KV cache (one query per
+/// sequence); see the kernels crate for the exact semantics.
+#[pyfunction]
+#[pyo3(signature = (query, key_cache, value_cache, block_table, context_start, context_end, scale, out, threads = 1))]
+#[allow(clippy::too_many_arguments)]
+pub fn paged_decode_attention(
+    py: Python<'_>,
+    query: PyReadonlyArray3<'_, f32>,
+    key_cache: PyReadonlyArray4<'_, f32>,
+    value_cache: PyReadonlyArray4<'_, f32>,
+    block_table: PyReadonlyArray2<'_, i64>,
+    context_start: PyReadonlyArray1<'_, i64>,
+    context_end: PyReadonlyArray1<'_, i64>,
+    scale: f32,
+    mut out: PyReadwriteArray3<'_, f32>,
+    threads: usize,
+) -> PyResult<()> {
+    let (q, k, v) = (query.shape(), key_cache.shape(), value_cache.shape());
+    let shape = DecodeShape {
+        batch: q[0],
+        n_heads: q[1],
+        kv_heads: k[2],
+        head_dim: q[2],
+        value_dim: v[3],
+        n_blocks: k[0],
+        block_size: k[1],
+        table_width: block_table.shape()[1],
+    };
+    if k[3] != q[2] || v[..3] != k[..3] || block_table.shape()[0] != q[0] {
+        return Err(PyValueError::new_err(format!(
+            "paged decode attention: shapes disagree: query {q:?}, key_cache {k:?}, value_cache {v:?}, block_table {:?}",
+            block_table.shape()
+        )));
+    }
+    let contiguous = |what: &str, ok: bool| {
+        if ok {
+            Ok(())
+        } else {
+            Err(PyValueError::new_err(format!("paged decode attention: {what} must be C-contiguous")))
+        }
+    };
+    contiguous("query", query.is_c_contiguous())?;
+    contiguous("key_cache", key_cache.is_c_contiguous())?;
+    contiguous("value_cache", value_cache.is_c_contiguous())?;
+    contiguous("block_table", block_table.is_c_contiguous())?;
+    contiguous("out", out.is_c_contiguous())?;
+    let inputs = DecodeInputs {
+        query: query.as_slice()?,
+        key_cache: key_cache.as_slice()?,
+        value_cache: value_cache.as_slice()?,
+        block_table: block_table.as_slice()?,
+        context_start: context_start.as_slice()?,
+        context_end: context_end.as_slice()?,
+        scale,
+    };
+    let out = out.as_slice_mut()?;
+    py.detach(|| paged_decode(&shape, &inputs, out, threads)).map_err(|e| PyValueError::new_err(e.to_string()))
+}

@@ -1,0 +1,93 @@
+"""The native decode kernel (``spyre_cb._core.paged_decode_attention``, reached
+as the ``spyre_cb::paged_decode`` torch op) against the vectorized torch
+path it replaces; its refusals; and that engines really run it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spyre_cb
+from spyre_cb import _core, attention
+
+
+def _inputs(seed: int, batch: int, heads: int, kv_heads: int, n_blocks: int = 40, width: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, 1, heads, 64, generator=g)
+    kc = torch.randn(n_blocks, 64, kv_heads, 64, generator=g)
+    vc = torch.randn(n_blocks, 64, kv_heads, 64, generator=g)
+    table = torch.randint(0, n_blocks, (batch, width), generator=g)
+    tkv = torch.randint(1, width * 64 + 1, (1,), generator=g).repeat(batch)
+    left = (torch.rand(batch, generator=g) * (tkv - 1)).long()
+    return q, kc, vc, {"block_table": table, "current_tkv_mask": tkv, "left_padded_prompt_mask": left}
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (12, 6), (8, 2)])
+def test_native_decode_equals_the_vectorized_decode(heads, kv_heads):
+    for seed in range(6):
+        q, kc, vc, kw = _inputs(seed, batch=5, heads=heads, kv_heads=kv_heads)
+        want = attention._decode(q, kc, vc, heads, kv_heads, 0.0, None, **kw)
+        got = attention._native_decode(q, kc, vc, heads, kv_heads, 0.0, None, **kw)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_native_decode_runs_under_torch_compile():
+    q, kc, vc, kw = _inputs(1, batch=3, heads=4, kv_heads=2)
+
+    def step(q, kc, vc, table, tkv, left):
+        out = attention.paged_decode(q.reshape(3, 4, 64) * 2.0, kc, vc, table, left, tkv, 0.125)
+        return out.sum(-1)
+
+    compiled = torch.compile(step, backend="inductor", fullgraph=True)
+    args = (q, kc, vc, kw["block_table"], kw["current_tkv_mask"], kw["left_padded_prompt_mask"])
+    torch.testing.assert_close(compiled(*args), step(*args))
+
+
+def test_bad_inputs_raise_value_errors_naming_the_limit():
+    q, kc, vc, kw = _inputs(2, batch=2, heads=4, kv_heads=2, n_blocks=8, width=2)
+    table = kw["block_table"].clone()
+    table[1, :] = 8  # one past the last block
+    with pytest.raises(ValueError, match="outside the cache's 8 blocks"):
+        attention.paged_decode(q.reshape(2, 4, 64), kc, vc, table, torch.tensor([0, 0]), torch.tensor([5, 5]), 0.1)
+    with pytest.raises(ValueError, match="within its block table's 128 slots"):
+        attention.paged_decode(
+            q.reshape(2, 4, 64), kc, vc, kw["block_table"], torch.tensor([0, 0]), torch.tensor([129, 5]), 0.1
+        )
+    with pytest.raises(ValueError, match="shapes disagree"):
+        attention.paged_decode(
+            q.reshape(2, 4, 64), kc, vc[:, :, :1], kw["block_table"], torch.tensor([0, 0]), torch.tensor([5, 5]), 0.1
+        )
+    with pytest.raises(TypeError):  # float64 caches are not the kernel's
+        _core.paged_decode_attention(
+            q.reshape(2, 4, 64).numpy(),
+            kc.double().numpy(),
+            vc.numpy(),
+            kw["block_table"].numpy(),
+            torch.tensor([0, 0]).numpy(),
+            torch.tensor([5, 5]).numpy(),
+            0.1,
+            torch.empty(2, 4, 64).numpy(),
+        )
+
+
+def test_engines_decode_through_the_kernel(tiny_model, monkeypatch):
+    calls = []
+    kernel = _core.paged_decode_attention
+
+    def counting(*a, **kw):
+        calls.append(a[0].shape)
+        return kernel(*a, **kw)
+
+    monkeypatch.setattr(_core, "paged_decode_attention", counting)
+    llm = spyre_cb.LLM(tiny_model, max_num_seqs=2, max_model_len=256)
+    params = spyre_cb.SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    llm.generate([[5, 6, 7], [8, 9, 10, 11]], params)
+    n_layers = llm.engine.runner.n_layers
+    assert len(calls) >= 4 * n_layers  # every decode step, every layer
+    monkeypatch.setattr(_core, "paged_decode_attention", kernel)
+    calls.clear()
+    spyre_cb.LLM(tiny_model, max_num_seqs=2, max_model_len=256, attention_ops="vectorized").generate(
+        [[5, 6, 7]], params
+    )
+    assert calls == []
