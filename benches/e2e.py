@@ -41,6 +41,7 @@ import torch
 
 import spyre_cb
 from spyre_cb import SamplingParams
+from spyre_cb.cpus import intra_op_threads
 from spyre_cb.models import make_tiny_checkpoint
 from spyre_cb.workload import synthetic_workload
 
@@ -68,6 +69,7 @@ def run_spyre(model, reqs, prompts, args, attention_ops: str, tp: int = 1):
         attention_ops=attention_ops,
         tensor_parallel_size=tp,
         backend=args.backend,
+        num_threads=args.threads if tp == 1 else None,
     )
     forward_time = 0.0
     inner = eng.runner._forward
@@ -216,7 +218,9 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--max-model-len", type=int, default=0, help="engine max_model_len (default: the smallest that fits)"
     )
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads of every run (default: the available CPUs)"
+    )
     ap.add_argument(
         "--backend", default="eager", choices=["eager", "inductor"], help="spyre_cb's backend for (a) and (b)"
     )
@@ -235,8 +239,9 @@ def main(argv=None) -> int:
         help="also run (a) over N ranks (gloo) and report TP=N vs TP=1 and the plan broadcast per step",
     )
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # every run uses the same intra-op threads (by default spyre_cb's: the available CPUs)
+    args.threads = intra_op_threads(args.threads or None)
+    torch.set_num_threads(args.threads)
     burner = None
     if args.contention:
         burner = multiprocessing.get_context("spawn").Process(target=_burn, args=(1800.0,), daemon=True)

@@ -81,7 +81,7 @@ def simulate(reqs: list[dict], limits: dict) -> dict[str, dict]:
 
 
 def run_engine(model: Path, reqs: list[dict], limits: dict, opts: dict) -> dict:
-    eng = spyre_cb.Engine(model, **limits, **opts)
+    eng = spyre_cb.Engine(model, **limits, **opts, num_threads=torch.get_num_threads())
     pending = sorted(reqs, key=lambda r: r["arrival_step"])
     arrival_t: dict[str, float] = {}
     arrival_s: dict[str, int] = {}

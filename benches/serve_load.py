@@ -142,8 +142,8 @@ async def drive_raw(base: str, reqs, clients: int, rate: float, seed: int) -> di
     return seen.result(wall)
 
 
-def drive_engine(model: str, reqs, max_num_seqs: int) -> dict:
-    eng = spyre_cb.Engine(model, max_num_seqs=max_num_seqs)
+def drive_engine(model: str, reqs, max_num_seqs: int, threads: int) -> dict:
+    eng = spyre_cb.Engine(model, max_num_seqs=max_num_seqs, num_threads=threads)
     tok = eng.tokenizer
     for i, (prompt, mt) in enumerate(reqs):
         eng.add_request(str(i), tok(prompt).input_ids, SamplingParams(max_tokens=mt, temperature=0.0, ignore_eos=True))
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "spyre_cb", "serve", model, "--served-model-name", "tiny", "--port", str(port)]
-        cmd += ["--max-num-seqs", str(args.max_num_seqs)]
+        cmd += ["--max-num-seqs", str(args.max_num_seqs), "--num-threads", str(args.threads)]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 120
@@ -213,8 +213,8 @@ def main(argv=None) -> int:
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(30)
-        drive_engine(model, reqs[:4], args.max_num_seqs)  # warm-up
-        direct = drive_engine(model, reqs, args.max_num_seqs)
+        drive_engine(model, reqs[:4], args.max_num_seqs, args.threads)  # warm-up
+        direct = drive_engine(model, reqs, args.max_num_seqs, args.threads)
     s_tps = srv["tokens"] / srv["wall"]
     d_tps = direct["tokens"] / direct["wall"]
     what = f"Granite {args.layers} layers hidden {args.hidden}" if args.layers else "tiny model"

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_checkpoint(Path(tmp) / "m", seed=0, num_layers=1, hidden_size=64, num_heads=2, num_kv_heads=1)
-        eng = spyre_cb.Engine(model, max_num_seqs=a.max_num_seqs, max_model_len=512)
+        eng = spyre_cb.Engine(model, max_num_seqs=a.max_num_seqs, max_model_len=512, num_threads=a.threads)
         fwd = {"t": 0.0}
         inner = eng.runner._forward
 

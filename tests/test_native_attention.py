@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import spyre_cb
+from conftest import drain, random_prompts
 from spyre_cb import _core, attention
 
 
@@ -91,3 +92,38 @@ def test_engines_decode_through_the_kernel(tiny_model, monkeypatch):
         [[5, 6, 7]], params
     )
     assert calls == []
+
+
+@pytest.mark.parametrize("policy", ["continuous", "chunked"])
+def test_prompts_as_short_as_the_kv_heads_are_hf_exact(tiny_model, hf_greedy, policy):
+    # prefills run their prompt tokens only, so a prompt can be as long as
+    # there are KV heads (2): a layout guessed from shapes would go wrong there
+    eng = spyre_cb.Engine(tiny_model, max_num_seqs=4, max_model_len=256, policy=policy)
+    prompts = random_prompts([1, 2, 3, 4, 65], eng.vocab_size, seed=186)
+    params = spyre_cb.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, params)
+    drain(eng)
+    for i, p in enumerate(prompts):
+        assert eng.get_request(str(i)).output_token_ids == hf_greedy(p, 6), len(p)
+
+
+def test_padding_slots_are_never_written_nor_read(tiny_model, hf_greedy):
+    # every KV slot starts as NaN: a padding slot that were read would turn
+    # its sequence's tokens to garbage, one that were written would lose its NaN
+    eng = spyre_cb.Engine(tiny_model, max_num_seqs=3, max_model_len=256, available_blocks=24)
+    for k, v in eng.runner.kv_cache:
+        k.fill_(float("nan"))
+        v.fill_(float("nan"))
+    # joins at block boundaries and mid-block, a tkv shift (prompt 150 > tkv)
+    lengths = [30, 100, 150, 5, 64, 1]
+    prompts = random_prompts(lengths, eng.vocab_size, seed=9)
+    params = spyre_cb.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, params)
+        eng.step()
+    drain(eng)
+    for i, p in enumerate(prompts):
+        assert eng.get_request(str(i)).output_token_ids == hf_greedy(p, 12), lengths[i]
+    keys = eng.runner.kv_cache[0][0]
+    assert keys.isnan().any() and not keys.isnan().all()

@@ -52,6 +52,28 @@ def _store(keys, values, key_cache, value_cache, **attn_kwargs):
     return key_cache, value_cache, key_cache, value_cache
 
 
+def _prefill(query, keys, values, nheads, kvheads, p_dropout, scale_factor, **attn_kwargs):
+    """Attention of a prefill over its own keys (``[batch, seq, kv_heads, dim]``,
+    as the store returns them): causal, or with the additive ``mask`` when one
+    is given. (FMS's generic SDPA op guesses the keys' layout from their shape,
+    which goes wrong when a prompt is as long as there are KV heads.)"""
+    mask = attn_kwargs.get("mask", None)
+    if mask is not None:
+        while mask.dim() < 4:
+            mask = mask.unsqueeze(1)
+        mask = mask.to(query.dtype)
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale_factor,
+        enable_gqa=nheads != kvheads,
+    )
+    return out.transpose(1, 2).contiguous()
+
+
 def _decode(query, key_cache, value_cache, nheads, kvheads, p_dropout, scale_factor, **attn_kwargs):
     block_table = attn_kwargs["block_table"]  # [B, W]
     tkv = attn_kwargs["current_tkv_mask"]  # [B]
@@ -140,14 +162,14 @@ def register() -> None:
     if _registered:
         return
     import fms.utils.spyre.paged  # noqa: F401  (registers FMS_REFERENCE)
-    from fms.modules.attention import _sdpa_compute_op, register_attention_op
+    from fms.modules.attention import register_attention_op
 
     for name, decode in ((VECTORIZED, _decode), (NATIVE, _native_decode)):
         try:
             register_attention_op(
                 name,
                 _store,
-                _sdpa_compute_op,
+                _prefill,
                 is_prefill_op=lambda **kw: kw.get("block_table", None) is None,
                 compute_decode_op=decode,
             )

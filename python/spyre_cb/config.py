@@ -65,6 +65,11 @@ class EngineConfig:
         choices=ATTENTION_OPS,
     )
     dtype: str = _opt("float32", "weights and KV cache dtype", choices=DTYPES)
+    num_threads: int | None = _opt(
+        None,
+        "torch intra-op threads of each rank (default: the CPUs this process may use, by affinity mask and "
+        "cgroup quota, shared among tensor-parallel ranks)",
+    )
     seed: int = _opt(0, "base seed of sampled requests that give none")
     tensor_parallel_size: int = _opt(1, "ranks a step is split across (processes started by the engine)")
     distributed_backend: str = _opt("gloo", "torch.distributed backend of the ranks (gloo on CPU)", choices=DISTRIBUTED)
@@ -87,6 +92,9 @@ class EngineConfig:
         tp = self.tensor_parallel_size
         if isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 64:
             raise ConfigError(f"tensor_parallel_size must be an int in [1, 64], got {tp!r}")
+        nt = self.num_threads
+        if nt is not None and (isinstance(nt, bool) or not isinstance(nt, int) or not 1 <= nt <= 1024):
+            raise ConfigError(f"num_threads must be None or an int in [1, 1024], got {nt!r}")
         t = self.tp_timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 86_400:
             raise ConfigError(f"tp_timeout_s must be a number of seconds in (0, 86400), got {t!r}")

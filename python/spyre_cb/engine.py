@@ -319,9 +319,9 @@ class Engine:
         if isinstance(plan, PrefillPlan) and states[0].metrics.first_scheduled_time is None:
             states[0].metrics.first_scheduled_time = time.time()
         if isinstance(plan, PrefillPlan) and states[0].params.prompt_logprobs is not None:
-            every = self.executor.execute(plan, all_positions=True)  # [input_len, vocab]
-            logits = every[plan.logits_index][None]
-            states[0].prompt_logprobs = self._prompt_logprobs(states[0], every[plan.left_padding : plan.logits_index])
+            every = self.executor.execute(plan, all_positions=True)  # [prompt_len, vocab]
+            logits = every[-1][None]
+            states[0].prompt_logprobs = self._prompt_logprobs(states[0], every[:-1])
         else:
             logits = self.executor.execute(plan)
         sampled = self.sampler.sample(logits, states, self.eos_token_ids)
@@ -337,8 +337,7 @@ class Engine:
         if state.metrics.first_scheduled_time is None:
             state.metrics.first_scheduled_time = time.time()
         if state.params.prompt_logprobs is not None:
-            every = self.executor.execute(plan, all_positions=True)  # [chunk_size, vocab]
-            real = every[plan.left_padding : plan.left_padding + plan.end - plan.start]
+            real = self.executor.execute(plan, all_positions=True)  # [end - start, vocab]
             so_far: list[PositionLogprobs | None] = [None] if plan.start == 0 else (state.prompt_logprobs or [])
             rows = real[:-1] if plan.is_last else real  # the last row samples the first token
             state.prompt_logprobs = so_far + self._prompt_logprobs_from(state, rows, plan.start + 1)

@@ -17,7 +17,6 @@ The engine talks to an executor, never to a model runner directly:
 
 from __future__ import annotations
 
-import os
 import queue
 import socket
 import time
@@ -31,6 +30,7 @@ import torch
 
 from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
+from spyre_cb.cpus import ThreadSetting, intra_op_threads
 from spyre_cb.errors import ConfigError, ExecutorError
 from spyre_cb.plan import ChunkPlan, DecodePlan, ForwardPlan, PrefillPlan
 from spyre_cb.runner import ModelRunner
@@ -138,6 +138,7 @@ class LocalExecutor:
                 "a tensor-parallel engine is running in this process (torch.distributed is initialized): "
                 "shut it down first, or give this engine the same tensor_parallel_size"
             )
+        self._threads = ThreadSetting(intra_op_threads(config.num_threads))
         self.runner = ModelRunner(checkpoint, config)
 
     @property
@@ -150,7 +151,7 @@ class LocalExecutor:
         return self.runner.execute(plan)
 
     def shutdown(self) -> None:
-        pass
+        self._threads.restore()
 
 
 def _free_port() -> int:
@@ -172,7 +173,7 @@ def _init_group(backend: str, rank: int, world: int, port: int, timeout_s: float
 
 def _worker_main(rank: int, world: int, port: int, model: str, config: EngineConfig, ready: Any) -> None:
     """A tensor-parallel rank > 0: load the shard, then run every broadcast plan."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(intra_op_threads(config.num_threads, world))
     try:
         _init_group(config.distributed_backend, rank, world, port, config.tp_timeout_s)
         runner = ModelRunner(Checkpoint.open(model, allow_unverified=True), config, tensor_parallel=True)
@@ -232,7 +233,6 @@ class TensorParallelExecutor:
             for rank in range(1, world)
         ]
         self._closed = False
-        self._threads_before = torch.get_num_threads()
         #: seconds spent broadcasting plans and in rank 0's forward, and steps run
         self.stats = {"broadcast_s": 0.0, "forward_s": 0.0, "steps": 0}
         self._finalizer = weakref.finalize(self, _stop_processes, self._procs, 0.0)
@@ -240,8 +240,7 @@ class TensorParallelExecutor:
             p.start()
         # ranks share this machine's cores: each takes its share (this process
         # too, until shutdown)
-        self._threads_before = torch.get_num_threads()
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        self._threads = ThreadSetting(intra_op_threads(config.num_threads, world))
         try:
             _init_group(config.distributed_backend, 0, world, port, config.tp_timeout_s)
             self.runner = ModelRunner(checkpoint, config, tensor_parallel=True)
@@ -309,7 +308,7 @@ class TensorParallelExecutor:
                 torch.distributed.destroy_process_group()
         except Exception:  # noqa: BLE001
             pass
-        torch.set_num_threads(self._threads_before)
+        self._threads.restore()
         self._finalizer.detach()
 
     def shutdown(self) -> None:

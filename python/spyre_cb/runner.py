@@ -88,6 +88,9 @@ class ModelRunner:
         self.dtype = dtype
         self.backend = backend
         self.attn_name = attention.ATTENTION_OPS[config.attention_ops]
+        #: FMS's reference ops run the padded inputs (their prefill op guesses
+        #: layouts from shapes); this project's ops run prompt tokens only
+        self.pad_inputs = config.attention_ops == "fms"
         self.block_size = block_size = config.scheduler.block_size
         self.vocab_size = int(model.config.src_vocab_size)
         attn = model.base_model.layers[0].attn
@@ -117,7 +120,16 @@ class ModelRunner:
     def execute(self, plan: ForwardPlan, *, all_positions: bool = False) -> torch.Tensor:
         """Runs one step; returns next-token logits, one row per sampling
         sequence (none for a non-final chunk), or for a prefill or chunk with
-        ``all_positions`` one row per input position."""
+        ``all_positions`` one row per prompt token of the input (padding has
+        none).
+
+        Padding is part of the plan (the shapes a Spyre card runs) but not of
+        the computation here: a prefill or chunk runs its prompt tokens only.
+        Their KV lands in the same slots; the padding's slots are never read
+        (decodes attend from each sequence's left padding on, and every query
+        attends only up to its own position), so no result changes. FMS's
+        reference ops (``attention_ops="fms"``) get the padded input, as
+        before."""
         if isinstance(plan, PrefillPlan):
             return self._prefill(plan, all_positions)
         if isinstance(plan, ChunkPlan):
@@ -127,52 +139,60 @@ class ModelRunner:
     def _chunk(self, plan: ChunkPlan, all_positions: bool = False) -> torch.Tensor:
         """One chunk of a chunked prefill: its queries attend over the request's
         earlier chunks and cached prefix blocks through its block table (the
-        decode attention op with ``chunk_size`` queries per sequence)."""
-        n = plan.chunk_size
-        keep = n if all_positions else (n - plan.logits_index if plan.is_last else 1)
+        decode attention op with several queries per sequence)."""
+        n = plan.end - plan.start  # prompt positions start..end (in-table positions too)
+        real = slice(plan.left_padding, plan.left_padding + n)
+        rows = slice(0, plan.chunk_size) if self.pad_inputs else real
         logits, self.kv_cache = self._forward(
-            torch.from_numpy(plan.input_ids).unsqueeze(0),
-            position_ids=torch.from_numpy(plan.positions).unsqueeze(0),
+            torch.from_numpy(plan.input_ids[rows]).unsqueeze(0),
+            position_ids=torch.from_numpy(plan.positions[rows]).unsqueeze(0),
             past_key_value_states=self.kv_cache,
             use_cache=True,
-            last_n_tokens=keep,
+            last_n_tokens=plan.chunk_size - plan.left_padding if all_positions or self.pad_inputs else 1,
             attn_name=self.attn_name,
-            slot_mapping=torch.from_numpy(plan.slot_mapping).unsqueeze(0),
+            slot_mapping=torch.from_numpy(plan.slot_mapping[rows]).unsqueeze(0),
             block_table=torch.from_numpy(plan.block_table).unsqueeze(0),
-            current_tkv_mask=torch.tensor([plan.context_end], dtype=torch.int64),
+            current_tkv_mask=torch.tensor([plan.context_end if self.pad_inputs else plan.end], dtype=torch.int64),
             left_padded_prompt_mask=torch.zeros(1, dtype=torch.int64),
         )
+        # the last (at most chunk_size - left_padding) rows of the input came back
+        got = logits[0, -(plan.chunk_size - plan.left_padding) :] if self.pad_inputs else logits[0]
         if all_positions:
-            return logits[0]
+            return got[:n]
         if not plan.is_last:
-            return logits[:, :0, :].reshape(0, logits.shape[-1])
-        return logits[:, plan.logits_index - n + logits.shape[1], :]
+            return got[:0]
+        return got[n - 1 : n] if self.pad_inputs else got[-1:]  # the last prompt token
 
     def _prefill(self, plan: PrefillPlan, all_positions: bool = False) -> torch.Tensor:
-        n = plan.input_len
-        ids = torch.from_numpy(plan.input_ids).unsqueeze(0)
-        pos = torch.from_numpy(plan.positions).unsqueeze(0)
-        slots = torch.from_numpy(plan.slot_mapping).unsqueeze(0)
-        real = torch.zeros(n, dtype=torch.bool)
-        real[plan.left_padding : plan.left_padding + plan.prompt_len] = True
-        # causal, and pads see only pads (so no row is all -inf)
-        allowed = torch.ones(n, n, dtype=torch.bool).tril_() & (real[:, None] == real[None, :])
-        mask = torch.zeros(1, n, n, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
+        n = plan.prompt_len
+        real = slice(plan.left_padding, plan.left_padding + n)
+        mask = None  # causal attention over the prompt itself
+        if self.pad_inputs:
+            rows = slice(0, plan.input_len)
+            is_real = torch.zeros(plan.input_len, dtype=torch.bool)
+            is_real[real] = True
+            # causal, and pads see only pads (so no row is all -inf)
+            allowed = torch.ones(plan.input_len, plan.input_len, dtype=torch.bool).tril_()
+            allowed &= is_real[:, None] == is_real[None, :]
+            mask = torch.zeros(1, plan.input_len, plan.input_len, dtype=self.dtype).masked_fill_(
+                ~allowed, float("-inf")
+            )
+        else:
+            rows = real
         logits, self.kv_cache = self._forward(
-            ids,
-            position_ids=pos,
+            torch.from_numpy(plan.input_ids[rows]).unsqueeze(0),
+            position_ids=torch.from_numpy(plan.positions[rows]).unsqueeze(0),
             past_key_value_states=self.kv_cache,
             use_cache=True,
-            last_n_tokens=n if all_positions else self.block_size,
+            last_n_tokens=plan.input_len if self.pad_inputs else (n if all_positions else 1),
             attn_name=self.attn_name,
             mask=mask,
-            slot_mapping=slots,
+            slot_mapping=torch.from_numpy(plan.slot_mapping[rows]).unsqueeze(0),
         )
+        got = logits[0, real] if self.pad_inputs else logits[0]
         if all_positions:
-            return logits[0]
-        # FMS returns logits of the last `last_n_tokens` inputs only (the last
-        # block, which always holds the last prompt token)
-        return logits[:, plan.logits_index - n + logits.shape[1], :]
+            return got
+        return got[-1:]  # the last prompt token (the plan's logits_index)
 
     def _decode(self, plan: DecodePlan) -> torch.Tensor:
         ids = torch.from_numpy(plan.input_ids).unsqueeze(1)

@@ -143,7 +143,7 @@ const MIN_WORK_PER_THREAD: usize = 1 << 21;
 
 /// Decode attention of `shape.batch` sequences into `out`
 /// (`[batch, n_heads, value_dim]`), split over up to `threads` threads (the
-/// calling one included) by (sequence, KV head) when the work is large
+/// calling one included) by sequence when the work is large
 /// enough to pay for starting them.
 pub fn paged_decode(
     shape: &DecodeShape,
@@ -152,10 +152,8 @@ pub fn paged_decode(
     threads: usize,
 ) -> Result<(), KernelError> {
     validate(shape, inputs, out.len())?;
-    let group = shape.n_heads / shape.kv_heads;
-    let item_len = group * shape.value_dim;
-    let items = shape.batch * shape.kv_heads;
-    if items == 0 {
+    let item_len = shape.n_heads * shape.value_dim;
+    if shape.batch == 0 {
         return Ok(());
     }
     // a thread is worth starting only for enough work (starting one costs
@@ -164,8 +162,8 @@ pub fn paged_decode(
         (0..shape.batch).map(|b| (inputs.context_end[b] - inputs.context_start[b]) as usize).sum::<usize>()
             * shape.n_heads
             * (shape.head_dim + shape.value_dim);
-    let threads = threads.min(work / MIN_WORK_PER_THREAD).clamp(1, items);
-    let per_thread = items.div_ceil(threads);
+    let threads = threads.min(work / MIN_WORK_PER_THREAD).clamp(1, shape.batch);
+    let per_thread = shape.batch.div_ceil(threads);
     thread::scope(|scope| {
         let mut parts = out.chunks_mut(per_thread * item_len).enumerate();
         let first = parts.next();
@@ -201,18 +199,16 @@ unsafe fn run_avx2(shape: &DecodeShape, inputs: &DecodeInputs<'_>, first: usize,
 
 #[inline(always)]
 fn run_items(s: &DecodeShape, x: &DecodeInputs<'_>, first: usize, out: &mut [f32]) {
-    let group = s.n_heads / s.kv_heads;
     let mut scratch = Scratch::default();
-    for (k, out_item) in out.chunks_mut(group * s.value_dim).enumerate() {
-        let item = first + k;
-        attend(s, x, item / s.kv_heads, item % s.kv_heads, out_item, &mut scratch);
+    for (k, out_seq) in out.chunks_mut(s.n_heads * s.value_dim).enumerate() {
+        attend(s, x, first + k, out_seq, &mut scratch);
     }
 }
 
-/// Buffers one thread reuses from item to item.
+/// Buffers one thread reuses from sequence to sequence.
 #[derive(Default)]
 struct Scratch {
-    /// `[group, n]` scores, then probabilities (unnormalized).
+    /// `[n_heads, n]` scores, then probabilities (unnormalized).
     scores: Vec<f32>,
     /// `1 / Σ` of each query head's probabilities.
     norms: Vec<f32>,
@@ -227,24 +223,27 @@ fn slots(table: &[i64], start: usize, end: usize, bs: usize) -> impl Iterator<It
     })
 }
 
-/// The query heads of KV head `kv` of sequence `seq` (inputs validated).
+/// All query heads of sequence `seq` (inputs validated). The cache is read
+/// slot after slot, every KV head of a slot at once: within a block that is
+/// one sequential stream of memory, which the hardware prefetches (reading
+/// one KV head at a time strides over the others and waits on memory).
 #[inline(always)]
-fn attend(s: &DecodeShape, x: &DecodeInputs<'_>, seq: usize, kv: usize, out: &mut [f32], scratch: &mut Scratch) {
-    let group = s.n_heads / s.kv_heads;
+fn attend(s: &DecodeShape, x: &DecodeInputs<'_>, seq: usize, out: &mut [f32], scratch: &mut Scratch) {
+    let (h_n, kvh, group) = (s.n_heads, s.kv_heads, s.n_heads / s.kv_heads);
     let (d, dv, bs) = (s.head_dim, s.value_dim, s.block_size);
     let start = x.context_start[seq] as usize;
     let end = x.context_end[seq] as usize;
     let n = end - start;
     let table = &x.block_table[seq * s.table_width..(seq + 1) * s.table_width];
-    let queries = &x.query[(seq * s.n_heads + kv * group) * d..(seq * s.n_heads + (kv + 1) * group) * d];
+    let queries = &x.query[seq * h_n * d..(seq + 1) * h_n * d];
     let scores = &mut scratch.scores;
     scores.clear();
-    scores.resize(group * n, 0.0);
+    scores.resize(h_n * n, 0.0);
     for (i, slot) in slots(table, start, end, bs) {
-        let at = (slot * s.kv_heads + kv) * d;
-        let key = &x.key_cache[at..at + d];
+        let keys = &x.key_cache[slot * kvh * d..(slot + 1) * kvh * d];
         for (h, q) in queries.chunks_exact(d).enumerate() {
-            scores[h * n + i] = math::dot(q, key) * x.scale;
+            let g = h / group;
+            scores[h * n + i] = math::dot(q, &keys[g * d..(g + 1) * d]) * x.scale;
         }
     }
     scratch.norms.clear();
@@ -254,10 +253,10 @@ fn attend(s: &DecodeShape, x: &DecodeInputs<'_>, seq: usize, kv: usize, out: &mu
     }
     out.fill(0.0);
     for (i, slot) in slots(table, start, end, bs) {
-        let at = (slot * s.kv_heads + kv) * dv;
-        let value = &x.value_cache[at..at + dv];
+        let values = &x.value_cache[slot * kvh * dv..(slot + 1) * kvh * dv];
         for (h, acc) in out.chunks_exact_mut(dv).enumerate() {
-            math::axpy(acc, scores[h * n + i], value);
+            let g = h / group;
+            math::axpy(acc, scores[h * n + i], &values[g * dv..(g + 1) * dv]);
         }
     }
     for (acc, norm) in out.chunks_exact_mut(dv).zip(&scratch.norms) {

@@ -1,0 +1,61 @@
+"""Intra-op threads from the CPUs a process may use, settable per engine."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import spyre_cb
+from spyre_cb import cpus
+from spyre_cb.config import EngineConfig
+from spyre_cb.errors import ConfigError
+
+
+def test_cgroup_quota_v2_and_v1(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cpus._cgroup_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cpus._cgroup_quota(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpus._cgroup_quota(v1) == 3.0
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpus._cgroup_quota(v1) is None
+    assert cpus._cgroup_quota(tmp_path / "missing") is None
+
+
+def test_available_cpus_follow_affinity_and_quota(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(cpus, "_cgroup_quota", lambda: None)
+    assert cpus.available_cpus() == 4
+    monkeypatch.setattr(cpus, "_cgroup_quota", lambda: 2.5)
+    assert cpus.available_cpus() == 3
+    assert cpus.intra_op_threads(None, ranks=2) == 1
+    assert cpus.intra_op_threads(None) == 3
+    assert cpus.intra_op_threads(5, ranks=2) == 5
+    monkeypatch.setattr(cpus, "_cgroup_quota", lambda: 0.2)
+    assert cpus.available_cpus() == 1
+    assert cpus.intra_op_threads(None, ranks=4) == 1
+
+
+def test_engine_runs_with_its_threads_and_gives_them_back(tiny_model):
+    before = torch.get_num_threads()
+    eng = spyre_cb.Engine(tiny_model, max_num_seqs=2, max_model_len=128, num_threads=1)
+    assert torch.get_num_threads() == 1
+    eng.add_request("a", [1, 2, 3], spyre_cb.SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+    eng.shutdown()
+    assert torch.get_num_threads() == before
+    spyre_cb.Engine(tiny_model, max_num_seqs=2, max_model_len=128).shutdown()
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, 5000])
+def test_num_threads_is_checked(bad):
+    with pytest.raises(ConfigError, match="num_threads must be None or an int in \\[1, 1024\\]"):
+        EngineConfig(num_threads=bad)
