@@ -69,7 +69,7 @@ def run_spyre(model, reqs, prompts, args, attention_ops: str, tp: int = 1):
         attention_ops=attention_ops,
         tensor_parallel_size=tp,
         backend=args.backend,
-        num_threads=args.threads if tp == 1 else None,
+        num_threads=args.threads if tp == 1 and args.fixed_threads else None,
     )
     forward_time = 0.0
     inner = eng.runner._forward
@@ -219,7 +219,10 @@ def main(argv=None) -> int:
         "--max-model-len", type=int, default=0, help="engine max_model_len (default: the smallest that fits)"
     )
     ap.add_argument(
-        "--threads", type=int, default=0, help="torch intra-op threads of every run (default: the available CPUs)"
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads of every run (default: the available CPUs, spyre_cb's governed)",
     )
     ap.add_argument(
         "--backend", default="eager", choices=["eager", "inductor"], help="spyre_cb's backend for (a) and (b)"
@@ -239,7 +242,9 @@ def main(argv=None) -> int:
         help="also run (a) over N ranks (gloo) and report TP=N vs TP=1 and the plan broadcast per step",
     )
     args = ap.parse_args(argv)
-    # every run uses the same intra-op threads (by default spyre_cb's: the available CPUs)
+    # every run starts with the same intra-op threads (by default the available
+    # CPUs; spyre_cb then governs its own, as it does when num_threads is not set)
+    args.fixed_threads = bool(args.threads)
     args.threads = intra_op_threads(args.threads or None)
     torch.set_num_threads(args.threads)
     burner = None
@@ -279,7 +284,7 @@ def _main(args) -> int:
             f"new tokens {min(m for _, m in reqs)}-{max(m for _, m in reqs)}, {useful} useful tokens), "
             f"batch {args.max_num_seqs}, Granite {args.layers} layers hidden {args.hidden}, "
             f"{args.blocks} KV blocks, max_model_len {max(args.max_model_len, -(-(max(p + m for p, m in reqs)) // 64) * 64)}, "
-            f"torch threads {torch.get_num_threads()}, contention {'on' if args.contention else 'off'}"
+            f"torch threads {torch.get_num_threads()}{'' if args.fixed_threads else ' (spyre_cb: governed)'}, contention {'on' if args.contention else 'off'}"
         )
         a = run_spyre(model, reqs, prompts, args, "native")
         c = run_hf(model, reqs, prompts, args)

@@ -33,6 +33,12 @@ def test_e2e_quick():
     assert "tokens identical (d vs c): 12/12" in r.stdout and "(a)/(d) throughput" in r.stdout
 
 
+def test_decode_step_quick():
+    r = run("decode_step.py", "--quick")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| 128 |" in r.stdout and "x |" in r.stdout, r.stdout
+
+
 def test_policies_quick():
     r = run("policies.py", "--quick")
     assert r.returncode == 0, r.stdout + r.stderr

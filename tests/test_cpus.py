@@ -59,3 +59,58 @@ def test_engine_runs_with_its_threads_and_gives_them_back(tiny_model):
 def test_num_threads_is_checked(bad):
     with pytest.raises(ConfigError, match="num_threads must be None or an int in \\[1, 1024\\]"):
         EngineConfig(num_threads=bad)
+
+
+class _Clock:
+    def __init__(self):
+        self.wall = 100.0
+        self.own = 5.0
+
+    def monotonic(self):
+        return self.wall
+
+    def process_time(self):
+        return self.own
+
+
+def test_governor_gives_up_threads_other_processes_hold(monkeypatch):
+    clock = _Clock()
+    ticks = {"busy": 0}
+    monkeypatch.setattr(cpus, "time", clock)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(cpus, "_cgroup_quota", lambda: None)
+    monkeypatch.setattr(cpus, "_cpu_jiffies", lambda which: (ticks["busy"], 10**9))
+    before = torch.get_num_threads()
+    try:
+        gov = cpus.ThreadGovernor(interval_s=1.0)
+        gov.tick = 100
+        assert gov.enabled
+        torch.set_num_threads(2)
+        # 2 s: both CPUs busy, this process used one of them -> another process holds one
+        clock.wall += 2.0
+        clock.own += 2.0
+        ticks["busy"] += 400
+        gov.maybe_adjust()
+        assert torch.get_num_threads() == 1
+        # within the interval nothing is re-read
+        ticks["busy"] += 10**6
+        clock.wall += 0.5
+        gov.maybe_adjust()
+        assert torch.get_num_threads() == 1
+        gov._mark()
+        # the other process left: all the busy time is this process's
+        clock.wall += 1.5
+        clock.own += 1.4
+        ticks["busy"] += 140
+        gov.maybe_adjust()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_governor_stays_off_under_a_cgroup_quota_or_a_fixed_count(monkeypatch, tiny_model):
+    monkeypatch.setattr(cpus, "_cgroup_quota", lambda: 2.0)
+    assert not cpus.ThreadGovernor().enabled
+    eng = spyre_cb.Engine(tiny_model, max_num_seqs=2, max_model_len=128, num_threads=1)
+    assert eng.executor._governor is None
+    eng.shutdown()

@@ -30,7 +30,7 @@ import torch
 
 from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
-from spyre_cb.cpus import ThreadSetting, intra_op_threads
+from spyre_cb.cpus import ThreadGovernor, ThreadSetting, intra_op_threads
 from spyre_cb.errors import ConfigError, ExecutorError
 from spyre_cb.plan import ChunkPlan, DecodePlan, ForwardPlan, PrefillPlan
 from spyre_cb.runner import ModelRunner
@@ -139,6 +139,8 @@ class LocalExecutor:
                 "shut it down first, or give this engine the same tensor_parallel_size"
             )
         self._threads = ThreadSetting(intra_op_threads(config.num_threads))
+        #: without a fixed num_threads, the threads follow what other processes leave free
+        self._governor = ThreadGovernor() if config.num_threads is None else None
         self.runner = ModelRunner(checkpoint, config)
 
     @property
@@ -146,6 +148,8 @@ class LocalExecutor:
         return self.runner.vocab_size
 
     def execute(self, plan: ForwardPlan, *, all_positions: bool = False) -> torch.Tensor:
+        if self._governor is not None:
+            self._governor.maybe_adjust()
         if all_positions:
             return self.runner.execute(plan, all_positions=True)
         return self.runner.execute(plan)
