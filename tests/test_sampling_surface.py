@@ -103,6 +103,18 @@ def test_min_p_keeps_only_likely_tokens():
     assert picks == {0, 1}  # p(2)/p(0) = e^-2 < 0.5
 
 
+def test_rows_with_nan_or_infinite_logits_fail_alone():
+    from spyre_cb.engine import RequestState
+    from spyre_cb.sampling import Sampler
+
+    logits = torch.tensor([[0.0, 2.0], [float("nan"), 1.0], [1.0, 0.0], [float("inf"), 0.0]])
+    p = SamplingParams(temperature=0.0)
+    rows = [RequestState(str(i), [1], p) for i in range(4)]
+    out = Sampler().sample(logits, rows, frozenset())
+    assert out.tokens == [1, 0, 0, 0]
+    assert set(out.errors) == {1, 3} and "NaN or infinite logits" in out.errors[1]
+
+
 def test_max_tokens_none_fills_max_model_len(llm):
     ids = random_prompts([200], llm.engine.vocab_size, seed=44)[0]
     out = one(llm, ids, max_tokens=None, **GREEDY).outputs[0]

@@ -98,9 +98,10 @@ class Sampler:
             _apply_penalties(work, rows)
         best, argmax = work.max(dim=-1)
         tokens: list[int] = argmax.tolist()
-        # a row whose best logit is NaN or infinite cannot be sampled
-        if not bool(torch.isfinite(best).all()):
-            for i in torch.nonzero(~torch.isfinite(best)).flatten().tolist():
+        # a row whose best logit is NaN or infinite cannot be sampled (checked
+        # on the Python floats: cheaper than two more tensor ops per step)
+        for i, b in enumerate(best.tolist()):
+            if not math.isfinite(b):
                 errors.setdefault(i, "sampling failed: the model produced NaN or infinite logits")
         sampled = [i for i, p in enumerate(params) if not p.greedy and i not in errors]
         if sampled:
