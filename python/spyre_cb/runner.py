@@ -142,57 +142,47 @@ class ModelRunner:
         decode attention op with several queries per sequence)."""
         n = plan.end - plan.start  # prompt positions start..end (in-table positions too)
         real = slice(plan.left_padding, plan.left_padding + n)
-        rows = slice(0, plan.chunk_size) if self.pad_inputs else real
-        logits, self.kv_cache = self._forward(
-            torch.from_numpy(plan.input_ids[rows]).unsqueeze(0),
-            position_ids=torch.from_numpy(plan.positions[rows]).unsqueeze(0),
-            past_key_value_states=self.kv_cache,
-            use_cache=True,
-            last_n_tokens=plan.chunk_size - plan.left_padding if all_positions or self.pad_inputs else 1,
-            attn_name=self.attn_name,
-            slot_mapping=torch.from_numpy(plan.slot_mapping[rows]).unsqueeze(0),
+        out = self._run_prompt(
+            plan,
+            slice(0, plan.chunk_size) if self.pad_inputs else real,
+            real,
+            all_positions,
             block_table=torch.from_numpy(plan.block_table).unsqueeze(0),
             current_tkv_mask=torch.tensor([plan.context_end if self.pad_inputs else plan.end], dtype=torch.int64),
             left_padded_prompt_mask=torch.zeros(1, dtype=torch.int64),
         )
-        # the last (at most chunk_size - left_padding) rows of the input came back
-        got = logits[0, -(plan.chunk_size - plan.left_padding) :] if self.pad_inputs else logits[0]
-        if all_positions:
-            return got[:n]
-        if not plan.is_last:
-            return got[:0]
-        return got[n - 1 : n] if self.pad_inputs else got[-1:]  # the last prompt token
+        return out if all_positions or plan.is_last else out[:0]
 
     def _prefill(self, plan: PrefillPlan, all_positions: bool = False) -> torch.Tensor:
-        n = plan.prompt_len
-        real = slice(plan.left_padding, plan.left_padding + n)
-        mask = None  # causal attention over the prompt itself
-        if self.pad_inputs:
-            rows = slice(0, plan.input_len)
-            is_real = torch.zeros(plan.input_len, dtype=torch.bool)
-            is_real[real] = True
-            # causal, and pads see only pads (so no row is all -inf)
-            allowed = torch.ones(plan.input_len, plan.input_len, dtype=torch.bool).tril_()
-            allowed &= is_real[:, None] == is_real[None, :]
-            mask = torch.zeros(1, plan.input_len, plan.input_len, dtype=self.dtype).masked_fill_(
-                ~allowed, float("-inf")
-            )
-        else:
-            rows = real
+        real = slice(plan.left_padding, plan.left_padding + plan.prompt_len)
+        if not self.pad_inputs:  # causal attention over the prompt itself
+            return self._run_prompt(plan, real, real, all_positions, mask=None)
+        n = plan.input_len
+        is_real = torch.zeros(n, dtype=torch.bool)
+        is_real[real] = True
+        # causal, and pads see only pads (so no row is all -inf)
+        allowed = torch.ones(n, n, dtype=torch.bool).tril_() & (is_real[:, None] == is_real[None, :])
+        mask = torch.zeros(1, n, n, dtype=self.dtype).masked_fill_(~allowed, float("-inf"))
+        return self._run_prompt(plan, slice(0, n), real, all_positions, mask=mask)
+
+    def _run_prompt(
+        self, plan: PrefillPlan | ChunkPlan, rows: slice, real: slice, all_positions: bool, **attn_kwargs: Any
+    ) -> torch.Tensor:
+        """Runs input positions ``rows`` of a prefill or chunk; returns the
+        logits of its prompt positions ``real`` (``all_positions``) or of its
+        last prompt token only (FMS computes logits of the last inputs only)."""
+        first = real.start if all_positions else real.stop - 1
         logits, self.kv_cache = self._forward(
             torch.from_numpy(plan.input_ids[rows]).unsqueeze(0),
             position_ids=torch.from_numpy(plan.positions[rows]).unsqueeze(0),
             past_key_value_states=self.kv_cache,
             use_cache=True,
-            last_n_tokens=plan.input_len if self.pad_inputs else (n if all_positions else 1),
+            last_n_tokens=rows.stop - first,
             attn_name=self.attn_name,
-            mask=mask,
             slot_mapping=torch.from_numpy(plan.slot_mapping[rows]).unsqueeze(0),
+            **attn_kwargs,
         )
-        got = logits[0, real] if self.pad_inputs else logits[0]
-        if all_positions:
-            return got
-        return got[-1:]  # the last prompt token (the plan's logits_index)
+        return logits[0, : real.stop - first]
 
     def _decode(self, plan: DecodePlan) -> torch.Tensor:
         ids = torch.from_numpy(plan.input_ids).unsqueeze(1)
