@@ -34,10 +34,13 @@ pub struct Admission {
     pub reserved: u32,
 }
 
-/// Which admission condition refused the request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Why the next prefill (the head of the queue, or the chunked policy's
+/// next chunk) did not run in the last step: one vocabulary for both
+/// policies (the continuous policy's five conditions, then the chunked
+/// policy's own two).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Rejection {
-    /// 1: the batch is full.
+    /// 1: the batch is full (max_num_seqs).
     BatchFull,
     /// 2: one prefill per step.
     PrefillTaken,
@@ -49,22 +52,28 @@ pub enum Rejection {
     NotEnoughBlocks,
     /// 5: batch x tkv would exceed the volumetric limit at some future step.
     VolumeLimit,
+    /// Chunked, interleaving: a decode step must run between two prefill chunks.
+    Interleave,
+    /// Chunked, decode pausing: paused decodes resume before any prefill.
+    PausedDecodes,
 }
 
 impl Rejection {
-    /// Every reason, in condition order.
-    pub const ALL: [Rejection; 6] = [
+    /// Every reason, continuous conditions first.
+    pub const ALL: [Rejection; 8] = [
         Rejection::BatchFull,
         Rejection::PrefillTaken,
         Rejection::NoRoomForTokens,
         Rejection::ShiftOverflowsRunning,
         Rejection::NotEnoughBlocks,
         Rejection::VolumeLimit,
+        Rejection::Interleave,
+        Rejection::PausedDecodes,
     ];
 
     /// Position in [`Rejection::ALL`].
     pub fn index(self) -> usize {
-        Rejection::ALL.iter().position(|&r| r == self).expect("listed in ALL")
+        self as usize
     }
 
     /// The name Python sees (`RejectionReason.BATCH_FULL`, ...).
@@ -76,6 +85,8 @@ impl Rejection {
             Rejection::ShiftOverflowsRunning => "SHIFT_OVERFLOWS_RUNNING",
             Rejection::NotEnoughBlocks => "NOT_ENOUGH_BLOCKS",
             Rejection::VolumeLimit => "VOLUME_LIMIT",
+            Rejection::Interleave => "INTERLEAVE",
+            Rejection::PausedDecodes => "PAUSED_DECODES",
         }
     }
 }
@@ -100,26 +111,15 @@ pub fn reserved_blocks(tkv: u32, prompt_len: u32, max_tokens: u32) -> u64 {
 }
 
 /// Largest batch x tkv from now until the joining request finishes
-/// (condition 5's staircase walk).
+/// (condition 5's staircase walk, [`crate::volume::peak_volume`]).
 pub fn peak_volume(tkv: u32, running_remaining: &[u32], max_tokens: u32) -> u64 {
     peak_volume_with(tkv, running_remaining, max_tokens, &mut Vec::new())
 }
 
 fn peak_volume_with(tkv: u32, running_remaining: &[u32], max_tokens: u32, ends: &mut Vec<u64>) -> u64 {
-    let end_new = u64::from(tkv) + u64::from(max_tokens) - 1;
     ends.clear();
     ends.extend(running_remaining.iter().map(|&r| u64::from(tkv) + u64::from(r)));
-    ends.sort_unstable();
-    let mut b = running_remaining.len() as u64 + 1;
-    let mut peak = 0;
-    for &e in ends.iter() {
-        if e >= end_new {
-            break;
-        }
-        peak = peak.max(b * e);
-        b -= 1;
-    }
-    peak.max(b * end_new)
+    crate::volume::peak_volume(ends, u64::from(tkv) + u64::from(max_tokens) - 1, true)
 }
 
 /// `can_schedule` for one request against the current batch.

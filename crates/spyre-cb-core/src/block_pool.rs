@@ -1,7 +1,27 @@
-//! The KV block pool: O(1) allocate and free over a LIFO free list.
+//! The KV block pool of both policies: reference counts, an optional prefix
+//! cache of full blocks, and an ordered free queue whose order gives block ids.
 //!
 //! Physical block 0 is the null block: it pads block tables and the slots of
 //! padding tokens, and is never handed out. Usable blocks are `1..=n_blocks`.
+//! Without caching (the continuous policy) it behaves as a LIFO free list:
+//! released blocks go to the front, the table's last block first.
+//!
+//! - Ids `1..=n_blocks` start in the free queue in order (0 is the null block,
+//!   never handed out). Allocation takes the front of the queue; a block taken
+//!   that way loses whatever it cached (eviction).
+//! - A full 64-token block can be *cached*: its key is a hash chained to its
+//!   parent block's, so it matches only when the whole prefix is identical.
+//!   Keys are verified (parent and tokens), never trusted on the hash alone.
+//! - A hit on a cached block adds a reference; a hit on a free cached block
+//!   takes it out of the queue.
+//! - Released blocks whose count drops to 0 go back to the queue: blocks that
+//!   cache nothing at the front (they have no reuse value), cached ones at the
+//!   back (they stay reusable longest).
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+
+use crate::config::BLOCK_SIZE;
 
 /// Index of a physical KV block.
 pub type BlockId = u32;
@@ -9,60 +29,219 @@ pub type BlockId = u32;
 /// The physical block that pads block tables; never allocated.
 pub const NULL_BLOCK: BlockId = 0;
 
+/// Chain hash of a full block: depends on every token up to the block's end.
+pub type BlockHash = u64;
+
+/// The chain's root (the parent of a sequence's first block).
+pub const ROOT_HASH: BlockHash = 0x5350_5952_455f_4342; // "SPYRE_CB"
+
+/// The chained hash of a block of tokens after `parent`.
+pub fn chain_hash(parent: BlockHash, tokens: &[u32]) -> BlockHash {
+    // fixed keys: the same ids give the same hash throughout a process
+    let mut h = std::hash::DefaultHasher::new();
+    parent.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
+}
+
+/// What a cached block holds, kept to verify a hash match.
+#[derive(Clone, Debug)]
+struct Content {
+    hash: BlockHash,
+    parent: BlockHash,
+    tokens: Box<[u32]>,
+}
+
+const NIL: u32 = 0; // the null block doubles as the queue's sentinel
+
 #[derive(Clone, Debug)]
 pub struct BlockPool {
     n_blocks: u32,
-    free: Vec<BlockId>,
-    allocated: Vec<bool>,
+    /// Doubly-linked free queue over block ids, sentinel `NIL`.
+    prev: Vec<u32>,
+    next: Vec<u32>,
+    queued: Vec<bool>,
+    n_free: u32,
+    ref_count: Vec<u32>,
+    content: Vec<Option<Content>>,
+    /// Cached blocks by hash, oldest first.
+    by_hash: HashMap<BlockHash, Vec<BlockId>>,
 }
 
 impl BlockPool {
     pub fn new(n_blocks: u32) -> Self {
-        // Lowest ids on top of the stack, so allocation order is 1, 2, 3, ...
-        let free: Vec<BlockId> = (1..=n_blocks).rev().collect();
-        Self { n_blocks, free, allocated: vec![false; n_blocks as usize + 1] }
+        let n = n_blocks as usize + 1;
+        let mut c = Self {
+            n_blocks,
+            prev: vec![NIL; n],
+            next: vec![NIL; n],
+            queued: vec![false; n],
+            n_free: 0,
+            ref_count: vec![0; n],
+            content: vec![None; n],
+            by_hash: HashMap::new(),
+        };
+        for b in 1..=n_blocks {
+            c.push_back(b);
+        }
+        c
     }
 
-    /// Usable blocks (excluding the null block).
+    /// Usable blocks (the null block excluded).
     pub fn n_blocks(&self) -> u32 {
         self.n_blocks
     }
-
     /// Physical blocks a KV cache needs: the usable ones plus the null block.
     pub fn n_physical_blocks(&self) -> u32 {
         self.n_blocks + 1
     }
-
+    /// Blocks in the free queue (cached ones included: they can be evicted).
     pub fn n_free(&self) -> u32 {
-        self.free.len() as u32
+        self.n_free
     }
-
+    /// Blocks held by at least one request.
     pub fn n_used(&self) -> u32 {
-        self.n_blocks - self.n_free()
+        self.n_blocks - self.n_free
+    }
+    pub fn ref_count(&self, b: BlockId) -> u32 {
+        self.ref_count.get(b as usize).copied().unwrap_or(0)
+    }
+    pub fn is_cached(&self, b: BlockId) -> bool {
+        self.content.get(b as usize).is_some_and(Option::is_some)
+    }
+    /// The free queue, front first (for tests and invariant checks).
+    pub fn free_queue(&self) -> Vec<BlockId> {
+        let mut out = Vec::with_capacity(self.n_free as usize);
+        let mut b = self.next[NIL as usize];
+        while b != NIL {
+            out.push(b);
+            b = self.next[b as usize];
+        }
+        out
     }
 
-    pub fn is_allocated(&self, block: BlockId) -> bool {
-        self.allocated.get(block as usize).copied().unwrap_or(false)
+    fn unlink(&mut self, b: BlockId) {
+        debug_assert!(self.queued[b as usize]);
+        let (p, n) = (self.prev[b as usize], self.next[b as usize]);
+        self.next[p as usize] = n;
+        self.prev[n as usize] = p;
+        self.queued[b as usize] = false;
+        self.n_free -= 1;
+    }
+    fn push_back(&mut self, b: BlockId) {
+        let last = self.prev[NIL as usize];
+        self.next[last as usize] = b;
+        self.prev[b as usize] = last;
+        self.next[b as usize] = NIL;
+        self.prev[NIL as usize] = b;
+        self.queued[b as usize] = true;
+        self.n_free += 1;
+    }
+    fn insert_after(&mut self, at: u32, b: BlockId) {
+        let n = self.next[at as usize];
+        self.next[at as usize] = b;
+        self.prev[b as usize] = at;
+        self.next[b as usize] = n;
+        self.prev[n as usize] = b;
+        self.queued[b as usize] = true;
+        self.n_free += 1;
     }
 
-    /// Takes one free block, or `None` when the pool is empty.
+    /// The cached block holding `tokens` after `parent`, if any (verified).
+    pub fn lookup(&self, parent: BlockHash, tokens: &[u32]) -> Option<(BlockId, BlockHash)> {
+        let h = chain_hash(parent, tokens);
+        let blocks = self.by_hash.get(&h)?;
+        blocks.iter().copied().find_map(|b| {
+            let c = self.content[b as usize].as_ref()?;
+            (c.parent == parent && &*c.tokens == tokens).then_some((b, h))
+        })
+    }
+
+    /// Takes the front of the free queue (evicting what it cached).
     pub fn allocate(&mut self) -> Option<BlockId> {
-        let b = self.free.pop()?;
-        self.allocated[b as usize] = true;
+        let b = self.next[NIL as usize];
+        if b == NIL {
+            return None;
+        }
+        self.unlink(b);
+        self.evict(b);
+        self.ref_count[b as usize] = 1;
         Some(b)
     }
 
-    /// Returns a block to the pool. Returns `false` (and changes nothing) for
-    /// the null block, an id out of range, or a block that is not allocated.
-    pub fn free(&mut self, block: BlockId) -> bool {
-        match self.allocated.get_mut(block as usize) {
-            Some(a) if *a && block != NULL_BLOCK => {
-                *a = false;
-                self.free.push(block);
-                true
+    fn evict(&mut self, b: BlockId) {
+        if let Some(c) = self.content[b as usize].take() {
+            if let Some(v) = self.by_hash.get_mut(&c.hash) {
+                v.retain(|&x| x != b);
+                if v.is_empty() {
+                    self.by_hash.remove(&c.hash);
+                }
             }
-            _ => false,
         }
+    }
+
+    /// A hit: one more holder of cached block `b` (taken out of the free
+    /// queue if it was free).
+    pub fn share(&mut self, b: BlockId) {
+        debug_assert!(b != NULL_BLOCK && self.is_cached(b));
+        if self.queued[b as usize] {
+            self.unlink(b);
+        }
+        self.ref_count[b as usize] += 1;
+    }
+
+    /// Marks held block `b` as holding `tokens` (a full block) after `parent`;
+    /// returns its chain hash. A block already cached keeps its content.
+    pub fn cache(&mut self, b: BlockId, parent: BlockHash, tokens: &[u32]) -> BlockHash {
+        debug_assert_eq!(tokens.len(), BLOCK_SIZE as usize);
+        if let Some(c) = &self.content[b as usize] {
+            return c.hash;
+        }
+        let hash = chain_hash(parent, tokens);
+        self.content[b as usize] = Some(Content { hash, parent, tokens: tokens.into() });
+        self.by_hash.entry(hash).or_default().push(b);
+        hash
+    }
+
+    /// Drops one reference to each block of a table, last block first;
+    /// blocks nobody holds any more return to the queue.
+    pub fn release(&mut self, table: &[BlockId]) {
+        // Blocks caching nothing go to the front in release order (the table's
+        // last block first), cached ones to the back in the same order.
+        let mut front_at = NIL;
+        for &b in table.iter().rev() {
+            let rc = &mut self.ref_count[b as usize];
+            debug_assert!(*rc > 0, "block {b} released more often than held");
+            *rc -= 1;
+            if *rc == 0 {
+                if self.content[b as usize].is_some() {
+                    self.push_back(b);
+                } else {
+                    self.insert_after(front_at, b);
+                    front_at = b;
+                }
+            }
+        }
+    }
+
+    /// Checks the pool's own bookkeeping: queue links, counts, cache index.
+    pub fn check(&self) -> Result<(), String> {
+        let q = self.free_queue();
+        if q.len() as u32 != self.n_free {
+            return Err(format!("free queue holds {} blocks, counter says {}", q.len(), self.n_free));
+        }
+        for b in 1..=self.n_blocks {
+            let rc = self.ref_count[b as usize];
+            if self.queued[b as usize] == (rc > 0) {
+                return Err(format!("block {b}: ref count {rc} but queued = {}", self.queued[b as usize]));
+            }
+            if let Some(c) = &self.content[b as usize] {
+                if !self.by_hash.get(&c.hash).is_some_and(|v| v.contains(&b)) {
+                    return Err(format!("cached block {b} missing from the hash index"));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -70,28 +249,45 @@ impl BlockPool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn allocates_in_order_and_never_the_null_block() {
-        let mut p = BlockPool::new(3);
-        assert_eq!(p.n_physical_blocks(), 4);
-        assert_eq!(p.allocate(), Some(1));
-        assert_eq!(p.allocate(), Some(2));
-        assert_eq!(p.allocate(), Some(3));
-        assert_eq!(p.allocate(), None);
-        assert_eq!(p.n_used(), 3);
-        assert_eq!(p.n_free(), 0);
+    fn toks(x: u32) -> Vec<u32> {
+        vec![x; BLOCK_SIZE as usize]
     }
 
     #[test]
-    fn free_returns_blocks_and_rejects_double_free() {
-        let mut p = BlockPool::new(2);
-        let a = p.allocate().unwrap();
-        assert!(p.free(a));
-        assert!(!p.free(a), "double free must be refused");
-        assert!(!p.free(NULL_BLOCK));
-        assert!(!p.free(99));
-        assert_eq!(p.n_free(), 2);
-        // LIFO: the block just freed comes back first.
-        assert_eq!(p.allocate(), Some(a));
+    fn queue_order_eviction_and_sharing() {
+        let mut c = BlockPool::new(4);
+        let (a, b) = (c.allocate().unwrap(), c.allocate().unwrap());
+        assert_eq!((a, b), (1, 2));
+        let ha = c.cache(a, ROOT_HASH, &toks(7));
+        // b caches nothing: released to the front; a is cached: to the back
+        c.release(&[a, b]);
+        assert_eq!(c.free_queue(), vec![2, 3, 4, 1]);
+        assert_eq!(c.lookup(ROOT_HASH, &toks(7)), Some((1, ha)));
+        assert_eq!(c.lookup(ROOT_HASH, &toks(8)), None);
+        assert_eq!(c.lookup(ha, &toks(7)), None, "a different parent never matches");
+        c.share(1);
+        assert_eq!((c.ref_count(1), c.n_free()), (1, 3));
+        c.release(&[1]);
+        // allocating everything evicts block 1's content
+        for _ in 0..4 {
+            c.allocate().unwrap();
+        }
+        assert_eq!(c.lookup(ROOT_HASH, &toks(7)), None);
+        assert!(c.allocate().is_none());
+        c.check().unwrap();
+    }
+
+    #[test]
+    fn without_caching_it_is_a_lifo_free_list() {
+        let mut c = BlockPool::new(6);
+        let a: Vec<_> = (0..3).map(|_| c.allocate().unwrap()).collect();
+        let b: Vec<_> = (0..2).map(|_| c.allocate().unwrap()).collect();
+        assert_eq!((a.clone(), b.clone()), (vec![1, 2, 3], vec![4, 5]));
+        c.release(&a);
+        c.release(&b);
+        // the last released table's last block first, as a stack would give them
+        let order: Vec<_> = (0..6).map(|_| c.allocate().unwrap()).collect();
+        assert_eq!(order, vec![5, 4, 3, 2, 1, 6]);
+        c.check().unwrap();
     }
 }

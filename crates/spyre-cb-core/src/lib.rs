@@ -7,41 +7,45 @@
 //! per-step plan a model runner executes. It has no Python in it; the
 //! `spyre-cb-py` crate is a thin binding on top.
 //!
-//! Data flows one way: [`Scheduler::schedule`] returns a [`StepPlan`], the
-//! runner executes it, and [`Scheduler::update`] takes the sampled tokens back.
+//! One [`Scheduler`] speaks the protocol for both policies: a request table
+//! ([`requests`]), a KV manager over one block pool with an optional prefix
+//! cache ([`kv`]), and the configured policy's rules ([`continuous`] or
+//! [`chunked`]) behind one interface. Data flows one way:
+//! [`Scheduler::schedule`] returns a [`StepPlan`], the runner executes it,
+//! and [`Scheduler::update`] takes the sampled tokens back.
 
 pub mod admission;
-pub mod block_cache;
 pub mod block_pool;
-pub mod chunked;
-pub mod chunked_sim;
+pub(crate) mod chunked;
 pub mod config;
+pub(crate) mod continuous;
 pub mod error;
+pub mod kv;
+pub mod latency;
 pub mod plan;
+pub mod record;
 pub mod request;
+pub mod requests;
 pub mod scheduler;
 pub mod simulate;
-pub mod trace;
+pub mod volume;
 pub mod workload;
 
 pub use admission::{Admission, Rejection};
-pub use block_cache::BlockCache;
 pub use block_pool::{BlockId, BlockPool, NULL_BLOCK};
-pub use chunked::{ChunkRejection, ChunkedRecord, ChunkedScheduler, Counters};
-pub use chunked_sim::{
-    simulate_chunked, ChunkedSimRequest, ChunkedSimResult, LatencySummary, LatencyTracker, RequestTimes, Summary,
-    NO_MATCH_TOKEN,
-};
 pub use config::{ChunkOptions, Policy, SchedulerConfig, BLOCK_SIZE, MAX_AVAILABLE_BLOCKS};
 pub use error::{ConfigError, CoreError, InvalidRequest, StateError};
+pub use kv::KvManager;
+pub use latency::{LatencySummary, LatencyTracker, RequestTimes, Summary};
 pub use plan::{ChunkPlan, DecodePlan, PrefillPlan, StepPlan};
+pub use record::{ChunkedState, Counters, StepRecord};
 pub use request::{FinishReason, StopRule};
-pub use scheduler::{PlanDetail, RequestRef, Scheduler, UpdateOutcome};
+pub use requests::RequestRef;
+pub use scheduler::{PlanDetail, Scheduler, UpdateOutcome};
 pub use simulate::{
-    drive, simulate, simulate_compact, simulate_stats, CompactRecord, CompactTrace, Interrupted, Recorder, SimRequest,
-    SimResult, SimStats,
+    drive, simulate, simulate_stats, simulate_trace, CompactRecord, Interrupted, Recorder, SimRequest, SimStats,
+    Trace, NO_MATCH_TOKEN,
 };
-pub use trace::StepRecord;
 
 /// `ceil(a / b)` for unsigned integers.
 #[inline]

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::block_pool::BlockId;
+use crate::block_pool::{BlockHash, BlockId};
 use crate::config::BLOCK_SIZE;
 use crate::error::StateError;
 
@@ -105,51 +105,71 @@ pub(crate) fn finish_of(
     (generated >= max_tokens).then_some((FinishReason::Length, None))
 }
 
-/// A request known to the scheduler, waiting or running.
+/// A request known to the scheduler, waiting or running (or paused).
 #[derive(Clone, Debug)]
 pub(crate) struct Request {
     pub id: Arc<str>,
-    /// Prompt token ids; empty for token-less (simulation) requests, and
-    /// dropped once the prefill plan has copied them.
-    pub prompt: Vec<u32>,
+    /// Caller's numeric tag (simulations: the request's index).
+    pub tag: u32,
+    /// Prompt token ids, then (chunked policy) the generated ones; empty for
+    /// token-less (simulation) requests. The continuous policy moves the
+    /// prompt into the prefill plan and keeps only `last_token`.
+    pub tokens: Vec<u32>,
     pub prompt_len: u32,
     pub max_tokens: u32,
     /// Tokens generated so far (the prefill produces the first).
     pub generated: u32,
     /// The most recent generated token: the next decode's input.
     pub last_token: u32,
-    /// Left padding in tokens, counted from virtual position 0 of the batch,
-    /// fully padded (never allocated) blocks included. The sequence's tokens
-    /// occupy positions `left_pad..tkv`.
-    pub left_pad: u32,
-    /// Allocated blocks, from the first block that is not fully padded.
+    /// Allocated blocks: the block table, from the first block that is not
+    /// fully padded.
     pub blocks: Vec<BlockId>,
-    /// Blocks reserved at prefill for the worst case.
+    /// Blocks reserved (what counts as reserved is the policy's; see `kv`).
     pub reserved: u32,
-    /// Caller's numeric tag (simulations: the request's index).
-    pub tag: u32,
     /// Stop tokens applied by the core (none: only max_tokens and flags end it).
     pub stop: Option<Box<StopRule>>,
+    /// Continuous policy: left padding in tokens, counted from virtual
+    /// position 0 of the batch, fully padded (never allocated) blocks
+    /// included. The sequence's tokens occupy positions `left_pad..tkv`.
+    pub left_pad: u32,
+    /// Chunked policy: tokens whose KV is in the cache (prompt positions from 0).
+    pub computed: u32,
+    /// Chunked policy: leading table blocks shared through a prefix hit (never written).
+    pub n_shared: u32,
+    /// Chunked policy: chain hashes of the table's cached full blocks, in order.
+    pub hashes: Vec<BlockHash>,
+    /// Chunked policy: usable prefix hit in blocks (whole chunks skipped).
+    pub usable_hit: u32,
+    /// Chunked policy: its first chunk ran.
+    pub started: bool,
+    /// Chunked policy: consecutive steps paused.
+    pub paused_steps: u32,
 }
 
 impl Request {
-    pub fn new(id: Arc<str>, prompt: Vec<u32>, prompt_len: u32, max_tokens: u32) -> Self {
+    pub fn new(id: Arc<str>, tag: u32, tokens: Vec<u32>, prompt_len: u32, max_tokens: u32) -> Self {
         Self {
             id,
-            prompt,
+            tag,
+            tokens,
             prompt_len,
             max_tokens,
             generated: 0,
             last_token: 0,
-            left_pad: 0,
             blocks: Vec::new(),
             reserved: 0,
-            tag: 0,
             stop: None,
+            left_pad: 0,
+            computed: 0,
+            n_shared: 0,
+            hashes: Vec::new(),
+            usable_hit: 0,
+            started: false,
+            paused_steps: 0,
         }
     }
 
-    /// Leading blocks that hold nothing but padding.
+    /// Leading blocks that hold nothing but padding (continuous policy).
     #[inline]
     pub fn fully_padded_blocks(&self) -> u32 {
         self.left_pad / BLOCK_SIZE
@@ -159,5 +179,11 @@ impl Request {
     #[inline]
     pub fn remaining(&self) -> u32 {
         self.max_tokens - self.generated
+    }
+
+    /// It carries token ids (not a token-less simulation request).
+    #[inline]
+    pub fn has_tokens(&self) -> bool {
+        !self.tokens.is_empty()
     }
 }

@@ -1,32 +1,28 @@
-//! The scheduler: waiting queue, running batch, block pool and the shared tkv.
+//! The scheduler: one protocol over a request table, a KV manager and the
+//! configured policy's rules.
 //!
-//! Protocol, once per step: [`Scheduler::schedule`] (frees the blocks of the
-//! requests that finished in the previous step, drops whole blocks of left
-//! padding common to every running sequence, admits at most one waiting
-//! request, allocates blocks and returns the plan), the runner executes the
-//! plan, then [`Scheduler::update`] records the sampled tokens and which
-//! requests stopped. [`Scheduler::snapshot`] observes the state in between.
+//! Protocol, once per step: [`Scheduler::schedule`] (forgets the requests
+//! that left in the previous step, lets the policy admit and plan, and
+//! returns the plan), the runner executes the plan, then
+//! [`Scheduler::update`] records the sampled tokens and which requests
+//! stopped ([`Scheduler::cancel`] closes a step that failed).
+//! [`Scheduler::snapshot`] observes the state in between. Everything a
+//! policy does not decide (ids, the queue, aborts, stop rules, finishing,
+//! counters, observations) lives here once; a policy ([`Rules`]) admits,
+//! plans and commits its plans' progress.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use crate::admission::{self, Admission, BatchView, Rejection};
-use crate::block_pool::{BlockPool, NULL_BLOCK};
-use crate::config::{SchedulerConfig, BLOCK_SIZE};
+use crate::admission::Rejection;
+use crate::chunked::Chunked;
+use crate::config::{Policy, SchedulerConfig};
+use crate::continuous::Continuous;
 use crate::error::{CoreError, InvalidRequest, StateError};
-use crate::plan::{DecodePlan, PrefillPlan, StepPlan};
+use crate::kv::KvManager;
+use crate::plan::StepPlan;
+use crate::record::{ChunkedState, Counters, StepRecord};
 use crate::request::{check_new_request, check_token_count, finish_of, FinishReason, Request, StopRule};
-use crate::trace::StepRecord;
-
-type Handle = u32;
-
-/// A request as the observation accessors show it: its id and the caller's
-/// numeric tag (simulations tag each request with its index).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RequestRef<'a> {
-    pub id: &'a str,
-    pub tag: u32,
-}
+use crate::requests::{Handle, RequestRef, RequestTable};
 
 /// How much of the plan to build. Simulations only need the ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,227 +60,228 @@ impl UpdateOutcome {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Pending {
-    None,
-    Idle,
-    Prefill,
-    Decode,
+/// The state every policy works on.
+#[derive(Clone, Debug)]
+pub(crate) struct Core {
+    pub cfg: SchedulerConfig,
+    pub reqs: RequestTable,
+    pub kv: KvManager,
+    pub counters: Counters,
+    pub last_rejection: Option<Rejection>,
+}
+
+/// What a scheduling policy decides; the [`Scheduler`] does the rest.
+pub(crate) trait Rules {
+    /// The policy's checks of a new request that could run alone (the
+    /// shared ones, id, length and `max_model_len`, come first).
+    fn validate(&self, cfg: &SchedulerConfig, prompt_len: u32, max_tokens: u32) -> Result<(), InvalidRequest>;
+    /// Blocks of a request that leaves return at the start of the next step
+    /// (the continuous policy) rather than at once.
+    fn defers_release(&self) -> bool;
+    /// The batch tkv of the last step (0 when idle).
+    fn tkv(&self) -> u32;
+    /// Admits and plans one step (the gone requests are already forgotten):
+    /// fills `core.reqs.outputs` with the sampling sequences in plan order.
+    fn plan(&mut self, core: &mut Core, detail: PlanDetail) -> Result<StepPlan, CoreError>;
+    /// The pending step ran: record its KV progress (before the tokens).
+    fn commit(&mut self, core: &mut Core);
+    /// The pending step failed: the requests to abort.
+    fn victims(&mut self, core: &mut Core) -> Vec<Handle>;
+    /// `h` leaves the batch (it is already out of `core.reqs.running`).
+    fn leave(&mut self, h: Handle);
+    /// `k` idle steps run at once.
+    fn skip_idle(&mut self);
+    /// Requests paused (hold blocks, neither waiting nor running).
+    fn paused(&self) -> &[Handle] {
+        &[]
+    }
+    /// Padding slots of the decode step just planned (of its batch x (tkv + 1)).
+    fn decode_padding(&self, core: &Core) -> u64;
+    /// The chunked policy's block-level observation.
+    fn chunked_state(&self, _core: &Core) -> Option<ChunkedState> {
+        None
+    }
+    /// The policy's bookkeeping invariants.
+    fn check(&self, core: &Core) -> Result<(), String>;
 }
 
 #[derive(Clone, Debug)]
+enum PolicyRules {
+    Continuous(Continuous),
+    Chunked(Box<Chunked>),
+}
+
+/// The scheduler of either policy (see the module docs).
+#[derive(Clone, Debug)]
 pub struct Scheduler {
-    cfg: SchedulerConfig,
-    pool: BlockPool,
-    /// Request arena indexed by handle (`None`: a free handle).
-    arena: Vec<Option<Request>>,
-    free_handles: Vec<Handle>,
-    ids: HashMap<Arc<str>, Handle>,
-    waiting: VecDeque<Handle>,
-    /// Admission order, oldest first (observations list it reversed).
-    running: Vec<Handle>,
-    tkv: u32,
-    n_reserved: u32,
-    /// Finished or aborted running requests whose blocks return to the pool
-    /// at the start of the next step.
-    to_free: Vec<Handle>,
-    /// Handles of the sequences of the current step, plan order: after
-    /// `update`, those that produced a token (alive until the next step).
-    outputs: Vec<Handle>,
-    finished: Vec<Handle>,
-    step: u64,
-    /// Reused buffers (no allocation per step).
-    scratch_remaining: Vec<u32>,
-    scratch_ends: Vec<u64>,
-    pending: Pending,
-    /// Aborts asked for while a step was in flight, applied when it closes.
-    queued_aborts: Vec<Handle>,
-    last_rejection: Option<Rejection>,
+    core: Core,
+    rules: PolicyRules,
+    pending: bool,
 }
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
-        let pool = BlockPool::new(cfg.available_blocks);
-        Self {
+        let (rules, caching) = match cfg.policy {
+            Policy::Continuous => (PolicyRules::Continuous(Continuous::default()), false),
+            Policy::Chunked(o) => (PolicyRules::Chunked(Box::new(Chunked::new(o))), o.prefix_caching),
+        };
+        let core = Core {
+            kv: KvManager::new(cfg.available_blocks, caching),
             cfg,
-            pool,
-            arena: Vec::new(),
-            free_handles: Vec::new(),
-            ids: HashMap::new(),
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            tkv: 0,
-            n_reserved: 0,
-            to_free: Vec::new(),
-            outputs: Vec::new(),
-            finished: Vec::new(),
-            step: 0,
-            pending: Pending::None,
-            queued_aborts: Vec::new(),
+            reqs: RequestTable::default(),
+            counters: Counters::default(),
             last_rejection: None,
-            scratch_remaining: Vec::new(),
-            scratch_ends: Vec::new(),
+        };
+        Self { core, rules, pending: false }
+    }
+
+    #[inline]
+    fn rules(&self) -> &dyn Rules {
+        match &self.rules {
+            PolicyRules::Continuous(c) => c,
+            PolicyRules::Chunked(c) => &**c,
         }
+    }
+    #[inline]
+    fn split(&mut self) -> (&mut dyn Rules, &mut Core) {
+        let rules: &mut dyn Rules = match &mut self.rules {
+            PolicyRules::Continuous(c) => c,
+            PolicyRules::Chunked(c) => &mut **c,
+        };
+        (rules, &mut self.core)
     }
 
     // ----- accessors -------------------------------------------------------
 
     pub fn config(&self) -> &SchedulerConfig {
-        &self.cfg
+        &self.core.cfg
     }
     /// Steps run so far.
     pub fn step(&self) -> u64 {
-        self.step
+        self.core.counters.steps()
     }
     pub fn tkv(&self) -> u32 {
-        self.tkv
+        self.rules().tkv()
     }
     pub fn n_waiting(&self) -> usize {
-        self.waiting.len()
+        self.core.reqs.waiting.len()
     }
     pub fn n_running(&self) -> usize {
-        self.running.len()
+        self.core.reqs.running.len()
+    }
+    pub fn n_paused(&self) -> usize {
+        self.rules().paused().len()
     }
     pub fn n_reserved_blocks(&self) -> u32 {
-        self.n_reserved
+        self.core.kv.n_reserved()
     }
     pub fn n_unreserved_blocks(&self) -> u32 {
-        self.cfg.available_blocks - self.n_reserved
+        self.core.kv.n_unreserved()
     }
     pub fn n_used_blocks(&self) -> u32 {
-        self.pool.n_used()
+        self.core.kv.n_used()
     }
     /// Physical blocks a KV cache must hold (usable blocks + the null block).
     pub fn n_physical_blocks(&self) -> u32 {
-        self.pool.n_physical_blocks()
+        self.core.cfg.n_physical_blocks()
+    }
+    /// Event counters since the scheduler was built.
+    pub fn counters(&self) -> Counters {
+        self.core.counters
     }
     /// Between `schedule` and `update`/`cancel`.
     pub fn step_in_flight(&self) -> bool {
-        self.pending != Pending::None
+        self.pending
     }
-    /// Requests waiting or running.
+    /// Requests waiting, running or paused.
     pub fn has_unfinished_requests(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        !self.core.reqs.waiting.is_empty() || !self.core.reqs.running.is_empty() || self.n_paused() > 0
     }
-    /// Nothing queued, running or waiting to be freed: the pool is whole.
+    /// Nothing queued, running or paused, and every block back in the pool.
     pub fn is_drained(&self) -> bool {
-        !self.has_unfinished_requests() && self.to_free.is_empty()
+        !self.has_unfinished_requests() && self.core.kv.n_used() == 0
     }
     pub fn contains(&self, request_id: &str) -> bool {
-        self.ids.contains_key(request_id)
+        self.core.reqs.handle(request_id).is_some()
     }
-    /// Why the head of the waiting queue was not admitted in the last step.
+    /// Why the next prefill did not run in the last step.
     pub fn last_rejection(&self) -> Option<Rejection> {
-        self.last_rejection
+        self.core.last_rejection
     }
-    /// The block pool (read only), for invariant checks.
-    pub fn pool(&self) -> &BlockPool {
-        &self.pool
+    /// The KV manager (read only), for invariant checks.
+    pub fn kv(&self) -> &KvManager {
+        &self.core.kv
+    }
+    /// Padding slots of the decode step just planned.
+    pub fn decode_padding(&self) -> u64 {
+        self.rules().decode_padding(&self.core)
+    }
+    /// Prompt blocks reused from the prefix cache by the requests holding
+    /// blocks (their usable hits; 0 without caching).
+    pub fn n_cached_blocks(&self) -> u32 {
+        let reqs = &self.core.reqs;
+        reqs.running.iter().chain(self.rules().paused()).map(|&h| reqs.get(h).usable_hit).sum()
+    }
+    /// The chunked policy's block-level observation (`None` under the continuous policy).
+    pub fn snapshot_chunked(&self) -> Option<ChunkedState> {
+        self.rules().chunked_state(&self.core)
+    }
+    /// Tokens generated so far by a known request.
+    pub fn generated(&self, request_id: &str) -> Option<u32> {
+        self.core.reqs.handle(request_id).map(|h| self.core.reqs.get(h).generated)
     }
 
-    /// Left-padding slots of the running batch (virtual, fully padded blocks
-    /// included): the padding share of a decode step's `batch x (tkv + 1)`.
-    pub fn batch_padding(&self) -> u64 {
-        self.running.iter().map(|&h| u64::from(self.req(h).left_pad)).sum()
+    /// Blocks held by a running or paused request, or (continuous policy)
+    /// one whose blocks return at the start of the next step.
+    pub fn request_blocks(&self, request_id: &str) -> Option<Vec<u32>> {
+        let h = self.core.reqs.handle(request_id)?;
+        let r = self.core.reqs.get(h);
+        let holds = self.core.reqs.running.contains(&h)
+            || self.rules().paused().contains(&h)
+            || (self.core.reqs.gone.contains(&h) && !r.blocks.is_empty());
+        holds.then(|| r.blocks.clone())
     }
 
     /// Checks the bookkeeping invariants; `Err` names the first one broken.
     /// (Used by the property tests; cheap enough to call every step.)
     pub fn check_invariants(&self) -> Result<(), String> {
-        let cfg = &self.cfg;
-        if self.n_reserved > cfg.available_blocks {
-            return Err(format!("reserved {} > n_blocks {}", self.n_reserved, cfg.available_blocks));
-        }
-        if self.tkv > cfg.max_model_len {
-            return Err(format!("tkv {} > max_model_len {}", self.tkv, cfg.max_model_len));
-        }
-        let mut seen = vec![false; cfg.available_blocks as usize + 1];
+        let c = &self.core;
+        c.kv.check()?;
+        // every block is held as often as its reference count says
+        let mut holders = vec![0u32; c.cfg.available_blocks as usize + 1];
         let mut reserved = 0u32;
-        let mut used = 0u32;
-        for &h in self.running.iter().chain(self.to_free.iter()) {
-            let r = self.req(h);
+        let paused = self.rules().paused();
+        for &h in c.reqs.running.iter().chain(paused).chain(c.reqs.gone.iter()) {
+            let r = c.reqs.get(h);
             reserved += r.reserved;
-            if r.blocks.len() as u32 > r.reserved {
-                return Err(format!("request {}: {} blocks used > {} reserved", r.id, r.blocks.len(), r.reserved));
-            }
             for &b in &r.blocks {
-                if b == NULL_BLOCK || b > cfg.available_blocks {
+                if b == crate::NULL_BLOCK || b > c.cfg.available_blocks {
                     return Err(format!("request {} holds invalid block {b}", r.id));
                 }
-                if std::mem::replace(&mut seen[b as usize], true) {
-                    return Err(format!("block {b} owned twice (request {})", r.id));
-                }
-                if !self.pool.is_allocated(b) {
-                    return Err(format!("block {b} of request {} is not allocated in the pool", r.id));
-                }
-                used += 1;
+                holders[b as usize] += 1;
             }
         }
-        for &h in &self.running {
-            let r = self.req(h);
-            if r.left_pad > self.tkv {
-                return Err(format!("request {}: left padding {} > tkv {}", r.id, r.left_pad, self.tkv));
-            }
-            let real = self.tkv - r.left_pad;
-            // prompt tokens plus every generated token but the newest are in the cache
-            if real != r.prompt_len + r.generated - 1 {
-                return Err(format!(
-                    "request {}: {} real positions but {} prompt + {} generated",
-                    r.id, real, r.prompt_len, r.generated
-                ));
-            }
-            let need = self.tkv.div_ceil(BLOCK_SIZE) - r.fully_padded_blocks();
-            if r.blocks.len() as u32 != need {
-                return Err(format!("request {}: {} blocks for {need} needed", r.id, r.blocks.len()));
+        for (b, &n) in holders.iter().enumerate().skip(1) {
+            if n != c.kv.ref_count(b as u32) {
+                return Err(format!("block {b}: {n} holders but ref count {}", c.kv.ref_count(b as u32)));
             }
         }
-        if reserved != self.n_reserved {
-            return Err(format!("reserved sum {reserved} != counter {}", self.n_reserved));
+        if reserved != c.kv.n_reserved() {
+            return Err(format!("reserved sum {reserved} != counter {}", c.kv.n_reserved()));
         }
-        if used != self.pool.n_used() || self.pool.n_used() + self.pool.n_free() != cfg.available_blocks {
-            return Err(format!(
-                "blocks: {used} owned, pool says {} used + {} free of {}",
-                self.pool.n_used(),
-                self.pool.n_free(),
-                cfg.available_blocks
-            ));
+        if c.kv.n_reserved() > c.cfg.available_blocks {
+            return Err(format!("reserved {} > n_blocks {}", c.kv.n_reserved(), c.cfg.available_blocks));
         }
-        Ok(())
-    }
-
-    /// Blocks held by a running request or one that finished in the last
-    /// step (its blocks return at the start of the next); `None` otherwise.
-    pub fn request_blocks(&self, request_id: &str) -> Option<Vec<u32>> {
-        let h = *self.ids.get(request_id)?;
-        if !self.running.contains(&h) && !self.to_free.contains(&h) {
-            return None;
-        }
-        Some(self.req(h).blocks.clone())
-    }
-
-    fn req(&self, h: Handle) -> &Request {
-        self.arena[h as usize].as_ref().expect("live handle")
-    }
-    fn req_mut(&mut self, h: Handle) -> &mut Request {
-        self.arena[h as usize].as_mut().expect("live handle")
+        self.rules().check(c)
     }
 
     // ----- requests --------------------------------------------------------
 
     /// Checks a request against the limits without adding it.
     pub fn validate(&self, request_id: &str, prompt_len: u32, max_tokens: u32) -> Result<(), InvalidRequest> {
-        let in_use = self.ids.get(request_id).map(|h| self.to_free.contains(h));
-        check_new_request(in_use, request_id, prompt_len, max_tokens, self.cfg.max_model_len)?;
-        let start = admission::new_batch_tkv(&self.cfg, prompt_len, max_tokens);
-        let needed = admission::reserved_blocks(start, prompt_len, max_tokens);
-        if needed > u64::from(self.cfg.available_blocks) {
-            return Err(InvalidRequest::TooManyBlocks { needed, available_blocks: self.cfg.available_blocks });
-        }
-        let volume = u64::from(start) + u64::from(max_tokens) - 1;
-        if volume > self.cfg.max_batch_tkv_limit {
-            return Err(InvalidRequest::TooMuchVolume { volume, limit: self.cfg.max_batch_tkv_limit });
-        }
-        Ok(())
+        let in_use = self.core.reqs.id_in_use(request_id);
+        check_new_request(in_use, request_id, prompt_len, max_tokens, self.core.cfg.max_model_len)?;
+        self.rules().validate(&self.core.cfg, prompt_len, max_tokens)
     }
 
     /// Queues a request with its prompt token ids.
@@ -300,21 +297,28 @@ impl Scheduler {
         max_tokens: u32,
         stop: StopRule,
     ) -> Result<(), CoreError> {
-        let len = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
-        self.validate(request_id, len, max_tokens)?;
-        let mut r = Request::new(Arc::from(request_id), prompt, len, max_tokens);
-        r.stop = (!stop.is_empty()).then(|| Box::new(stop));
-        self.insert(r);
-        Ok(())
+        self.add(request_id, 0, prompt, None, max_tokens, stop)
     }
 
-    /// Queues a token-less request (simulation): plans carry no input ids.
+    /// [`Scheduler::add_request`] with a numeric `tag` the caller reads back
+    /// through [`RequestRef::tag`] (cheaper than ids in hot loops).
+    pub fn add_request_tokens_tagged(
+        &mut self,
+        request_id: &str,
+        tag: u32,
+        prompt: Vec<u32>,
+        max_tokens: u32,
+    ) -> Result<(), CoreError> {
+        self.add(request_id, tag, prompt, None, max_tokens, StopRule::default())
+    }
+
+    /// Queues a token-less request (simulation): plans carry no input ids
+    /// and it never hits the prefix cache.
     pub fn add_request_len(&mut self, request_id: &str, prompt_len: u32, max_tokens: u32) -> Result<(), CoreError> {
         self.add_request_tagged(request_id, 0, prompt_len, max_tokens)
     }
 
-    /// A token-less request with a numeric `tag` the caller reads back through
-    /// [`RequestRef::tag`] (cheaper than ids in hot loops).
+    /// A token-less request with a numeric `tag`.
     pub fn add_request_tagged(
         &mut self,
         request_id: &str,
@@ -322,50 +326,40 @@ impl Scheduler {
         prompt_len: u32,
         max_tokens: u32,
     ) -> Result<(), CoreError> {
-        self.validate(request_id, prompt_len, max_tokens)?;
-        let mut r = Request::new(Arc::from(request_id), Vec::new(), prompt_len, max_tokens);
-        r.tag = tag;
-        self.insert(r);
+        self.add(request_id, tag, Vec::new(), Some(prompt_len), max_tokens, StopRule::default())
+    }
+
+    fn add(
+        &mut self,
+        request_id: &str,
+        tag: u32,
+        tokens: Vec<u32>,
+        prompt_len: Option<u32>,
+        max_tokens: u32,
+        stop: StopRule,
+    ) -> Result<(), CoreError> {
+        let len = prompt_len.unwrap_or_else(|| u32::try_from(tokens.len()).unwrap_or(u32::MAX));
+        self.validate(request_id, len, max_tokens)?;
+        let mut r = Request::new(Arc::from(request_id), tag, tokens, len, max_tokens);
+        r.stop = (!stop.is_empty()).then(|| Box::new(stop));
+        self.core.reqs.insert(r);
         Ok(())
     }
 
-    fn insert(&mut self, req: Request) {
-        let id = req.id.clone();
-        let h = match self.free_handles.pop() {
-            Some(h) => {
-                self.arena[h as usize] = Some(req);
-                h
-            }
-            None => {
-                self.arena.push(Some(req));
-                (self.arena.len() - 1) as Handle
-            }
-        };
-        self.ids.insert(id, h);
-        self.waiting.push_back(h);
-    }
-
-    fn remove(&mut self, h: Handle) -> Request {
-        let r = self.arena[h as usize].take().expect("live handle");
-        self.ids.remove(&r.id);
-        self.free_handles.push(h);
-        r
-    }
-
-    /// Aborts a waiting request (gone at once) or a running one (leaves the
-    /// batch now; its blocks return to the pool at the start of the next step).
+    /// Aborts a waiting request (gone at once) or a running or paused one
+    /// (leaves the batch now; its blocks return at once, or under the
+    /// continuous policy at the start of the next step).
     ///
     /// While a step is in flight (between `schedule` and `update`) the abort
     /// is accepted and queued: it takes effect when that step closes, after
     /// its token was recorded, and `update` reports the request as aborted.
     pub fn abort(&mut self, request_id: &str) -> Result<(), CoreError> {
-        let h = match self.ids.get(request_id) {
-            Some(&h) if !self.to_free.contains(&h) => h,
-            _ => return Err(CoreError::UnknownRequest { request_id: request_id.to_owned() }),
+        let Some(h) = self.core.reqs.abortable(request_id) else {
+            return Err(CoreError::UnknownRequest { request_id: request_id.to_owned() });
         };
-        if self.pending != Pending::None {
-            if !self.queued_aborts.contains(&h) {
-                self.queued_aborts.push(h);
+        if self.pending {
+            if !self.core.reqs.queued_aborts.contains(&h) {
+                self.core.reqs.queued_aborts.push(h);
             }
             return Ok(());
         }
@@ -374,13 +368,24 @@ impl Scheduler {
     }
 
     fn abort_now(&mut self, h: Handle) {
-        if let Some(pos) = self.waiting.iter().position(|&w| w == h) {
-            self.waiting.remove(pos);
-            self.remove(h);
+        if self.core.reqs.take_waiting(h) {
+            self.core.reqs.remove(h);
         } else {
-            self.running.retain(|&x| x != h);
-            self.to_free.push(h);
+            self.leave(h);
         }
+    }
+
+    /// A running or paused request leaves the batch.
+    fn leave(&mut self, h: Handle) {
+        let (rules, core) = self.split();
+        core.reqs.running.retain(|&x| x != h);
+        rules.leave(h);
+        if !rules.defers_release() {
+            let r = core.reqs.get_mut(h);
+            let (blocks, reserved) = (std::mem::take(&mut r.blocks), std::mem::replace(&mut r.reserved, 0));
+            core.kv.release(&blocks, reserved);
+        }
+        core.reqs.gone.push(h);
     }
 
     // ----- stepping --------------------------------------------------------
@@ -390,270 +395,55 @@ impl Scheduler {
         self.schedule_with(PlanDetail::Full)
     }
 
-    /// Starts a step: frees the blocks of last step's finished requests,
-    /// reduces common left padding, admits the head of the queue if it fits,
-    /// allocates the blocks the step writes to and returns the plan.
+    /// Starts a step: forgets the requests that left in the last one (their
+    /// blocks return now if they have not yet), then the policy admits and
+    /// plans.
     pub fn schedule_with(&mut self, detail: PlanDetail) -> Result<StepPlan, CoreError> {
-        if self.pending != Pending::None {
+        if self.pending {
             return Err(StateError::ScheduleWhilePending.into());
         }
-        self.step += 1;
-        self.outputs.clear();
-        self.finished.clear();
-        self.release_finished();
-        self.reduce_left_padding();
-
-        self.last_rejection = None;
-        if let Some(&head) = self.waiting.front() {
-            let mut remaining = std::mem::take(&mut self.scratch_remaining);
-            remaining.clear();
-            remaining.extend(self.running.iter().map(|&h| self.req(h).remaining()));
-            let view = BatchView {
-                tkv: self.tkv,
-                running_remaining: &remaining,
-                n_unreserved_blocks: self.n_unreserved_blocks(),
-                admitted_this_step: 0,
-            };
-            let (pl, mt) = {
-                let r = self.req(head);
-                (r.prompt_len, r.max_tokens)
-            };
-            let decision = admission::can_schedule_with(&self.cfg, &view, pl, mt, &mut self.scratch_ends);
-            self.scratch_remaining = remaining;
-            match decision {
-                Ok(adm) => {
-                    self.waiting.pop_front();
-                    let plan = self.prefill(head, adm, detail)?;
-                    self.outputs.push(head);
-                    self.pending = Pending::Prefill;
-                    return Ok(StepPlan::Prefill(plan));
-                }
-                Err(why) => self.last_rejection = Some(why),
-            }
-        }
-        if self.running.is_empty() {
-            self.tkv = 0;
-            self.pending = Pending::Idle;
-            return Ok(StepPlan::Idle);
-        }
-        let plan = self.decode(detail)?;
-        self.outputs.extend(self.running.iter().rev().copied());
-        self.pending = Pending::Decode;
-        Ok(StepPlan::Decode(plan))
-    }
-
-    /// Runs `k` idle steps at once. Only when nothing is queued, running or
-    /// waiting to be freed (every such step would be the same idle step).
-    pub fn skip_idle_steps(&mut self, k: u64) {
-        assert!(self.is_drained() && self.pending == Pending::None, "idle steps need an empty scheduler");
-        self.step += k;
-        self.tkv = 0;
-        self.outputs.clear();
-        self.finished.clear();
-        self.last_rejection = None;
-    }
-
-    fn release_finished(&mut self) {
-        for h in std::mem::take(&mut self.to_free) {
-            let r = self.remove(h);
-            for b in r.blocks {
-                let ok = self.pool.free(b);
-                debug_assert!(ok, "block {b} freed twice");
-            }
-            self.n_reserved -= r.reserved;
-        }
-        if self.running.is_empty() {
-            self.tkv = 0;
-        }
-    }
-
-    fn reduce_left_padding(&mut self) {
-        let Some(min_fp) = self.running.iter().map(|&h| self.req(h).fully_padded_blocks()).min() else {
-            return;
-        };
-        if min_fp == 0 {
-            return;
-        }
-        let cut = min_fp * BLOCK_SIZE;
-        for i in 0..self.running.len() {
-            let h = self.running[i];
-            self.req_mut(h).left_pad -= cut;
-        }
-        self.tkv -= cut;
-    }
-
-    /// Fails (before anything is changed) when the pool cannot give `n`
-    /// blocks. Reservations make that impossible; this keeps a bug from
-    /// leaving the state half-changed.
-    fn ensure_free(&self, n: u32) -> Result<(), CoreError> {
-        if self.pool.n_free() < n {
-            return Err(StateError::PoolExhausted.into());
-        }
-        Ok(())
-    }
-
-    fn allocate(&mut self) -> u32 {
-        self.pool.allocate().expect("ensure_free checked the pool first")
-    }
-
-    fn prefill(&mut self, h: Handle, adm: Admission, detail: PlanDetail) -> Result<PrefillPlan, CoreError> {
-        // decide, then mutate: every check before the first change
-        let prompt_len = self.req(h).prompt_len;
-        let fp = (adm.tkv - prompt_len) / BLOCK_SIZE;
-        self.ensure_free(adm.tkv.div_ceil(BLOCK_SIZE) - fp)?;
-        if adm.shift > 0 {
-            for i in 0..self.running.len() {
-                let rh = self.running[i];
-                self.req_mut(rh).left_pad += adm.shift;
-            }
-        }
-        self.tkv = adm.tkv;
-        let tkv = adm.tkv;
-        let (pl, left_pad) = {
-            let r = self.req(h);
-            (r.prompt_len, tkv - r.prompt_len)
-        };
-        let fp = left_pad / BLOCK_SIZE;
-        let in_left = left_pad - fp * BLOCK_SIZE;
-        let n_alloc = tkv.div_ceil(BLOCK_SIZE) - fp;
-        let input_len = n_alloc * BLOCK_SIZE;
-        let right = input_len - in_left - pl;
-        let mut blocks = Vec::with_capacity(n_alloc as usize);
-        for _ in 0..n_alloc {
-            blocks.push(self.allocate());
-        }
-        self.n_reserved += adm.reserved;
-        let prompt = {
-            let r = self.req_mut(h);
-            r.left_pad = left_pad;
-            r.reserved = adm.reserved;
-            r.blocks = blocks.clone();
-            std::mem::take(&mut r.prompt)
-        };
-        self.running.push(h);
-
-        let full = detail == PlanDetail::Full;
-        let mut input_ids = Vec::new();
-        let mut positions = Vec::new();
-        let mut slot_mapping = Vec::new();
-        if full {
-            if !prompt.is_empty() {
-                input_ids.reserve(input_len as usize);
-                input_ids.resize(in_left as usize, 0);
-                input_ids.extend_from_slice(&prompt);
-                input_ids.resize(input_len as usize, 0);
-            }
-            positions.reserve(input_len as usize);
-            positions.resize(in_left as usize, 0);
-            positions.extend(0..pl);
-            positions.resize(input_len as usize, 0);
-            slot_mapping = (0..input_len)
-                .map(|i| {
-                    i64::from(blocks[(i / BLOCK_SIZE) as usize]) * i64::from(BLOCK_SIZE) + i64::from(i % BLOCK_SIZE)
-                })
-                .collect();
-        }
-        Ok(PrefillPlan {
-            request_id: self.req(h).id.clone(),
-            tkv,
-            tkv_shift: adm.shift,
-            new_batch: adm.new_batch,
-            prompt_len: pl,
-            left_padding: in_left,
-            right_padding: right,
-            input_ids,
-            positions,
-            slot_mapping,
-            block_table: if full { blocks } else { Vec::new() },
-            logits_index: in_left + pl - 1,
-        })
-    }
-
-    fn decode(&mut self, detail: PlanDetail) -> Result<DecodePlan, CoreError> {
-        let pos = self.tkv;
-        let n = self.running.len();
-        // decide, then mutate: the sequences that start a new block this step
-        let new_blocks = self
-            .running
-            .iter()
-            .filter(|&&h| {
-                let r = self.req(h);
-                pos / BLOCK_SIZE - r.fully_padded_blocks() >= r.blocks.len() as u32
-            })
-            .count();
-        self.ensure_free(new_blocks as u32)?;
-        let full = detail == PlanDetail::Full;
-        let ids = detail != PlanDetail::Minimal;
-        let mut plan = DecodePlan {
-            request_ids: Vec::with_capacity(if ids { n } else { 0 }),
-            batch_size: n as u32,
-            tkv: pos,
-            input_ids: Vec::new(),
-            positions: Vec::new(),
-            slot_mapping: Vec::new(),
-            block_table: Vec::new(),
-            width: 0,
-            left_padding: Vec::new(),
-            current_tkv: Vec::new(),
-        };
-        if full {
-            plan.input_ids.reserve(n);
-            plan.positions.reserve(n);
-            plan.slot_mapping.reserve(n);
-            plan.left_padding.reserve(n);
-            plan.current_tkv.reserve(n);
-        }
-        for i in (0..n).rev() {
-            let h = self.running[i];
-            let (fp, nb) = {
-                let r = self.req(h);
-                (r.fully_padded_blocks(), r.blocks.len() as u32)
-            };
-            let idx = pos / BLOCK_SIZE - fp;
-            if idx >= nb {
-                debug_assert_eq!(idx, nb, "a decode never skips a block");
-                let b = self.allocate();
-                let r = self.req_mut(h);
-                debug_assert!(r.blocks.len() < r.reserved as usize, "allocation beyond reservation");
-                r.blocks.push(b);
-            }
-            let r = self.req(h);
-            if ids {
-                plan.request_ids.push(r.id.clone());
-            }
-            if full {
-                let base = fp * BLOCK_SIZE;
-                plan.input_ids.push(r.last_token);
-                plan.positions.push(pos - r.left_pad);
-                plan.slot_mapping
-                    .push(i64::from(r.blocks[idx as usize]) * i64::from(BLOCK_SIZE) + i64::from(pos % BLOCK_SIZE));
-                plan.left_padding.push(r.left_pad - base);
-                plan.current_tkv.push(pos + 1 - base);
-            }
-        }
-        if full {
-            let width = self.running.iter().map(|&h| self.req(h).blocks.len()).max().unwrap_or(0);
-            plan.width = width as u32;
-            plan.block_table.reserve(width * n);
-            for i in (0..n).rev() {
-                let r = self.req(self.running[i]);
-                plan.block_table.extend_from_slice(&r.blocks);
-                plan.block_table.extend(std::iter::repeat_n(NULL_BLOCK, width - r.blocks.len()));
-            }
-        }
+        let (rules, core) = self.split();
+        core.reqs.outputs.clear();
+        core.reqs.finished.clear();
+        core.last_rejection = None;
+        Self::forget_gone(core);
+        let plan = rules.plan(core, detail)?;
+        core.counters.count(&plan);
+        self.pending = true;
         Ok(plan)
     }
 
-    /// Closes the pending step with one sampled token per sequence (plan
-    /// order) and whether each sequence stopped early (EOS, stop string...).
-    /// Requests that reach `max_tokens` finish without being told.
+    fn forget_gone(core: &mut Core) {
+        for h in std::mem::take(&mut core.reqs.gone) {
+            let r = core.reqs.remove(h);
+            core.kv.release(&r.blocks, r.reserved);
+        }
+    }
+
+    /// Runs `k` idle steps at once. Only when nothing is queued, running or
+    /// holding blocks (every such step would be the same idle step).
+    pub fn skip_idle_steps(&mut self, k: u64) {
+        assert!(!self.pending && !self.has_unfinished_requests(), "idle steps need an empty scheduler");
+        let (rules, core) = self.split();
+        Self::forget_gone(core);
+        core.reqs.outputs.clear();
+        core.reqs.finished.clear();
+        core.last_rejection = None;
+        core.counters.idle_steps += k;
+        rules.skip_idle();
+    }
+
+    /// Closes the pending step with one sampled token per sampling sequence
+    /// (plan order; none for a non-final chunk) and whether each stopped
+    /// early (a stop string...). The core ends requests on their stop rule
+    /// and at `max_tokens` without being told.
     pub fn update(&mut self, tokens: &[u32], stopped: &[bool]) -> Result<UpdateOutcome, CoreError> {
         let mut outcome = UpdateOutcome::default();
         self.update_into(tokens, stopped, &mut outcome)?;
         Ok(outcome)
     }
 
-    /// [`Scheduler::update`] writing the finished ids into `outcome` (cleared first).
+    /// [`Scheduler::update`] writing into `outcome` (cleared first).
     pub fn update_into(
         &mut self,
         tokens: &[u32],
@@ -661,28 +451,31 @@ impl Scheduler {
         outcome: &mut UpdateOutcome,
     ) -> Result<(), CoreError> {
         outcome.clear();
-        if self.pending == Pending::None {
+        if !self.pending {
             return Err(StateError::UpdateWithoutPlan.into());
         }
-        check_token_count(self.outputs.len(), tokens, stopped)?;
-        if self.pending == Pending::Decode {
-            self.tkv += 1;
-        }
-        self.pending = Pending::None;
+        check_token_count(self.core.reqs.outputs.len(), tokens, stopped)?;
+        self.pending = false;
+        let (rules, core) = self.split();
+        rules.commit(core);
         for (i, &token) in tokens.iter().enumerate() {
-            let h = self.outputs[i];
+            let h = self.core.reqs.outputs[i];
             let stop = stopped.get(i).copied().unwrap_or(false);
-            let r = self.req_mut(h);
-            r.generated += 1;
-            r.last_token = token;
-            if let Some((why, stop_token)) = finish_of(r.stop.as_deref(), token, r.generated, r.max_tokens, stop) {
-                let id = r.id.clone();
-                self.running.retain(|&x| x != h);
-                self.to_free.push(h);
-                self.finished.push(h);
-                outcome.finished.push(id);
+            let done = {
+                let r = self.core.reqs.get_mut(h);
+                r.generated += 1;
+                r.last_token = token;
+                if r.has_tokens() {
+                    r.tokens.push(token);
+                }
+                finish_of(r.stop.as_deref(), token, r.generated, r.max_tokens, stop)
+            };
+            if let Some((why, stop_token)) = done {
+                outcome.finished.push(self.core.reqs.get(h).id.clone());
                 outcome.finish_reasons.push(why);
                 outcome.stop_tokens.push(stop_token);
+                self.core.reqs.finished.push(h);
+                self.leave(h);
             }
         }
         self.apply_queued_aborts(outcome);
@@ -690,72 +483,75 @@ impl Scheduler {
     }
 
     /// Closes the pending step without tokens: every request of the plan is
-    /// aborted (its blocks return at the start of the next step) and the
-    /// others are untouched, so the scheduler is usable at once. For a runner
-    /// that failed mid-step. Returns the aborted ids (plan order) in
-    /// `outcome.aborted`.
+    /// aborted and the others are untouched, so the scheduler is usable at
+    /// once. For a runner that failed mid-step. Returns the aborted ids
+    /// (plan order) in `outcome.aborted`.
     pub fn cancel(&mut self) -> Result<UpdateOutcome, CoreError> {
         let mut outcome = UpdateOutcome::default();
-        if self.pending == Pending::None {
+        if !self.pending {
             return Err(StateError::UpdateWithoutPlan.into());
         }
-        self.pending = Pending::None;
-        for h in std::mem::take(&mut self.outputs) {
-            let id = self.req(h).id.clone();
-            self.running.retain(|&x| x != h);
-            self.to_free.push(h);
-            self.queued_aborts.retain(|&x| x != h);
-            outcome.aborted.push(id);
+        self.pending = false;
+        let (rules, core) = self.split();
+        let victims = rules.victims(core);
+        core.reqs.outputs.clear();
+        for h in victims {
+            outcome.aborted.push(self.core.reqs.get(h).id.clone());
+            self.core.reqs.queued_aborts.retain(|&x| x != h);
+            self.leave(h);
         }
         self.apply_queued_aborts(&mut outcome);
         Ok(outcome)
     }
 
     fn apply_queued_aborts(&mut self, outcome: &mut UpdateOutcome) {
-        if self.queued_aborts.is_empty() {
-            return;
-        }
-        for h in std::mem::take(&mut self.queued_aborts) {
-            if self.to_free.contains(&h) {
+        for h in std::mem::take(&mut self.core.reqs.queued_aborts) {
+            if self.core.reqs.gone.contains(&h) {
                 continue; // finished in this very step: it ends as finished
             }
-            outcome.aborted.push(self.req(h).id.clone());
+            outcome.aborted.push(self.core.reqs.get(h).id.clone());
             self.abort_now(h);
         }
     }
 
-    fn view(&self, h: Handle) -> RequestRef<'_> {
-        let r = self.req(h);
-        RequestRef { id: &r.id, tag: r.tag }
-    }
+    // ----- observation -----------------------------------------------------
+
     /// Waiting requests in queue order.
     pub fn waiting(&self) -> impl Iterator<Item = RequestRef<'_>> + '_ {
-        self.waiting.iter().map(|&h| self.view(h))
+        self.core.reqs.waiting.iter().map(|&h| self.core.reqs.view(h))
     }
-    /// Running requests, most recently admitted first.
+    /// Running requests in observation order (continuous: most recently
+    /// admitted first).
     pub fn running(&self) -> impl Iterator<Item = RequestRef<'_>> + '_ {
-        self.running.iter().rev().map(|&h| self.view(h))
+        self.core.reqs.running.iter().map(|&h| self.core.reqs.view(h))
     }
-    /// Requests that produced a token in the last step.
+    /// Paused requests (chunked policy with decode pausing).
+    pub fn paused(&self) -> impl Iterator<Item = RequestRef<'_>> + '_ {
+        self.rules().paused().iter().map(|&h| self.core.reqs.view(h))
+    }
+    /// Requests that produced a token in the last step (during a step: the
+    /// sequences that will).
     pub fn last_outputs(&self) -> impl Iterator<Item = RequestRef<'_>> + '_ {
-        self.outputs.iter().map(|&h| self.view(h))
+        self.core.reqs.outputs.iter().map(|&h| self.core.reqs.view(h))
     }
     /// Requests that finished in the last step.
     pub fn last_finished(&self) -> impl Iterator<Item = RequestRef<'_>> + '_ {
-        self.finished.iter().map(|&h| self.view(h))
+        self.core.reqs.finished.iter().map(|&h| self.core.reqs.view(h))
     }
 
-    /// The current observation.
+    /// The current observation (chunk-only fields under the chunked policy).
     pub fn snapshot(&self) -> StepRecord {
+        let reqs = &self.core.reqs;
         StepRecord {
-            step: self.step,
-            tkv: self.tkv,
-            waiting: self.waiting().map(|r| r.id.to_owned()).collect(),
-            running: self.running().map(|r| r.id.to_owned()).collect(),
-            request_outputs: self.last_outputs().map(|r| r.id.to_owned()).collect(),
-            finished_requests: self.last_finished().map(|r| r.id.to_owned()).collect(),
-            n_reserved_blocks: self.n_reserved,
-            n_used_blocks: self.pool.n_used(),
+            step: self.step(),
+            tkv: self.tkv(),
+            waiting: reqs.waiting.iter().map(|&h| reqs.get(h).id.to_string()).collect(),
+            running: reqs.names(&reqs.running),
+            request_outputs: reqs.names(&reqs.outputs),
+            finished_requests: reqs.names(&reqs.finished),
+            n_reserved_blocks: self.core.kv.n_reserved(),
+            n_used_blocks: self.core.kv.n_used(),
+            chunked: self.rules().chunked_state(&self.core).map(Box::new),
         }
     }
 }

@@ -1,37 +1,53 @@
-//! Model-free simulation: drive the scheduler through a workload, every
-//! request generating exactly `max_tokens` tokens, and record every step.
+//! Model-free simulation of either policy: drive the scheduler through a
+//! workload, every request generating exactly `max_tokens` tokens (its given
+//! output ids, or ids that match no prompt), and record every step.
 //!
 //! One driver ([`drive`]) runs the published arrive-then-observe order for
-//! every kind of output; a [`Recorder`] decides what is kept. Stretches of
-//! idle steps (nothing queued or running until the next arrival) are run in
-//! one go and recorded as one span, so a far-future arrival costs nothing.
+//! every kind of output; a [`Recorder`] decides what is kept: a compact
+//! [`Trace`] of every observation, or the columns of [`SimStats`]. Stretches
+//! of idle steps (nothing queued or running until the next arrival) are run
+//! in one go and recorded as one span, so a far-future arrival costs nothing.
 
 use crate::config::SchedulerConfig;
 use crate::error::{CoreError, InvalidRequest};
+use crate::latency::LatencyTracker;
 use crate::plan::StepPlan;
+use crate::record::{ChunkedState, Counters, StepRecord};
 use crate::scheduler::{PlanDetail, Scheduler, UpdateOutcome};
-use crate::trace::StepRecord;
 
-/// One request of a simulated workload. Its id is its index in the list.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The token a simulated request generates when none are given: it matches
+/// no prompt token (ids are < 2^31 in every tokenizer).
+pub const NO_MATCH_TOKEN: u32 = u32::MAX;
+
+/// One request of a simulated workload. Its id is `id` or its index.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SimRequest {
+    pub id: Option<String>,
     /// Step at which it is added (before that step is observed).
     pub arrival: u64,
+    /// Prompt length; `prompt` (when not empty) has this many ids.
     pub prompt_len: u32,
+    /// Prompt token ids (empty: a token-less request, never a cache hit).
+    pub prompt: Vec<u32>,
     pub max_tokens: u32,
+    /// Tokens to emit, in order (missing ones are [`NO_MATCH_TOKEN`]).
+    pub outputs: Vec<u32>,
 }
 
-/// A simulation's records (every step materialized) and the requests refused
-/// at `add_request`.
-#[derive(Clone, Debug, Default)]
-pub struct SimResult {
-    pub records: Vec<StepRecord>,
-    pub rejected: Vec<(String, InvalidRequest)>,
+impl SimRequest {
+    /// A token-less request.
+    pub fn new(arrival: u64, prompt_len: u32, max_tokens: u32) -> Self {
+        Self { arrival, prompt_len, max_tokens, ..Self::default() }
+    }
+    /// Its id: the given one or its index.
+    pub fn name(&self, index: usize) -> String {
+        self.id.clone().unwrap_or_else(|| index.to_string())
+    }
 }
 
-/// One step of a [`CompactTrace`]: request indices instead of id strings, and
-/// the waiting queue as a range of [`CompactTrace::accepted`] (the queue is
-/// FIFO and nothing is aborted in a simulation, so it is always contiguous).
+/// One step of a [`Trace`]: request indices instead of id strings, and the
+/// waiting queue as a range of [`Trace::accepted`] (the queue is FIFO and
+/// nothing is aborted in a simulation, so it is always contiguous).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompactRecord {
     /// First step the record stands for.
@@ -49,18 +65,32 @@ pub struct CompactRecord {
 
 /// A whole simulation, stored in O(steps x batch) rather than O(steps x queue).
 #[derive(Clone, Debug, Default)]
-pub struct CompactTrace {
+pub struct Trace {
+    /// Request ids by index.
+    pub names: Vec<String>,
     /// Indices of accepted requests in the order they were queued.
     pub accepted: Vec<u32>,
     pub records: Vec<CompactRecord>,
+    /// The chunked policy's block-level state per record (empty under the
+    /// continuous policy).
+    pub chunked: Vec<ChunkedState>,
     /// Rejected requests: index and reason.
     pub rejected: Vec<(u32, InvalidRequest)>,
+    pub counters: Counters,
+    pub latency: LatencyTracker,
+    /// Largest batch x tkv of any decode step.
+    pub max_decode_volume: u64,
 }
 
-impl CompactTrace {
+impl Trace {
     /// Steps covered: `0..n_steps()` (idle spans counted in full).
     pub fn n_steps(&self) -> u64 {
         self.records.last().map_or(0, |r| r.step + r.span)
+    }
+
+    /// Every step's observation, materialized (idle spans expanded).
+    pub fn steps(&self) -> Vec<StepRecord> {
+        (0..self.n_steps()).filter_map(|s| self.record_at(s)).collect()
     }
 
     /// Index of the record that covers `step`, if the trace reaches it.
@@ -88,7 +118,7 @@ impl CompactTrace {
     /// The full record `i`, with ids as strings.
     pub fn record(&self, i: usize) -> StepRecord {
         let r = &self.records[i];
-        let ids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>();
+        let ids = |v: &[u32]| v.iter().map(|&j| self.names[j as usize].clone()).collect::<Vec<_>>();
         StepRecord {
             step: r.step,
             tkv: r.tkv,
@@ -98,20 +128,18 @@ impl CompactTrace {
             finished_requests: ids(&r.finished_requests),
             n_reserved_blocks: r.n_reserved_blocks,
             n_used_blocks: r.n_used_blocks,
+            chunked: self.chunked.get(i).cloned().map(Box::new),
         }
     }
 }
 
-/// Runs the workload. Observation order is the published one: requests that
-/// arrive at step N are added, then step N is observed, then step N + 1 runs.
-/// With `steps = None` it runs until every request has finished and the step
-/// after (tkv back to 0); otherwise it records steps `0..=steps`.
-pub fn simulate(cfg: SchedulerConfig, requests: &[SimRequest], steps: Option<u64>) -> SimResult {
-    let t = simulate_compact(cfg, requests, steps, &mut || false).expect("never interrupted");
-    SimResult {
-        records: (0..t.n_steps()).filter_map(|s| t.record_at(s)).collect(),
-        rejected: t.rejected.into_iter().map(|(i, e)| (i.to_string(), e)).collect(),
-    }
+/// Runs the workload and keeps every observation. Observation order is the
+/// published one: requests that arrive at step N are added, then step N is
+/// observed, then step N + 1 runs. With `steps = None` it runs until every
+/// request has finished and the step after (tkv back to 0); otherwise it
+/// records steps `0..=steps`.
+pub fn simulate(cfg: SchedulerConfig, requests: &[SimRequest], steps: Option<u64>) -> Trace {
+    simulate_trace(cfg, requests, steps, &mut || false).expect("never interrupted")
 }
 
 /// What a simulation records; [`drive`] calls these in the published order.
@@ -132,18 +160,19 @@ pub struct Interrupted;
 /// How many loop turns between two calls of the `interrupt` hook.
 const INTERRUPT_EVERY: u64 = 1 << 15;
 
-/// Runs every request to `max_tokens` (token 0 each step): arrivals at step
-/// N are added, then step N is observed, then step N + 1 runs. Stops after
-/// `steps` or, with `None`, once everything finished and the pool is whole.
-/// `interrupt` is called every few thousand steps (e.g. to check for
-/// Ctrl-C); when it returns true the run stops with [`Interrupted`].
+/// Runs every request to `max_tokens`: arrivals at step N are added, then
+/// step N is observed, then step N + 1 runs. Stops after `steps` or, with
+/// `None`, once everything finished and the pool is whole. `interrupt` is
+/// called every few thousand steps (e.g. to check for Ctrl-C); when it
+/// returns true the run stops with [`Interrupted`]. Returns the scheduler
+/// (its counters).
 pub fn drive(
     cfg: SchedulerConfig,
     requests: &[SimRequest],
     steps: Option<u64>,
     rec: &mut impl Recorder,
     interrupt: &mut dyn FnMut() -> bool,
-) -> Result<(), Interrupted> {
+) -> Result<Scheduler, Interrupted> {
     let mut sched = Scheduler::new(cfg);
     let mut order: Vec<usize> = (0..requests.len()).collect();
     order.sort_by_key(|&i| requests[i].arrival);
@@ -153,15 +182,16 @@ pub fn drive(
     let last = steps.unwrap_or(u64::MAX);
     let mut n = 0u64;
     let mut turns = 0u64;
+    let idle = |s: &Scheduler| s.is_drained() && s.tkv() == 0 && s.last_outputs().next().is_none();
     loop {
         turns += 1;
         if turns % INTERRUPT_EVERY == 0 && interrupt() {
             return Err(Interrupted);
         }
         if n > 0 {
-            // Nothing queued, running or to free: every step until the next
-            // arrival is the same idle step. Run them at once, record one span.
-            if sched.is_drained() && sched.tkv() == 0 {
+            // Nothing queued, running or holding blocks: every step until the
+            // next arrival is the same idle step. Run them at once, record one span.
+            if idle(&sched) {
                 let until = match order.get(next) {
                     Some(&i) => requests[i].arrival.saturating_sub(1).min(last),
                     None => last,
@@ -170,7 +200,7 @@ pub fn drive(
                     sched.skip_idle_steps(until - n + 1);
                     rec.observed(&sched, n, until - n + 1);
                     if until >= last {
-                        return Ok(());
+                        return Ok(sched);
                     }
                     n = until + 1;
                     continue;
@@ -179,46 +209,89 @@ pub fn drive(
             let plan = sched.schedule_with(PlanDetail::Minimal).expect("no step is pending between simulation steps");
             rec.planned(&sched, &plan, n);
             tokens.clear();
-            tokens.resize(plan.n_sequences(), 0);
-            sched.update_into(&tokens, &[], &mut outcome).expect("one token per planned sequence");
+            for r in sched.last_outputs() {
+                let g = sched.generated(r.id).unwrap_or(0) as usize;
+                tokens.push(requests[r.tag as usize].outputs.get(g).copied().unwrap_or(NO_MATCH_TOKEN));
+            }
+            sched.update_into(&tokens, &[], &mut outcome).expect("one token per sampling sequence");
         }
         while next < order.len() && requests[order[next]].arrival <= n {
             let i = order[next];
-            let r = requests[i];
-            let result = match sched.add_request_tagged(&i.to_string(), i as u32, r.prompt_len, r.max_tokens) {
+            let r = &requests[i];
+            let id = r.name(i);
+            let added = if r.prompt.is_empty() {
+                sched.add_request_tagged(&id, i as u32, r.prompt_len, r.max_tokens)
+            } else {
+                sched.add_request_tokens_tagged(&id, i as u32, r.prompt.clone(), r.max_tokens)
+            };
+            let result = match added {
                 Ok(()) => Ok(()),
                 Err(CoreError::InvalidRequest(e)) => Err(e),
-                Err(e) => unreachable!("add_request_tagged only fails validation: {e}"),
+                Err(e) => unreachable!("adding a request only fails validation: {e}"),
             };
             rec.added(i as u32, result);
             next += 1;
         }
         rec.observed(&sched, n, 1);
         match steps {
-            Some(s) if n >= s => return Ok(()),
-            None if next == order.len() && sched.is_drained() && sched.tkv() == 0 => return Ok(()),
+            Some(s) if n >= s => return Ok(sched),
+            None if next == order.len() && sched.is_drained() && sched.tkv() == 0 => return Ok(sched),
             _ => {}
         }
         n += 1;
     }
 }
 
-/// [`simulate`], keeping the trace compact (see [`CompactTrace`]).
-pub fn simulate_compact(
+/// Latency and decode volume, kept by both recorders.
+struct Timing {
+    latency: LatencyTracker,
+    max_decode_volume: u64,
+}
+
+impl Timing {
+    fn new(requests: &[SimRequest]) -> Self {
+        Self { latency: LatencyTracker::new(requests.iter().map(|r| r.arrival)), max_decode_volume: 0 }
+    }
+    fn planned(&mut self, sched: &Scheduler, plan: &StepPlan, n: u64) {
+        match plan {
+            StepPlan::Prefill(_) | StepPlan::Chunk(_) => {
+                let i = sched.running().next().expect("the prefilling request").tag;
+                self.latency.scheduled(i as usize, n);
+            }
+            StepPlan::Decode(d) => {
+                let volume = u64::from(d.batch_size) * (u64::from(d.tkv) + 1);
+                self.max_decode_volume = self.max_decode_volume.max(volume);
+            }
+            StepPlan::Idle => {}
+        }
+        for r in sched.last_outputs() {
+            self.latency.token(r.tag as usize, n);
+        }
+        for r in sched.paused() {
+            self.latency.paused(r.tag as usize);
+        }
+    }
+    fn observed(&mut self, sched: &Scheduler, n: u64) {
+        for r in sched.last_finished() {
+            self.latency.finished(r.tag as usize, n);
+        }
+    }
+}
+
+/// [`simulate`], interruptible.
+pub fn simulate_trace(
     cfg: SchedulerConfig,
     requests: &[SimRequest],
     steps: Option<u64>,
     interrupt: &mut dyn FnMut() -> bool,
-) -> Result<CompactTrace, Interrupted> {
+) -> Result<Trace, Interrupted> {
     struct Rec {
-        trace: CompactTrace,
-        admitted: u32,
+        trace: Trace,
+        timing: Timing,
     }
     impl Recorder for Rec {
-        fn planned(&mut self, _: &Scheduler, plan: &StepPlan, _: u64) {
-            if matches!(plan, StepPlan::Prefill(_)) {
-                self.admitted += 1;
-            }
+        fn planned(&mut self, sched: &Scheduler, plan: &StepPlan, n: u64) {
+            self.timing.planned(sched, plan, n);
         }
         fn added(&mut self, index: u32, result: Result<(), InvalidRequest>) {
             match result {
@@ -227,24 +300,33 @@ pub fn simulate_compact(
             }
         }
         fn observed(&mut self, sched: &Scheduler, n: u64, span: u64) {
+            self.timing.observed(sched, n);
             let t = &mut self.trace;
-            debug_assert_eq!(t.accepted.len() - self.admitted as usize, sched.n_waiting());
+            let admitted = (t.accepted.len() - sched.n_waiting()) as u32;
             t.records.push(CompactRecord {
                 step: n,
                 span,
                 tkv: sched.tkv(),
-                waiting: (self.admitted, t.accepted.len() as u32),
+                waiting: (admitted, t.accepted.len() as u32),
                 running: sched.running().map(|r| r.tag).collect(),
                 request_outputs: sched.last_outputs().map(|r| r.tag).collect(),
                 finished_requests: sched.last_finished().map(|r| r.tag).collect(),
                 n_reserved_blocks: sched.n_reserved_blocks(),
                 n_used_blocks: sched.n_used_blocks(),
             });
+            if let Some(c) = sched.snapshot_chunked() {
+                t.chunked.push(c);
+            }
         }
     }
-    let mut rec = Rec { trace: CompactTrace::default(), admitted: 0 };
-    drive(cfg, requests, steps, &mut rec, interrupt)?;
-    Ok(rec.trace)
+    let trace = Trace { names: requests.iter().enumerate().map(|(i, r)| r.name(i)).collect(), ..Default::default() };
+    let mut rec = Rec { trace, timing: Timing::new(requests) };
+    let sched = drive(cfg, requests, steps, &mut rec, interrupt)?;
+    let mut trace = rec.trace;
+    trace.counters = sched.counters();
+    trace.latency = rec.timing.latency;
+    trace.max_decode_volume = rec.timing.max_decode_volume;
+    Ok(trace)
 }
 
 /// Step kinds in [`SimStats::kind`].
@@ -252,8 +334,8 @@ pub const KIND_IDLE: u8 = 0;
 pub const KIND_PREFILL: u8 = 1;
 pub const KIND_DECODE: u8 = 2;
 
-/// Compact per-step and per-request statistics of a simulation (no id lists),
-/// for long workloads and capacity planning.
+/// Compact per-step and per-request statistics of a simulation (no id
+/// lists), for long workloads and capacity planning.
 #[derive(Clone, Debug, Default)]
 pub struct SimStats {
     /// Per row: the first step it stands for (row 0 = step 0, before any step).
@@ -263,31 +345,34 @@ pub struct SimStats {
     pub span: Vec<u64>,
     /// Per row: batch tkv after the step.
     pub tkv: Vec<u32>,
-    /// Per row: kind of the step (0 idle, 1 prefill, 2 decode; step 0 idle).
+    /// Per row: kind of the step (0 idle, 1 prefill or chunk, 2 decode; step 0 idle).
     pub kind: Vec<u8>,
-    /// Per row: sequences in the batch after the step.
+    /// Per row: sequences in the batch after the step, waiting, paused.
     pub n_running: Vec<u32>,
     pub n_waiting: Vec<u32>,
+    pub n_paused: Vec<u32>,
     pub n_reserved_blocks: Vec<u32>,
     pub n_used_blocks: Vec<u32>,
+    /// Per row: prompt blocks reused from the prefix cache by requests
+    /// holding blocks (chunked policy; 0 otherwise).
+    pub n_cached_blocks: Vec<u32>,
     /// Per row: KV slots the step computes over (prefill: its padded input;
-    /// decode: batch size x (tkv + 1)) and how many of those are padding.
+    /// chunk: its chunk; decode: batch size x (tkv + 1)) and how many of
+    /// those are padding.
     pub computed_slots: Vec<u64>,
     pub padding_slots: Vec<u64>,
-    /// Per request (list order): step it was prefilled / finished; `u64::MAX`
-    /// for rejected requests.
-    pub admitted: Vec<u64>,
-    pub finished: Vec<u64>,
-    pub rejected: Vec<(String, InvalidRequest)>,
-    /// Steps in which the head of the waiting queue was kept out, by
-    /// admission condition (indexed like [`crate::Rejection::ALL`]).
-    pub waits: [u64; 6],
-    /// When each request emitted its tokens.
-    pub latency: crate::chunked_sim::LatencyTracker,
+    pub rejected: Vec<(u32, InvalidRequest)>,
+    /// Steps in which the next prefill was held back, by reason (indexed
+    /// like [`crate::Rejection::ALL`]).
+    pub waits: [u64; crate::Rejection::ALL.len()],
+    /// When each request was scheduled, emitted its tokens and finished.
+    pub latency: LatencyTracker,
+    pub counters: Counters,
+    pub max_decode_volume: u64,
 }
 
-/// Like [`simulate`] but records [`SimStats`] instead of full step records.
-/// With `record_steps = false` only the per-request columns are kept (memory
+/// Like [`simulate`] but records [`SimStats`] instead of step records. With
+/// `record_steps = false` only the per-request columns are kept (memory
 /// then does not grow with the number of steps).
 pub fn simulate_stats(
     cfg: SchedulerConfig,
@@ -298,21 +383,20 @@ pub fn simulate_stats(
 ) -> Result<SimStats, Interrupted> {
     struct Rec {
         st: SimStats,
+        timing: Timing,
         record_steps: bool,
         /// (kind, computed, padding) of the step being run
         step: (u8, u64, u64),
     }
     impl Recorder for Rec {
         fn planned(&mut self, sched: &Scheduler, plan: &StepPlan, n: u64) {
+            self.timing.planned(sched, plan, n);
             if let Some(why) = sched.last_rejection() {
                 self.st.waits[why.index()] += 1;
             }
             self.step = match plan {
                 StepPlan::Idle => (KIND_IDLE, 0, 0),
                 StepPlan::Prefill(p) => {
-                    let idx = sched.last_outputs().next().map(|r| r.tag).expect("the prefilled request");
-                    self.st.admitted[idx as usize] = n;
-                    self.st.latency.scheduled(idx as usize, n);
                     let computed = u64::from(p.input_len());
                     (KIND_PREFILL, computed, computed - u64::from(p.prompt_len))
                 }
@@ -320,25 +404,17 @@ pub fn simulate_stats(
                     (KIND_PREFILL, u64::from(c.chunk_size), u64::from(c.chunk_size - (c.end - c.start)))
                 }
                 StepPlan::Decode(d) => {
-                    (KIND_DECODE, u64::from(d.batch_size) * (u64::from(d.tkv) + 1), sched.batch_padding())
+                    (KIND_DECODE, u64::from(d.batch_size) * (u64::from(d.tkv) + 1), sched.decode_padding())
                 }
             };
         }
         fn added(&mut self, index: u32, result: Result<(), InvalidRequest>) {
             if let Err(e) = result {
-                self.st.rejected.push((index.to_string(), e));
+                self.st.rejected.push((index, e));
             }
         }
         fn observed(&mut self, sched: &Scheduler, n: u64, span: u64) {
-            if span == 1 {
-                for idx in sched.last_outputs().map(|r| r.tag) {
-                    self.st.latency.token(idx as usize, n);
-                }
-            }
-            for idx in sched.last_finished().map(|r| r.tag) {
-                self.st.finished[idx as usize] = n;
-                self.st.latency.finished(idx as usize, n);
-            }
+            self.timing.observed(sched, n);
             let (kind, computed, padding) = std::mem::replace(&mut self.step, (KIND_IDLE, 0, 0));
             if self.record_steps {
                 let st = &mut self.st;
@@ -348,20 +424,20 @@ pub fn simulate_stats(
                 st.kind.push(kind);
                 st.n_running.push(sched.n_running() as u32);
                 st.n_waiting.push(sched.n_waiting() as u32);
+                st.n_paused.push(sched.n_paused() as u32);
                 st.n_reserved_blocks.push(sched.n_reserved_blocks());
                 st.n_used_blocks.push(sched.n_used_blocks());
+                st.n_cached_blocks.push(sched.n_cached_blocks());
                 st.computed_slots.push(computed);
                 st.padding_slots.push(padding);
             }
         }
     }
-    let st = SimStats {
-        latency: crate::chunked_sim::LatencyTracker::new(requests.iter().map(|r| r.arrival)),
-        admitted: vec![u64::MAX; requests.len()],
-        finished: vec![u64::MAX; requests.len()],
-        ..Default::default()
-    };
-    let mut rec = Rec { st, record_steps, step: (KIND_IDLE, 0, 0) };
-    drive(cfg, requests, steps, &mut rec, interrupt)?;
-    Ok(rec.st)
+    let mut rec = Rec { st: SimStats::default(), timing: Timing::new(requests), record_steps, step: (KIND_IDLE, 0, 0) };
+    let sched = drive(cfg, requests, steps, &mut rec, interrupt)?;
+    let mut st = rec.st;
+    st.latency = rec.timing.latency;
+    st.max_decode_volume = rec.timing.max_decode_volume;
+    st.counters = sched.counters();
+    Ok(st)
 }

@@ -123,7 +123,7 @@ impl Iterator for Synthetic {
         let mml = f64::from(self.max_model_len);
         let prompt = self.prompt.draw(&mut self.rng).clamp(1.0, mml - 1.0);
         let tokens = self.tokens.draw(&mut self.rng).clamp(1.0, mml - prompt);
-        Some(SimRequest { arrival: self.clock.min(4e18) as u64, prompt_len: prompt as u32, max_tokens: tokens as u32 })
+        Some(SimRequest::new(self.clock.min(4e18) as u64, prompt as u32, tokens as u32))
     }
 }
 

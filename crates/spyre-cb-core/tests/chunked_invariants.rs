@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
-use spyre_cb_core::{ChunkOptions, ChunkedScheduler, Policy, SchedulerConfig, StepPlan, BLOCK_SIZE};
+use spyre_cb_core::{ChunkOptions, Scheduler, Policy, SchedulerConfig, StepPlan, BLOCK_SIZE};
 
 static WORST_PAUSE: AtomicU64 = AtomicU64::new(0);
 static CASES: AtomicU64 = AtomicU64::new(0);
@@ -81,7 +81,7 @@ fn run(w: &Work) -> Result<(), TestCaseError> {
     let cfg = SchedulerConfig::with_policy(w.seqs, w.mml, w.blocks, w.limit, Policy::Chunked(w.opts)).unwrap();
     let limit = cfg.max_batch_tkv_limit;
     let n_blocks = cfg.available_blocks;
-    let mut s = ChunkedScheduler::new(cfg);
+    let mut s = Scheduler::new(cfg);
     let mut accepted = vec![false; w.requests.len()];
     let mut ended = vec![false; w.requests.len()];
     let mut paused_for = vec![0u64; w.requests.len()];
@@ -156,7 +156,7 @@ fn run(w: &Work) -> Result<(), TestCaseError> {
     }
     prop_assert_eq!(s.n_used_blocks(), 0);
     prop_assert_eq!(s.n_reserved_blocks(), 0);
-    prop_assert_eq!(s.pool().n_free(), n_blocks);
+    prop_assert_eq!(s.kv().n_free(), n_blocks);
     CASES.fetch_add(1, Ordering::Relaxed);
     PAUSES.fetch_add(s.counters().pause_events, Ordering::Relaxed);
     STEPS.fetch_add(step, Ordering::Relaxed);

@@ -3,7 +3,7 @@
 //! the unlisted ones between them (the previous step with tkv + 1).
 
 use serde_json::{Map, Value};
-use spyre_cb_core::{simulate_chunked, ChunkOptions, ChunkedRecord, ChunkedSimRequest, Policy, SchedulerConfig};
+use spyre_cb_core::{simulate_trace, ChunkOptions, Policy, SchedulerConfig, SimRequest, StepRecord};
 
 fn load() -> Vec<Value> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/data/chunked_prefill_steps.json");
@@ -33,14 +33,14 @@ fn ids(v: &Value) -> Vec<u32> {
     v.as_array().map(|a| a.iter().map(|x| x.as_u64().unwrap() as u32).collect()).unwrap_or_default()
 }
 
-pub fn requests(sc: &Value) -> Vec<ChunkedSimRequest> {
+pub fn requests(sc: &Value) -> Vec<SimRequest> {
     sc["requests"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| {
             let prompt = ids(&r["prompt_token_ids"]);
-            ChunkedSimRequest {
+            SimRequest {
                 id: Some(r["id"].as_str().unwrap().to_owned()),
                 arrival: r["arrival_step"].as_u64().unwrap(),
                 prompt_len: prompt.len() as u32,
@@ -53,9 +53,10 @@ pub fn requests(sc: &Value) -> Vec<ChunkedSimRequest> {
 }
 
 /// The record as the data file spells it (every key it may list).
-fn as_json(r: &ChunkedRecord) -> Map<String, Value> {
+fn as_json(r: &StepRecord) -> Map<String, Value> {
     let mut m = Map::new();
-    let b = &r.base;
+    let b = r;
+    let r = r.chunked.as_deref().expect("the chunked policy's fields");
     m.insert("step".into(), b.step.into());
     m.insert("tkv".into(), b.tkv.into());
     m.insert("waiting".into(), b.waiting.clone().into());
@@ -108,12 +109,12 @@ fn all_published_chunked_scenarios_match_every_step() {
         let name = sc["name"].as_str().unwrap();
         let cfg = config(&sc["config"]);
         let reqs = requests(sc);
-        let res = simulate_chunked(cfg, &reqs, None, true, &mut || false).unwrap();
+        let res = simulate_trace(cfg, &reqs, None, &mut || false).unwrap();
         assert!(res.rejected.is_empty(), "{name}: {:?}", res.rejected);
         let expected = expand(sc["checked_steps"].as_array().unwrap());
         let last = expected.last().unwrap()["step"].as_u64().unwrap();
-        assert!(res.n_steps > last, "{name}: the run covers every listed step");
-        assert_eq!(res.record_at(res.n_steps - 1).unwrap().base.tkv, 0, "{name}: it ends idle");
+        assert!(res.n_steps() > last, "{name}: the run covers every listed step");
+        assert_eq!(res.record_at(res.n_steps() - 1).unwrap().tkv, 0, "{name}: it ends idle");
         for exp in &expected {
             let step = exp["step"].as_u64().unwrap();
             let got = as_json(&res.record_at(step).unwrap());

@@ -162,7 +162,7 @@ fn run(w: &Workload) -> Result<(), TestCaseError> {
     prop_assert_eq!(admitted, admitted_order, "admission is not FIFO");
     prop_assert_eq!(s.n_used_blocks(), 0);
     prop_assert_eq!(s.n_reserved_blocks(), 0);
-    prop_assert_eq!(s.pool().n_free(), w.n_blocks);
+    prop_assert_eq!(s.kv().n_free(), w.n_blocks);
     Ok(())
 }
 

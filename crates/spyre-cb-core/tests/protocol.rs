@@ -2,7 +2,7 @@
 //! flight, cancelling a step, and simulations with long idle stretches.
 
 use spyre_cb_core::{
-    simulate_compact, CoreError, InvalidRequest, Scheduler, SchedulerConfig, SimRequest, StateError, StepPlan,
+    simulate_trace, CoreError, InvalidRequest, Scheduler, SchedulerConfig, SimRequest, StateError, StepPlan,
 };
 
 fn sched() -> Scheduler {
@@ -76,10 +76,10 @@ fn reusing_an_id_of_a_request_finishing_this_step_says_so() {
 fn far_future_arrivals_are_one_idle_span() {
     let cfg = SchedulerConfig::new(2, 192, None, None).unwrap();
     let reqs = [
-        SimRequest { arrival: 0, prompt_len: 10, max_tokens: 3 },
-        SimRequest { arrival: 1_000_000_000, prompt_len: 10, max_tokens: 5 },
+        SimRequest::new(0, 10, 3),
+        SimRequest::new(1_000_000_000, 10, 5),
     ];
-    let t = simulate_compact(cfg.clone(), &reqs, None, &mut || false).unwrap();
+    let t = simulate_trace(cfg.clone(), &reqs, None, &mut || false).unwrap();
     assert!(t.records.len() < 20, "{} records", t.records.len());
     let span = t.records.iter().find(|r| r.span > 1).expect("an idle span");
     assert_eq!(span.step + span.span, 1_000_000_000);
@@ -90,25 +90,25 @@ fn far_future_arrivals_are_one_idle_span() {
     assert_eq!(arrival.waiting, ["1"]);
     assert_eq!(t.n_steps(), 1_000_000_000 + 5 + 2);
     // huge `steps` with nothing to do is one span too
-    let t = simulate_compact(cfg.clone(), &[], Some(u64::MAX >> 1), &mut || false).unwrap();
+    let t = simulate_trace(cfg.clone(), &[], Some(u64::MAX >> 1), &mut || false).unwrap();
     assert!(t.records.len() <= 2);
     assert_eq!(t.n_steps(), (u64::MAX >> 1) + 1);
     // the interrupt hook stops a long run
-    let long = [SimRequest { arrival: 0, prompt_len: 10, max_tokens: 150 }; 2000];
-    assert!(simulate_compact(cfg, &long, None, &mut || true).is_err());
+    let long = vec![SimRequest::new(0, 10, 150); 2000];
+    assert!(simulate_trace(cfg, &long, None, &mut || true).is_err());
 }
 
 #[test]
 fn the_core_decides_how_requests_end() {
-    use spyre_cb_core::{ChunkOptions, ChunkedScheduler, FinishReason, Policy, StopRule};
+    use spyre_cb_core::{ChunkOptions, FinishReason, Policy, StopRule};
     let rule = StopRule { stop_token_ids: vec![7], eos_token_ids: vec![2], min_tokens: 2 };
     let cb = SchedulerConfig::new(4, 256, None, None).unwrap();
     let ch = SchedulerConfig::with_policy(4, 256, None, None, Policy::Chunked(ChunkOptions::default())).unwrap();
     // the same token stream through both policies: (tokens each step) -> how each request ends
     for chunked in [false, true] {
         let mut cb_s = Scheduler::new(cb.clone());
-        let mut ch_s = ChunkedScheduler::new(ch.clone());
-        let add = |id: &str, mt: u32, cb_s: &mut Scheduler, ch_s: &mut ChunkedScheduler| {
+        let mut ch_s = Scheduler::new(ch.clone());
+        let add = |id: &str, mt: u32, cb_s: &mut Scheduler, ch_s: &mut Scheduler| {
             if chunked {
                 ch_s.add_request_with(id, vec![1; 10], mt, rule.clone()).unwrap();
             } else {
@@ -119,7 +119,7 @@ fn the_core_decides_how_requests_end() {
         let mut ends = std::collections::HashMap::new();
         let feed = |tok: u32,
                     cb_s: &mut Scheduler,
-                    ch_s: &mut ChunkedScheduler,
+                    ch_s: &mut Scheduler,
                     ends: &mut std::collections::HashMap<String, (FinishReason, Option<u32>)>| {
             let n =
                 if chunked { ch_s.schedule().unwrap().n_sequences() } else { cb_s.schedule().unwrap().n_sequences() };

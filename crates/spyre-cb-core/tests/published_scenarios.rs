@@ -29,6 +29,7 @@ fn record(v: &Value) -> StepRecord {
         finished_requests: strings(&v["finished_requests"]),
         n_reserved_blocks: v["n_reserved_blocks"].as_u64().unwrap() as u32,
         n_used_blocks: v["n_used_blocks"].as_u64().unwrap() as u32,
+        chunked: None,
     }
 }
 
@@ -64,18 +65,15 @@ fn all_published_scenarios_match_every_step() {
         )
         .unwrap();
         let reqs: Vec<SimRequest> = (0..sc["prompt_lens"].as_array().unwrap().len())
-            .map(|i| SimRequest {
-                arrival: sc["arrivals"][i].as_u64().unwrap(),
-                prompt_len: sc["prompt_lens"][i].as_u64().unwrap() as u32,
-                max_tokens: sc["max_tokens"][i].as_u64().unwrap() as u32,
-            })
+            .map(|i| SimRequest::new(sc["arrivals"][i].as_u64().unwrap(), sc["prompt_lens"][i].as_u64().unwrap() as u32, sc["max_tokens"][i].as_u64().unwrap() as u32))
             .collect();
         let listed: Vec<StepRecord> = sc["checked_steps"].as_array().unwrap().iter().map(record).collect();
         let expected = expand(&listed);
-        let got = simulate(cfg, &reqs, None);
-        assert!(got.rejected.is_empty(), "{name}: {:?}", got.rejected);
-        assert_eq!(got.records.len(), expected.len(), "{name}: number of steps");
-        for (g, e) in got.records.iter().zip(&expected) {
+        let trace = simulate(cfg, &reqs, None);
+        assert!(trace.rejected.is_empty(), "{name}: {:?}", trace.rejected);
+        let got = trace.steps();
+        assert_eq!(got.len(), expected.len(), "{name}: number of steps");
+        for (g, e) in got.iter().zip(&expected) {
             assert_eq!(g, e, "{name}: step {}", e.step);
         }
     }
@@ -88,14 +86,14 @@ fn all_published_scenarios_match_every_step() {
 fn shift_never_pushes_running_request_past_max_model_len() {
     let cfg = SchedulerConfig::new(2, 256, None, None).unwrap();
     let reqs = [
-        SimRequest { arrival: 0, prompt_len: 10, max_tokens: 200 },
-        SimRequest { arrival: 10, prompt_len: 100, max_tokens: 5 },
+        SimRequest::new(0, 10, 200),
+        SimRequest::new(10, 100, 5),
     ];
-    let r = simulate(cfg, &reqs, None);
-    assert!(r.records.iter().all(|s| s.tkv <= 256));
-    assert_eq!(r.records[1].tkv, 10); // 64 + 200 > 256: A starts unaligned
+    let r = simulate(cfg, &reqs, None).steps();
+    assert!(r.iter().all(|s| s.tkv <= 256));
+    assert_eq!(r[1].tkv, 10); // 64 + 200 > 256: A starts unaligned
                                       // B waits until tkv reaches its prompt length and joins without a shift
-    let joined = r.records.iter().find(|s| s.request_outputs == ["1"]).unwrap();
+    let joined = r.iter().find(|s| s.request_outputs == ["1"]).unwrap();
     assert_eq!((joined.step, joined.tkv), (92, 100));
     assert_eq!(joined.running, ["1", "0"]);
 }
