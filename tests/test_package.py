@@ -30,6 +30,8 @@ def stub_names() -> dict[str, set[str]]:
             out[""].add(node.name)
         elif isinstance(node, ast.AnnAssign):
             out[""].add(node.target.id)
+        elif isinstance(node, ast.Assign):  # an alias (ChunkedTrace = Trace)
+            out[""].update(t.id for t in node.targets if isinstance(t, ast.Name) and not t.id.startswith("_"))
     return out
 
 

@@ -163,25 +163,3 @@ def test_keyboard_interrupt_in_a_step_stops_the_workers(models, monkeypatch):
     finally:
         eng.shutdown()
     assert_workers_gone(pids)
-
-
-def test_plans_survive_the_wire_format():
-    import numpy as np
-
-    from spyre_cb.executor import pack_plan, unpack_plan
-
-    s = spyre_cb.Scheduler(3, 512)
-    for i in range(3):
-        s.add_request(str(i), [7] * (50 + 90 * i), 30)
-    kinds = set()
-    for _ in range(10):
-        p = s.schedule()
-        q, all_positions = unpack_plan(*pack_plan(p, all_positions=p.kind == "prefill"))
-        assert type(q) is type(p) and all_positions == (p.kind == "prefill")
-        for a, b in zip(p.__reduce__()[1], q.__reduce__()[1]):
-            if not isinstance(a, (str, tuple)):
-                assert np.array_equal(np.asarray(a), np.asarray(b)), (p, a, b)
-        kinds.add(p.kind)
-        s.update([1] * len(p.request_ids))
-    assert kinds == {"prefill", "decode"}
-    assert unpack_plan(*pack_plan(None)) == (None, False)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spyre_cb._core import ChunkedStepRecord, StepRecord, __version__
+from spyre_cb._core import StepRecord, __version__
 from spyre_cb.config import EngineConfig, nonneg_int
 from spyre_cb.errors import SpyreCBError
 from spyre_cb.params import SamplingParams
@@ -38,7 +38,7 @@ def _table_header() -> str:
     return f"{'step':>5} {'kind':<8} {'tkv':>5}  {'waiting':<16} {'running':<20} {'blocks r/u':>10}"
 
 
-def _table_row(rec: StepRecord | ChunkedStepRecord, kind: str) -> str:
+def _table_row(rec: StepRecord, kind: str) -> str:
     w = ",".join(rec.waiting) if len(rec.waiting) <= 6 else f"{len(rec.waiting)} requests"
     r = ",".join(rec.running) if len(rec.running) <= 8 else f"{len(rec.running)} requests"
     return f"{rec.step:>5} {kind:<8} {rec.tkv:>5}  {w:<16} {r:<20} {rec.n_reserved_blocks:>4}/{rec.n_used_blocks:<5}"

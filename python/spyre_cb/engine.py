@@ -239,7 +239,7 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self._unreported_aborts)
 
-    def snapshot(self) -> _core.StepRecord | _core.ChunkedStepRecord:
+    def snapshot(self) -> _core.StepRecord:
         """The current observation (same record type as ``simulate`` returns)."""
         with self._lock:
             return self.scheduler.snapshot()

@@ -25,97 +25,15 @@ import weakref
 from datetime import timedelta
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
 from spyre_cb.cpus import ThreadGovernor, ThreadSetting, intra_op_threads
 from spyre_cb.errors import ConfigError, ExecutorError
-from spyre_cb.plan import ChunkPlan, DecodePlan, ForwardPlan, PrefillPlan
+from spyre_cb.plan import ForwardPlan
 from spyre_cb.runner import ModelRunner
-
-# ----- the plan on the wire ----------------------------------------------------
-#
-# Workers need only the plan's numbers, not its ids. A plan travels as two
-# broadcasts: a fixed header of int64 values, then one int64 payload with its
-# arrays end to end (benches/tp_broadcast.py: ~20 % cheaper than one pickled
-# object per step).
-
-HEADER_LEN = 16
-_PREFILL, _DECODE, _STOP, _CHUNK = 0, 1, 2, 3
-
-
-def pack_plan(plan: ForwardPlan | None, all_positions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(header, payload) of a plan; ``None`` packs the stop message."""
-    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    if plan is None:
-        header[0] = _STOP
-        return header, torch.empty(0, dtype=torch.int64)
-    if isinstance(plan, DecodePlan):
-        arrays = [plan.input_ids, plan.positions, plan.slot_mapping, plan.block_table.reshape(-1)]
-        arrays += [plan.left_padding, plan.current_tkv]
-        meta = [_DECODE, plan.batch_size, plan.block_table.shape[1], plan.tkv]
-    elif isinstance(plan, ChunkPlan):
-        arrays = [plan.input_ids, plan.positions, plan.slot_mapping, plan.block_slots, plan.block_table]
-        meta = [_CHUNK, plan.chunk_size, len(plan.block_table), plan.prompt_len, plan.chunk_index, plan.chunk_count]
-        meta += [plan.left_padding, plan.start, plan.end, plan.context_end, int(plan.is_last), plan.logits_index]
-        meta += [plan.cached_blocks, len(plan.input_ids)]
-    else:
-        arrays = [plan.input_ids, plan.positions, plan.slot_mapping, plan.block_table]
-        meta = [_PREFILL, plan.input_len, len(plan.block_table), plan.tkv, plan.tkv_shift, int(plan.new_batch)]
-        meta += [plan.prompt_len, plan.left_padding, plan.right_padding, plan.logits_index, len(plan.input_ids)]
-    payload = torch.from_numpy(np.concatenate(arrays)) if arrays else torch.empty(0, dtype=torch.int64)
-    header[: len(meta)] = torch.tensor(meta, dtype=torch.int64)
-    header[-2] = int(all_positions)
-    header[-1] = payload.numel()
-    return header, payload
-
-
-def unpack_plan(header: torch.Tensor, payload: torch.Tensor) -> tuple[ForwardPlan | None, bool]:
-    h = header.tolist()
-    all_positions = bool(h[-2])
-    data = payload.numpy()
-    if h[0] == _STOP:
-        return None, False
-    if h[0] == _DECODE:
-        n, w, tkv = h[1], h[2], h[3]
-        parts = np.split(data, np.cumsum([n, n, n, n * w, n])[:5])
-        table = parts[3].reshape(n, w).tolist()
-        return DecodePlan(("",) * n, n, tkv, parts[0], parts[1], parts[2], table, parts[4], parts[5]), all_positions
-    if h[0] == _CHUNK:
-        size, n_blocks, prompt_len, index, count, left, start, end, ctx, last, logits_index, cached, n_ids = h[1:14]
-        parts = np.split(data, np.cumsum([n_ids, size, size, size // 64])[:4])
-        chunk = ChunkPlan(
-            "", prompt_len, index, count, size, left, start, end, ctx, bool(last), logits_index, cached, *parts
-        )
-        assert len(parts[4]) == n_blocks
-        return chunk, all_positions
-    input_len, n_blocks, tkv, shift, new_batch, prompt_len, left, right, logits_index, n_ids = h[1:11]
-    parts = np.split(data, np.cumsum([n_ids, input_len, input_len])[:3])
-    plan = PrefillPlan(
-        "", tkv, shift, bool(new_batch), prompt_len, left, right, logits_index, parts[0], parts[1], parts[2], parts[3]
-    )
-    assert len(parts[3]) == n_blocks
-    return plan, all_positions
-
-
-def broadcast_plan(plan: ForwardPlan | None, all_positions: bool = False) -> None:
-    """Rank 0: sends a plan (or the stop message, ``None``) to every rank."""
-    header, payload = pack_plan(plan, all_positions)
-    torch.distributed.broadcast(header, src=0)
-    if payload.numel():
-        torch.distributed.broadcast(payload, src=0)
-
-
-def receive_plan() -> tuple[ForwardPlan | None, bool]:
-    """Ranks > 0: the next plan from rank 0 (``None``: stop)."""
-    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    torch.distributed.broadcast(header, src=0)
-    payload = torch.empty(int(header[-1]), dtype=torch.int64)
-    if payload.numel():
-        torch.distributed.broadcast(payload, src=0)
-    return unpack_plan(header, payload)
+from spyre_cb.wire import broadcast_plan, receive_plan
 
 
 class Executor(Protocol):

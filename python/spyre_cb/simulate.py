@@ -19,7 +19,7 @@ def simulate(
     *config: SchedulerConfig | int | None,
     steps: int | None = None,
     **limits: Any,
-) -> Trace | ChunkedTrace:
+) -> Trace:
     """Runs ``requests`` through the scheduler with no model.
 
     ``requests`` are ``(arrival_step, prompt_len, max_tokens)`` tuples (ids
@@ -38,8 +38,9 @@ def simulate(
     ``policy="continuous"`` (default: the published policy) or ``"chunked"``
     with ``chunk_size``, ``interleave``, ``decode_pausing``, ``prefix_caching``),
     resolved by the core exactly as ``SchedulerConfig(...)`` resolves them.
-    Returns a :class:`Trace` (continuous) or :class:`ChunkedTrace` (chunked:
-    records with block tables and ref counts, ``counters`` and ``latency``).
+    Returns a :class:`Trace`: its records (under the chunked policy with
+    block tables, ref counts and paused requests), ``counters`` and ``latency``.
+    (``ChunkedTrace`` is the same class, under its former name.)
     Raises :class:`~spyre_cb.errors.ConfigError` for impossible limits. Invalid
     requests do not raise: they are listed in ``trace.rejected``. Stretches of
     idle steps cost no memory; Ctrl-C interrupts a long run.

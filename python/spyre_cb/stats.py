@@ -14,20 +14,9 @@ from spyre_cb._core import RejectionReason, SchedulerConfig
 
 KINDS = ("idle", "prefill", "decode")
 
-#: Why the chunked policy held a prefill chunk back (its ``waits_by_reason`` keys).
-CHUNK_WAIT_REASONS = {
-    "batch_full": "the decode batch was full (max_num_seqs)",
-    "blocks": "not enough unreserved KV blocks for prompt + max_tokens",
-    "volume": "batch x tkv would exceed max_batch_tkv_limit (decode pausing off)",
-    "interleave": "a decode step had to run between two prefill chunks (interleaving)",
-    "paused_decodes": "paused decodes resume before any prefill",
-}
-
 
 def describe_wait(reason: str) -> str:
-    """A waits_by_reason key in words (either policy)."""
-    if reason in CHUNK_WAIT_REASONS:
-        return CHUNK_WAIT_REASONS[reason]
+    """A waits_by_reason key (a RejectionReason name, either policy) in words."""
     return str(getattr(RejectionReason, reason).description)
 
 
@@ -54,13 +43,12 @@ class SimulationStats:
     admitted: np.ndarray  #: step of each request's prefill, -1 if rejected
     finished: np.ndarray  #: step each request finished, -1 if rejected
     rejected: dict[str, str] = field(default_factory=dict)
-    #: steps in which the head of the queue waited, by admission condition (RejectionReason
-    #: names; under the chunked policy the keys of CHUNK_WAIT_REASONS)
+    #: steps in which the next prefill waited, by reason (RejectionReason names, both policies)
     waits_by_reason: dict[str, int] = field(default_factory=dict)
     #: time to first token and inter-token latency in steps ({"n", "mean", "p50", "p99", "max"}
     #: each) and the longest pause
     latency: dict[str, Any] = field(default_factory=dict)
-    #: chunked policy: pause/resume events, prefill/decode steps, prefix-cache savings
+    #: steps by kind, pause/resume events (chunked), prefix-cache savings (chunked)
     counters: dict[str, int] = field(default_factory=dict)
 
     @property

@@ -17,6 +17,11 @@
 //! - Released blocks whose count drops to 0 go back to the queue: blocks that
 //!   cache nothing at the front (they have no reuse value), cached ones at the
 //!   back (they stay reusable longest).
+//!
+//! So every free block that caches nothing is ahead of every free cached
+//! one: the queue is stored as a stack of the former (its top is the front)
+//! followed by a doubly-linked list of the latter (a hit takes a block out
+//! of its middle). Without caching only the stack is used: a LIFO free list.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -57,7 +62,11 @@ const NIL: u32 = 0; // the null block doubles as the queue's sentinel
 #[derive(Clone, Debug)]
 pub struct BlockPool {
     n_blocks: u32,
-    /// Doubly-linked free queue over block ids, sentinel `NIL`.
+    /// The front of the free queue: free blocks that cache nothing, the
+    /// front last (a stack).
+    uncached: Vec<BlockId>,
+    /// The rest of the free queue: free cached blocks, a doubly-linked list
+    /// over block ids with sentinel `NIL`.
     prev: Vec<u32>,
     next: Vec<u32>,
     queued: Vec<bool>,
@@ -71,20 +80,17 @@ pub struct BlockPool {
 impl BlockPool {
     pub fn new(n_blocks: u32) -> Self {
         let n = n_blocks as usize + 1;
-        let mut c = Self {
+        Self {
             n_blocks,
+            uncached: (1..=n_blocks).rev().collect(),
             prev: vec![NIL; n],
             next: vec![NIL; n],
-            queued: vec![false; n],
-            n_free: 0,
+            queued: (0..n).map(|b| b != NIL as usize).collect(),
+            n_free: n_blocks,
             ref_count: vec![0; n],
             content: vec![None; n],
             by_hash: HashMap::new(),
-        };
-        for b in 1..=n_blocks {
-            c.push_back(b);
         }
-        c
     }
 
     /// Usable blocks (the null block excluded).
@@ -112,6 +118,7 @@ impl BlockPool {
     /// The free queue, front first (for tests and invariant checks).
     pub fn free_queue(&self) -> Vec<BlockId> {
         let mut out = Vec::with_capacity(self.n_free as usize);
+        out.extend(self.uncached.iter().rev());
         let mut b = self.next[NIL as usize];
         while b != NIL {
             out.push(b);
@@ -137,16 +144,6 @@ impl BlockPool {
         self.queued[b as usize] = true;
         self.n_free += 1;
     }
-    fn insert_after(&mut self, at: u32, b: BlockId) {
-        let n = self.next[at as usize];
-        self.next[at as usize] = b;
-        self.prev[b as usize] = at;
-        self.next[b as usize] = n;
-        self.prev[n as usize] = b;
-        self.queued[b as usize] = true;
-        self.n_free += 1;
-    }
-
     /// The cached block holding `tokens` after `parent`, if any (verified).
     pub fn lookup(&self, parent: BlockHash, tokens: &[u32]) -> Option<(BlockId, BlockHash)> {
         let h = chain_hash(parent, tokens);
@@ -158,13 +155,24 @@ impl BlockPool {
     }
 
     /// Takes the front of the free queue (evicting what it cached).
+    #[inline]
     pub fn allocate(&mut self) -> Option<BlockId> {
-        let b = self.next[NIL as usize];
-        if b == NIL {
-            return None;
-        }
-        self.unlink(b);
-        self.evict(b);
+        let b = match self.uncached.pop() {
+            Some(b) => {
+                self.queued[b as usize] = false;
+                self.n_free -= 1;
+                b
+            }
+            None => {
+                let b = self.next[NIL as usize];
+                if b == NIL {
+                    return None;
+                }
+                self.unlink(b);
+                self.evict(b);
+                b
+            }
+        };
         self.ref_count[b as usize] = 1;
         Some(b)
     }
@@ -207,19 +215,21 @@ impl BlockPool {
     /// blocks nobody holds any more return to the queue.
     pub fn release(&mut self, table: &[BlockId]) {
         // Blocks caching nothing go to the front in release order (the table's
-        // last block first), cached ones to the back in the same order.
-        let mut front_at = NIL;
+        // last block first: pushed onto the stack first block first), cached
+        // ones to the back in release order.
         for &b in table.iter().rev() {
             let rc = &mut self.ref_count[b as usize];
             debug_assert!(*rc > 0, "block {b} released more often than held");
             *rc -= 1;
-            if *rc == 0 {
-                if self.content[b as usize].is_some() {
-                    self.push_back(b);
-                } else {
-                    self.insert_after(front_at, b);
-                    front_at = b;
-                }
+            if *rc == 0 && self.content[b as usize].is_some() {
+                self.push_back(b);
+            }
+        }
+        for &b in table {
+            if self.ref_count[b as usize] == 0 && !self.queued[b as usize] {
+                self.uncached.push(b);
+                self.queued[b as usize] = true;
+                self.n_free += 1;
             }
         }
     }
@@ -229,6 +239,9 @@ impl BlockPool {
         let q = self.free_queue();
         if q.len() as u32 != self.n_free {
             return Err(format!("free queue holds {} blocks, counter says {}", q.len(), self.n_free));
+        }
+        if let Some(b) = self.uncached.iter().find(|&&b| self.content[b as usize].is_some()) {
+            return Err(format!("cached block {b} among the uncached free blocks"));
         }
         for b in 1..=self.n_blocks {
             let rc = self.ref_count[b as usize];

@@ -162,7 +162,13 @@ impl Continuous {
         self.tkv -= cut;
     }
 
-    fn prefill(&mut self, core: &mut Core, h: Handle, adm: Admission, detail: PlanDetail) -> Result<PrefillPlan, CoreError> {
+    fn prefill(
+        &mut self,
+        core: &mut Core,
+        h: Handle,
+        adm: Admission,
+        detail: PlanDetail,
+    ) -> Result<PrefillPlan, CoreError> {
         // decide, then mutate: every check before the first change
         let prompt_len = core.reqs.get(h).prompt_len;
         let fp = (adm.tkv - prompt_len) / B;

@@ -43,8 +43,8 @@ pub use request::{FinishReason, StopRule};
 pub use requests::RequestRef;
 pub use scheduler::{PlanDetail, Scheduler, UpdateOutcome};
 pub use simulate::{
-    drive, simulate, simulate_stats, simulate_trace, CompactRecord, Interrupted, Recorder, SimRequest, SimStats,
-    Trace, NO_MATCH_TOKEN,
+    drive, simulate, simulate_stats, simulate_trace, CompactRecord, Interrupted, Recorder, SimRequest, SimStats, Trace,
+    NO_MATCH_TOKEN,
 };
 
 /// `ceil(a / b)` for unsigned integers.

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proptest::prelude::*;
-use spyre_cb_core::{ChunkOptions, Scheduler, Policy, SchedulerConfig, StepPlan, BLOCK_SIZE};
+use spyre_cb_core::{ChunkOptions, Policy, Scheduler, SchedulerConfig, StepPlan, BLOCK_SIZE};
 
 static WORST_PAUSE: AtomicU64 = AtomicU64::new(0);
 static CASES: AtomicU64 = AtomicU64::new(0);

@@ -75,10 +75,7 @@ fn reusing_an_id_of_a_request_finishing_this_step_says_so() {
 #[test]
 fn far_future_arrivals_are_one_idle_span() {
     let cfg = SchedulerConfig::new(2, 192, None, None).unwrap();
-    let reqs = [
-        SimRequest::new(0, 10, 3),
-        SimRequest::new(1_000_000_000, 10, 5),
-    ];
+    let reqs = [SimRequest::new(0, 10, 3), SimRequest::new(1_000_000_000, 10, 5)];
     let t = simulate_trace(cfg.clone(), &reqs, None, &mut || false).unwrap();
     assert!(t.records.len() < 20, "{} records", t.records.len());
     let span = t.records.iter().find(|r| r.span > 1).expect("an idle span");

@@ -65,7 +65,13 @@ fn all_published_scenarios_match_every_step() {
         )
         .unwrap();
         let reqs: Vec<SimRequest> = (0..sc["prompt_lens"].as_array().unwrap().len())
-            .map(|i| SimRequest::new(sc["arrivals"][i].as_u64().unwrap(), sc["prompt_lens"][i].as_u64().unwrap() as u32, sc["max_tokens"][i].as_u64().unwrap() as u32))
+            .map(|i| {
+                SimRequest::new(
+                    sc["arrivals"][i].as_u64().unwrap(),
+                    sc["prompt_lens"][i].as_u64().unwrap() as u32,
+                    sc["max_tokens"][i].as_u64().unwrap() as u32,
+                )
+            })
             .collect();
         let listed: Vec<StepRecord> = sc["checked_steps"].as_array().unwrap().iter().map(record).collect();
         let expected = expand(&listed);
@@ -85,14 +91,11 @@ fn all_published_scenarios_match_every_step() {
 #[test]
 fn shift_never_pushes_running_request_past_max_model_len() {
     let cfg = SchedulerConfig::new(2, 256, None, None).unwrap();
-    let reqs = [
-        SimRequest::new(0, 10, 200),
-        SimRequest::new(10, 100, 5),
-    ];
+    let reqs = [SimRequest::new(0, 10, 200), SimRequest::new(10, 100, 5)];
     let r = simulate(cfg, &reqs, None).steps();
     assert!(r.iter().all(|s| s.tkv <= 256));
     assert_eq!(r[1].tkv, 10); // 64 + 200 > 256: A starts unaligned
-                                      // B waits until tkv reaches its prompt length and joins without a shift
+                              // B waits until tkv reaches its prompt length and joins without a shift
     let joined = r.iter().find(|s| s.request_outputs == ["1"]).unwrap();
     assert_eq!((joined.step, joined.tkv), (92, 100));
     assert_eq!(joined.running, ["1", "0"]);

@@ -11,7 +11,6 @@ use pyo3::prelude::*;
 
 use spyre_cb_core as core;
 
-mod chunked;
 mod config;
 mod convert;
 mod errors;
@@ -27,10 +26,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<config::SchedulerConfig>()?;
     m.add_class::<scheduler::Scheduler>()?;
     m.add_class::<records::StepRecord>()?;
-    m.add_class::<chunked::ChunkedStepRecord>()?;
-    m.add_class::<chunked::ChunkedTrace>()?;
     m.add_class::<records::Trace>()?;
     m.add_class::<records::TraceIter>()?;
+    // the names of the chunked policy's own classes before there was one of each
+    m.add("ChunkedStepRecord", m.getattr("StepRecord")?)?;
+    m.add("ChunkedTrace", m.getattr("Trace")?)?;
     m.add_class::<records::UpdateOutcome>()?;
     m.add_class::<records::RejectionReason>()?;
     m.add_class::<plans::PrefillPlan>()?;

@@ -1,9 +1,12 @@
 //! Step plans as typed, immutable Python objects the runner reads directly.
 //!
+//! Each plan class is declared once, as one list of fields ([`plan_class!`]):
+//! the struct, its constructor (positional or keyword arguments in field
+//! order), its pickling and its ``FIELDS`` (name and wire kind of every
+//! field, which the tensor-parallel wire format walks) all come from it.
 //! Every vector a runner turns into a tensor is an int64 NumPy array built
-//! once from the core's buffer (no Python list on the way), which
-//! ``torch.from_numpy`` wraps without a copy. Plans pickle (for broadcasting
-//! to tensor-parallel ranks).
+//! once from the core's buffer, which ``torch.from_numpy`` wraps without a
+//! copy.
 
 use numpy::{PyArray1, PyArray2, PyArrayMethods};
 use pyo3::prelude::*;
@@ -12,6 +15,7 @@ use pyo3::types::{PyString, PyTuple};
 use spyre_cb_core as core;
 
 type I64Array = Py<PyArray1<i64>>;
+type I64Table = Py<PyArray2<i64>>;
 
 fn array(py: Python<'_>, v: Vec<i64>) -> I64Array {
     PyArray1::from_vec(py, v).unbind()
@@ -21,76 +25,175 @@ fn array_u32(py: Python<'_>, v: &[u32]) -> I64Array {
     array(py, v.iter().map(|&x| i64::from(x)).collect())
 }
 
-/// Any int sequence (list, array) as an owned int64 array (used when unpickling).
-fn as_array(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<I64Array> {
-    Ok(array(py, obj.extract::<Vec<i64>>()?))
+/// A field type of a plan: how it is built from a constructor argument, how
+/// it goes back into one (pickling), and its kind on the wire: "int" and
+/// "bool" (one header value), "id" (not sent), "ids" (its count sent),
+/// "array" (its length sent, its values in the payload), "table" (rows and
+/// columns sent, its values in the payload).
+pub trait PlanField: Sized {
+    const KIND: &'static str;
+    fn from_arg(v: &Bound<'_, PyAny>, name: &str) -> PyResult<Self>;
+    fn to_arg<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>>;
 }
 
-/// Prefill of one request (prefill batch size 1), padded left to the batch
-/// tkv and right to a block boundary.
-#[pyclass(module = "spyre_cb._core", frozen, get_all)]
-pub struct PrefillPlan {
-    pub request_id: Py<PyString>,
-    /// Batch tkv after the prefill; the last prompt token sits at tkv - 1.
-    pub tkv: u32,
-    /// How far the running sequences moved right (a multiple of 64).
-    pub tkv_shift: u32,
-    pub new_batch: bool,
-    pub prompt_len: u32,
-    /// Pad tokens before the prompt (fully padded blocks cut off).
-    pub left_padding: u32,
-    /// Pad tokens after the prompt up to the block boundary.
-    pub right_padding: u32,
-    /// Index in the input of the last prompt token (its logits give the first token).
-    pub logits_index: u32,
-    /// Padded input ids (pads are 0); empty for token-less requests.
-    pub input_ids: I64Array,
-    /// Position ids: pads 0, prompt 0..prompt_len-1.
-    pub positions: I64Array,
-    /// KV slot of every input token.
-    pub slot_mapping: I64Array,
-    /// The blocks this prefill fills.
-    pub block_table: I64Array,
+fn bad(name: &str, what: &str, v: &Bound<'_, PyAny>) -> PyErr {
+    pyo3::exceptions::PyTypeError::new_err(format!("{name} must be {what}, got {}", crate::convert::type_name(v)))
 }
 
-#[pymethods]
-impl PrefillPlan {
-    #[new]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        py: Python<'_>,
+impl PlanField for u32 {
+    const KIND: &'static str = "int";
+    fn from_arg(v: &Bound<'_, PyAny>, name: &str) -> PyResult<Self> {
+        v.extract().map_err(|_| bad(name, "an int in 0..2**32", v))
+    }
+    fn to_arg<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(self.into_pyobject(py)?.into_any())
+    }
+}
+
+impl PlanField for bool {
+    const KIND: &'static str = "bool";
+    fn from_arg(v: &Bound<'_, PyAny>, name: &str) -> PyResult<Self> {
+        v.is_truthy().map_err(|_| bad(name, "a bool", v))
+    }
+    fn to_arg<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(pyo3::types::PyBool::new(py, *self).to_owned().into_any())
+    }
+}
+
+impl PlanField for Py<PyString> {
+    const KIND: &'static str = "id";
+    fn from_arg(v: &Bound<'_, PyAny>, name: &str) -> PyResult<Self> {
+        Ok(v.cast::<PyString>().map_err(|_| bad(name, "a str", v))?.clone().unbind())
+    }
+    fn to_arg<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(self.bind(py).clone().into_any())
+    }
+}
+
+impl PlanField for Py<PyTuple> {
+    const KIND: &'static str = "ids";
+    fn from_arg(v: &Bound<'_, PyAny>, name: &str) -> PyResult<Self> {
+        match v.cast::<PyTuple>() {
+            Ok(t) => Ok(t.clone().unbind()),
+            Err(_) => Ok(PyTuple::new(
+                v.py(),
+                v.try_iter().map_err(|_| bad(name, "a tuple of str", v))?.collect::<PyResult<Vec<_>>>()?,
+            )?
+            .unbind()),
+        }
+    }
+    fn to_arg<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(self.bind(py).clone().into_any())
+    }
+}
+
+impl PlanField for I64Array {
+    const KIND: &'static str = "array";
+    fn from_arg(v: &Bound<'_, PyAny>, name: &str) -> PyResult<Self> {
+        if let Ok(a) = v.cast::<PyArray1<i64>>() {
+            return Ok(a.clone().unbind());
+        }
+        let items: Vec<i64> = v.extract().map_err(|_| bad(name, "a sequence of ints", v))?;
+        Ok(array(v.py(), items))
+    }
+    fn to_arg<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(self.bind(py).clone().into_any())
+    }
+}
+
+impl PlanField for I64Table {
+    const KIND: &'static str = "table";
+    fn from_arg(v: &Bound<'_, PyAny>, name: &str) -> PyResult<Self> {
+        if let Ok(a) = v.cast::<PyArray2<i64>>() {
+            return Ok(a.clone().unbind());
+        }
+        let rows: Vec<Vec<i64>> = v.extract().map_err(|_| bad(name, "rows of ints", v))?;
+        let t = PyArray2::from_vec2(v.py(), &rows)
+            .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("{name}: {e}")))?;
+        Ok(t.unbind())
+    }
+    fn to_arg<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(self.bind(py).clone().into_any())
+    }
+}
+
+/// Declares a plan class from one list of fields: the struct (every field a
+/// read-only attribute), `__new__` taking the fields in order (positional or
+/// keyword), `kind`, `FIELDS`, `__reduce__`, plus the class's own methods.
+macro_rules! plan_class {
+    (
+        $(#[$doc:meta])*
+        $name:ident($kind:literal) {
+            $( $(#[$fdoc:meta])* $f:ident : $t:ty ),* $(,)?
+        }
+        $($extra:tt)*
+    ) => {
+        $(#[$doc])*
+        #[pyclass(module = "spyre_cb._core", frozen, get_all)]
+        pub struct $name {
+            $( $(#[$fdoc])* pub $f: $t, )*
+        }
+
+        #[pymethods]
+        impl $name {
+            #[new]
+            #[pyo3(signature = ($($f),*))]
+            #[allow(clippy::too_many_arguments)] // one per declared field
+            fn new($($f: &Bound<'_, PyAny>),*) -> PyResult<Self> {
+                Ok(Self { $( $f: <$t as PlanField>::from_arg($f, stringify!($f))?, )* })
+            }
+
+            /// ``"prefill"``, ``"decode"``, ``"chunk"`` or ``"idle"``.
+            #[classattr]
+            fn kind() -> &'static str {
+                $kind
+            }
+
+            /// ``(name, wire kind)`` of every field, in constructor order.
+            #[classattr]
+            #[allow(non_snake_case)]
+            fn FIELDS(py: Python<'_>) -> PyResult<Py<PyTuple>> {
+                let fields = [$( (stringify!($f), <$t as PlanField>::KIND) ),*];
+                Ok(PyTuple::new(py, fields)?.unbind())
+            }
+
+            fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
+                let py = slf.py();
+                let p = slf.get();
+                let args = PyTuple::new(py, [$( p.$f.to_arg(py)? ),*])?;
+                Ok((slf.get_type().into_any(), args))
+            }
+
+            $($extra)*
+        }
+    };
+}
+
+plan_class! {
+    /// Prefill of one request (prefill batch size 1), padded left to the
+    /// batch tkv and right to a block boundary.
+    PrefillPlan("prefill") {
         request_id: Py<PyString>,
+        /// Batch tkv after the prefill; the last prompt token sits at tkv - 1.
         tkv: u32,
+        /// How far the running sequences moved right (a multiple of 64).
         tkv_shift: u32,
         new_batch: bool,
         prompt_len: u32,
+        /// Pad tokens before the prompt (fully padded blocks cut off).
         left_padding: u32,
+        /// Pad tokens after the prompt up to the block boundary.
         right_padding: u32,
+        /// Index in the input of the last prompt token (its logits give the first token).
         logits_index: u32,
-        input_ids: &Bound<'_, PyAny>,
-        positions: &Bound<'_, PyAny>,
-        slot_mapping: &Bound<'_, PyAny>,
-        block_table: &Bound<'_, PyAny>,
-    ) -> PyResult<Self> {
-        Ok(Self {
-            request_id,
-            tkv,
-            tkv_shift,
-            new_batch,
-            prompt_len,
-            left_padding,
-            right_padding,
-            logits_index,
-            input_ids: as_array(py, input_ids)?,
-            positions: as_array(py, positions)?,
-            slot_mapping: as_array(py, slot_mapping)?,
-            block_table: as_array(py, block_table)?,
-        })
-    }
-
-    #[classattr]
-    fn kind() -> &'static str {
-        "prefill"
+        /// Padded input ids (pads are 0); empty for token-less requests.
+        input_ids: I64Array,
+        /// Position ids: pads 0, prompt 0..prompt_len-1.
+        positions: I64Array,
+        /// KV slot of every input token.
+        slot_mapping: I64Array,
+        /// The blocks this prefill fills.
+        block_table: I64Array,
     }
 
     /// Input length: left padding + prompt + right padding (whole blocks).
@@ -103,26 +206,6 @@ impl PrefillPlan {
     #[getter]
     fn request_ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, [self.request_id.bind(py)])
-    }
-
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
-        let py = slf.py();
-        let p = slf.get();
-        let args = (
-            p.request_id.clone_ref(py),
-            p.tkv,
-            p.tkv_shift,
-            p.new_batch,
-            p.prompt_len,
-            p.left_padding,
-            p.right_padding,
-            p.logits_index,
-            p.input_ids.clone_ref(py),
-            p.positions.clone_ref(py),
-            p.slot_mapping.clone_ref(py),
-            p.block_table.clone_ref(py),
-        );
-        Ok((slf.get_type().into_any(), args.into_pyobject(py)?))
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
@@ -139,80 +222,26 @@ impl PrefillPlan {
     }
 }
 
-/// One decode step of every running sequence, most recently admitted first.
-#[pyclass(module = "spyre_cb._core", frozen, get_all)]
-pub struct DecodePlan {
-    /// Ids in batch order (the order ``update`` takes their tokens).
-    pub request_ids: Py<PyTuple>,
-    pub batch_size: u32,
-    /// Virtual position every sequence writes this step (batch tkv before the step).
-    pub tkv: u32,
-    /// Each sequence's last generated token.
-    pub input_ids: I64Array,
-    /// Position id of each input token (its index in the unpadded sequence).
-    pub positions: I64Array,
-    /// KV slot each input token is written to.
-    pub slot_mapping: I64Array,
-    /// Block tables, one row per sequence, padded with the null block 0: shape (batch, width).
-    pub block_table: Py<PyArray2<i64>>,
-    /// In-table index of each sequence's first real token.
-    pub left_padding: I64Array,
-    /// In-table length of each sequence including this step's token.
-    pub current_tkv: I64Array,
-}
-
-#[pymethods]
-impl DecodePlan {
-    #[new]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        py: Python<'_>,
+plan_class! {
+    /// One decode step of every running sequence, most recently admitted first.
+    DecodePlan("decode") {
+        /// Ids in batch order (the order ``update`` takes their tokens).
         request_ids: Py<PyTuple>,
         batch_size: u32,
+        /// Virtual position every sequence writes this step (batch tkv before the step).
         tkv: u32,
-        input_ids: &Bound<'_, PyAny>,
-        positions: &Bound<'_, PyAny>,
-        slot_mapping: &Bound<'_, PyAny>,
-        block_table: &Bound<'_, PyAny>,
-        left_padding: &Bound<'_, PyAny>,
-        current_tkv: &Bound<'_, PyAny>,
-    ) -> PyResult<Self> {
-        let rows: Vec<Vec<i64>> = block_table.extract()?;
-        let table = PyArray2::from_vec2(py, &rows)
-            .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("block_table: {e}")))?;
-        Ok(Self {
-            request_ids,
-            batch_size,
-            tkv,
-            input_ids: as_array(py, input_ids)?,
-            positions: as_array(py, positions)?,
-            slot_mapping: as_array(py, slot_mapping)?,
-            block_table: table.unbind(),
-            left_padding: as_array(py, left_padding)?,
-            current_tkv: as_array(py, current_tkv)?,
-        })
-    }
-
-    #[classattr]
-    fn kind() -> &'static str {
-        "decode"
-    }
-
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
-        let py = slf.py();
-        let p = slf.get();
-        let args = (
-            p.request_ids.clone_ref(py),
-            p.batch_size,
-            p.tkv,
-            p.input_ids.clone_ref(py),
-            p.positions.clone_ref(py),
-            p.slot_mapping.clone_ref(py),
-            p.block_table.bind(py).call_method0("tolist")?,
-            p.left_padding.clone_ref(py),
-            p.current_tkv.clone_ref(py),
-        );
-        Ok((slf.get_type().into_any(), args.into_pyobject(py)?))
+        /// Each sequence's last generated token.
+        input_ids: I64Array,
+        /// Position id of each input token (its index in the unpadded sequence).
+        positions: I64Array,
+        /// KV slot each input token is written to.
+        slot_mapping: I64Array,
+        /// Block tables, one row per sequence, padded with the null block 0: shape (batch, width).
+        block_table: I64Table,
+        /// In-table index of each sequence's first real token.
+        left_padding: I64Array,
+        /// In-table length of each sequence including this step's token.
+        current_tkv: I64Array,
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
@@ -225,111 +254,35 @@ impl DecodePlan {
     }
 }
 
-/// Nothing runs this step (the batch is empty).
-#[pyclass(module = "spyre_cb._core", frozen)]
-pub struct IdlePlan;
-
-#[pymethods]
-impl IdlePlan {
-    #[new]
-    fn new() -> Self {
-        Self
-    }
-    #[classattr]
-    fn kind() -> &'static str {
-        "idle"
-    }
-    #[getter]
-    fn request_ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyTuple> {
-        PyTuple::empty(py)
-    }
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> (Bound<'py, PyAny>, Bound<'py, PyTuple>) {
-        (slf.get_type().into_any(), PyTuple::empty(slf.py()))
-    }
-    fn __repr__(&self) -> &'static str {
-        "IdlePlan()"
-    }
-}
-
-/// One prefill chunk (chunked policy): ``chunk_size`` input tokens attending
-/// over the request's earlier chunks and cached prefix through its block
-/// table (in-table positions are prompt positions).
-#[pyclass(module = "spyre_cb._core", frozen, get_all)]
-pub struct ChunkPlan {
-    pub request_id: Py<PyString>,
-    pub prompt_len: u32,
-    pub chunk_index: u32,
-    pub chunk_count: u32,
-    pub chunk_size: u32,
-    /// Pad tokens at the start of the input (chunk 0 only).
-    pub left_padding: u32,
-    /// Prompt positions start..end are computed by this chunk.
-    pub start: u32,
-    pub end: u32,
-    /// In-table position just past the input's last token.
-    pub context_end: u32,
-    /// The last chunk samples the request's first token.
-    pub is_last: bool,
-    pub logits_index: u32,
-    /// Prompt blocks reused from the prefix cache.
-    pub cached_blocks: u32,
-    pub input_ids: I64Array,
-    pub positions: I64Array,
-    /// KV slot per input token (padding and shared blocks: the null block).
-    pub slot_mapping: I64Array,
-    /// The same per input block (0 = null block).
-    pub block_slots: I64Array,
-    pub block_table: I64Array,
-}
-
-#[pymethods]
-impl ChunkPlan {
-    #[new]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        py: Python<'_>,
+plan_class! {
+    /// One prefill chunk (chunked policy): ``chunk_size`` input tokens
+    /// attending over the request's earlier chunks and cached prefix through
+    /// its block table (in-table positions are prompt positions).
+    ChunkPlan("chunk") {
         request_id: Py<PyString>,
         prompt_len: u32,
         chunk_index: u32,
         chunk_count: u32,
         chunk_size: u32,
+        /// Pad tokens at the start of the input (chunk 0 only).
         left_padding: u32,
+        /// Prompt positions start..end are computed by this chunk.
         start: u32,
         end: u32,
+        /// In-table position just past the input's last token.
         context_end: u32,
+        /// The last chunk samples the request's first token.
         is_last: bool,
         logits_index: u32,
+        /// Prompt blocks reused from the prefix cache.
         cached_blocks: u32,
-        input_ids: &Bound<'_, PyAny>,
-        positions: &Bound<'_, PyAny>,
-        slot_mapping: &Bound<'_, PyAny>,
-        block_slots: &Bound<'_, PyAny>,
-        block_table: &Bound<'_, PyAny>,
-    ) -> PyResult<Self> {
-        Ok(Self {
-            request_id,
-            prompt_len,
-            chunk_index,
-            chunk_count,
-            chunk_size,
-            left_padding,
-            start,
-            end,
-            context_end,
-            is_last,
-            logits_index,
-            cached_blocks,
-            input_ids: as_array(py, input_ids)?,
-            positions: as_array(py, positions)?,
-            slot_mapping: as_array(py, slot_mapping)?,
-            block_slots: as_array(py, block_slots)?,
-            block_table: as_array(py, block_table)?,
-        })
-    }
-
-    #[classattr]
-    fn kind() -> &'static str {
-        "chunk"
+        input_ids: I64Array,
+        positions: I64Array,
+        /// KV slot per input token (padding and shared blocks: the null block).
+        slot_mapping: I64Array,
+        /// The same per input block (0 = null block).
+        block_slots: I64Array,
+        block_table: I64Array,
     }
 
     /// The step's tkv: the prompt length.
@@ -348,33 +301,6 @@ impl ChunkPlan {
         }
     }
 
-    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
-        let py = slf.py();
-        let p = slf.get();
-        let n = |x: u32| -> PyResult<Bound<'py, PyAny>> { Ok(x.into_pyobject(py)?.into_any()) };
-        let items = [
-            p.request_id.bind(py).clone().into_any(),
-            n(p.prompt_len)?,
-            n(p.chunk_index)?,
-            n(p.chunk_count)?,
-            n(p.chunk_size)?,
-            n(p.left_padding)?,
-            n(p.start)?,
-            n(p.end)?,
-            n(p.context_end)?,
-            pyo3::types::PyBool::new(py, p.is_last).to_owned().into_any(),
-            n(p.logits_index)?,
-            n(p.cached_blocks)?,
-            p.input_ids.bind(py).clone().into_any(),
-            p.positions.bind(py).clone().into_any(),
-            p.slot_mapping.bind(py).clone().into_any(),
-            p.block_slots.bind(py).clone().into_any(),
-            p.block_table.bind(py).clone().into_any(),
-        ];
-        let t = PyTuple::new(py, items)?;
-        Ok((slf.get_type().into_any(), t))
-    }
-
     fn __repr__(&self, py: Python<'_>) -> String {
         format!(
             "ChunkPlan(request_id={:?}, prompt_len={}, chunk={}/{}, start={}, end={}, is_last={})",
@@ -386,6 +312,37 @@ impl ChunkPlan {
             self.end,
             self.is_last
         )
+    }
+}
+
+/// Nothing runs this step (the batch is empty).
+#[pyclass(module = "spyre_cb._core", frozen)]
+pub struct IdlePlan;
+
+#[pymethods]
+impl IdlePlan {
+    #[new]
+    fn new() -> Self {
+        Self
+    }
+    #[classattr]
+    fn kind() -> &'static str {
+        "idle"
+    }
+    #[classattr]
+    #[allow(non_snake_case)]
+    fn FIELDS(py: Python<'_>) -> Py<PyTuple> {
+        PyTuple::empty(py).unbind()
+    }
+    #[getter]
+    fn request_ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyTuple> {
+        PyTuple::empty(py)
+    }
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> (Bound<'py, PyAny>, Bound<'py, PyTuple>) {
+        (slf.get_type().into_any(), PyTuple::empty(slf.py()))
+    }
+    fn __repr__(&self) -> &'static str {
+        "IdlePlan()"
     }
 }
 

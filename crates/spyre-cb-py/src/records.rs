@@ -1,5 +1,7 @@
-//! Observations: `StepRecord` (one step), `Trace` (a whole simulation, idle
-//! stretches stored once), `UpdateOutcome` and `RejectionReason`.
+//! Observations of either policy: `StepRecord` (one step; the chunked
+//! policy's block-level fields when it has them), `Trace` (a whole
+//! simulation, idle stretches stored once, with its counters and latency),
+//! `UpdateOutcome` and `RejectionReason`.
 
 use std::sync::Arc;
 
@@ -14,7 +16,7 @@ use crate::errors::{err, Kind};
 /// once; step records are views into it, so building a trace costs
 /// O(steps x batch) and a record's lists are made only when read.
 pub struct SharedTrace {
-    pub trace: core::CompactTrace,
+    pub trace: core::Trace,
     pub names: Vec<Py<PyString>>,
 }
 
@@ -86,6 +88,14 @@ impl StepRecord {
         }
     }
 
+    /// The chunked policy's fields of this record, if it has them.
+    fn chunked(&self) -> Option<std::borrow::Cow<'_, core::ChunkedState>> {
+        match &self.data {
+            RecordData::Owned(r) => r.chunked.as_deref().map(std::borrow::Cow::Borrowed),
+            RecordData::View { trace, index, .. } => trace.trace.chunked.get(*index).map(std::borrow::Cow::Borrowed),
+        }
+    }
+
     fn owned(&self) -> core::StepRecord {
         match &self.data {
             RecordData::Owned(r) => r.clone(),
@@ -121,6 +131,7 @@ impl StepRecord {
             finished_requests,
             n_reserved_blocks,
             n_used_blocks,
+            chunked: None,
         }
         .into()
     }
@@ -158,7 +169,41 @@ impl StepRecord {
         self.ids(py, Ids::Finished)
     }
 
-    /// The record with the published spec's keys.
+    /// Chunked policy: paused requests (in neither waiting nor running); None
+    /// under the continuous policy (as for every chunk-only field below).
+    #[getter]
+    fn paused(&self) -> Option<Vec<String>> {
+        self.chunked().map(|c| c.paused.clone())
+    }
+    /// Chunked policy: usable (chunk-aligned) prefix-hit blocks of the requests holding blocks.
+    #[getter]
+    fn n_cached_blocks(&self) -> Option<u32> {
+        self.chunked().map(|c| c.n_cached_blocks)
+    }
+    /// Chunked policy: requests whose usable hit exceeds their computed tokens.
+    #[getter]
+    fn n_prefix_hits(&self) -> Option<u32> {
+        self.chunked().map(|c| c.n_prefix_hits)
+    }
+    /// Chunked policy: ``{request id: [block ids]}`` for every request holding blocks.
+    #[getter]
+    fn block_tables<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        self.chunked().map(|c| pairs(py, &c.block_tables)).transpose()
+    }
+    /// Chunked policy: ``{block id: reference count}`` over blocks some request holds.
+    #[getter]
+    fn block_ref_count<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        self.chunked().map(|c| pairs(py, &c.block_ref_count)).transpose()
+    }
+    /// Chunked policy: the last step's prefill chunk block by block,
+    /// ``{request id: [block or 0]}``.
+    #[getter]
+    fn prefill_slot_mappings<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        self.chunked().map(|c| pairs(py, &c.prefill_slot_mappings)).transpose()
+    }
+
+    /// The record with the published spec's keys (the chunked policy's
+    /// add n_cached_blocks, n_prefix_hits, block_tables and block_ref_count).
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let (step, tkv, reserved, used) = self.numbers();
         let d = PyDict::new(py);
@@ -170,6 +215,12 @@ impl StepRecord {
         d.set_item("finished_requests", self.ids(py, Ids::Finished)?)?;
         d.set_item("n_reserved_blocks", reserved)?;
         d.set_item("n_used_blocks", used)?;
+        if let Some(c) = self.chunked() {
+            d.set_item("n_cached_blocks", c.n_cached_blocks)?;
+            d.set_item("n_prefix_hits", c.n_prefix_hits)?;
+            d.set_item("block_tables", pairs(py, &c.block_tables)?)?;
+            d.set_item("block_ref_count", pairs(py, &c.block_ref_count)?)?;
+        }
         Ok(d)
     }
 
@@ -196,16 +247,33 @@ impl StepRecord {
 
     fn __repr__(&self) -> String {
         let r = self.owned();
+        let chunked = r.chunked.as_deref().map_or(String::new(), |c| {
+            format!(", paused={:?}, n_cached_blocks={}, block_tables={:?}", c.paused, c.n_cached_blocks, c.block_tables)
+        });
         format!(
-            "StepRecord(step={}, tkv={}, waiting={:?}, running={:?}, request_outputs={:?}, finished_requests={:?}, n_reserved_blocks={}, n_used_blocks={})",
+            "StepRecord(step={}, tkv={}, waiting={:?}, running={:?}, request_outputs={:?}, finished_requests={:?}, n_reserved_blocks={}, n_used_blocks={}{chunked})",
             r.step, r.tkv, r.waiting, r.running, r.request_outputs, r.finished_requests, r.n_reserved_blocks, r.n_used_blocks
         )
     }
 }
 
+/// `[(key, value)]` as a dict.
+fn pairs<'py, K, V>(py: Python<'py>, v: &[(K, V)]) -> PyResult<Bound<'py, PyDict>>
+where
+    K: IntoPyObject<'py> + Clone,
+    V: IntoPyObject<'py> + Clone,
+{
+    let d = PyDict::new(py);
+    for (k, x) in v {
+        d.set_item(k.clone(), x.clone())?;
+    }
+    Ok(d)
+}
+
 /// A simulation's observations: ``trace[i]`` is the record of step ``i``
-/// (``len(trace)`` steps). Stretches of idle steps are stored once, so a
-/// far-future arrival costs no memory; records are made when read.
+/// (``len(trace)`` steps), with the run's counters and latency figures.
+/// Stretches of idle steps are stored once, so a far-future arrival costs
+/// no memory; records are made when read.
 #[pyclass(module = "spyre_cb._core", frozen, sequence)]
 pub struct Trace {
     shared: Arc<SharedTrace>,
@@ -241,6 +309,24 @@ impl Trace {
     #[getter]
     fn rejected<'py>(&self, py: Python<'py>) -> Bound<'py, PyDict> {
         self.rejected.bind(py).clone()
+    }
+
+    /// Event counters of the run (steps by kind, pauses, prefix-cache hits).
+    #[getter]
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        counters_dict(py, &self.shared.trace.counters)
+    }
+
+    /// Time to first token, inter-token latency (steps) and the longest pause.
+    #[getter]
+    fn latency<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        latency_dict(py, &self.shared.trace.latency.summary())
+    }
+
+    /// Largest batch x tkv of any decode step.
+    #[getter]
+    fn max_decode_volume(&self) -> u64 {
+        self.shared.trace.max_decode_volume
     }
 
     /// Records actually stored (an idle stretch counts once).
@@ -357,7 +443,8 @@ impl UpdateOutcome {
     }
 }
 
-/// Which admission condition kept the head of the waiting queue out.
+/// Why the next prefill (the head of the queue, or the next chunk) did not
+/// run: one vocabulary for both policies.
 #[pyclass(module = "spyre_cb._core", eq, eq_int, frozen, hash)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RejectionReason {
@@ -379,6 +466,12 @@ pub enum RejectionReason {
     /// 5: batch x tkv would exceed max_batch_tkv_limit at some future step.
     #[pyo3(name = "VOLUME_LIMIT")]
     VolumeLimit,
+    /// Chunked, interleaving: a decode step must run between two prefill chunks.
+    #[pyo3(name = "INTERLEAVE")]
+    Interleave,
+    /// Chunked, decode pausing: paused decodes resume before any prefill.
+    #[pyo3(name = "PAUSED_DECODES")]
+    PausedDecodes,
 }
 
 impl From<core::Rejection> for RejectionReason {
@@ -390,13 +483,15 @@ impl From<core::Rejection> for RejectionReason {
             core::Rejection::ShiftOverflowsRunning => Self::ShiftOverflowsRunning,
             core::Rejection::NotEnoughBlocks => Self::NotEnoughBlocks,
             core::Rejection::VolumeLimit => Self::VolumeLimit,
+            core::Rejection::Interleave => Self::Interleave,
+            core::Rejection::PausedDecodes => Self::PausedDecodes,
         }
     }
 }
 
 #[pymethods]
 impl RejectionReason {
-    /// The admission condition in words.
+    /// The reason in words.
     #[getter]
     fn description(&self) -> &'static str {
         match self {
@@ -406,6 +501,39 @@ impl RejectionReason {
             Self::ShiftOverflowsRunning => "the tkv shift would push a running request past max_model_len",
             Self::NotEnoughBlocks => "not enough unreserved KV blocks",
             Self::VolumeLimit => "batch x tkv would exceed max_batch_tkv_limit",
+            Self::Interleave => "a decode step had to run between two prefill chunks (interleaving)",
+            Self::PausedDecodes => "paused decodes resume before any prefill",
         }
     }
+}
+
+/// The summary dict of a latency tracker (steps).
+pub fn latency_dict<'py>(py: Python<'py>, s: &core::LatencySummary) -> PyResult<Bound<'py, PyDict>> {
+    let one = |x: &core::Summary| -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("n", x.n)?;
+        d.set_item("mean", x.mean)?;
+        d.set_item("p50", x.p50)?;
+        d.set_item("p99", x.p99)?;
+        d.set_item("max", x.max)?;
+        Ok(d)
+    };
+    let d = PyDict::new(py);
+    d.set_item("ttft_steps", one(&s.ttft)?)?;
+    d.set_item("itl_steps", one(&s.itl)?)?;
+    d.set_item("max_pause_steps", s.max_pause)?;
+    Ok(d)
+}
+
+/// A scheduler's or a run's counters as a dict.
+pub fn counters_dict<'py>(py: Python<'py>, c: &core::Counters) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("pause_events", c.pause_events)?;
+    d.set_item("resume_events", c.resume_events)?;
+    d.set_item("prefill_steps", c.prefill_steps)?;
+    d.set_item("decode_steps", c.decode_steps)?;
+    d.set_item("idle_steps", c.idle_steps)?;
+    d.set_item("prefix_cached_blocks", c.prefix_cached_blocks)?;
+    d.set_item("prefix_hit_requests", c.prefix_hit_requests)?;
+    Ok(d)
 }

@@ -5,40 +5,23 @@ use pyo3::types::{PyDict, PyTuple};
 
 use spyre_cb_core as core;
 
-use crate::chunked::{counters_dict, ChunkedStepRecord};
 use crate::config::SchedulerConfig;
 use crate::convert::{bool_list, request_id, uint, uint_list, U32};
 use crate::errors::{core_err, err, panic_message, Kind};
 use crate::plans;
-use crate::records::{RejectionReason, StepRecord, UpdateOutcome};
-
-/// The core scheduler of either policy.
-#[allow(clippy::large_enum_variant)] // one per scheduler, never moved in a hot loop
-pub enum Inner {
-    Continuous(core::Scheduler),
-    Chunked(core::ChunkedScheduler),
-}
-
-/// Calls the same method on whichever policy runs.
-macro_rules! each {
-    ($inner:expr, $s:ident => $e:expr) => {
-        match $inner {
-            Inner::Continuous($s) => $e,
-            Inner::Chunked($s) => $e,
-        }
-    };
-}
+use crate::records::{counters_dict, RejectionReason, StepRecord, UpdateOutcome};
 
 /// The scheduling core: waiting queue, running batch, KV block pool and tkv.
 ///
 /// ``Scheduler(config)`` or ``Scheduler(max_num_seqs, max_model_len,
 /// available_blocks=None, max_batch_tkv_limit=None, policy=..., ...)``. The
-/// config's policy picks the continuous (default) or chunked scheduler. One
+/// config's policy (continuous by default, or chunked) decides admission and
+/// plans; the protocol is the same. One
 /// thread at a time (an engine serializes its calls); a call from a second
 /// thread while one runs raises instead of racing.
 #[pyclass(module = "spyre_cb._core")]
 pub struct Scheduler {
-    inner: Inner,
+    inner: core::Scheduler,
     /// Set when a core call panicked: the state may be half-changed, so every
     /// later call refuses (the scheduler must be rebuilt).
     poisoned: Option<String>,
@@ -50,7 +33,7 @@ impl Scheduler {
         &mut self,
         py: Python<'_>,
         what: &str,
-        f: impl FnOnce(&mut Inner) -> Result<T, core::CoreError>,
+        f: impl FnOnce(&mut core::Scheduler) -> Result<T, core::CoreError>,
     ) -> PyResult<T> {
         self.check(py)?;
         let inner = &mut self.inner;
@@ -78,42 +61,32 @@ impl Scheduler {
     #[pyo3(signature = (*args, **kwargs))]
     fn new(py: Python<'_>, args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
         let cfg = SchedulerConfig::resolve(py, args, kwargs)?;
-        let inner = if cfg.policy.is_chunked() {
-            Inner::Chunked(core::ChunkedScheduler::new(cfg))
-        } else {
-            Inner::Continuous(core::Scheduler::new(cfg))
-        };
-        Ok(Self { inner, poisoned: None })
+        Ok(Self { inner: core::Scheduler::new(cfg), poisoned: None })
     }
 
     /// The resolved limits.
     #[getter]
     fn config(&self) -> SchedulerConfig {
-        SchedulerConfig { inner: each!(&self.inner, s => s.config().clone()) }
+        SchedulerConfig { inner: self.inner.config().clone() }
     }
 
     /// ``"continuous"`` or ``"chunked"``.
     #[getter]
     fn policy(&self) -> &'static str {
-        each!(&self.inner, s => s.config().policy.name())
+        self.inner.config().policy.name()
     }
 
-    /// Event counters (chunked policy; an empty dict for the continuous one).
+    /// Event counters since the scheduler was built (steps by kind, pauses,
+    /// prefix-cache hits).
     #[getter]
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        match &self.inner {
-            Inner::Chunked(s) => counters_dict(py, &s.counters()),
-            Inner::Continuous(_) => Ok(PyDict::new(py)),
-        }
+        counters_dict(py, &self.inner.counters())
     }
 
     /// Paused requests (chunked policy with decode pausing).
     #[getter]
     fn n_paused(&self) -> usize {
-        match &self.inner {
-            Inner::Chunked(s) => s.n_paused(),
-            Inner::Continuous(_) => 0,
-        }
+        self.inner.n_paused()
     }
 
     /// Queues a request with its prompt token ids. The core ends it on any
@@ -144,7 +117,7 @@ impl Scheduler {
             eos_token_ids: list(eos_token_ids, "eos_token_ids")?,
             min_tokens: crate::convert::opt_uint(min_tokens, "min_tokens", U32, c)?.unwrap_or(0) as u32,
         };
-        self.call(py, "add_request", |s| each!(s, s => s.add_request_with(&id, ids, mt, rule)))
+        self.call(py, "add_request", |s| s.add_request_with(&id, ids, mt, rule))
     }
 
     /// Queues a token-less request (for simulations: plans carry no input ids).
@@ -156,7 +129,7 @@ impl Scheduler {
         max_tokens: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         let (id, pl, mt) = len_request(request_id, prompt_len, max_tokens)?;
-        self.call(py, "add_request_len", |s| each!(s, s => s.add_request_tagged(&id, 0, pl, mt)))
+        self.call(py, "add_request_len", |s| s.add_request_tagged(&id, 0, pl, mt))
     }
 
     /// Checks a request against the limits without queuing it.
@@ -169,19 +142,19 @@ impl Scheduler {
     ) -> PyResult<()> {
         self.check(py)?;
         let (id, pl, mt) = len_request(request_id, prompt_len, max_tokens)?;
-        each!(&self.inner, s => s.validate(&id, pl, mt)).map_err(|e| core_err(py, e.into()))
+        self.inner.validate(&id, pl, mt).map_err(|e| core_err(py, e.into()))
     }
 
     /// Aborts a waiting or running request. During a step (after
     /// ``schedule()``) the abort is queued and applied when the step closes.
     fn abort(&mut self, py: Python<'_>, request_id: &Bound<'_, PyAny>) -> PyResult<()> {
         let id = crate::convert::request_id(request_id)?;
-        self.call(py, "abort", |s| each!(s, s => s.abort(&id)))
+        self.call(py, "abort", |s| s.abort(&id))
     }
 
     /// Starts a step; returns its plan (PrefillPlan, DecodePlan or IdlePlan).
     fn schedule(&mut self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let plan = self.call(py, "schedule", |s| each!(s, s => s.schedule()))?;
+        let plan = self.call(py, "schedule", |s| s.schedule())?;
         plans::to_python(py, plan)
     }
 
@@ -200,102 +173,94 @@ impl Scheduler {
             Some(s) if !s.is_none() => bool_list(s, "stopped")?,
             _ => Vec::new(),
         };
-        Ok(self.call(py, "update", |s| each!(s, s => s.update(&tokens, &stopped)))?.into())
+        Ok(self.call(py, "update", |s| s.update(&tokens, &stopped))?.into())
     }
 
     /// Closes the pending step without tokens: its requests are aborted
     /// (blocks back at the next step), everything else is untouched.
     fn cancel(&mut self, py: Python<'_>) -> PyResult<UpdateOutcome> {
-        Ok(self.call(py, "cancel", |s| each!(s, s => s.cancel()))?.into())
+        Ok(self.call(py, "cancel", |s| s.cancel())?.into())
     }
 
     /// True between ``schedule()`` and ``update()``/``cancel()``.
     #[getter]
     fn step_in_flight(&self) -> bool {
-        each!(&self.inner, s => s.step_in_flight())
+        self.inner.step_in_flight()
     }
 
-    /// The current observation: a StepRecord, or a ChunkedStepRecord under
-    /// the chunked policy.
-    fn snapshot(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+    /// The current observation (with the block-level fields under the
+    /// chunked policy). Observers that need a few counts read the
+    /// properties below instead.
+    fn snapshot(&self, py: Python<'_>) -> PyResult<StepRecord> {
         self.check(py)?;
-        Ok(match &self.inner {
-            Inner::Continuous(s) => Py::new(py, StepRecord::from(s.snapshot()))?.into_any(),
-            Inner::Chunked(s) => Py::new(py, ChunkedStepRecord::from(s.snapshot()))?.into_any(),
-        })
+        Ok(self.inner.snapshot().into())
     }
 
+    /// Requests waiting, running or paused.
     fn has_unfinished_requests(&self) -> bool {
-        each!(&self.inner, s => s.has_unfinished_requests())
+        self.inner.has_unfinished_requests()
     }
 
     /// Raises SchedulerStateError naming the first broken bookkeeping invariant.
     fn check_invariants(&self, py: Python<'_>) -> PyResult<()> {
         self.check(py)?;
-        each!(&self.inner, s => s.check_invariants()).map_err(|m| err(py, Kind::SchedulerState, m))
+        self.inner.check_invariants().map_err(|m| err(py, Kind::SchedulerState, m))
     }
 
     /// Blocks held by a running request (or one that finished in the last step).
     fn request_blocks(&self, request_id: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u32>>> {
         let id = crate::convert::request_id(request_id)?;
-        Ok(each!(&self.inner, s => s.request_blocks(&id)))
+        Ok(self.inner.request_blocks(&id))
     }
 
     /// Whether the id belongs to a waiting, running or just-finished request.
     fn contains(&self, request_id: &Bound<'_, PyAny>) -> PyResult<bool> {
         let id = crate::convert::request_id(request_id)?;
-        Ok(each!(&self.inner, s => s.contains(&id)))
+        Ok(self.inner.contains(&id))
     }
 
-    /// Why the head of the waiting queue was not admitted in the last step
-    /// (continuous policy).
+    /// Why the next prefill (the head of the queue, or the next chunk) did
+    /// not run in the last step.
     #[getter]
     fn last_rejection(&self) -> Option<RejectionReason> {
-        match &self.inner {
-            Inner::Continuous(s) => s.last_rejection().map(Into::into),
-            Inner::Chunked(_) => None,
-        }
+        self.inner.last_rejection().map(Into::into)
     }
 
-    /// Why the next prefill chunk did not run in the last step (chunked
-    /// policy): "batch_full", "blocks", "volume", "interleave" or "paused_decodes".
+    /// Nothing waiting, running or paused, and every KV block back in the pool.
     #[getter]
-    fn last_chunk_rejection(&self) -> Option<&'static str> {
-        match &self.inner {
-            Inner::Chunked(s) => s.last_rejection().map(|r| r.name()),
-            Inner::Continuous(_) => None,
-        }
+    fn is_drained(&self) -> bool {
+        self.inner.is_drained()
     }
     #[getter]
     fn step(&self) -> u64 {
-        each!(&self.inner, s => s.step())
+        self.inner.step()
     }
     #[getter]
     fn tkv(&self) -> u32 {
-        each!(&self.inner, s => s.tkv())
+        self.inner.tkv()
     }
     #[getter]
     fn n_waiting(&self) -> usize {
-        each!(&self.inner, s => s.n_waiting())
+        self.inner.n_waiting()
     }
     #[getter]
     fn n_running(&self) -> usize {
-        each!(&self.inner, s => s.n_running())
+        self.inner.n_running()
     }
     /// Blocks reserved by admitted requests (available_blocks - n_unreserved_blocks).
     #[getter]
     fn n_reserved_blocks(&self) -> u32 {
-        each!(&self.inner, s => s.n_reserved_blocks())
+        self.inner.n_reserved_blocks()
     }
     /// Blocks no admitted request has reserved (what admission may still give).
     #[getter]
     fn n_unreserved_blocks(&self) -> u32 {
-        each!(&self.inner, s => s.n_unreserved_blocks())
+        self.inner.n_unreserved_blocks()
     }
     /// Blocks allocated in the pool.
     #[getter]
     fn n_used_blocks(&self) -> u32 {
-        each!(&self.inner, s => s.n_used_blocks())
+        self.inner.n_used_blocks()
     }
 }
 

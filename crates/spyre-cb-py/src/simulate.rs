@@ -7,11 +7,10 @@ use pyo3::types::{PyDict, PyString, PyTuple};
 
 use spyre_cb_core as core;
 
-use crate::chunked::{counters_dict, latency_dict, ChunkedTrace};
 use crate::config::SchedulerConfig;
-use crate::convert::{opt_uint, uint, MAX_STEPS, U32};
+use crate::convert::{opt_uint, type_name, uint, uint_list, MAX_STEPS, U32};
 use crate::errors::{err, panic_message, Kind};
-use crate::records::{SharedTrace, Trace};
+use crate::records::{counters_dict, latency_dict, SharedTrace, Trace};
 
 /// Pops `steps` and `record_steps` out of the keyword arguments; the rest
 /// resolve the SchedulerConfig.
@@ -71,20 +70,10 @@ fn run_simulation<T: Send>(
     }
 }
 
-fn name(r: &core::ChunkedSimRequest, i: usize) -> String {
-    r.id.clone().unwrap_or_else(|| i.to_string())
-}
-
-fn continuous_requests(reqs: &[core::ChunkedSimRequest]) -> Vec<core::SimRequest> {
-    reqs.iter()
-        .map(|r| core::SimRequest { arrival: r.arrival, prompt_len: r.prompt_len, max_tokens: r.max_tokens })
-        .collect()
-}
-
 /// Model-free simulation: ``simulate(requests, config)`` or
 /// ``simulate(requests, max_num_seqs=..., max_model_len=..., ..., policy=..., steps=None)``.
-/// Returns a Trace (continuous policy) or a ChunkedTrace; requests refused at
-/// add time are in ``trace.rejected``.
+/// Returns a Trace (records with the block-level fields under the chunked
+/// policy); requests refused at add time are in ``trace.rejected``.
 #[pyfunction]
 #[pyo3(signature = (requests, *config, **kwargs))]
 pub fn simulate<'py>(
@@ -92,30 +81,22 @@ pub fn simulate<'py>(
     requests: &Bound<'py, PyAny>,
     config: &Bound<'py, PyTuple>,
     kwargs: Option<&Bound<'py, PyDict>>,
-) -> PyResult<Bound<'py, PyAny>> {
+) -> PyResult<Trace> {
     let (cfg, steps, _) = split_kwargs(py, config, kwargs)?;
-    let reqs = crate::chunked::requests(requests)?;
+    let reqs = sim_requests(requests)?;
+    let trace = run_simulation(py, "simulate", |hook| core::simulate_trace(cfg, &reqs, steps, hook))?;
     let rejected = PyDict::new(py);
-    if cfg.policy.is_chunked() {
-        let res = run_simulation(py, "simulate", |hook| core::simulate_chunked(cfg, &reqs, steps, true, hook))?;
-        for (i, e) in &res.rejected {
-            rejected.set_item(name(&reqs[*i], *i), e.to_string())?;
-        }
-        let t = ChunkedTrace { result: Arc::new(res), rejected: rejected.unbind() };
-        return Ok(Bound::new(py, t)?.into_any());
-    }
-    let plain = continuous_requests(&reqs);
-    let trace = run_simulation(py, "simulate", |hook| core::simulate_compact(cfg, &plain, steps, hook))?;
     for (i, e) in &trace.rejected {
-        rejected.set_item(name(&reqs[*i as usize], *i as usize), e.to_string())?;
+        rejected.set_item(&trace.names[*i as usize], e.to_string())?;
     }
-    let names = reqs.iter().enumerate().map(|(i, r)| PyString::new(py, &name(r, i)).unbind()).collect();
-    Ok(Bound::new(py, Trace::new(Arc::new(SharedTrace { trace, names }), rejected.unbind()))?.into_any())
+    let names = trace.names.iter().map(|n| PyString::new(py, n).unbind()).collect();
+    Ok(Trace::new(Arc::new(SharedTrace { trace, names }), rejected.unbind()))
 }
 
 /// Compact statistics of a simulation as a dict of columns: per row (a step,
 /// or a stretch of idle steps: see ``step`` and ``span``) and per request
-/// (admission and finish steps, -1 for rejected requests).
+/// (first prefill, first token and finish steps, -1 for rejected requests),
+/// latency, counters and the steps the next prefill waited, by reason.
 #[pyfunction]
 #[pyo3(signature = (requests, *config, **kwargs))]
 pub fn simulate_stats<'py>(
@@ -129,12 +110,8 @@ pub fn simulate_stats<'py>(
         Some(v) => v.is_truthy()?,
         None => true,
     };
-    let reqs = crate::chunked::requests(requests)?;
+    let reqs = sim_requests(requests)?;
     let resolved = SchedulerConfig { inner: cfg.clone() };
-    if cfg.policy.is_chunked() {
-        return chunked_stats(py, cfg, resolved, &reqs, steps, record_steps);
-    }
-    let reqs = continuous_requests(&reqs);
     let st = run_simulation(py, "simulate_stats", |hook| core::simulate_stats(cfg, &reqs, steps, record_steps, hook))?;
     let d = PyDict::new(py);
     d.set_item("config", resolved)?;
@@ -144,70 +121,111 @@ pub fn simulate_stats<'py>(
     d.set_item("kind", st.kind.into_iter().map(u32::from).collect::<Vec<u32>>())?;
     d.set_item("n_running", st.n_running)?;
     d.set_item("n_waiting", st.n_waiting)?;
+    d.set_item("n_paused", st.n_paused)?;
     d.set_item("n_reserved_blocks", st.n_reserved_blocks)?;
     d.set_item("n_used_blocks", st.n_used_blocks)?;
+    d.set_item("n_cached_blocks", st.n_cached_blocks)?;
     d.set_item("computed_slots", st.computed_slots)?;
     d.set_item("padding_slots", st.padding_slots)?;
-    let steps_of =
-        |v: Vec<u64>| -> Vec<i64> { v.into_iter().map(|s| if s == u64::MAX { -1 } else { s as i64 }).collect() };
-    d.set_item("admitted", steps_of(st.admitted.clone()))?;
-    d.set_item("first_token", steps_of(st.admitted))?;
-    d.set_item("finished", steps_of(st.finished))?;
+    let opt = |v: Option<u64>| v.map_or(-1, |s| s as i64);
+    let times = &st.latency.times;
+    d.set_item("admitted", times.iter().map(|t| opt(t.scheduled)).collect::<Vec<i64>>())?;
+    d.set_item("first_token", times.iter().map(|t| opt(t.first_token)).collect::<Vec<i64>>())?;
+    d.set_item("finished", times.iter().map(|t| opt(t.finished)).collect::<Vec<i64>>())?;
     d.set_item("latency", latency_dict(py, &st.latency.summary())?)?;
-    let rejected: Vec<(String, String)> = st.rejected.into_iter().map(|(id, e)| (id, e.to_string())).collect();
+    let rejected: Vec<(String, String)> =
+        st.rejected.iter().map(|(i, e)| (reqs[*i as usize].name(*i as usize), e.to_string())).collect();
     d.set_item("rejected", rejected)?;
     let waits = PyDict::new(py);
     for (why, count) in core::Rejection::ALL.iter().zip(st.waits) {
         waits.set_item(why.name(), count)?;
     }
     d.set_item("waits_by_reason", waits)?;
+    d.set_item("counters", counters_dict(py, &st.counters)?)?;
+    d.set_item("max_decode_volume", st.max_decode_volume)?;
     Ok(d)
 }
 
-/// `simulate_stats` of the chunked policy: the same row columns (plus
-/// ``n_paused``), per-request first-token and finish steps, latency and counters.
-fn chunked_stats<'py>(
-    py: Python<'py>,
-    cfg: core::SchedulerConfig,
-    resolved: SchedulerConfig,
-    reqs: &[core::ChunkedSimRequest],
-    steps: Option<u64>,
-    record_steps: bool,
-) -> PyResult<Bound<'py, PyDict>> {
-    let res =
-        run_simulation(py, "simulate_stats", |hook| core::simulate_chunked(cfg, reqs, steps, record_steps, hook))?;
-    let d = PyDict::new(py);
-    d.set_item("config", resolved)?;
-    let col = |f: &dyn Fn(&core::ChunkedRecord) -> u64| -> Vec<u64> { res.records.iter().map(|(r, _)| f(r)).collect() };
-    d.set_item("step", col(&|r| r.base.step))?;
-    d.set_item("span", res.records.iter().map(|(_, s)| *s).collect::<Vec<u64>>())?;
-    d.set_item("tkv", col(&|r| u64::from(r.base.tkv)))?;
-    d.set_item("kind", res.kinds.iter().map(|&k| u32::from(k)).collect::<Vec<u32>>())?;
-    d.set_item("n_running", col(&|r| r.base.running.len() as u64))?;
-    d.set_item("n_waiting", col(&|r| r.base.waiting.len() as u64))?;
-    d.set_item("n_paused", col(&|r| r.paused.len() as u64))?;
-    d.set_item("n_reserved_blocks", col(&|r| u64::from(r.base.n_reserved_blocks)))?;
-    d.set_item("n_used_blocks", col(&|r| u64::from(r.base.n_used_blocks)))?;
-    d.set_item("n_cached_blocks", col(&|r| u64::from(r.n_cached_blocks)))?;
-    d.set_item("computed_slots", res.computed_slots.clone())?;
-    d.set_item("padding_slots", res.padding_slots.clone())?;
-    let opt = |v: Option<u64>| v.map_or(-1, |s| s as i64);
-    let times = &res.latency.times;
-    d.set_item("admitted", times.iter().map(|t| opt(t.scheduled)).collect::<Vec<i64>>())?;
-    let waits = PyDict::new(py);
-    for (why, count) in core::ChunkRejection::ALL.iter().zip(res.waits) {
-        waits.set_item(why.name(), count)?;
+/// Requests of a simulation: ``(arrival_step, prompt_len, max_tokens)``
+/// tuples or dicts ``{"id", "arrival_step", "prompt_token_ids",
+/// "max_tokens", "output_token_ids" (optional)}``.
+fn sim_requests(requests: &Bound<'_, PyAny>) -> PyResult<Vec<core::SimRequest>> {
+    let py = requests.py();
+    let c = Kind::InvalidRequest;
+    let iter = requests.try_iter().map_err(|_| {
+        err(py, c, "requests must be an iterable of (arrival_step, prompt_len, max_tokens) tuples or request dicts")
+    })?;
+    let mut reqs = Vec::new();
+    for (i, item) in iter.enumerate() {
+        let item = item?;
+        if let Ok(d) = item.cast::<PyDict>() {
+            let known = ["id", "arrival_step", "prompt_token_ids", "max_tokens", "output_token_ids"];
+            for k in d.keys() {
+                let k: String = k.extract().unwrap_or_default();
+                if !known.contains(&k.as_str()) {
+                    return Err(err(
+                        py,
+                        c,
+                        format!("requests[{i}] has unknown key {k:?}; keys are {}", known.join(", ")),
+                    ));
+                }
+            }
+            let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
+                d.get_item(k)?.ok_or_else(|| err(py, c, format!("requests[{i}] needs {k:?}")))
+            };
+            let id = match d.get_item("id")? {
+                Some(v) if !v.is_none() => Some(
+                    v.cast::<PyString>()
+                        .map_err(|_| err(py, c, format!("requests[{i}] id must be a str")))?
+                        .to_str()?
+                        .to_owned(),
+                ),
+                _ => None,
+            };
+            let prompt = uint_list(&get("prompt_token_ids")?, &format!("requests[{i}] prompt_token_ids"), U32 - 1, c)?;
+            let outputs = match d.get_item("output_token_ids")? {
+                Some(v) if !v.is_none() => uint_list(&v, &format!("requests[{i}] output_token_ids"), U32 - 1, c)?,
+                _ => Vec::new(),
+            };
+            reqs.push(core::SimRequest {
+                id,
+                arrival: uint(&get("arrival_step")?, &format!("requests[{i}] arrival_step"), MAX_STEPS, c)?,
+                prompt_len: prompt.len() as u32,
+                prompt,
+                max_tokens: uint(&get("max_tokens")?, &format!("requests[{i}] max_tokens"), U32, c)? as u32,
+                outputs,
+            });
+            continue;
+        }
+        let seq: Vec<Bound<'_, PyAny>> = match item.cast::<PyTuple>() {
+            Ok(t) => t.iter().collect(),
+            Err(_) if item.is_instance_of::<PyString>() => Vec::new(),
+            Err(_) => item.extract().unwrap_or_default(),
+        };
+        if seq.len() != 3 {
+            let msg = format!(
+                "requests[{i}] must be (arrival_step, prompt_len, max_tokens) or a request dict, got {}",
+                type_name(&item)
+            );
+            return Err(err(py, c, msg));
+        }
+        reqs.push(core::SimRequest {
+            id: None,
+            arrival: uint(&seq[0], &format!("requests[{i}] arrival_step"), MAX_STEPS, c)?,
+            prompt_len: uint(&seq[1], &format!("requests[{i}] prompt_len"), U32, c)? as u32,
+            prompt: Vec::new(),
+            max_tokens: uint(&seq[2], &format!("requests[{i}] max_tokens"), U32, c)? as u32,
+            outputs: Vec::new(),
+        });
     }
-    d.set_item("waits_by_reason", waits)?;
-    d.set_item("first_token", times.iter().map(|t| opt(t.first_token)).collect::<Vec<i64>>())?;
-    d.set_item("finished", times.iter().map(|t| opt(t.finished)).collect::<Vec<i64>>())?;
-    let rejected: Vec<(String, String)> =
-        res.rejected.iter().map(|(i, e)| (name(&reqs[*i], *i), e.to_string())).collect();
-    d.set_item("rejected", rejected)?;
-    d.set_item("latency", latency_dict(py, &res.latency.summary())?)?;
-    d.set_item("counters", counters_dict(py, &res.counters)?)?;
-    d.set_item("max_decode_volume", res.max_decode_volume)?;
-    Ok(d)
+    let mut seen = std::collections::HashSet::new();
+    for (i, r) in reqs.iter().enumerate() {
+        let id = r.id.clone().unwrap_or_else(|| i.to_string());
+        if !seen.insert(id.clone()) {
+            return Err(err(py, c, format!("requests[{i}]: request id {id:?} is used twice")));
+        }
+    }
+    Ok(reqs)
 }
 
 fn lengths(median: f64, sigma: f64, range: Option<(u32, u32)>) -> core::workload::Lengths {
