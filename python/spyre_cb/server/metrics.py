@@ -38,12 +38,11 @@ class Metrics:
         self._last_token: dict[str, float] = {}
 
     def on_step(self, engine: Engine, outs: list[StepOutput]) -> None:
-        snap = engine.snapshot()
-        self.running.set(len(snap.running))
-        self.waiting.set(len(snap.waiting))
-        self.blocks_used.set(snap.n_used_blocks)
-        self.blocks_reserved.set(snap.n_reserved_blocks)
-        self.tkv.set(snap.tkv)
+        self.running.set(engine.n_running)  # the core's counters: no snapshot every step
+        self.waiting.set(engine.n_waiting)
+        self.blocks_used.set(engine.n_used_blocks)
+        self.blocks_reserved.set(engine.n_reserved_blocks)
+        self.tkv.set(engine.tkv)
         now = time.time()
         for o in outs:
             n = len(o.new_token_ids)
