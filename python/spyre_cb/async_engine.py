@@ -53,8 +53,7 @@ class AsyncEngine:
     def _has_work(self) -> bool:
         if self.engine.has_unfinished_requests():
             return True
-        snap = self.engine.snapshot()  # one more step frees finished requests' blocks
-        return bool(snap.tkv or snap.n_used_blocks)
+        return bool(self.engine.tkv or self.engine.n_used_blocks)  # one more step frees finished requests' blocks
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -96,7 +95,7 @@ class AsyncEngine:
 
     @property
     def n_waiting(self) -> int:
-        return int(self.engine.scheduler.n_waiting)
+        return self.engine.n_waiting
 
     def submit(
         self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None

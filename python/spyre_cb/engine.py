@@ -239,6 +239,29 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self._unreported_aborts)
 
+    # The core's counters, for observers polling every step (snapshot() builds every id list
+    # and, chunked, the block tables). Each is one call into the core, no lock: two reads may
+    # straddle an add or abort from another thread.
+    @property
+    def tkv(self) -> int:
+        return self.scheduler.tkv
+
+    @property
+    def n_waiting(self) -> int:
+        return self.scheduler.n_waiting
+
+    @property
+    def n_running(self) -> int:
+        return self.scheduler.n_running
+
+    @property
+    def n_used_blocks(self) -> int:
+        return self.scheduler.n_used_blocks
+
+    @property
+    def n_reserved_blocks(self) -> int:
+        return self.scheduler.n_reserved_blocks
+
     def snapshot(self) -> _core.StepRecord:
         """The current observation (same record type as ``simulate`` returns)."""
         with self._lock:
