@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Builds the tiny random-weight model offline, runs a staggered mixed-length "
         "workload through continuous batching and prints every step and the outputs.",
     )
-    EngineConfig.add_cli_args(d, defaults={"max_model_len": 256})
+    EngineConfig.add_cli_args(d)  # the API's defaults, as every engine command
     d.set_defaults(func=cmd_demo)
 
     g = sub.add_parser(
