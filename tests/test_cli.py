@@ -90,7 +90,14 @@ def test_generate(tiny_model):
 
 def test_demo_honours_the_limit_options(tmp_path):
     r = run(
-        "demo", "--available-blocks", "6", "--max-batch-tkv-limit", "300", env_extra={"SPYRE_CB_CACHE": str(tmp_path)}
+        "demo",
+        "--max-model-len",
+        "256",  # the default 512 needs 8 blocks per sequence
+        "--available-blocks",
+        "6",
+        "--max-batch-tkv-limit",
+        "300",
+        env_extra={"SPYRE_CB_CACHE": str(tmp_path)},
     )
     assert r.returncode == 0, r.stderr
     assert "blocks=6 max_batch_tkv_limit=300" in r.stdout

@@ -381,9 +381,10 @@ def test_numpy_ints_are_accepted_everywhere(tiny_model, hf_greedy):
     assert out[0].outputs[0].token_ids == hf_greedy(ids.tolist(), 4)
 
 
-def test_engine_without_model_and_release_of_a_list(tiny_model):
-    with pytest.raises(ConfigError, match="give the model"):
-        spyre_cb.Engine(None)
+def test_engine_with_a_bad_model_and_release_of_a_list(tiny_model):
+    # no model is the tiny one, as for LLM (tests/test_readme.py); a model that is not a path is refused
+    with pytest.raises(ConfigError, match="model must be a checkpoint directory path or 'tiny', got int"):
+        spyre_cb.Engine(7)
     eng = spyre_cb.Engine(tiny_model, max_num_seqs=2, max_model_len=128)
     with pytest.raises(UnknownRequestError):
         eng.release(["x"])

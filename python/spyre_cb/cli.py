@@ -46,13 +46,12 @@ def _table_row(rec: StepRecord, kind: str) -> str:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from spyre_cb.engine import Engine
-    from spyre_cb.models import tiny_model_path
     from spyre_cb.sampling import SamplingParams
 
     t0 = time.perf_counter()
     config = EngineConfig.from_cli(a)
     if config.model == "tiny":
-        config = config.replace(model=str(tiny_model_path()))
+        config = config.with_model_path()
         print(f"tiny random-weight Granite at {config.model} (built offline; its text is noise by design)")
     eng = Engine(config=config)
     c = config.scheduler
@@ -272,11 +271,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise UsageError(f"serving needs the server extras: pip install 'spyre_cb[serve]' ({e})") from None
     if a.model_pos is not None:
         a.model = a.model_pos
-    config = EngineConfig.from_cli(a)
-    if config.model == "tiny":
-        from spyre_cb.models import tiny_model_path
-
-        config = config.replace(model=str(tiny_model_path()))
+    config = EngineConfig.from_cli(a).with_model_path()
     name = a.served_model_name or (a.model if a.model == "tiny" else str(config.model))
     print(f"serving {name!r} on http://{a.host}:{a.port}/v1 (policy {config.policy})", flush=True)
     serve(
@@ -351,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Builds the tiny random-weight model offline, runs a staggered mixed-length "
         "workload through continuous batching and prints every step and the outputs.",
     )
-    EngineConfig.add_cli_args(d, defaults={"max_model_len": 256})
+    EngineConfig.add_cli_args(d)  # the API's defaults, as every engine command
     d.set_defaults(func=cmd_demo)
 
     g = sub.add_parser(

@@ -115,6 +115,19 @@ class EngineConfig:
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
+    def with_model_path(self) -> EngineConfig:
+        """This config with ``model="tiny"`` replaced by the offline tiny checkpoint's
+        directory (built once into ``$SPYRE_CB_CACHE``); any other model unchanged.
+
+        The one place the name ``"tiny"`` becomes a directory: ``Engine`` (and so
+        ``LLM``, the server and every CLI command) goes through it.
+        """
+        if self.model != "tiny":
+            return self
+        from spyre_cb.models import tiny_model_path
+
+        return self.replace(model=str(tiny_model_path()))
+
     @classmethod
     def from_kwargs(cls, config: EngineConfig | None = None, /, **kwargs: Any) -> EngineConfig:
         """``config`` with ``kwargs`` applied (unknown names are a ConfigError)."""

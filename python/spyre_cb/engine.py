@@ -100,25 +100,27 @@ class RequestState:
 class Engine:
     """Continuous batching over an FMS model, scheduled by the Rust core.
 
-    ``Engine(model, config=None, **options)``: the options are the fields of
-    :class:`~spyre_cb.config.EngineConfig` (``max_num_seqs``,
-    ``max_model_len``, ``available_blocks``, ``max_batch_tkv_limit``,
-    ``backend``, ``attention_ops``, ``dtype``, ``seed``).
+    ``Engine(model="tiny", config=None, **options)``, as ``LLM``: ``model`` is a
+    Hugging Face checkpoint directory, or ``"tiny"`` for the offline
+    random-weight test model (built once into ``$SPYRE_CB_CACHE`` or
+    ``~/.cache/spyre_cb``); without it, the config's model (default ``"tiny"``).
+    The options are the fields of :class:`~spyre_cb.config.EngineConfig`
+    (``max_num_seqs``, ``max_model_len``, ``available_blocks``,
+    ``max_batch_tkv_limit``, ``backend``, ``attention_ops``, ``dtype``, ``seed``).
     """
 
     def __init__(
         self, model: str | os.PathLike[str] | None = None, config: EngineConfig | None = None, **options: Any
     ) -> None:
-        if model is not None:
+        if model is not None:  # else the config's model, or the tiny one
             if not isinstance(model, (str, os.PathLike)):
-                raise ConfigError(f"model must be a checkpoint directory path, got {type(model).__name__}")
+                raise ConfigError(f"model must be a checkpoint directory path or 'tiny', got {type(model).__name__}")
             options["model"] = os.fspath(model)
-        elif config is None:
-            raise ConfigError("give the model: a checkpoint directory (or use LLM(model='tiny'))")
         # cheap checks first: limits, backend, model directory
-        self.config = cfg = EngineConfig.from_kwargs(config, **options)
+        cfg = EngineConfig.from_kwargs(config, **options)
+        check_backend(cfg.backend)  # before the tiny model is built or any file is read
+        self.config = cfg = cfg.with_model_path()
         self.scheduler = _core.Scheduler(cfg.scheduler)
-        check_backend(cfg.backend)  # before any file is read; the runner checks again for direct users
         ckpt = Checkpoint.open(cfg.model, allow_unverified=cfg.allow_unverified_architectures)
         ckpt.check_max_model_len(cfg.max_model_len)
         self.model_path = ckpt.path

@@ -30,14 +30,8 @@ class LLM:
     def __init__(
         self, model: str | os.PathLike[str] | None = None, config: EngineConfig | None = None, **options: Any
     ) -> None:
-        if model is not None:  # else the config's model, or the tiny one
-            options["model"] = os.fspath(model) if isinstance(model, os.PathLike) else model
-        cfg = EngineConfig.from_kwargs(config, **options)
-        if cfg.model == "tiny":
-            from spyre_cb.models import tiny_model_path
-
-            cfg = cfg.replace(model=str(tiny_model_path()))
-        self.engine = Engine(config=cfg)
+        # the engine resolves the model ("tiny", a directory, or the config's) and the options
+        self.engine = Engine(model, config, **options)
         self._ids = itertools.count()
 
     @property

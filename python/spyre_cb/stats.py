@@ -20,6 +20,21 @@ def describe_wait(reason: str) -> str:
     return str(getattr(RejectionReason, reason).description)
 
 
+def nearest_rank(values: np.ndarray, p: float) -> float:
+    """The ``p``-th percentile (0 < p <= 100) by nearest rank: the smallest observed
+    value with at least p% of the sample at or below it (0 for an empty sample).
+
+    The definition the core uses for the time-to-first-token and inter-token
+    percentiles, so every percentile of a summary is one of the observed step
+    counts and they compare like for like (no interpolated half steps).
+    """
+    if not values.size:
+        return 0.0
+    v = np.sort(values)
+    k = min(max(int(np.ceil(p / 100 * v.size)), 1), v.size)
+    return float(v[k - 1])
+
+
 @dataclass
 class SimulationStats:
     """Per-step columns and per-request admission/finish steps.
@@ -92,8 +107,8 @@ class SimulationStats:
             "max_reserved_blocks": int(self.n_reserved_blocks.max()) if len(self.n_reserved_blocks) else 0,
             "n_blocks": self.n_blocks,
             "queue_delay_mean": float(wait.mean()) if wait.size else 0.0,
-            "queue_delay_p50": float(np.percentile(wait, 50)) if wait.size else 0.0,
-            "queue_delay_p95": float(np.percentile(wait, 95)) if wait.size else 0.0,
+            "queue_delay_p50": nearest_rank(wait, 50),
+            "queue_delay_p95": nearest_rank(wait, 95),
             "queue_delay_max": int(wait.max()) if wait.size else 0,
             "latency_mean": float(latency.mean()) if latency.size else 0.0,
             "waits_by_reason": dict(self.waits_by_reason),
