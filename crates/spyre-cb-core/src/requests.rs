@@ -38,6 +38,9 @@ pub(crate) struct RequestTable {
     pub gone: Vec<Handle>,
     /// Aborts asked for while a step was in flight, applied when it closes.
     pub queued_aborts: Vec<Handle>,
+    /// Requests aborted between steps (gone at once), reported by the
+    /// outcome of the next step that closes.
+    pub unreported: Vec<Arc<str>>,
 }
 
 impl RequestTable {

@@ -46,8 +46,8 @@ pub struct UpdateOutcome {
     /// The stop token id of each of `finished` that ended on one of its stop
     /// ids (EOS, length and stop flags give `None`).
     pub stop_tokens: Vec<Option<u32>>,
-    /// Ids aborted when the step closed: by `cancel`, or by an abort that
-    /// arrived while the step was in flight.
+    /// Ids aborted: between steps since the last close (first), then by
+    /// `cancel`, or by an abort that arrived while the step was in flight.
     pub aborted: Vec<Arc<str>>,
 }
 
@@ -193,9 +193,11 @@ impl Scheduler {
     pub fn step_in_flight(&self) -> bool {
         self.pending
     }
-    /// Requests waiting, running or paused.
+    /// Requests waiting, running or paused, or aborted and not yet reported
+    /// (the next step's outcome reports them).
     pub fn has_unfinished_requests(&self) -> bool {
-        !self.core.reqs.waiting.is_empty() || !self.core.reqs.running.is_empty() || self.n_paused() > 0
+        let reqs = &self.core.reqs;
+        !reqs.waiting.is_empty() || !reqs.running.is_empty() || self.n_paused() > 0 || !reqs.unreported.is_empty()
     }
     /// Nothing queued, running or paused, and every block back in the pool.
     pub fn is_drained(&self) -> bool {
@@ -348,11 +350,12 @@ impl Scheduler {
 
     /// Aborts a waiting request (gone at once) or a running or paused one
     /// (leaves the batch now; its blocks return at once, or under the
-    /// continuous policy at the start of the next step).
+    /// continuous policy at the start of the next step). The outcome of the
+    /// next step that closes (`update` or `cancel`) reports it in `aborted`.
     ///
     /// While a step is in flight (between `schedule` and `update`) the abort
     /// is accepted and queued: it takes effect when that step closes, after
-    /// its token was recorded, and `update` reports the request as aborted.
+    /// its token was recorded, and that step's outcome reports it.
     pub fn abort(&mut self, request_id: &str) -> Result<(), CoreError> {
         let Some(h) = self.core.reqs.abortable(request_id) else {
             return Err(CoreError::UnknownRequest { request_id: request_id.to_owned() });
@@ -363,7 +366,9 @@ impl Scheduler {
             }
             return Ok(());
         }
+        let id = self.core.reqs.get(h).id.clone();
         self.abort_now(h);
+        self.core.reqs.unreported.push(id);
         Ok(())
     }
 
@@ -456,6 +461,7 @@ impl Scheduler {
         }
         check_token_count(self.core.reqs.outputs.len(), tokens, stopped)?;
         self.pending = false;
+        outcome.aborted.append(&mut self.core.reqs.unreported);
         let (rules, core) = self.split();
         rules.commit(core);
         for (i, &token) in tokens.iter().enumerate() {
@@ -484,14 +490,16 @@ impl Scheduler {
 
     /// Closes the pending step without tokens: every request of the plan is
     /// aborted and the others are untouched, so the scheduler is usable at
-    /// once. For a runner that failed mid-step. Returns the aborted ids
-    /// (plan order) in `outcome.aborted`.
+    /// once. For a runner that failed mid-step. Returns the aborted ids in
+    /// `outcome.aborted` (those aborted between steps first, then the plan's
+    /// in plan order).
     pub fn cancel(&mut self) -> Result<UpdateOutcome, CoreError> {
         let mut outcome = UpdateOutcome::default();
         if !self.pending {
             return Err(StateError::UpdateWithoutPlan.into());
         }
         self.pending = false;
+        outcome.aborted.append(&mut self.core.reqs.unreported);
         let (rules, core) = self.split();
         let victims = rules.victims(core);
         core.reqs.outputs.clear();

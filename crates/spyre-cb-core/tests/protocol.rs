@@ -140,3 +140,28 @@ fn the_core_decides_how_requests_end() {
         assert_eq!(ends["len2"], (FinishReason::Length, None));
     }
 }
+
+/// An abort between steps acts at once and is reported by the next step
+/// that closes, under both policies; until then the request counts as
+/// unfinished (its final word is still to be given).
+#[test]
+fn an_abort_between_steps_is_reported_by_the_next_close() {
+    use spyre_cb_core::{ChunkOptions, Policy};
+    let chunked = Policy::Chunked(ChunkOptions::default());
+    for policy in [Policy::Continuous, chunked] {
+        let cfg = SchedulerConfig::with_policy(2, 256, None, None, policy).unwrap();
+        let mut s = Scheduler::new(cfg);
+        s.add_request("a", vec![1; 10], 5).unwrap();
+        s.add_request("b", vec![2; 10], 5).unwrap();
+        let plan = s.schedule().unwrap();
+        s.update(&vec![3; plan.n_sequences()], &[]).unwrap();
+        s.abort("b").unwrap(); // waiting
+        s.abort("a").unwrap(); // running
+        assert!(s.has_unfinished_requests(), "{policy:?}: not reported yet");
+        assert!(matches!(s.schedule().unwrap(), StepPlan::Idle));
+        let out = s.update(&[], &[]).unwrap();
+        assert_eq!(out.aborted.iter().map(|x| &**x).collect::<Vec<_>>(), ["b", "a"], "{policy:?}");
+        assert!(!s.has_unfinished_requests() && s.is_drained(), "{policy:?}");
+        s.check_invariants().unwrap();
+    }
+}
