@@ -96,13 +96,13 @@ def test_top_p_and_top_k_restrict_the_choice(llm):
     for seed in range(40):
         p = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.5, seed=seed)
         s.start("x", p, 0)
-        picks.add(s.sample(logits, [RequestState("x", [1], p)], frozenset()).tokens[0])
+        picks.add(s.sample(logits, [RequestState("x", [1], p)]).tokens[0])
     assert picks == {0}  # token 0 alone holds > 50% of the mass
     picks = set()
     for seed in range(60):
         p = SamplingParams(max_tokens=1, temperature=5.0, top_k=2, seed=seed)
         s.start("x", p, 0)
-        picks.add(s.sample(logits, [RequestState("x", [1], p)], frozenset()).tokens[0])
+        picks.add(s.sample(logits, [RequestState("x", [1], p)]).tokens[0])
     assert picks == {0, 1}
 
 

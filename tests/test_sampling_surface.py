@@ -99,7 +99,7 @@ def test_min_p_keeps_only_likely_tokens():
     for seed in range(80):
         p = SamplingParams(temperature=1.0, min_p=0.5, seed=seed)
         s.start("x", p, 0)
-        picks.add(s.sample(logits, [RequestState("x", [1], p)], frozenset()).tokens[0])
+        picks.add(s.sample(logits, [RequestState("x", [1], p)]).tokens[0])
     assert picks == {0, 1}  # p(2)/p(0) = e^-2 < 0.5
 
 
@@ -110,7 +110,7 @@ def test_rows_with_nan_or_infinite_logits_fail_alone():
     logits = torch.tensor([[0.0, 2.0], [float("nan"), 1.0], [1.0, 0.0], [float("inf"), 0.0]])
     p = SamplingParams(temperature=0.0)
     rows = [RequestState(str(i), [1], p) for i in range(4)]
-    out = Sampler().sample(logits, rows, frozenset())
+    out = Sampler().sample(logits, rows)
     assert out.tokens == [1, 0, 0, 0]
     assert set(out.errors) == {1, 3} and "NaN or infinite logits" in out.errors[1]
 

@@ -29,72 +29,18 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from spyre_cb import _core
 from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
-from spyre_cb.detokenizer import IncrementalDetokenizer
 from spyre_cb.errors import ConfigError, InvalidRequestError, SchedulerStateError, UnknownRequestError
 from spyre_cb.executor import make_executor
-from spyre_cb.outputs import PositionLogprobs, RequestMetrics
-from spyre_cb.plan import ChunkPlan, IdlePlan, PrefillPlan, StepPlan
+from spyre_cb.output_processor import OutputProcessor, RequestState, StepOutput
+from spyre_cb.outputs import PositionLogprobs
+from spyre_cb.plan import ChunkPlan, DecodePlan, IdlePlan, StepPlan
 from spyre_cb.runner import ModelRunner, check_backend
-from spyre_cb.sampling import SampledBatch, Sampler, SamplingParams, top_logprobs
-
-
-@dataclass
-class StepOutput:
-    """What one step produced for one request."""
-
-    request_id: str
-    new_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None = None  #: "length", "stop" or "abort" once finished
-    stop_reason: int | str | None = None  #: the stop token id or string, if any
-    logprobs: list[PositionLogprobs] | None = None
-    error: str | None = None  #: why an aborted request was aborted by the engine
-    #: the text these tokens add, with ``Engine.stream_text`` (never part of a stop
-    #: string; on the final output, whatever was held back)
-    text: str | None = None
-
-
-@dataclass
-class RequestState:
-    """Everything the engine knows about one request (prompt, output so far)."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    prompt: str | None = None
-    output_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[PositionLogprobs] | None = None
-    cumulative_logprob: float | None = None
-    prompt_logprobs: list[PositionLogprobs | None] | None = None
-    text: str = ""
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    error: str | None = None
-    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
-    #: made on first use, for requests with stop strings or streamed text
-    detokenizer: IncrementalDetokenizer | None = field(default=None, repr=False)
-    #: output tokens the detokenizer has seen, and characters of text streamed so far
-    n_detokenized: int = field(default=0, repr=False)
-    n_streamed_chars: int = field(default=0, repr=False)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def output_text(self, tokenizer: Any) -> str:
-        """Generated text (cut before a matched stop string)."""
-        if self.stop_reason is not None and isinstance(self.stop_reason, str):
-            return self.text
-        if tokenizer is None:
-            return ""
-        text: str = tokenizer.decode(self.output_token_ids, skip_special_tokens=self.params.skip_special_tokens)
-        return text
+from spyre_cb.sampling import SampledBatch, Sampler, SamplingParams
 
 
 class Engine:
@@ -131,6 +77,7 @@ class Engine:
         self.executor = make_executor(ckpt, cfg)
         self.runner: ModelRunner = self.executor.runner  # rank 0's runner
         self.sampler = Sampler()
+        self.processor = OutputProcessor(self.tokenizer)
         self._n_added = 0
         self.requests: dict[str, RequestState] = {}
         #: kind of the last step: "prefill", "decode", "idle" (None before any step)
@@ -138,11 +85,19 @@ class Engine:
         # guards the scheduler and the request table; never held during a forward
         self._lock = threading.RLock()
         self._stepping = False
-        # aborted between steps: their final outputs come with the next step
-        self._unreported_aborts: list[str] = []
-        #: give every StepOutput its text delta (incremental detokenization;
-        #: off by default: LLM decodes once at the end)
-        self.stream_text = False
+        # requests of a step that failed: their final outputs come with the next step
+        # (aborts asked for by callers are queued and reported by the core)
+        self._failed: list[str] = []
+
+    @property
+    def stream_text(self) -> bool:
+        """Give every StepOutput its text delta (incremental detokenization; off
+        by default: LLM decodes once at the end)."""
+        return self.processor.stream_text
+
+    @stream_text.setter
+    def stream_text(self, on: bool) -> None:
+        self.processor.stream_text = on
 
     def shutdown(self) -> None:
         """Stops tensor-parallel workers (nothing to do for a single process); idempotent."""
@@ -202,44 +157,47 @@ class Engine:
                     f"prompt of {len(ids)} tokens leaves no room to generate within max_model_len "
                     f"{self.config.max_model_len}"
                 )
-        state = RequestState(request_id, ids, params, prompt=prompt)
+        state = RequestState(request_id, ids, params, prompt=prompt, stop_rule=params.stop_rule(self.eos_token_ids))
         if params.logprobs is not None:
             state.logprobs = []
             state.cumulative_logprob = 0.0
         with self._lock:
-            # the core refuses an id still in use (and leaves everything untouched)
-            # the core ends the request on its stop ids and EOS (after min_tokens) and at max_tokens
-            self.scheduler.add_request(
-                request_id,
-                ids,
-                max_tokens,
-                stop_token_ids=list(params.stop_token_ids or ()),
-                eos_token_ids=[] if params.ignore_eos else sorted(self.eos_token_ids),
-                min_tokens=params.min_tokens,
-            )
+            # everything that may fail before the core queues the request: the core's checks
+            # (an id still in use, the limits), then this request's random generator
+            self.scheduler.validate(request_id, len(ids), max_tokens)
+            self.sampler.start(request_id, params, self.config.seed + self._n_added)
+            rule = state.stop_rule
             try:
-                self.sampler.start(request_id, params, self.config.seed + self._n_added)
-                self.requests[request_id] = state
+                # the core ends the request on its stop ids and EOS (after min_tokens) and at max_tokens
+                self.scheduler.add_request(
+                    request_id,
+                    ids,
+                    max_tokens,
+                    stop_token_ids=list(rule.stop_token_ids),
+                    eos_token_ids=list(rule.eos_token_ids),
+                    min_tokens=rule.min_tokens,
+                )
             except BaseException:
-                self.scheduler.abort(request_id)  # waiting: gone at once, or queued during a step
-                self.requests.pop(request_id, None)
+                self.sampler.forget(request_id)
                 raise
+            self.requests[request_id] = state
             self._n_added += 1
 
     def abort_request(self, request_id: str) -> None:
-        """Aborts a waiting or running request, from any thread; its blocks return at the next step."""
+        """Aborts a waiting or running request, from any thread. The core applies
+        it (at once, or when the step in flight closes) and reports it with the
+        next step, which yields the request's final output."""
         with self._lock:
             state = self.requests.get(request_id) if isinstance(request_id, str) else None
             if state is None or state.finished:
                 raise UnknownRequestError(f"no unfinished request with id {request_id!r}")
             self.scheduler.abort(request_id)
             if not self.scheduler.step_in_flight:
-                self._end(state, "abort")
-                self._unreported_aborts.append(request_id)
-            # else: the step in flight reports it when it closes
+                self._end(state, "abort")  # applied now; the final output comes with the next step
+            # else: the step in flight applies it when it closes (unless the request finishes in it)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self._unreported_aborts)
+        return self.scheduler.has_unfinished_requests() or bool(self._failed)
 
     # The core's counters, for observers polling every step (snapshot() builds every id list
     # and, chunked, the block tables). Each is one call into the core, no lock: two reads may
@@ -286,7 +244,8 @@ class Engine:
     # ----- stepping ----------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        """Runs one step (a prefill or a decode of the batch) and returns its outputs."""
+        """Runs one step: schedule (the core's plan), execute (the forward), sample,
+        commit (the core's update); returns what it produced for each request."""
         with self._lock:
             if self._stepping:
                 raise SchedulerStateError("step() is already running in another thread")
@@ -296,29 +255,107 @@ class Engine:
             except BaseException:
                 self._stepping = False
                 raise
-            # requests that ended between steps: their final outputs come first
-            ended, self._unreported_aborts = self._unreported_aborts, []
+            # requests of the last failed step: their final outputs come first
+            failed, self._failed = self._failed, []
         try:
             self.last_plan_kind = plan.kind
-            outs = self._run(plan)
+            logits, states = self._execute(plan)
+            sampled = self._sample(logits, states)
+            outs = self._commit(states, sampled)
         except BaseException as e:
             with self._lock:
-                self._unreported_aborts[:0] = ended  # delivered by the next step instead
+                self._failed[:0] = failed  # delivered by the next step instead
             self._fail_step(plan, e)
             raise
         finally:
             self._stepping = False
-        return [self._abort_output(self.requests[r]) for r in ended if r in self.requests] + outs
+        return [self.processor.final_abort(self.requests[r]) for r in failed if r in self.requests] + outs
+
+    def _execute(self, plan: StepPlan) -> tuple[Any, list[RequestState]]:
+        """The plan's forward: the logits of the sequences that sample, and their requests.
+        A prefill or chunk also records its prompt logprobs when the request asks for them."""
+        if isinstance(plan, IdlePlan):
+            return None, []
+        if isinstance(plan, DecodePlan):
+            return self.executor.execute(plan), [self.requests[r] for r in plan.request_ids]
+        # a prefill is one chunk: the whole prompt, the last one
+        start, last = (plan.start, plan.is_last) if isinstance(plan, ChunkPlan) else (0, True)
+        state = self.requests[plan.request_id]
+        if state.metrics.first_scheduled_time is None:
+            state.metrics.first_scheduled_time = time.time()
+        if state.params.prompt_logprobs is not None:
+            rows = self.executor.execute(plan, all_positions=True)  # one per computed prompt token
+            so_far: list[PositionLogprobs | None] = [None] if start == 0 else (state.prompt_logprobs or [])
+            given = rows[:-1] if last else rows  # the last prompt token's row samples the first token
+            state.prompt_logprobs = so_far + self.processor.prompt_logprobs(state, given, start + 1)
+            logits = rows[-1][None]
+        else:
+            logits = self.executor.execute(plan)
+        return (logits, [state]) if last else (None, [])
+
+    def _sample(self, logits: Any, states: list[RequestState]) -> SampledBatch:
+        """One token per sequence; stop strings are checked here, before the commit."""
+        if not states:
+            return SampledBatch([], [], {})
+        sampled = self.sampler.sample(logits, states)
+        with self._lock:
+            sampled.stopped = [
+                i in sampled.errors or self.processor.stop_string(s, t)
+                for i, (s, t) in enumerate(zip(states, sampled.tokens))
+            ]
+        return sampled
+
+    def _commit(self, states: list[RequestState], sampled: SampledBatch) -> list[StepOutput]:
+        """Closes the step in the core (the last thing that can fail), then records
+        what it produced; the core decides which requests ended and why."""
+        with self._lock:
+            outcome = self.scheduler.update(sampled.tokens, sampled.stopped)
+            finished = {
+                rid: (why, tok) for rid, why, tok in zip(outcome.finished, outcome.finish_reasons, outcome.stop_reasons)
+            }
+            aborted = set(outcome.aborted)
+            mine = {s.request_id for s in states}
+            now = time.time()
+            # aborted between steps, or while waiting during this one: their final outputs first
+            outs = [self._aborted(rid) for rid in outcome.aborted if rid not in mine]
+            for i, (s, token, lp) in enumerate(zip(states, sampled.tokens, sampled.logprobs)):
+                if s.request_id in aborted:  # during this step, after its token was computed
+                    outs.append(self._aborted(s.request_id))
+                elif i in sampled.errors:
+                    self._end(s, "abort", error=sampled.errors[i])
+                    outs.append(self.processor.final_abort(s))
+                else:
+                    out = self.processor.emit(s, token, lp, finished.get(s.request_id), now)
+                    if out.finished:
+                        self.sampler.forget(s.request_id)
+                    outs.append(out)
+            return [o for o in outs if o is not None]
+
+    def _aborted(self, request_id: str) -> StepOutput | None:
+        """The final output of a request the core reported aborted (None once released)."""
+        s = self.requests.get(request_id)
+        if s is None:
+            return None  # released by its caller since: nobody waits for its output
+        self._end(s, "abort")
+        return self.processor.final_abort(s)
 
     def _fail_step(self, plan: StepPlan, e: BaseException) -> None:
         """Ends the step's requests as aborted, whether it failed before its commit
         (the core cancels the step) or after it (the core aborts them)."""
         reason = f"the step failed: {type(e).__name__}: {e}"
+        in_plan = set(plan.request_ids) | {getattr(plan, "request_id", "")}
         with self._lock:
             if self.scheduler.step_in_flight:
-                ended = self.scheduler.cancel().aborted
+                # the core cancels the step: every id it reports is ended here, its
+                # final output delivered by the next step
+                undelivered = [r for r in self.scheduler.cancel().aborted if r in self.requests]
+                ended = undelivered
             else:
-                ended = []
+                # after the commit, its outcome lost: the core aborts the step's unfinished
+                # requests and reports them with the next step; one that already ended in the
+                # core, and every abort the lost outcome reported, is delivered here
+                ended = [r for r in self.scheduler.last_aborted if r not in in_plan and r in self.requests]
+                undelivered = list(ended)
                 for rid in plan.request_ids:
                     state = self.requests.get(rid)
                     if state is None or state.finished:
@@ -326,161 +363,16 @@ class Engine:
                     try:
                         self.scheduler.abort(rid)
                     except UnknownRequestError:
-                        pass  # it finished in the core with this step: its blocks return anyway
+                        undelivered.append(rid)  # it finished in the core with this step
                     ended.append(rid)
             for rid in ended:
-                self._end(self.requests[rid], "abort", error=reason)
-            # their final outputs (finish_reason "abort", the error) come with the next step
-            self._unreported_aborts.extend(ended)
-
-    def _run(self, plan: StepPlan) -> list[StepOutput]:
-        """Executes the plan; ``update`` (the commit) is the last thing that can fail."""
-        if isinstance(plan, IdlePlan):
-            with self._lock:
-                return self._close([], SampledBatch([], [], {}), [])
-        if isinstance(plan, ChunkPlan):
-            return self._run_chunk(plan)
-        states = [self.requests[r] for r in plan.request_ids]
-        if isinstance(plan, PrefillPlan) and states[0].metrics.first_scheduled_time is None:
-            states[0].metrics.first_scheduled_time = time.time()
-        if isinstance(plan, PrefillPlan) and states[0].params.prompt_logprobs is not None:
-            every = self.executor.execute(plan, all_positions=True)  # [prompt_len, vocab]
-            logits = every[-1][None]
-            states[0].prompt_logprobs = self._prompt_logprobs(states[0], every[:-1])
-        else:
-            logits = self.executor.execute(plan)
-        sampled = self.sampler.sample(logits, states, self.eos_token_ids)
-        with self._lock:
-            stopped = [
-                i in sampled.errors or self._stop_string(s, t) for i, (s, t) in enumerate(zip(states, sampled.tokens))
-            ]
-            return self._close(states, sampled, stopped)
-
-    def _run_chunk(self, plan: ChunkPlan) -> list[StepOutput]:
-        """One prefill chunk; only the last one samples (the request's first token)."""
-        state = self.requests[plan.request_id]
-        if state.metrics.first_scheduled_time is None:
-            state.metrics.first_scheduled_time = time.time()
-        if state.params.prompt_logprobs is not None:
-            real = self.executor.execute(plan, all_positions=True)  # [end - start, vocab]
-            so_far: list[PositionLogprobs | None] = [None] if plan.start == 0 else (state.prompt_logprobs or [])
-            rows = real[:-1] if plan.is_last else real  # the last row samples the first token
-            state.prompt_logprobs = so_far + self._prompt_logprobs_from(state, rows, plan.start + 1)
-            logits = real[-1][None]
-        else:
-            logits = self.executor.execute(plan)
-        if not plan.is_last:
-            with self._lock:
-                return self._close([], SampledBatch([], [], {}), [])
-        states = [state]
-        sampled = self.sampler.sample(logits, states, self.eos_token_ids)
-        with self._lock:
-            stopped = [0 in sampled.errors or self._stop_string(state, sampled.tokens[0])]
-            return self._close(states, sampled, stopped)
-
-    def _close(self, states: list[RequestState], sampled: SampledBatch, stopped: list[bool]) -> list[StepOutput]:
-        """Commits the step in the core, then records what it produced (nothing here can fail midway)."""
-        outcome = self.scheduler.update(sampled.tokens, stopped)
-        # how each finished request ended is the core's decision
-        finished = {
-            rid: (why, tok) for rid, why, tok in zip(outcome.finished, outcome.finish_reasons, outcome.stop_reasons)
-        }
-        aborted = set(outcome.aborted)
-        errors = sampled.errors
-        now = time.time()
-        outs = []
-        for i, (s, token, lp) in enumerate(zip(states, sampled.tokens, sampled.logprobs)):
-            if s.request_id in aborted:
-                outs.append(self._abort_output(s, "abort"))
-                continue
-            if i in errors:
-                self._end(s, "abort", error=errors[i])
-                outs.append(self._abort_output(s))
-                continue
-            s.output_token_ids.append(token)
-            m = s.metrics
-            if m.first_token_time is None:
-                m.first_token_time = now
-            m.last_token_time = now
-            m.n_tokens += 1
-            if s.logprobs is not None and lp is not None:
-                self._decode_tokens(lp)
-                s.logprobs.append(lp)
-                s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lp[token].logprob
-            done = s.request_id in finished
-            if done:
-                why, stop_token = finished[s.request_id]
-                if stop_token is not None:
-                    s.stop_reason = stop_token
-                self._end(s, why)
-            out = StepOutput(s.request_id, [token], done, s.finish_reason, s.stop_reason, None if lp is None else [lp])
-            if self.stream_text and self.tokenizer is not None:
-                out.text = self._text_delta(s, done)
-            outs.append(out)
-        for rid in outcome.aborted:  # aborted while waiting, during this step
-            s = self.requests[rid]
-            if not s.finished:
-                outs.append(self._abort_output(s, "abort"))
-        return outs
-
-    def _text_delta(self, s: RequestState, done: bool) -> str:
-        """The text the request's newest tokens add (incremental: O(1) per token).
-        While a stop string could still be completing, its possible start is held back."""
-        if s.detokenizer is None:
-            s.detokenizer = IncrementalDetokenizer(self.tokenizer, s.params.skip_special_tokens)
-        for t in s.output_token_ids[s.n_detokenized :]:
-            s.detokenizer.push(t)
-        s.n_detokenized = len(s.output_token_ids)
-        stops = s.params.stop_strings
-        if not stops:
-            # the stream holds back an unfinished character; the final text is the
-            # whole decode (as LLM.generate returns it), of which it is a prefix
-            s.text = s.output_text(self.tokenizer) if done else s.detokenizer.text
-        text = s.text  # cut before a matched stop string (or through it, when asked)
-        visible = len(text)
-        if stops and not done:
-            # hold back a suffix that may be the start of a stop string
-            for stop in stops:
-                for k in range(min(len(stop) - 1, len(text)), 0, -1):
-                    if text.endswith(stop[:k]):
-                        visible = min(visible, len(text) - k)
-                        break
-        delta = text[s.n_streamed_chars : visible]
-        s.n_streamed_chars = max(s.n_streamed_chars, visible)
-        return delta
-
-    def _decode_tokens(self, lp: PositionLogprobs) -> None:
-        if self.tokenizer is not None:
-            for t, entry in lp.items():
-                entry.decoded_token = self.tokenizer.decode([t])
-
-    def _prompt_logprobs(self, s: RequestState, logits: Any) -> list[PositionLogprobs | None]:
-        """Logprobs of prompt tokens 1.. given the tokens before them (the first has none)."""
-        return [None] + self._prompt_logprobs_from(s, logits, 1)
-
-    def _prompt_logprobs_from(self, s: RequestState, logits: Any, first: int) -> list[PositionLogprobs | None]:
-        """Logprobs of prompt tokens ``first..`` from the logits of the positions before them."""
-        import torch
-
-        k = s.params.prompt_logprobs or 0
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        out: list[PositionLogprobs | None] = []
-        for d in top_logprobs(logp, k, s.prompt_token_ids[first : first + logits.shape[0]]):
-            self._decode_tokens(d)
-            out.append(d)
-        return out
+                # the step's own requests end with its error; others the cancel reported were aborted by callers
+                self._end(self.requests[rid], "abort", error=reason if rid in in_plan else None)
+            self._failed.extend(undelivered)
 
     def _end(self, s: RequestState, reason: str, error: str | None = None) -> None:
-        if s.finish_reason is None:
-            s.finish_reason = reason
-            s.error = error
-            s.metrics.finished_time = time.time()
+        self.processor.end(s, reason, error)
         self.sampler.forget(s.request_id)
-
-    def _abort_output(self, s: RequestState, end: str | None = None) -> StepOutput:
-        if end is not None:
-            self._end(s, end)
-        return StepOutput(s.request_id, [], True, "abort", None, None, s.error)
 
     def steps(self, release: bool = True) -> Iterator[list[StepOutput]]:
         """Streams step outputs until no request is left. With ``release`` (the
@@ -493,26 +385,6 @@ class Engine:
                 for o in outs:
                     if o.finished and o.request_id in self.requests:
                         self.release(o.request_id)
-
-    def _stop_string(self, s: RequestState, token: int) -> bool:
-        """Whether the text now contains one of the request's stop strings (decided
-        before the commit; stop ids, EOS and max_tokens are the core's to check)."""
-        p = s.params
-        if p.stop_strings and self.tokenizer is not None:
-            if s.detokenizer is None:
-                s.detokenizer = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens)
-            before = len(s.detokenizer.text)
-            s.detokenizer.push(token)  # O(1) per token, not a decode of the whole output
-            s.n_detokenized += 1
-            text = s.detokenizer.text
-            for stop in p.stop_strings:
-                at = text.find(stop, max(0, before - len(stop) + 1))
-                if at >= 0:
-                    s.text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
-                    s.stop_reason = stop
-                    return True
-            s.text = text
-        return False
 
 
 def _token_list(ids: Sequence[int], vocab_size: int) -> list[int]:

@@ -157,5 +157,33 @@ class SamplingParams:
     def penalized(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
+    def stop_rule(self, eos_token_ids: frozenset[int] | set[int]) -> StopRule:
+        """The token ids that end a request with these parameters on a model with these EOS ids."""
+        return StopRule(
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            eos_token_ids=() if self.ignore_eos else tuple(sorted(eos_token_ids)),
+            min_tokens=self.min_tokens,
+        )
 
-__all__ = ["SamplingParams", "LogitsProcessor", "MIN_TEMPERATURE"]
+
+@dataclass(frozen=True)
+class StopRule:
+    """The token ids that end a request: given once to the core (which ends the
+    request on them) and read by the sampler (which holds them back until the
+    request has ``min_tokens`` tokens)."""
+
+    stop_token_ids: tuple[int, ...] = ()
+    #: the model's end-of-sequence ids (empty with ``ignore_eos``)
+    eos_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+
+    @property
+    def ids(self) -> frozenset[int]:
+        return frozenset(self.stop_token_ids) | frozenset(self.eos_token_ids)
+
+    def held_back(self, n_generated: int) -> list[int]:
+        """The ids the sampler must not pick as token number ``n_generated + 1``."""
+        return sorted(self.ids) if n_generated < self.min_tokens else []
+
+
+__all__ = ["SamplingParams", "StopRule", "LogitsProcessor", "MIN_TEMPERATURE"]

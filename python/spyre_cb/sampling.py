@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from spyre_cb.outputs import Logprob, PositionLogprobs
-from spyre_cb.params import MIN_TEMPERATURE, LogitsProcessor, SamplingParams
+from spyre_cb.params import MIN_TEMPERATURE, LogitsProcessor, SamplingParams, StopRule
 
 
 class SamplingRow(Protocol):
@@ -27,6 +27,7 @@ class SamplingRow(Protocol):
 
     request_id: str
     params: SamplingParams
+    stop_rule: StopRule
     prompt_token_ids: list[int]
     output_token_ids: list[int]
 
@@ -40,6 +41,9 @@ class SampledBatch:
     tokens: list[int]
     logprobs: list[PositionLogprobs | None]
     errors: dict[int, str]
+    #: per row, whether its request stops here on something only text shows (a stop
+    #: string; a failed row too), set before the commit
+    stopped: list[bool] = field(default_factory=list)
 
 
 def top_logprobs(logp: torch.Tensor, k: int, chosen: Sequence[int | None]) -> list[PositionLogprobs]:
@@ -75,13 +79,17 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow], stop_ids: frozenset[int]) -> SampledBatch:
-        """``stop_ids``: the model's EOS ids (held back by ``min_tokens``)."""
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampledBatch:
+        """One token per row; a row's stop rule (the one the core applies) holds
+        its stop ids back until it has ``min_tokens`` tokens."""
         raw = logits.float()
         n = len(rows)
         params = [r.params for r in rows]
         errors: dict[int, str] = {}
-        simple = all(p.greedy and not p.penalized and not p.logits_processors and not p.min_tokens for p in params)
+        simple = all(
+            r.params.greedy and not r.params.penalized and not r.params.logits_processors and not r.stop_rule.min_tokens
+            for r in rows
+        )
         work = raw if simple else raw.clone()
         if not simple:
             for i, r in enumerate(rows):
@@ -91,10 +99,9 @@ class Sampler:
                         work[i] = fn(list(r.output_token_ids), work[i])
                 except Exception as e:  # noqa: BLE001 (a user's processor fails: that request ends alone)
                     errors[i] = f"logits processor failed: {type(e).__name__}: {e}"
-                if len(r.output_token_ids) < p.min_tokens:
-                    held = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(stop_ids))
-                    if held:
-                        work[i, sorted(held)] = -math.inf
+                held = r.stop_rule.held_back(len(r.output_token_ids))
+                if held:
+                    work[i, held] = -math.inf
             _apply_penalties(work, rows)
         best, argmax = work.max(dim=-1)
         tokens: list[int] = argmax.tolist()

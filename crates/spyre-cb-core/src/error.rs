@@ -121,8 +121,8 @@ impl fmt::Display for InvalidRequest {
             }
             Self::DuplicateId { request_id, finishing: true } => write!(
                 f,
-                "request id '{request_id}' belongs to a request that finished in the last step; \
-                 it can be reused after the next step"
+                "request id '{request_id}' belongs to a request that finished in the last step (or was \
+                 aborted since); it can be reused after the next step"
             ),
         }
     }

@@ -117,6 +117,9 @@ pub struct Scheduler {
     core: Core,
     rules: PolicyRules,
     pending: bool,
+    /// What the last close reported aborted (so a caller that lost the
+    /// outcome, e.g. to an interrupt, can still deliver every final output).
+    last_aborted: Vec<Arc<str>>,
 }
 
 impl Scheduler {
@@ -132,7 +135,7 @@ impl Scheduler {
             counters: Counters::default(),
             last_rejection: None,
         };
-        Self { core, rules, pending: false }
+        Self { core, rules, pending: false, last_aborted: Vec::new() }
     }
 
     #[inline]
@@ -205,6 +208,10 @@ impl Scheduler {
     }
     pub fn contains(&self, request_id: &str) -> bool {
         self.core.reqs.handle(request_id).is_some()
+    }
+    /// The ids the last `update` or `cancel` reported in `aborted`.
+    pub fn last_aborted(&self) -> &[Arc<str>] {
+        &self.last_aborted
     }
     /// Why the next prefill did not run in the last step.
     pub fn last_rejection(&self) -> Option<Rejection> {
@@ -348,10 +355,11 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Aborts a waiting request (gone at once) or a running or paused one
-    /// (leaves the batch now; its blocks return at once, or under the
-    /// continuous policy at the start of the next step). The outcome of the
-    /// next step that closes (`update` or `cancel`) reports it in `aborted`.
+    /// Aborts a waiting request (out of the queue at once) or a running or
+    /// paused one (leaves the batch now; its blocks return at once, or under
+    /// the continuous policy at the start of the next step). The outcome of
+    /// the next step that closes (`update` or `cancel`) reports it in
+    /// `aborted`; its id can be reused after the next step.
     ///
     /// While a step is in flight (between `schedule` and `update`) the abort
     /// is accepted and queued: it takes effect when that step closes, after
@@ -372,9 +380,11 @@ impl Scheduler {
         Ok(())
     }
 
+    /// A waiting request leaves the queue, a running or paused one the batch;
+    /// either id stays taken until the next step forgets it.
     fn abort_now(&mut self, h: Handle) {
         if self.core.reqs.take_waiting(h) {
-            self.core.reqs.remove(h);
+            self.core.reqs.gone.push(h);
         } else {
             self.leave(h);
         }
@@ -485,6 +495,7 @@ impl Scheduler {
             }
         }
         self.apply_queued_aborts(outcome);
+        self.last_aborted.clone_from(&outcome.aborted);
         Ok(())
     }
 
@@ -509,6 +520,7 @@ impl Scheduler {
             self.leave(h);
         }
         self.apply_queued_aborts(&mut outcome);
+        self.last_aborted.clone_from(&outcome.aborted);
         Ok(outcome)
     }
 

@@ -226,6 +226,13 @@ impl Scheduler {
         self.inner.last_rejection().map(Into::into)
     }
 
+    /// The ids the last ``update()`` or ``cancel()`` reported aborted (for a
+    /// caller whose step failed after the commit, before it read the outcome).
+    #[getter]
+    fn last_aborted(&self) -> Vec<String> {
+        self.inner.last_aborted().iter().map(|x| x.to_string()).collect()
+    }
+
     /// Nothing waiting, running or paused, and every KV block back in the pool.
     #[getter]
     fn is_drained(&self) -> bool {

@@ -1,0 +1,203 @@
+"""Output processing: what a sampled token becomes for its request.
+
+The engine's step commits tokens in the core; everything a token then means
+for its request lives here: stop strings (checked before the commit, so the
+core ends the request), the output token list, per-request metrics, logprobs
+with their decoded text, incremental text deltas that never show part of a
+stop string, and the final outputs of ended requests. No scheduling state:
+the core decides which tokens end a request and why.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from spyre_cb.detokenizer import IncrementalDetokenizer
+from spyre_cb.outputs import PositionLogprobs, RequestMetrics
+from spyre_cb.params import SamplingParams, StopRule
+from spyre_cb.sampling import top_logprobs
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None  #: "length", "stop" or "abort" once finished
+    stop_reason: int | str | None = None  #: the stop token id or string, if any
+    logprobs: list[PositionLogprobs] | None = None
+    error: str | None = None  #: why an aborted request was aborted by the engine
+    #: the text these tokens add, with ``Engine.stream_text`` (never part of a stop
+    #: string; on the final output, whatever was held back)
+    text: str | None = None
+
+
+@dataclass
+class RequestState:
+    """Everything the engine knows about one request (prompt, output so far)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    #: the ids that end it (the core applies the same rule; the sampler holds
+    #: them back until ``min_tokens``)
+    stop_rule: StopRule = field(default_factory=StopRule)
+    output_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    error: str | None = None
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
+    #: made on first use, for requests with stop strings or streamed text
+    detokenizer: IncrementalDetokenizer | None = field(default=None, repr=False)
+    #: output tokens the detokenizer has seen, and characters of text streamed so far
+    n_detokenized: int = field(default=0, repr=False)
+    n_streamed_chars: int = field(default=0, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def output_text(self, tokenizer: Any) -> str:
+        """Generated text (cut before a matched stop string)."""
+        if self.stop_reason is not None and isinstance(self.stop_reason, str):
+            return self.text
+        if tokenizer is None:
+            return ""
+        text: str = tokenizer.decode(self.output_token_ids, skip_special_tokens=self.params.skip_special_tokens)
+        return text
+
+
+class OutputProcessor:
+    """Turns committed tokens into request state and step outputs."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        #: give every StepOutput its text delta (incremental detokenization;
+        #: off by default: LLM decodes once at the end)
+        self.stream_text = False
+
+    # ----- before the commit --------------------------------------------------
+
+    def stop_string(self, s: RequestState, token: int) -> bool:
+        """Whether the text now contains one of the request's stop strings (decided
+        before the commit; stop ids, EOS and max_tokens are the core's to check)."""
+        p = s.params
+        if p.stop_strings and self.tokenizer is not None:
+            before = len(self._detokenizer(s).text)
+            assert s.detokenizer is not None
+            s.detokenizer.push(token)  # O(1) per token, not a decode of the whole output
+            s.n_detokenized += 1
+            text = s.detokenizer.text
+            for stop in p.stop_strings:
+                at = text.find(stop, max(0, before - len(stop) + 1))
+                if at >= 0:
+                    s.text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
+                    s.stop_reason = stop
+                    return True
+            s.text = text
+        return False
+
+    def prompt_logprobs(self, s: RequestState, logits: Any, first: int) -> list[PositionLogprobs | None]:
+        """Logprobs of prompt tokens ``first..`` from the logits of the positions before them."""
+        import torch
+
+        k = s.params.prompt_logprobs or 0
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        out: list[PositionLogprobs | None] = []
+        for d in top_logprobs(logp, k, s.prompt_token_ids[first : first + logits.shape[0]]):
+            self._decode_tokens(d)
+            out.append(d)
+        return out
+
+    # ----- after the commit ---------------------------------------------------
+
+    def emit(
+        self,
+        s: RequestState,
+        token: int,
+        lp: PositionLogprobs | None,
+        finish: tuple[str, int | None] | None,
+        now: float,
+    ) -> StepOutput:
+        """Records a committed token; ``finish`` is the core's (reason, stop token) when it ended the request."""
+        s.output_token_ids.append(token)
+        m = s.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+        m.n_tokens += 1
+        if s.logprobs is not None and lp is not None:
+            self._decode_tokens(lp)
+            s.logprobs.append(lp)
+            s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lp[token].logprob
+        if finish is not None:
+            why, stop_token = finish
+            if stop_token is not None:
+                s.stop_reason = stop_token
+            self.end(s, why)
+        out = StepOutput(
+            s.request_id, [token], s.finished, s.finish_reason, s.stop_reason, None if lp is None else [lp]
+        )
+        if self.stream_text and self.tokenizer is not None:
+            out.text = self._text_delta(s, s.finished)
+        return out
+
+    @staticmethod
+    def end(s: RequestState, reason: str, error: str | None = None) -> None:
+        """Ends the request (the first ending counts)."""
+        if s.finish_reason is None:
+            s.finish_reason = reason
+            s.error = error
+            s.metrics.finished_time = time.time()
+
+    @staticmethod
+    def final_abort(s: RequestState) -> StepOutput:
+        """The final output of a request the engine or its caller aborted."""
+        OutputProcessor.end(s, "abort")
+        return StepOutput(s.request_id, [], True, "abort", None, None, s.error)
+
+    # ----- text ---------------------------------------------------------------
+
+    def _detokenizer(self, s: RequestState) -> IncrementalDetokenizer:
+        if s.detokenizer is None:
+            s.detokenizer = IncrementalDetokenizer(self.tokenizer, s.params.skip_special_tokens)
+        return s.detokenizer
+
+    def _text_delta(self, s: RequestState, done: bool) -> str:
+        """The text the request's newest tokens add (incremental: O(1) per token).
+        While a stop string could still be completing, its possible start is held back."""
+        detok = self._detokenizer(s)
+        for t in s.output_token_ids[s.n_detokenized :]:
+            detok.push(t)
+        s.n_detokenized = len(s.output_token_ids)
+        stops = s.params.stop_strings
+        if not stops:
+            # the stream holds back an unfinished character; the final text is the
+            # whole decode (as LLM.generate returns it), of which it is a prefix
+            s.text = s.output_text(self.tokenizer) if done else detok.text
+        text = s.text  # cut before a matched stop string (or through it, when asked)
+        visible = len(text)
+        if stops and not done:
+            # hold back a suffix that may be the start of a stop string
+            for stop in stops:
+                for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                    if text.endswith(stop[:k]):
+                        visible = min(visible, len(text) - k)
+                        break
+        delta = text[s.n_streamed_chars : visible]
+        s.n_streamed_chars = max(s.n_streamed_chars, visible)
+        return delta
+
+    def _decode_tokens(self, lp: PositionLogprobs) -> None:
+        if self.tokenizer is not None:
+            for t, entry in lp.items():
+                entry.decoded_token = self.tokenizer.decode([t])
