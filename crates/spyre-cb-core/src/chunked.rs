@@ -10,12 +10,12 @@
 use crate::admission::Rejection;
 use crate::block_pool::{BlockHash, BlockId, NULL_BLOCK};
 use crate::config::{ChunkOptions, SchedulerConfig, BLOCK_SIZE};
-use crate::error::{CoreError, InvalidRequest};
+use crate::error::CoreError;
 use crate::plan::{ChunkPlan, DecodePlan, StepPlan};
+use crate::policy::{Core, PlanDetail, Rules};
 use crate::record::ChunkedState;
 use crate::request::Request;
 use crate::requests::Handle;
-use crate::scheduler::{Core, PlanDetail, Rules};
 
 const B: u32 = BLOCK_SIZE;
 
@@ -64,18 +64,10 @@ impl Chunked {
 }
 
 impl Rules for Chunked {
-    fn validate(&self, cfg: &SchedulerConfig, prompt_len: u32, max_tokens: u32) -> Result<(), InvalidRequest> {
+    fn alone(&self, _cfg: &SchedulerConfig, prompt_len: u32, max_tokens: u32) -> (u64, u64) {
+        // its blocks hold prompt + max_tokens; alone it ends at tkv = prompt + max_tokens - 1
         let total = u64::from(prompt_len) + u64::from(max_tokens);
-        let needed = total.div_ceil(u64::from(B));
-        if needed > u64::from(cfg.available_blocks) {
-            return Err(InvalidRequest::TooManyBlocks { needed, available_blocks: cfg.available_blocks });
-        }
-        // alone in the batch a request ends at tkv = prompt + max_tokens - 1
-        let volume = total - 1;
-        if volume > cfg.max_batch_tkv_limit {
-            return Err(InvalidRequest::TooMuchVolume { volume, limit: cfg.max_batch_tkv_limit });
-        }
-        Ok(())
+        (total.div_ceil(u64::from(B)), total - 1)
     }
 
     fn defers_release(&self) -> bool {

@@ -4,13 +4,7 @@
 
 use crate::error::ConfigError;
 
-/// KV-cache slots per block (a Spyre constraint).
-pub const BLOCK_SIZE: u32 = 64;
-
-/// Most usable KV blocks a pool may have: 2^24 blocks of 64 slots is 2^30
-/// token slots, far beyond any accelerator's memory, while the pool's own
-/// bookkeeping for it stays below 100 MB.
-pub const MAX_AVAILABLE_BLOCKS: u32 = 1 << 24;
+pub use crate::{BLOCK_SIZE, MAX_AVAILABLE_BLOCKS};
 
 /// Options of the chunked-prefill policy (see `docs/design.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

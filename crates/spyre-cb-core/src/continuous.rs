@@ -9,10 +9,10 @@
 use crate::admission::{self, Admission, BatchView};
 use crate::block_pool::NULL_BLOCK;
 use crate::config::{SchedulerConfig, BLOCK_SIZE};
-use crate::error::{CoreError, InvalidRequest};
+use crate::error::CoreError;
 use crate::plan::{DecodePlan, PrefillPlan, StepPlan};
+use crate::policy::{Core, PlanDetail, Rules};
 use crate::requests::Handle;
-use crate::scheduler::{Core, PlanDetail, Rules};
 
 const B: u32 = BLOCK_SIZE;
 
@@ -27,17 +27,9 @@ pub(crate) struct Continuous {
 }
 
 impl Rules for Continuous {
-    fn validate(&self, cfg: &SchedulerConfig, prompt_len: u32, max_tokens: u32) -> Result<(), InvalidRequest> {
+    fn alone(&self, cfg: &SchedulerConfig, prompt_len: u32, max_tokens: u32) -> (u64, u64) {
         let start = admission::new_batch_tkv(cfg, prompt_len, max_tokens);
-        let needed = admission::reserved_blocks(start, prompt_len, max_tokens);
-        if needed > u64::from(cfg.available_blocks) {
-            return Err(InvalidRequest::TooManyBlocks { needed, available_blocks: cfg.available_blocks });
-        }
-        let volume = u64::from(start) + u64::from(max_tokens) - 1;
-        if volume > cfg.max_batch_tkv_limit {
-            return Err(InvalidRequest::TooMuchVolume { volume, limit: cfg.max_batch_tkv_limit });
-        }
-        Ok(())
+        (admission::reserved_blocks(start, prompt_len, max_tokens), u64::from(start) + u64::from(max_tokens) - 1)
     }
 
     fn defers_release(&self) -> bool {

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::config::{BLOCK_SIZE, MAX_AVAILABLE_BLOCKS};
+use crate::{BLOCK_SIZE, MAX_AVAILABLE_BLOCKS};
 
 /// A configuration the scheduler cannot run with.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -23,6 +23,7 @@ pub mod error;
 pub mod kv;
 pub mod latency;
 pub mod plan;
+pub mod policy;
 pub mod record;
 pub mod request;
 pub mod requests;
@@ -33,7 +34,7 @@ pub mod workload;
 
 pub use admission::{Admission, Rejection};
 pub use block_pool::{BlockId, BlockPool, NULL_BLOCK};
-pub use config::{ChunkOptions, Policy, SchedulerConfig, BLOCK_SIZE, MAX_AVAILABLE_BLOCKS};
+pub use config::{ChunkOptions, Policy, SchedulerConfig};
 pub use error::{ConfigError, CoreError, InvalidRequest, StateError};
 pub use kv::KvManager;
 pub use latency::{LatencySummary, LatencyTracker, RequestTimes, Summary};
@@ -46,6 +47,14 @@ pub use simulate::{
     drive, simulate, simulate_stats, simulate_trace, CompactRecord, Interrupted, Recorder, SimRequest, SimStats, Trace,
     NO_MATCH_TOKEN,
 };
+
+/// KV-cache slots per block (a Spyre constraint).
+pub const BLOCK_SIZE: u32 = 64;
+
+/// Most usable KV blocks a pool may have: 2^24 blocks of 64 slots is 2^30
+/// token slots, far beyond any accelerator's memory, while the pool's own
+/// bookkeeping for it stays below 100 MB.
+pub const MAX_AVAILABLE_BLOCKS: u32 = 1 << 24;
 
 /// `ceil(a / b)` for unsigned integers.
 #[inline]

@@ -20,20 +20,12 @@ use crate::continuous::Continuous;
 use crate::error::{CoreError, InvalidRequest, StateError};
 use crate::kv::KvManager;
 use crate::plan::StepPlan;
+use crate::policy::{Core, Rules};
 use crate::record::{ChunkedState, Counters, StepRecord};
 use crate::request::{check_new_request, check_token_count, finish_of, FinishReason, Request, StopRule};
 use crate::requests::{Handle, RequestRef, RequestTable};
 
-/// How much of the plan to build. Simulations only need the ids.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PlanDetail {
-    /// Everything a model runner needs.
-    Full,
-    /// Request ids, tkv and shift only (tensors' worth of vectors left empty).
-    IdsOnly,
-    /// Kind, tkv and batch size only (decode ids left empty too).
-    Minimal,
-}
+pub use crate::policy::PlanDetail;
 
 /// What `update` reports for the step it closes (every planned sequence got
 /// its token, in plan order).
@@ -58,51 +50,6 @@ impl UpdateOutcome {
         self.stop_tokens.clear();
         self.aborted.clear();
     }
-}
-
-/// The state every policy works on.
-#[derive(Clone, Debug)]
-pub(crate) struct Core {
-    pub cfg: SchedulerConfig,
-    pub reqs: RequestTable,
-    pub kv: KvManager,
-    pub counters: Counters,
-    pub last_rejection: Option<Rejection>,
-}
-
-/// What a scheduling policy decides; the [`Scheduler`] does the rest.
-pub(crate) trait Rules {
-    /// The policy's checks of a new request that could run alone (the
-    /// shared ones, id, length and `max_model_len`, come first).
-    fn validate(&self, cfg: &SchedulerConfig, prompt_len: u32, max_tokens: u32) -> Result<(), InvalidRequest>;
-    /// Blocks of a request that leaves return at the start of the next step
-    /// (the continuous policy) rather than at once.
-    fn defers_release(&self) -> bool;
-    /// The batch tkv of the last step (0 when idle).
-    fn tkv(&self) -> u32;
-    /// Admits and plans one step (the gone requests are already forgotten):
-    /// fills `core.reqs.outputs` with the sampling sequences in plan order.
-    fn plan(&mut self, core: &mut Core, detail: PlanDetail) -> Result<StepPlan, CoreError>;
-    /// The pending step ran: record its KV progress (before the tokens).
-    fn commit(&mut self, core: &mut Core);
-    /// The pending step failed: the requests to abort.
-    fn victims(&mut self, core: &mut Core) -> Vec<Handle>;
-    /// `h` leaves the batch (it is already out of `core.reqs.running`).
-    fn leave(&mut self, h: Handle);
-    /// `k` idle steps run at once.
-    fn skip_idle(&mut self);
-    /// Requests paused (hold blocks, neither waiting nor running).
-    fn paused(&self) -> &[Handle] {
-        &[]
-    }
-    /// Padding slots of the decode step just planned (of its batch x (tkv + 1)).
-    fn decode_padding(&self, core: &Core) -> u64;
-    /// The chunked policy's block-level observation.
-    fn chunked_state(&self, _core: &Core) -> Option<ChunkedState> {
-        None
-    }
-    /// The policy's bookkeeping invariants.
-    fn check(&self, core: &Core) -> Result<(), String>;
 }
 
 #[derive(Clone, Debug)]
@@ -289,8 +236,16 @@ impl Scheduler {
     /// Checks a request against the limits without adding it.
     pub fn validate(&self, request_id: &str, prompt_len: u32, max_tokens: u32) -> Result<(), InvalidRequest> {
         let in_use = self.core.reqs.id_in_use(request_id);
-        check_new_request(in_use, request_id, prompt_len, max_tokens, self.core.cfg.max_model_len)?;
-        self.rules().validate(&self.core.cfg, prompt_len, max_tokens)
+        let cfg = &self.core.cfg;
+        check_new_request(in_use, request_id, prompt_len, max_tokens, cfg.max_model_len)?;
+        let (needed, volume) = self.rules().alone(cfg, prompt_len, max_tokens);
+        if needed > u64::from(cfg.available_blocks) {
+            return Err(InvalidRequest::TooManyBlocks { needed, available_blocks: cfg.available_blocks });
+        }
+        if volume > cfg.max_batch_tkv_limit {
+            return Err(InvalidRequest::TooMuchVolume { volume, limit: cfg.max_batch_tkv_limit });
+        }
+        Ok(())
     }
 
     /// Queues a request with its prompt token ids.

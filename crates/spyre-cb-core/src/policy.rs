@@ -1,0 +1,69 @@
+//! The interface between the scheduler and a scheduling policy: the state
+//! every policy works on ([`Core`]) and what a policy decides ([`Rules`]).
+//! The scheduler (`scheduler.rs`) owns one `Core` and one policy; the
+//! policies (`continuous.rs`, `chunked.rs`) know this module only.
+
+use crate::admission::Rejection;
+use crate::config::SchedulerConfig;
+use crate::error::CoreError;
+use crate::kv::KvManager;
+use crate::plan::StepPlan;
+use crate::record::{ChunkedState, Counters};
+use crate::requests::{Handle, RequestTable};
+
+/// How much of the plan to build. Simulations only need the ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanDetail {
+    /// Everything a model runner needs.
+    Full,
+    /// Request ids, tkv and shift only (tensors' worth of vectors left empty).
+    IdsOnly,
+    /// Kind, tkv and batch size only (decode ids left empty too).
+    Minimal,
+}
+
+/// The state every policy works on.
+#[derive(Clone, Debug)]
+pub(crate) struct Core {
+    pub cfg: SchedulerConfig,
+    pub reqs: RequestTable,
+    pub kv: KvManager,
+    pub counters: Counters,
+    pub last_rejection: Option<Rejection>,
+}
+
+/// What a scheduling policy decides; the [`Scheduler`] does the rest.
+pub(crate) trait Rules {
+    /// What a request needs to run alone in a fresh batch: the blocks it
+    /// reserves and its largest batch x tkv (`validate` checks both against
+    /// the limits, after the shared checks of id, length and `max_model_len`).
+    fn alone(&self, cfg: &SchedulerConfig, prompt_len: u32, max_tokens: u32) -> (u64, u64);
+    /// Blocks of a request that leaves return at the start of the next step
+    /// (the continuous policy) rather than at once.
+    fn defers_release(&self) -> bool;
+    /// The batch tkv of the last step (0 when idle).
+    fn tkv(&self) -> u32;
+    /// Admits and plans one step (the gone requests are already forgotten):
+    /// fills `core.reqs.outputs` with the sampling sequences in plan order.
+    fn plan(&mut self, core: &mut Core, detail: PlanDetail) -> Result<StepPlan, CoreError>;
+    /// The pending step ran: record its KV progress (before the tokens).
+    fn commit(&mut self, core: &mut Core);
+    /// The pending step failed: the requests to abort.
+    fn victims(&mut self, core: &mut Core) -> Vec<Handle>;
+    /// `h` leaves the batch (it is already out of `core.reqs.running`).
+    fn leave(&mut self, h: Handle);
+    /// `k` idle steps run at once.
+    fn skip_idle(&mut self);
+    /// Requests paused (hold blocks, neither waiting nor running).
+    fn paused(&self) -> &[Handle] {
+        &[]
+    }
+    /// Padding slots of the decode step just planned (of its batch x (tkv + 1)).
+    fn decode_padding(&self, core: &Core) -> u64;
+    /// The chunked policy's block-level observation.
+    fn chunked_state(&self, _core: &Core) -> Option<ChunkedState> {
+        None
+    }
+    /// The policy's bookkeeping invariants.
+    fn check(&self, core: &Core) -> Result<(), String>;
+}
