@@ -59,6 +59,15 @@ struct Content {
 
 const NIL: u32 = 0; // the null block doubles as the queue's sentinel
 
+/// A block's bookkeeping, in one place (one cache line serves eight blocks).
+#[derive(Clone, Copy, Debug, Default)]
+struct Meta {
+    ref_count: u32,
+    queued: bool,
+    /// `content` holds what it caches.
+    cached: bool,
+}
+
 #[derive(Clone, Debug)]
 pub struct BlockPool {
     n_blocks: u32,
@@ -69,9 +78,9 @@ pub struct BlockPool {
     /// over block ids with sentinel `NIL`.
     prev: Vec<u32>,
     next: Vec<u32>,
-    queued: Vec<bool>,
+    /// Per block: reference count, whether it is in the free queue, whether it caches a prefix.
+    meta: Vec<Meta>,
     n_free: u32,
-    ref_count: Vec<u32>,
     content: Vec<Option<Content>>,
     /// Cached blocks by hash, oldest first.
     by_hash: HashMap<BlockHash, Vec<BlockId>>,
@@ -85,9 +94,8 @@ impl BlockPool {
             uncached: (1..=n_blocks).rev().collect(),
             prev: vec![NIL; n],
             next: vec![NIL; n],
-            queued: (0..n).map(|b| b != NIL as usize).collect(),
+            meta: (0..n).map(|b| Meta { ref_count: 0, queued: b != NIL as usize, cached: false }).collect(),
             n_free: n_blocks,
-            ref_count: vec![0; n],
             content: vec![None; n],
             by_hash: HashMap::new(),
         }
@@ -110,7 +118,7 @@ impl BlockPool {
         self.n_blocks - self.n_free
     }
     pub fn ref_count(&self, b: BlockId) -> u32 {
-        self.ref_count.get(b as usize).copied().unwrap_or(0)
+        self.meta.get(b as usize).map_or(0, |m| m.ref_count)
     }
     pub fn is_cached(&self, b: BlockId) -> bool {
         self.content.get(b as usize).is_some_and(Option::is_some)
@@ -128,11 +136,11 @@ impl BlockPool {
     }
 
     fn unlink(&mut self, b: BlockId) {
-        debug_assert!(self.queued[b as usize]);
+        debug_assert!(self.meta[b as usize].queued);
         let (p, n) = (self.prev[b as usize], self.next[b as usize]);
         self.next[p as usize] = n;
         self.prev[n as usize] = p;
-        self.queued[b as usize] = false;
+        self.meta[b as usize].queued = false;
         self.n_free -= 1;
     }
     fn push_back(&mut self, b: BlockId) {
@@ -141,7 +149,7 @@ impl BlockPool {
         self.prev[b as usize] = last;
         self.next[b as usize] = NIL;
         self.prev[NIL as usize] = b;
-        self.queued[b as usize] = true;
+        self.meta[b as usize].queued = true;
         self.n_free += 1;
     }
     /// The cached block holding `tokens` after `parent`, if any (verified).
@@ -155,11 +163,11 @@ impl BlockPool {
     }
 
     /// Takes the front of the free queue (evicting what it cached).
-    #[inline]
+    #[inline(always)]
     pub fn allocate(&mut self) -> Option<BlockId> {
         let b = match self.uncached.pop() {
             Some(b) => {
-                self.queued[b as usize] = false;
+                self.meta[b as usize].queued = false;
                 self.n_free -= 1;
                 b
             }
@@ -173,12 +181,13 @@ impl BlockPool {
                 b
             }
         };
-        self.ref_count[b as usize] = 1;
+        self.meta[b as usize].ref_count = 1;
         Some(b)
     }
 
     fn evict(&mut self, b: BlockId) {
         if let Some(c) = self.content[b as usize].take() {
+            self.meta[b as usize].cached = false;
             if let Some(v) = self.by_hash.get_mut(&c.hash) {
                 v.retain(|&x| x != b);
                 if v.is_empty() {
@@ -192,10 +201,10 @@ impl BlockPool {
     /// queue if it was free).
     pub fn share(&mut self, b: BlockId) {
         debug_assert!(b != NULL_BLOCK && self.is_cached(b));
-        if self.queued[b as usize] {
+        if self.meta[b as usize].queued {
             self.unlink(b);
         }
-        self.ref_count[b as usize] += 1;
+        self.meta[b as usize].ref_count += 1;
     }
 
     /// Marks held block `b` as holding `tokens` (a full block) after `parent`;
@@ -207,29 +216,39 @@ impl BlockPool {
         }
         let hash = chain_hash(parent, tokens);
         self.content[b as usize] = Some(Content { hash, parent, tokens: tokens.into() });
+        self.meta[b as usize].cached = true;
         self.by_hash.entry(hash).or_default().push(b);
         hash
     }
 
     /// Drops one reference to each block of a table, last block first;
     /// blocks nobody holds any more return to the queue.
+    #[inline(always)]
     pub fn release(&mut self, table: &[BlockId]) {
         // Blocks caching nothing go to the front in release order (the table's
         // last block first: pushed onto the stack first block first), cached
-        // ones to the back in release order.
-        for &b in table.iter().rev() {
-            let rc = &mut self.ref_count[b as usize];
-            debug_assert!(*rc > 0, "block {b} released more often than held");
-            *rc -= 1;
-            if *rc == 0 && self.content[b as usize].is_some() {
-                self.push_back(b);
+        // ones to the back in release order (a second pass, only if there are any).
+        let mut any_cached = false;
+        for &b in table {
+            let m = &mut self.meta[b as usize];
+            debug_assert!(m.ref_count > 0, "block {b} released more often than held");
+            m.ref_count -= 1;
+            if m.ref_count == 0 {
+                if m.cached {
+                    any_cached = true;
+                } else {
+                    m.queued = true;
+                    self.uncached.push(b);
+                    self.n_free += 1;
+                }
             }
         }
-        for &b in table {
-            if self.ref_count[b as usize] == 0 && !self.queued[b as usize] {
-                self.uncached.push(b);
-                self.queued[b as usize] = true;
-                self.n_free += 1;
+        if any_cached {
+            for &b in table.iter().rev() {
+                let m = self.meta[b as usize];
+                if m.ref_count == 0 && m.cached && !m.queued {
+                    self.push_back(b);
+                }
             }
         }
     }
@@ -244,9 +263,12 @@ impl BlockPool {
             return Err(format!("cached block {b} among the uncached free blocks"));
         }
         for b in 1..=self.n_blocks {
-            let rc = self.ref_count[b as usize];
-            if self.queued[b as usize] == (rc > 0) {
-                return Err(format!("block {b}: ref count {rc} but queued = {}", self.queued[b as usize]));
+            let m = self.meta[b as usize];
+            if m.queued == (m.ref_count > 0) {
+                return Err(format!("block {b}: ref count {} but queued = {}", m.ref_count, m.queued));
+            }
+            if m.cached != self.content[b as usize].is_some() {
+                return Err(format!("block {b}: cached flag {} disagrees with its content", m.cached));
             }
             if let Some(c) = &self.content[b as usize] {
                 if !self.by_hash.get(&c.hash).is_some_and(|v| v.contains(&b)) {

@@ -78,6 +78,7 @@ impl Rules for Chunked {
         self.tkv
     }
 
+    #[inline] // into the scheduler's schedule_with: the large plan is then built where it is returned
     fn plan(&mut self, core: &mut Core, detail: PlanDetail) -> Result<StepPlan, CoreError> {
         self.last_slots = None;
         let choice = match self.ongoing {

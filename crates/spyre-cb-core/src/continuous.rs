@@ -40,6 +40,7 @@ impl Rules for Continuous {
         self.tkv
     }
 
+    #[inline] // into the scheduler's schedule_with: the large plan is then built where it is returned
     fn plan(&mut self, core: &mut Core, detail: PlanDetail) -> Result<StepPlan, CoreError> {
         if core.reqs.running.is_empty() {
             self.tkv = 0;
@@ -138,6 +139,7 @@ impl Rules for Continuous {
 }
 
 impl Continuous {
+    #[inline]
     fn reduce_left_padding(&mut self, core: &mut Core) {
         let reqs = &mut core.reqs;
         let Some(min_fp) = reqs.running.iter().map(|&h| reqs.get(h).fully_padded_blocks()).min() else {
@@ -228,6 +230,7 @@ impl Continuous {
     }
 
     /// Every running request decodes, most recently admitted first.
+    #[inline]
     fn decode(&mut self, core: &mut Core, detail: PlanDetail) -> Result<DecodePlan, CoreError> {
         let pos = self.tkv;
         let reqs = &mut core.reqs;

@@ -23,40 +23,50 @@ pub struct KvManager {
 }
 
 impl KvManager {
+    #[inline]
     pub fn new(n_blocks: u32, caching: bool) -> Self {
         Self { pool: BlockPool::new(n_blocks), caching, n_reserved: 0 }
     }
 
     /// The pool (read only), for invariant checks and observations.
+    #[inline]
     pub fn pool(&self) -> &BlockPool {
         &self.pool
     }
+    #[inline]
     pub fn caching(&self) -> bool {
         self.caching
     }
+    #[inline]
     pub fn n_blocks(&self) -> u32 {
         self.pool.n_blocks()
     }
     /// Free blocks (cached ones included: they can be evicted).
+    #[inline]
     pub fn n_free(&self) -> u32 {
         self.pool.n_free()
     }
     /// Blocks held by at least one request.
+    #[inline]
     pub fn n_used(&self) -> u32 {
         self.pool.n_used()
     }
     /// Blocks reserved, over all requests, for what they may still allocate.
+    #[inline]
     pub fn n_reserved(&self) -> u32 {
         self.n_reserved
     }
     /// `n_blocks - n_reserved` (the continuous policy's admission budget).
+    #[inline]
     pub fn n_unreserved(&self) -> u32 {
         self.pool.n_blocks() - self.n_reserved
     }
     /// Free blocks nobody has reserved (the chunked policy's admission budget).
+    #[inline]
     pub fn n_free_unreserved(&self) -> u32 {
         self.pool.n_free().saturating_sub(self.n_reserved)
     }
+    #[inline]
     pub fn ref_count(&self, b: BlockId) -> u32 {
         self.pool.ref_count(b)
     }
@@ -64,6 +74,7 @@ impl KvManager {
     /// Fails (before anything is changed) when the pool cannot give `n`
     /// blocks. Reservations make that impossible; this keeps a bug from
     /// leaving the state half-changed.
+    #[inline]
     pub fn ensure_free(&self, n: u32) -> Result<(), CoreError> {
         if self.pool.n_free() < n {
             return Err(StateError::PoolExhausted.into());
@@ -72,15 +83,18 @@ impl KvManager {
     }
 
     /// One block; only after [`KvManager::ensure_free`] said it is there.
+    #[inline]
     pub fn allocate(&mut self) -> BlockId {
         self.pool.allocate().expect("ensure_free checked the pool first")
     }
 
     /// Adds `n` blocks to the reservations.
+    #[inline]
     pub fn reserve(&mut self, n: u32) {
         self.n_reserved += n;
     }
     /// Takes `n` blocks out of the reservations (they were allocated or given up).
+    #[inline]
     pub fn unreserve(&mut self, n: u32) {
         debug_assert!(n <= self.n_reserved, "unreserving {n} of {} reserved", self.n_reserved);
         self.n_reserved -= n;
@@ -88,12 +102,14 @@ impl KvManager {
 
     /// A request leaves: its table's blocks go back (last block first) and
     /// its remaining reservation is dropped.
+    #[inline]
     pub fn release(&mut self, table: &[BlockId], reserved: u32) {
         self.pool.release(table);
         self.unreserve(reserved);
     }
 
     /// One more holder of cached block `b` (a prefix hit).
+    #[inline]
     pub fn share(&mut self, b: BlockId) {
         self.pool.share(b);
     }
@@ -101,6 +117,7 @@ impl KvManager {
     /// The longest cached prefix of full blocks of `tokens`, at most
     /// `prompt_len - 1` tokens' worth (the raw hit); empty without caching
     /// or tokens.
+    #[inline]
     pub fn lookup_prefix(&self, tokens: &[u32], prompt_len: u32) -> Vec<(BlockId, BlockHash)> {
         if !self.caching || tokens.is_empty() {
             return Vec::new();
@@ -123,6 +140,7 @@ impl KvManager {
 
     /// Caches the table's full blocks below `computed` tokens that `hashes`
     /// does not cover yet (a no-op without caching or tokens).
+    #[inline]
     pub fn cache_full_blocks(&mut self, table: &[BlockId], hashes: &mut Vec<BlockHash>, tokens: &[u32], computed: u32) {
         if !self.caching || tokens.is_empty() {
             return;
@@ -136,6 +154,7 @@ impl KvManager {
     }
 
     /// The pool's own bookkeeping.
+    #[inline]
     pub fn check(&self) -> Result<(), String> {
         self.pool.check()
     }

@@ -105,45 +105,47 @@ pub(crate) fn finish_of(
     (generated >= max_tokens).then_some((FinishReason::Length, None))
 }
 
-/// A request known to the scheduler, waiting or running (or paused).
+/// A request known to the scheduler, waiting or running (or paused). The
+/// fields every decode step reads come first, so they share cache lines.
 #[derive(Clone, Debug)]
+#[repr(C)]
 pub(crate) struct Request {
     pub id: Arc<str>,
-    /// Caller's numeric tag (simulations: the request's index).
-    pub tag: u32,
+    /// Allocated blocks: the block table, from the first block that is not
+    /// fully padded.
+    pub blocks: Vec<BlockId>,
     /// Prompt token ids, then (chunked policy) the generated ones; empty for
     /// token-less (simulation) requests. The continuous policy moves the
     /// prompt into the prefill plan and keeps only `last_token`.
     pub tokens: Vec<u32>,
-    pub prompt_len: u32,
-    pub max_tokens: u32,
-    /// Tokens generated so far (the prefill produces the first).
-    pub generated: u32,
-    /// The most recent generated token: the next decode's input.
-    pub last_token: u32,
-    /// Allocated blocks: the block table, from the first block that is not
-    /// fully padded.
-    pub blocks: Vec<BlockId>,
-    /// Blocks reserved (what counts as reserved is the policy's; see `kv`).
-    pub reserved: u32,
     /// Stop tokens applied by the core (none: only max_tokens and flags end it).
     pub stop: Option<Box<StopRule>>,
+    /// Tokens generated so far (the prefill produces the first).
+    pub generated: u32,
+    pub max_tokens: u32,
+    /// The most recent generated token: the next decode's input.
+    pub last_token: u32,
     /// Continuous policy: left padding in tokens, counted from virtual
     /// position 0 of the batch, fully padded (never allocated) blocks
     /// included. The sequence's tokens occupy positions `left_pad..tkv`.
     pub left_pad: u32,
     /// Chunked policy: tokens whose KV is in the cache (prompt positions from 0).
     pub computed: u32,
+    pub prompt_len: u32,
+    /// Blocks reserved (what counts as reserved is the policy's; see `kv`).
+    pub reserved: u32,
+    /// Caller's numeric tag (simulations: the request's index).
+    pub tag: u32,
     /// Chunked policy: leading table blocks shared through a prefix hit (never written).
     pub n_shared: u32,
-    /// Chunked policy: chain hashes of the table's cached full blocks, in order.
-    pub hashes: Vec<BlockHash>,
     /// Chunked policy: usable prefix hit in blocks (whole chunks skipped).
     pub usable_hit: u32,
-    /// Chunked policy: its first chunk ran.
-    pub started: bool,
     /// Chunked policy: consecutive steps paused.
     pub paused_steps: u32,
+    /// Chunked policy: its first chunk ran.
+    pub started: bool,
+    /// Chunked policy: chain hashes of the table's cached full blocks, in order.
+    pub hashes: Vec<BlockHash>,
 }
 
 impl Request {

@@ -52,6 +52,17 @@ impl UpdateOutcome {
     }
 }
 
+/// Calls the configured policy's rules (static dispatch: the policies'
+/// methods inline into the protocol's).
+macro_rules! rules {
+    ($rules:expr, $r:ident => $body:expr) => {
+        match $rules {
+            PolicyRules::Continuous($r) => $body,
+            PolicyRules::Chunked($r) => $body,
+        }
+    };
+}
+
 #[derive(Clone, Debug)]
 enum PolicyRules {
     Continuous(Continuous),
@@ -85,22 +96,6 @@ impl Scheduler {
         Self { core, rules, pending: false, last_aborted: Vec::new() }
     }
 
-    #[inline]
-    fn rules(&self) -> &dyn Rules {
-        match &self.rules {
-            PolicyRules::Continuous(c) => c,
-            PolicyRules::Chunked(c) => &**c,
-        }
-    }
-    #[inline]
-    fn split(&mut self) -> (&mut dyn Rules, &mut Core) {
-        let rules: &mut dyn Rules = match &mut self.rules {
-            PolicyRules::Continuous(c) => c,
-            PolicyRules::Chunked(c) => &mut **c,
-        };
-        (rules, &mut self.core)
-    }
-
     // ----- accessors -------------------------------------------------------
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -111,7 +106,7 @@ impl Scheduler {
         self.core.counters.steps()
     }
     pub fn tkv(&self) -> u32 {
-        self.rules().tkv()
+        rules!(&self.rules, r => r.tkv())
     }
     pub fn n_waiting(&self) -> usize {
         self.core.reqs.waiting.len()
@@ -120,7 +115,7 @@ impl Scheduler {
         self.core.reqs.running.len()
     }
     pub fn n_paused(&self) -> usize {
-        self.rules().paused().len()
+        rules!(&self.rules, r => r.paused()).len()
     }
     pub fn n_reserved_blocks(&self) -> u32 {
         self.core.kv.n_reserved()
@@ -170,17 +165,17 @@ impl Scheduler {
     }
     /// Padding slots of the decode step just planned.
     pub fn decode_padding(&self) -> u64 {
-        self.rules().decode_padding(&self.core)
+        rules!(&self.rules, r => r.decode_padding(&self.core))
     }
     /// Prompt blocks reused from the prefix cache by the requests holding
     /// blocks (their usable hits; 0 without caching).
     pub fn n_cached_blocks(&self) -> u32 {
         let reqs = &self.core.reqs;
-        reqs.running.iter().chain(self.rules().paused()).map(|&h| reqs.get(h).usable_hit).sum()
+        reqs.running.iter().chain(rules!(&self.rules, r => r.paused())).map(|&h| reqs.get(h).usable_hit).sum()
     }
     /// The chunked policy's block-level observation (`None` under the continuous policy).
     pub fn snapshot_chunked(&self) -> Option<ChunkedState> {
-        self.rules().chunked_state(&self.core)
+        rules!(&self.rules, r => r.chunked_state(&self.core))
     }
     /// Tokens generated so far by a known request.
     pub fn generated(&self, request_id: &str) -> Option<u32> {
@@ -193,7 +188,7 @@ impl Scheduler {
         let h = self.core.reqs.handle(request_id)?;
         let r = self.core.reqs.get(h);
         let holds = self.core.reqs.running.contains(&h)
-            || self.rules().paused().contains(&h)
+            || rules!(&self.rules, r => r.paused()).contains(&h)
             || (self.core.reqs.gone.contains(&h) && !r.blocks.is_empty());
         holds.then(|| r.blocks.clone())
     }
@@ -206,7 +201,7 @@ impl Scheduler {
         // every block is held as often as its reference count says
         let mut holders = vec![0u32; c.cfg.available_blocks as usize + 1];
         let mut reserved = 0u32;
-        let paused = self.rules().paused();
+        let paused = rules!(&self.rules, r => r.paused());
         for &h in c.reqs.running.iter().chain(paused).chain(c.reqs.gone.iter()) {
             let r = c.reqs.get(h);
             reserved += r.reserved;
@@ -228,7 +223,7 @@ impl Scheduler {
         if c.kv.n_reserved() > c.cfg.available_blocks {
             return Err(format!("reserved {} > n_blocks {}", c.kv.n_reserved(), c.cfg.available_blocks));
         }
-        self.rules().check(c)
+        rules!(&self.rules, r => r.check(c))
     }
 
     // ----- requests --------------------------------------------------------
@@ -238,7 +233,7 @@ impl Scheduler {
         let in_use = self.core.reqs.id_in_use(request_id);
         let cfg = &self.core.cfg;
         check_new_request(in_use, request_id, prompt_len, max_tokens, cfg.max_model_len)?;
-        let (needed, volume) = self.rules().alone(cfg, prompt_len, max_tokens);
+        let (needed, volume) = rules!(&self.rules, r => r.alone(cfg, prompt_len, max_tokens));
         if needed > u64::from(cfg.available_blocks) {
             return Err(InvalidRequest::TooManyBlocks { needed, available_blocks: cfg.available_blocks });
         }
@@ -347,10 +342,13 @@ impl Scheduler {
 
     /// A running or paused request leaves the batch.
     fn leave(&mut self, h: Handle) {
-        let (rules, core) = self.split();
+        let core = &mut self.core;
         core.reqs.running.retain(|&x| x != h);
-        rules.leave(h);
-        if !rules.defers_release() {
+        let defers = rules!(&mut self.rules, r => {
+            r.leave(h);
+            r.defers_release()
+        });
+        if !defers {
             let r = core.reqs.get_mut(h);
             let (blocks, reserved) = (std::mem::take(&mut r.blocks), std::mem::replace(&mut r.reserved, 0));
             core.kv.release(&blocks, reserved);
@@ -372,17 +370,21 @@ impl Scheduler {
         if self.pending {
             return Err(StateError::ScheduleWhilePending.into());
         }
-        let (rules, core) = self.split();
+        let core = &mut self.core;
         core.reqs.outputs.clear();
         core.reqs.finished.clear();
         core.last_rejection = None;
         Self::forget_gone(core);
-        let plan = rules.plan(core, detail)?;
-        core.counters.count(&plan);
-        self.pending = true;
-        Ok(plan)
+        // (the plan is returned as the policy built it: no copy of the large enum)
+        let planned = rules!(&mut self.rules, r => r.plan(core, detail));
+        if let Ok(plan) = &planned {
+            core.counters.count(plan);
+            self.pending = true;
+        }
+        planned
     }
 
+    #[inline]
     fn forget_gone(core: &mut Core) {
         for h in std::mem::take(&mut core.reqs.gone) {
             let r = core.reqs.remove(h);
@@ -394,13 +396,13 @@ impl Scheduler {
     /// holding blocks (every such step would be the same idle step).
     pub fn skip_idle_steps(&mut self, k: u64) {
         assert!(!self.pending && !self.has_unfinished_requests(), "idle steps need an empty scheduler");
-        let (rules, core) = self.split();
+        let core = &mut self.core;
         Self::forget_gone(core);
         core.reqs.outputs.clear();
         core.reqs.finished.clear();
         core.last_rejection = None;
         core.counters.idle_steps += k;
-        rules.skip_idle();
+        rules!(&mut self.rules, r => r.skip_idle());
     }
 
     /// Closes the pending step with one sampled token per sampling sequence
@@ -427,8 +429,7 @@ impl Scheduler {
         check_token_count(self.core.reqs.outputs.len(), tokens, stopped)?;
         self.pending = false;
         outcome.aborted.append(&mut self.core.reqs.unreported);
-        let (rules, core) = self.split();
-        rules.commit(core);
+        rules!(&mut self.rules, r => r.commit(&mut self.core));
         for (i, &token) in tokens.iter().enumerate() {
             let h = self.core.reqs.outputs[i];
             let stop = stopped.get(i).copied().unwrap_or(false);
@@ -466,9 +467,8 @@ impl Scheduler {
         }
         self.pending = false;
         outcome.aborted.append(&mut self.core.reqs.unreported);
-        let (rules, core) = self.split();
-        let victims = rules.victims(core);
-        core.reqs.outputs.clear();
+        let victims = rules!(&mut self.rules, r => r.victims(&mut self.core));
+        self.core.reqs.outputs.clear();
         for h in victims {
             outcome.aborted.push(self.core.reqs.get(h).id.clone());
             self.core.reqs.queued_aborts.retain(|&x| x != h);
@@ -502,7 +502,7 @@ impl Scheduler {
     }
     /// Paused requests (chunked policy with decode pausing).
     pub fn paused(&self) -> impl Iterator<Item = RequestRef<'_>> + '_ {
-        self.rules().paused().iter().map(|&h| self.core.reqs.view(h))
+        rules!(&self.rules, r => r.paused()).iter().map(|&h| self.core.reqs.view(h))
     }
     /// Requests that produced a token in the last step (during a step: the
     /// sequences that will).
@@ -526,7 +526,7 @@ impl Scheduler {
             finished_requests: reqs.names(&reqs.finished),
             n_reserved_blocks: self.core.kv.n_reserved(),
             n_used_blocks: self.core.kv.n_used(),
-            chunked: self.rules().chunked_state(&self.core).map(Box::new),
+            chunked: rules!(&self.rules, r => r.chunked_state(&self.core)).map(Box::new),
         }
     }
 }
