@@ -79,7 +79,7 @@ def test_random_faults_at_every_stage(tiny_model, hf_greedy):
     eng.scheduler = FaultySchedulerProxy(eng.scheduler, faults)
     wrap(eng.runner, "execute", faults, "execute")
     wrap(eng.sampler, "sample", faults, "sample")
-    wrap(eng.processor, "stop_string", faults, "stops")
+    wrap(eng.processor, "stop_strings", faults, "stops")
 
     vocab = eng.vocab_size
     plan: dict[str, tuple[list[int], int]] = {}

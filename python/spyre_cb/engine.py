@@ -299,10 +299,7 @@ class Engine:
             return SampledBatch([], [], {})
         sampled = self.sampler.sample(logits, states)
         with self._lock:
-            sampled.stopped = [
-                i in sampled.errors or self.processor.stop_string(s, t)
-                for i, (s, t) in enumerate(zip(states, sampled.tokens))
-            ]
+            sampled.stopped = self.processor.stop_strings(states, sampled)
         return sampled
 
     def _commit(self, states: list[RequestState], sampled: SampledBatch) -> list[StepOutput]:
@@ -313,23 +310,14 @@ class Engine:
             finished = {
                 rid: (why, tok) for rid, why, tok in zip(outcome.finished, outcome.finish_reasons, outcome.stop_reasons)
             }
-            aborted = set(outcome.aborted)
-            mine = {s.request_id for s in states}
-            now = time.time()
-            # aborted between steps, or while waiting during this one: their final outputs first
-            outs = [self._aborted(rid) for rid in outcome.aborted if rid not in mine]
-            for i, (s, token, lp) in enumerate(zip(states, sampled.tokens, sampled.logprobs)):
-                if s.request_id in aborted:  # during this step, after its token was computed
-                    outs.append(self._aborted(s.request_id))
-                elif i in sampled.errors:
-                    self._end(s, "abort", error=sampled.errors[i])
-                    outs.append(self.processor.final_abort(s))
-                else:
-                    out = self.processor.emit(s, token, lp, finished.get(s.request_id), now)
-                    if out.finished:
-                        self.sampler.forget(s.request_id)
-                    outs.append(out)
-            return [o for o in outs if o is not None]
+            outs: list[StepOutput] = []
+            if outcome.aborted:  # between steps, or while waiting during this one: their final outputs first
+                mine = {s.request_id for s in states}
+                outs = [o for o in (self._aborted(r) for r in outcome.aborted if r not in mine) if o is not None]
+            step_outs, ended = self.processor.emit(states, sampled, finished, set(outcome.aborted), time.time())
+            for rid in ended:
+                self.sampler.forget(rid)
+            return outs + step_outs
 
     def _aborted(self, request_id: str) -> StepOutput | None:
         """The final output of a request the core reported aborted (None once released)."""

@@ -17,7 +17,7 @@ from typing import Any
 from spyre_cb.detokenizer import IncrementalDetokenizer
 from spyre_cb.outputs import PositionLogprobs, RequestMetrics
 from spyre_cb.params import SamplingParams, StopRule
-from spyre_cb.sampling import top_logprobs
+from spyre_cb.sampling import SampledBatch, top_logprobs
 
 
 @dataclass
@@ -87,6 +87,15 @@ class OutputProcessor:
 
     # ----- before the commit --------------------------------------------------
 
+    def stop_strings(self, states: list[RequestState], sampled: SampledBatch) -> list[bool]:
+        """Per sampled row: whether its request stops on something only text shows
+        (a stop string), or its row failed (it stops too; the core then ends it)."""
+        errors = sampled.errors
+        return [
+            i in errors or (bool(s.params.stop_strings) and self.stop_string(s, t))
+            for i, (s, t) in enumerate(zip(states, sampled.tokens))
+        ]
+
     def stop_string(self, s: RequestState, token: int) -> bool:
         """Whether the text now contains one of the request's stop strings (decided
         before the commit; stop ids, EOS and max_tokens are the core's to check)."""
@@ -122,34 +131,48 @@ class OutputProcessor:
 
     def emit(
         self,
-        s: RequestState,
-        token: int,
-        lp: PositionLogprobs | None,
-        finish: tuple[str, int | None] | None,
+        states: list[RequestState],
+        sampled: SampledBatch,
+        finished: dict[str, tuple[str, int | None]],
+        aborted: set[str],
         now: float,
-    ) -> StepOutput:
-        """Records a committed token; ``finish`` is the core's (reason, stop token) when it ended the request."""
-        s.output_token_ids.append(token)
-        m = s.metrics
-        if m.first_token_time is None:
-            m.first_token_time = now
-        m.last_token_time = now
-        m.n_tokens += 1
-        if s.logprobs is not None and lp is not None:
-            self._decode_tokens(lp)
-            s.logprobs.append(lp)
-            s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lp[token].logprob
-        if finish is not None:
-            why, stop_token = finish
-            if stop_token is not None:
-                s.stop_reason = stop_token
-            self.end(s, why)
-        out = StepOutput(
-            s.request_id, [token], s.finished, s.finish_reason, s.stop_reason, None if lp is None else [lp]
-        )
-        if self.stream_text and self.tokenizer is not None:
-            out.text = self._text_delta(s, s.finished)
-        return out
+    ) -> tuple[list[StepOutput], list[str]]:
+        """Records a committed step: per sampled row its token (``finished``: the core's
+        reason and stop token for the requests it ended), or its final output when it
+        failed or was aborted during the step. Returns the outputs in plan order and
+        the ids that ended here."""
+        outs: list[StepOutput] = []
+        ended: list[str] = []
+        stream = self.stream_text and self.tokenizer is not None
+        for i, (s, token, lp) in enumerate(zip(states, sampled.tokens, sampled.logprobs)):
+            rid = s.request_id
+            if rid in aborted or i in sampled.errors:  # aborted during this step, or its row failed
+                self.end(s, "abort", sampled.errors.get(i))
+                outs.append(self.final_abort(s))
+                ended.append(rid)
+                continue
+            s.output_token_ids.append(token)
+            m = s.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
+            m.n_tokens += 1
+            if s.logprobs is not None and lp is not None:
+                self._decode_tokens(lp)
+                s.logprobs.append(lp)
+                s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lp[token].logprob
+            done = finished.get(rid)
+            if done is not None:
+                why, stop_token = done
+                if stop_token is not None:
+                    s.stop_reason = stop_token
+                self.end(s, why)
+                ended.append(rid)
+            out = StepOutput(rid, [token], s.finished, s.finish_reason, s.stop_reason, None if lp is None else [lp])
+            if stream:
+                out.text = self._text_delta(s, s.finished)
+            outs.append(out)
+        return outs, ended
 
     @staticmethod
     def end(s: RequestState, reason: str, error: str | None = None) -> None:

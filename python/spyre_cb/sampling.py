@@ -86,10 +86,8 @@ class Sampler:
         n = len(rows)
         params = [r.params for r in rows]
         errors: dict[int, str] = {}
-        simple = all(
-            r.params.greedy and not r.params.penalized and not r.params.logits_processors and not r.stop_rule.min_tokens
-            for r in rows
-        )
+        # (a row's stop rule holds ids back only below min_tokens, which its params carry too)
+        simple = all(p.greedy and not p.penalized and not p.logits_processors and not p.min_tokens for p in params)
         work = raw if simple else raw.clone()
         if not simple:
             for i, r in enumerate(rows):
