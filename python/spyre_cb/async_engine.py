@@ -166,6 +166,7 @@ def _merge(a: StepOutput, b: StepOutput) -> StepOutput:
         None if a.logprobs is None or b.logprobs is None else a.logprobs + b.logprobs,
         b.error,
         None if a.text is None and b.text is None else (a.text or "") + (b.text or ""),
+        a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
     )
 
 

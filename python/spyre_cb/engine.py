@@ -137,6 +137,7 @@ class Engine:
                 raise InvalidRequestError(f"prompt must be a str, got {type(prompt).__name__}")
             if self.tokenizer is None:
                 raise InvalidRequestError("this model directory has no tokenizer: give prompt_token_ids")
+            check_text(prompt, "prompt")
             # as the checkpoint's tokenizer does by default (BOS where it adds one), like HF and vLLM
             prompt_token_ids = self.tokenizer(prompt).input_ids
         if params.prompt_logprobs is not None and self.config.policy == "chunked" and self.config.prefix_caching:
@@ -149,6 +150,13 @@ class Engine:
                 f"n = {params.n}: the engine runs one completion per request; LLM.generate fans n out"
             )
         ids = _token_list(prompt_token_ids, self.vocab_size)
+        if params.truncate_prompt_tokens is not None:
+            ids = ids[-params.truncate_prompt_tokens :]  # keep the last k tokens, as vLLM does
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise InvalidRequestError(
+                f"logit_bias names token {max(params.logit_bias)}, outside the model's vocabulary "
+                f"(ids 0..{self.vocab_size - 1})"
+            )
         max_tokens = params.max_tokens
         if max_tokens is None:  # as many as fit, like vLLM
             max_tokens = self.config.max_model_len - len(ids)
@@ -156,6 +164,11 @@ class Engine:
                 raise InvalidRequestError(
                     f"prompt of {len(ids)} tokens leaves no room to generate within max_model_len "
                     f"{self.config.max_model_len}"
+                )
+            if params.min_tokens > max_tokens:
+                raise InvalidRequestError(
+                    f"min_tokens {params.min_tokens} is more than the {max_tokens} tokens that fit after a "
+                    f"prompt of {len(ids)} tokens within max_model_len {self.config.max_model_len}"
                 )
         state = RequestState(request_id, ids, params, prompt=prompt, stop_rule=params.stop_rule(self.eos_token_ids))
         if params.logprobs is not None:
@@ -373,6 +386,16 @@ class Engine:
                 for o in outs:
                     if o.finished and o.request_id in self.requests:
                         self.release(o.request_id)
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuses text a tokenizer cannot encode (a lone surrogate, which JSON can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            f"{what} is not valid Unicode text: {e.reason} at character {e.start} ({text[e.start]!r})"
+        ) from None
 
 
 def _token_list(ids: Sequence[int], vocab_size: int) -> list[int]:

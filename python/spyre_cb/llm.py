@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from spyre_cb.config import EngineConfig
-from spyre_cb.engine import Engine
+from spyre_cb.engine import Engine, check_text
 from spyre_cb.errors import InvalidRequestError, UnknownRequestError
 from spyre_cb.outputs import CompletionOutput, RequestOutput
 from spyre_cb.sampling import SamplingParams
@@ -126,6 +126,8 @@ class LLM:
                 raise InvalidRequestError(
                     f"conversation {i} must be a list of {{'role': str, 'content': str}} messages"
                 )
+            for m in conv:
+                check_text(m["content"], f"conversation {i}: a message's content")
             try:
                 ids = tok.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt, tokenize=True)
             except Exception as e:  # noqa: BLE001 (a template error is the caller's input)

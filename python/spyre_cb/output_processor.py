@@ -34,6 +34,9 @@ class StepOutput:
     #: the text these tokens add, with ``Engine.stream_text`` (never part of a stop
     #: string; on the final output, whatever was held back)
     text: str | None = None
+    #: on a request's first output, when it asked for ``prompt_logprobs``: one
+    #: entry per prompt token (None for the first)
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
 
 @dataclass
@@ -169,6 +172,8 @@ class OutputProcessor:
                 self.end(s, why)
                 ended.append(rid)
             out = StepOutput(rid, [token], s.finished, s.finish_reason, s.stop_reason, None if lp is None else [lp])
+            if s.prompt_logprobs is not None and len(s.output_token_ids) == 1:
+                out.prompt_logprobs = s.prompt_logprobs
             if stream:
                 out.text = self._text_delta(s, s.finished)
             outs.append(out)

@@ -13,6 +13,15 @@ from spyre_cb.errors import InvalidRequestError
 #: Temperatures below this are greedy (dividing logits by less overflows), as in vLLM.
 MIN_TEMPERATURE = 1e-5
 
+#: Most stop strings one request may give, and the longest one (characters):
+#: each is searched in the text of every new token.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+#: Largest ``logprobs`` / ``prompt_logprobs`` (alternatives per position), as vLLM's default.
+MAX_LOGPROBS = 20
+#: ``logit_bias`` values are clamped to this magnitude (as OpenAI's API does).
+MAX_LOGIT_BIAS = 100.0
+
 #: ``fn(output_token_ids, logits_row) -> logits_row`` (vLLM's per-request form).
 LogitsProcessor = Callable[[list[int], Any], Any]  # (output_token_ids, torch.Tensor) -> torch.Tensor
 
@@ -35,6 +44,9 @@ class SamplingParams:
     - ``logprobs=k``: the top-k log-probabilities of every generated token (plus
       the chosen one); ``prompt_logprobs=k`` the same for the prompt tokens.
     - ``skip_special_tokens``: leave special tokens out of the output text.
+    - ``logit_bias``: ``{token id: bias}`` added to those tokens' logits before
+      sampling (clamped to [-100, 100]; 100 at temperature 0 forces the token).
+    - ``truncate_prompt_tokens``: keep only the prompt's last k tokens.
     - ``logits_processors``: callables ``fn(output_token_ids, logits) -> logits``.
     """
 
@@ -56,6 +68,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    truncate_prompt_tokens: int | None = None
     logits_processors: list[LogitsProcessor] | None = None
     _stop: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
@@ -67,7 +81,16 @@ class SamplingParams:
             return InvalidRequestError(msg)
 
         # NumPy integers count as ints (as everywhere else in the API); bools never do
-        for name in ("n", "max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "min_tokens"):
+        for name in (
+            "n",
+            "max_tokens",
+            "top_k",
+            "seed",
+            "logprobs",
+            "prompt_logprobs",
+            "min_tokens",
+            "truncate_prompt_tokens",
+        ):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (bool, int)) and hasattr(value, "__index__"):
                 object.__setattr__(self, name, operator.index(value))
@@ -106,7 +129,8 @@ class SamplingParams:
         number("min_p", 0.0, 1.0)
         number("presence_penalty", -2.0, 2.0)
         number("frequency_penalty", -2.0, 2.0)
-        number("repetition_penalty", 0.0, lo_open=True)
+        # (dividing logits by a tinier penalty overflows them to infinity)
+        number("repetition_penalty", 0.01, 100.0)
         if not is_int(self.min_tokens) or self.min_tokens < 0:
             raise bad(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -117,8 +141,23 @@ class SamplingParams:
             raise bad(f"seed must be in [0, 2**64), got {self.seed}")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and (not is_int(v) or v < 0):
-                raise bad(f"{name} must be an int >= 0 or None, got {v!r}")
+            if v is not None and (not is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+                raise bad(f"{name} must be an int in [0, {MAX_LOGPROBS}] or None, got {v!r}")
+        if self.truncate_prompt_tokens is not None and (
+            not is_int(self.truncate_prompt_tokens) or self.truncate_prompt_tokens < 1
+        ):
+            raise bad(f"truncate_prompt_tokens must be an int >= 1 or None, got {self.truncate_prompt_tokens!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise bad(f"logit_bias must be a dict {{token id: bias}}, got {type(self.logit_bias).__name__}")
+            bias: dict[int, float] = {}
+            for t, v in self.logit_bias.items():
+                if not is_int(t) or t < 0:
+                    raise bad(f"logit_bias keys must be token ids (ints >= 0), got {t!r}")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise bad(f"logit_bias[{t}] must be a finite number, got {v!r}")
+                bias[t] = max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, float(v)))
+            self.logit_bias = bias or None
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
@@ -133,6 +172,11 @@ class SamplingParams:
             raise bad(f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
         if not all(isinstance(s, str) and s for s in stop):
             raise bad(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise bad(f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS} are accepted")
+        longest = max((len(str(s)) for s in stop), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise bad(f"a stop string has {longest} characters; at most {MAX_STOP_STRING_CHARS} are accepted")
         self._stop = tuple(str(s) for s in stop)
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)):
@@ -152,6 +196,11 @@ class SamplingParams:
     @property
     def stop_strings(self) -> tuple[str, ...]:
         return self._stop
+
+    @property
+    def processed(self) -> bool:
+        """Whether its logits are changed before sampling (penalties, bias, processors)."""
+        return self.penalized or bool(self.logit_bias) or bool(self.logits_processors) or self.min_tokens > 0
 
     @property
     def penalized(self) -> bool:
@@ -186,4 +235,13 @@ class StopRule:
         return sorted(self.ids) if n_generated < self.min_tokens else []
 
 
-__all__ = ["SamplingParams", "StopRule", "LogitsProcessor", "MIN_TEMPERATURE"]
+__all__ = [
+    "SamplingParams",
+    "StopRule",
+    "LogitsProcessor",
+    "MIN_TEMPERATURE",
+    "MAX_LOGPROBS",
+    "MAX_STOP_STRINGS",
+    "MAX_STOP_STRING_CHARS",
+    "MAX_LOGIT_BIAS",
+]

@@ -87,7 +87,7 @@ class Sampler:
         params = [r.params for r in rows]
         errors: dict[int, str] = {}
         # (a row's stop rule holds ids back only below min_tokens, which its params carry too)
-        simple = all(p.greedy and not p.penalized and not p.logits_processors and not p.min_tokens for p in params)
+        simple = all(p.greedy and not p.processed for p in params)
         work = raw if simple else raw.clone()
         if not simple:
             for i, r in enumerate(rows):
@@ -97,6 +97,12 @@ class Sampler:
                         work[i] = fn(list(r.output_token_ids), work[i])
                 except Exception as e:  # noqa: BLE001 (a user's processor fails: that request ends alone)
                     errors[i] = f"logits processor failed: {type(e).__name__}: {e}"
+                if p.logit_bias:
+                    ids = list(p.logit_bias)
+                    if max(ids) >= work.shape[-1]:
+                        errors[i] = f"logit_bias names token {max(ids)}, outside the vocabulary of {work.shape[-1]}"
+                    else:
+                        work[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=work.dtype)
                 held = r.stop_rule.held_back(len(r.output_token_ids))
                 if held:
                     work[i, held] = -math.inf
@@ -107,7 +113,10 @@ class Sampler:
         # on the Python floats: cheaper than two more tensor ops per step)
         for i, b in enumerate(best.tolist()):
             if not math.isfinite(b):
-                errors.setdefault(i, "sampling failed: the model produced NaN or infinite logits")
+                why = "the model produced NaN or infinite logits"
+                if not simple and bool(torch.isfinite(raw[i]).all()):
+                    why = "its penalties, logit bias or logits processors made the logits NaN or infinite"
+                errors.setdefault(i, f"sampling failed: {why}")
         sampled = [i for i, p in enumerate(params) if not p.greedy and i not in errors]
         if sampled:
             probs = _filtered_probs(work[sampled], [params[i] for i in sampled])

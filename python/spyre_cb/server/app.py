@@ -12,10 +12,11 @@ from fastapi.responses import PlainTextResponse
 
 from spyre_cb.async_engine import AsyncEngine
 from spyre_cb.engine import Engine
-from spyre_cb.server.errors import error_response, install_error_handlers
+from spyre_cb.server.errors import BodyLimit, error_response, install_error_handlers
 from spyre_cb.server.handlers import OpenAIServing
 from spyre_cb.server.metrics import Metrics
 from spyre_cb.server.protocol import ChatRequest, CompletionRequest
+from spyre_cb.server.tokenize import router as tokenize_router
 
 router = APIRouter()
 
@@ -28,7 +29,8 @@ def build_app(
     max_waiting: int | None = None,
 ) -> FastAPI:
     """The FastAPI application serving ``engine`` under ``served_model_name``."""
-    app = FastAPI(title="spyre_cb", version="1")
+    # no /docs: its page loads assets from a CDN (nothing leaves this server)
+    app = FastAPI(title="spyre_cb", version="1", docs_url=None, redoc_url=None)
     metrics = Metrics()
     engine.on_step.append(metrics.on_step)
     app.state.metrics = metrics
@@ -36,6 +38,8 @@ def build_app(
     install_error_handlers(app)
     app.middleware("http")(_require_key(api_key))
     app.include_router(router)
+    app.include_router(tokenize_router)
+    app.add_middleware(BodyLimit)
     return app
 
 

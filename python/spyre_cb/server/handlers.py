@@ -21,14 +21,23 @@ from fastapi.responses import StreamingResponse
 from spyre_cb.async_engine import AsyncEngine, RequestStream
 from spyre_cb.engine import StepOutput
 from spyre_cb.errors import SpyreCBError
+from spyre_cb.outputs import PositionLogprobs
 from spyre_cb.server.errors import APIError
 from spyre_cb.server.protocol import (
+    MAX_SEQUENCES_PER_REQUEST,
     ChatRequest,
     CompletionRequest,
     _Sampling,
     chat_prompt,
     completion_prompts,
     sampling_params,
+)
+from spyre_cb.server.responses import (
+    CompletionLogprobs,
+    chat_logprobs,
+    merge_completion_logprobs,
+    prompt_logprobs_json,
+    usage,
 )
 
 #: one submitted choice: its index in the response, its prompt ids, its outputs
@@ -44,6 +53,7 @@ class OpenAIServing:
         self.max_waiting = max_waiting
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.config.max_model_len
+        self.vocab_size = engine.engine.vocab_size
         self.created = int(time.time())
 
     def models(self) -> dict[str, Any]:
@@ -57,48 +67,75 @@ class OpenAIServing:
         return {"object": "list", "data": [card]}
 
     async def completions(self, body: CompletionRequest) -> Any:
-        self.check(body)
-        prompts = completion_prompts(body, self.tokenizer)
+        self.check(body, n_prompts=_n_prompts(body.prompt))
+        # tokenizing is CPU work: off the event loop, so one large prompt never stalls the others
+        prompts = await asyncio.to_thread(completion_prompts, body, self.tokenizer, self.max_model_len)
         base = f"cmpl-{uuid.uuid4().hex[:16]}"
         jobs = [(i * body.n + k, p) for i, p in enumerate(prompts) for k in range(body.n)]
         return await self._respond(body, base, jobs, "text_completion", chat=False)
 
     async def chat(self, body: ChatRequest) -> Any:
-        self.check(body)
-        ids = chat_prompt(body, self.tokenizer)
+        self.check(body, n_prompts=1)
+        ids = await asyncio.to_thread(chat_prompt, body, self.tokenizer, self.max_model_len)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         base = f"chatcmpl-{uuid.uuid4().hex[:16]}"
         jobs = [(k, list(ids)) for k in range(body.n)]
         return await self._respond(body, base, jobs, "chat.completion", chat=True)
 
-    def check(self, body: _Sampling) -> None:
-        """Refuses a request before anything is queued: unknown model, too many waiting, bad ``n``."""
-        if body.model != self.model_name:
+    def check_model(self, model: str | None) -> None:
+        """404 unless ``model`` names the served model (omitted: the served model)."""
+        if model is not None and model != self.model_name:
             raise APIError(
                 404,
-                f"model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                f"model {model!r} does not exist; this server serves {self.model_name!r}",
                 "not_found_error",
                 "model",
             )
-        if self.max_waiting is not None and self.engine.n_waiting >= self.max_waiting:
-            raise APIError(
-                503,
-                f"the server is busy: {self.engine.n_waiting} requests wait (--max-waiting {self.max_waiting})",
-                "server_busy",
-            )
+
+    def check(self, body: _Sampling, n_prompts: int) -> None:
+        """Refuses a request before anything is queued: unknown model, what this server
+        cannot do, bad ``n``, too many sequences, or (counting every sequence it would
+        queue) more waiting than ``--max-waiting``."""
+        self.check_model(body.model)
+        body.refuse_unsupported()
         if body.n < 1 or body.n > 64:
             raise APIError(400, f"n must be in [1, 64], got {body.n}", "invalid_request_error", "n")
+        sequences = n_prompts * body.n
+        if sequences > MAX_SEQUENCES_PER_REQUEST:
+            raise APIError(
+                400,
+                f"the request asks for {sequences} sequences ({n_prompts} prompts x n {body.n}); "
+                f"at most {MAX_SEQUENCES_PER_REQUEST} per request",
+                "invalid_request_error",
+                "prompt",
+            )
+        waiting = self.engine.n_waiting
+        if self.max_waiting is not None and waiting + sequences > self.max_waiting:
+            raise APIError(
+                503,
+                f"the server is busy: {waiting} sequences wait and this request adds {sequences} "
+                f"(--max-waiting {self.max_waiting})",
+                "server_busy",
+            )
 
     async def _respond(
         self, body: _Sampling, base: str, jobs: list[tuple[int, list[int]]], obj: str, chat: bool
     ) -> Any:
+        if body.truncate_prompt_tokens is not None:  # the prompt as the engine will run it (its last k tokens)
+            jobs = [(index, p[-body.truncate_prompt_tokens :]) for index, p in jobs]
         streams = await self._submit(body, base, jobs)
         prompt_tokens = sum(len(p) for _, p, _ in streams)
         if body.stream:
-            events = sse_events(body, base, self.model_name, chat, streams, prompt_tokens)
+            events = sse_events(body, base, self.model_name, chat, streams, prompt_tokens, self._decode)
             return StreamingResponse(events, media_type="text/event-stream")
-        return await self._complete(base, obj, chat, streams, prompt_tokens)
+        return await self._complete(body, base, obj, chat, streams, prompt_tokens)
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        text: str = self.tokenizer.decode(ids)
+        return text
 
     async def _submit(self, body: _Sampling, base: str, jobs: list[tuple[int, list[int]]]) -> list[Choice]:
         """Queues every job at once (they batch together); a refused one fails the whole request."""
@@ -114,66 +151,101 @@ class OpenAIServing:
         return streams
 
     async def _complete(
-        self, base: str, obj: str, chat: bool, streams: list[Choice], prompt_tokens: int
+        self, body: _Sampling, base: str, obj: str, chat: bool, streams: list[Choice], prompt_tokens: int
     ) -> dict[str, Any]:
         """The non-streamed response: every choice read to its end."""
         try:
-            results = [(index, [o async for o in s]) for index, _, s in streams]
+            results = [(index, prompt, [o async for o in s]) for index, prompt, s in streams]
         finally:
             for _, _, s in streams:
                 await s.aclose()
         n_tokens = 0
         choices = []
-        for index, outs in results:
+        for index, prompt, outs in results:
             n_tokens += sum(len(o.new_token_ids) for o in outs)
             last = next(o for o in outs if o.finished)
-            text = "".join(o.text or "" for o in outs)
-            choices.append(_choice(index, text, last.finish_reason, last.stop_reason, chat))
+            if last.error is not None:  # the engine ended it alone: say why, never a silent "abort"
+                raise APIError(500, f"the request failed: {last.error}", "internal_server_error")
+            choices.append(self._choice(body, index, prompt, outs, last, chat))
         return {
             "id": base,
             "object": obj,
             "created": int(time.time()),
             "model": self.model_name,
             "choices": choices,
-            "usage": _usage(prompt_tokens, n_tokens),
+            "usage": usage(prompt_tokens, n_tokens),
         }
 
+    def _choice(
+        self, body: _Sampling, index: int, prompt: list[int], outs: list[StepOutput], last: StepOutput, chat: bool
+    ) -> dict[str, Any]:
+        text = "".join(o.text or "" for o in outs)
+        ids = [t for o in outs for t in o.new_token_ids]
+        positions = [p for o in outs for p in (o.logprobs or [])]
+        prompt_lps = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None)
+        choice: dict[str, Any] = {"index": index}
+        if isinstance(body, ChatRequest):
+            choice["message"] = {"role": "assistant", "content": text}
+            choice["logprobs"] = (
+                {"content": chat_logprobs(ids, positions, body.top_logprobs or 0, self._decode)}
+                if body.logprobs
+                else None
+            )
+        else:
+            assert isinstance(body, CompletionRequest)
+            parts = []
+            lps = CompletionLogprobs(self._decode) if body.logprobs is not None else None
+            if body.echo:
+                text = self._decode(prompt) + text
+                if lps is not None:
+                    parts.append(lps.part(prompt, list(prompt_lps or [None] * len(prompt)), first_is_none=True))
+            if lps is not None:
+                parts.append(lps.part(ids, list(positions)))
+            choice["text"] = text
+            choice["logprobs"] = merge_completion_logprobs(parts)
+        choice["finish_reason"] = last.finish_reason
+        choice["stop_reason"] = last.stop_reason
+        if body.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = prompt_logprobs_json(prompt_lps)
+        return choice
 
-def _choice(index: int, text: str, why: str | None, stop_reason: Any, chat: bool) -> dict[str, Any]:
-    if chat:
-        return {
-            "index": index,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": why,
-            "stop_reason": stop_reason,
-        }
-    return {"index": index, "text": text, "finish_reason": why, "stop_reason": stop_reason, "logprobs": None}
 
-
-def _usage(prompt_tokens: int, n_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": n_tokens, "total_tokens": prompt_tokens + n_tokens}
+def _n_prompts(prompt: Any) -> int:
+    if isinstance(prompt, str) or (prompt and all(isinstance(x, int) for x in prompt)):
+        return 1
+    return max(1, len(prompt))
 
 
 # ----- streaming (SSE) -----------------------------------------------------------------
 
 
 async def sse_events(
-    body: _Sampling, base: str, model: str, chat: bool, streams: list[Choice], prompt_tokens: int
+    body: _Sampling,
+    base: str,
+    model: str,
+    chat: bool,
+    streams: list[Choice],
+    prompt_tokens: int,
+    decode: Any = None,
 ) -> AsyncIterator[str]:
     """The server-sent events of a streamed response; leaving early (the client
     went away) closes every choice's stream, which aborts what still runs."""
-    chunks = _Chunks(base, model, chat, body.include_usage)
-    n_tokens = 0
+    chunks = _Chunks(base, model, chat, body, prompt_tokens, decode)
     tasks, merged = _merge(streams)
     try:
         if chat:
             for index, _, _ in streams:
                 yield chunks.role(index)
+        elif isinstance(body, CompletionRequest) and body.echo:
+            for index, prompt, _ in streams:
+                yield chunks.echo(index, prompt)
         async for index, o in merged:
-            n_tokens += len(o.new_token_ids)
+            if o.error is not None:  # the engine ended this request alone: an error the client can read
+                yield chunks.error(f"the request failed: {o.error}")
+                return
             yield chunks.delta(index, o)
         if body.include_usage:
-            yield chunks.usage(prompt_tokens, n_tokens)
+            yield chunks.usage()
         yield "data: [DONE]\n\n"
     finally:  # the client went away (or we are done): stop every stream, which aborts what still runs
         for t in tasks:
@@ -185,36 +257,66 @@ async def sse_events(
 class _Chunks:
     """The ``data:`` events of one streamed response."""
 
-    def __init__(self, base: str, model: str, chat: bool, include_usage: bool) -> None:
-        self.base, self.model, self.chat, self.include_usage = base, model, chat, include_usage
+    def __init__(
+        self, base: str, model: str, chat: bool, body: _Sampling, prompt_tokens: int, decode: Any = None
+    ) -> None:
+        self.base, self.model, self.chat, self.body = base, model, chat, body
         self.obj = "chat.completion.chunk" if chat else "text_completion"
         self.created = int(time.time())
+        self.prompt_tokens = prompt_tokens
+        self.n_tokens = 0
+        self.decode = decode or (lambda ids: "")
+        # per choice: the legacy logprobs' running text offset
+        self._lps: dict[int, CompletionLogprobs] = {}
 
     def role(self, index: int) -> str:
         """A chat choice's first event: the assistant role, no text yet."""
         return self._event({"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
 
+    def echo(self, index: int, prompt: list[int]) -> str:
+        """A completion choice's first event with ``echo``: the prompt's text."""
+        return self._event({"index": index, "text": self.decode(prompt), "finish_reason": None, "logprobs": None})
+
     def delta(self, index: int, o: StepOutput) -> str:
         """The text one output adds to its choice (and why it ended, with the last)."""
+        self.n_tokens += len(o.new_token_ids)
+        body = self.body
         choice: dict[str, Any]
-        if self.chat:
+        if isinstance(body, ChatRequest):
             choice = {"index": index, "delta": {"content": o.text or ""}, "finish_reason": None}
+            if body.logprobs:
+                content = chat_logprobs(o.new_token_ids, o.logprobs or [], body.top_logprobs or 0, self.decode)
+                choice["logprobs"] = {"content": content}
         else:
             choice = {"index": index, "text": o.text or "", "finish_reason": None, "logprobs": None}
+            if isinstance(body, CompletionRequest) and body.logprobs is not None:
+                lps = self._lps.setdefault(index, CompletionLogprobs(self.decode))
+                positions: list[PositionLogprobs | None] = (
+                    list(o.logprobs) if o.logprobs is not None else [None] * len(o.new_token_ids)
+                )
+                choice["logprobs"] = lps.part(o.new_token_ids, positions)
+        if o.prompt_logprobs is not None and body.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = prompt_logprobs_json(o.prompt_logprobs)
         if o.finished:
             choice["finish_reason"] = o.finish_reason
             choice["stop_reason"] = o.stop_reason
         return self._event(choice)
 
-    def usage(self, prompt_tokens: int, n_tokens: int) -> str:
+    def usage(self) -> str:
         """The last event before ``[DONE]`` with ``stream_options.include_usage``."""
         payload = self._payload([])
-        payload["usage"] = _usage(prompt_tokens, n_tokens)
+        payload["usage"] = usage(self.prompt_tokens, self.n_tokens)
         return f"data: {json.dumps(payload)}\n\n"
+
+    def error(self, message: str, status: int = 500, type_: str = "internal_server_error") -> str:
+        """An OpenAI-shaped error event (the stream ends after it, without ``[DONE]``)."""
+        return f"data: {json.dumps({'error': {'message': message, 'type': type_, 'param': None, 'code': status}})}\n\n"
 
     def _event(self, choice: dict[str, Any]) -> str:
         payload = self._payload([choice])
-        if self.include_usage:
+        if self.body.continuous_usage:
+            payload["usage"] = usage(self.prompt_tokens, self.n_tokens)
+        elif self.body.include_usage:
             payload["usage"] = None
         return f"data: {json.dumps(payload)}\n\n"
 

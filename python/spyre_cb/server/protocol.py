@@ -1,30 +1,49 @@
 """The OpenAI request bodies (pydantic) and their conversion into what the
-engine runs: prompt token ids and validated ``SamplingParams``."""
+engine runs: prompt token ids and validated ``SamplingParams``.
+
+Nothing a client sends is silently ignored: every field either has its
+effect or is refused with a 400 naming it (as vLLM refuses it); fields this
+server does not know are accepted and named in a warning in the log, as vLLM
+does. Token ids must be JSON integers (``true`` or ``1.0`` are refused).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from spyre_cb.engine import check_text
 from spyre_cb.errors import SpyreCBError
+from spyre_cb.params import MAX_LOGPROBS
 from spyre_cb.sampling import SamplingParams
 from spyre_cb.server.errors import APIError
+
+log = logging.getLogger("spyre_cb.server")
+
+#: A prompt longer than this many characters per token of ``max_model_len``
+#: cannot fit: it is refused before it is tokenized.
+MAX_CHARS_PER_TOKEN = 32
+#: Most sequences (prompts x ``n``) one request may ask for.
+MAX_SEQUENCES_PER_REQUEST = 256
 
 # ----- request bodies -------------------------------------------------------------
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    #: usage (tokens so far) in every chunk, not only at the end (vLLM's extra)
+    continuous_usage_stats: bool = False
 
 
 class _Sampling(BaseModel):
-    """The sampling fields both endpoints take (OpenAI's, plus vLLM's extras)."""
+    """The fields both endpoints take (OpenAI's, plus vLLM's extras)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
-    model: str
+    model: str | None = None  #: the served model when omitted
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
@@ -32,7 +51,7 @@ class _Sampling(BaseModel):
     min_p: float = 0.0
     n: int = 1
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[StrictInt] | None = None
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -40,11 +59,22 @@ class _Sampling(BaseModel):
     min_tokens: int = 0
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    logit_bias: dict[str, float] | None = None
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    prompt_logprobs: int | None = None
+    use_beam_search: bool = False
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    def params(self, default_max_tokens: int | None) -> SamplingParams:
+    def params(self, default_max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
@@ -61,6 +91,11 @@ class _Sampling(BaseModel):
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+            logit_bias=_logit_bias(self.logit_bias),
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=self.wanted_prompt_logprobs,
         )
 
     @property
@@ -68,11 +103,75 @@ class _Sampling(BaseModel):
         """Whether a streamed response ends with a usage chunk (``stream_options.include_usage``)."""
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    @property
+    def wanted_prompt_logprobs(self) -> int | None:
+        return self.prompt_logprobs
+
+    def refuse_unsupported(self) -> None:
+        """400 for what this server cannot do yet (never ignored), as vLLM refuses what it cannot."""
+        if self.use_beam_search:
+            raise APIError(400, "use_beam_search is not supported yet", "invalid_request_error", "use_beam_search")
+        rf = self.response_format
+        if rf is not None and rf.get("type", "text") != "text":
+            raise APIError(
+                400,
+                f"response_format type {rf.get('type')!r} needs structured outputs, which this server does not "
+                "support yet; only {'type': 'text'} is accepted",
+                "invalid_request_error",
+                "response_format",
+            )
+        for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+            if getattr(self, name) is not None:
+                raise APIError(400, f"{name}: structured outputs are not supported yet", "invalid_request_error", name)
+        if self.model_extra:
+            log.warning("request fields this server does not know, ignored: %s", ", ".join(sorted(self.model_extra)))
+
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     echo: bool = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _token_ids_are_ints(cls, v: Any) -> Any:
+        items = v if isinstance(v, list) else []
+        for x in [y for item in items for y in (item if isinstance(item, list) else [item])]:
+            if isinstance(x, (bool, float)):
+                raise ValueError(f"prompt token ids must be JSON integers, got {x!r}")
+        return v
+
+    #: the top-k alternatives of every generated token (0..20)
+    logprobs: int | None = None
     max_tokens: int | None = 16
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @property
+    def wanted_prompt_logprobs(self) -> int | None:
+        # echo with logprobs reports the prompt tokens' logprobs too
+        if self.echo and self.logprobs is not None:
+            return max(self.logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.suffix is not None:
+            raise APIError(400, "suffix is not supported", "invalid_request_error", "suffix")
+        if self.best_of is not None and self.best_of > 1:
+            raise APIError(
+                400, f"best_of {self.best_of} is not supported (only 1), as in vLLM", "invalid_request_error", "best_of"
+            )
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise APIError(
+                400,
+                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
+                "invalid_request_error",
+                "logprobs",
+            )
 
 
 class ChatMessage(BaseModel):
@@ -84,6 +183,47 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    #: return the chosen tokens' logprobs (``choices[].logprobs.content``)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.tools and self.tool_choice != "none":
+            raise APIError(
+                400,
+                "tools need tool calling, which this server does not support yet (tool_choice 'none' is accepted)",
+                "invalid_request_error",
+                "tools",
+            )
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", "invalid_request_error", "top_logprobs")
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise APIError(
+                    400,
+                    f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
+                    "invalid_request_error",
+                    "top_logprobs",
+                )
+        if self.continue_final_message and self.add_generation_prompt:
+            raise APIError(
+                400,
+                "continue_final_message and add_generation_prompt cannot both be true",
+                "invalid_request_error",
+                "continue_final_message",
+            )
+
+    @property
+    def n_logprobs(self) -> int | None:
+        """The alternatives per generated token the engine reports (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # ----- bodies into prompts and SamplingParams ------------------------------------------
@@ -92,37 +232,78 @@ class ChatRequest(_Sampling):
 def sampling_params(body: _Sampling, default_max: int | None, n_index: int) -> SamplingParams:
     """The validated params of choice ``n_index`` (with ``n > 1`` a seed moves by the index)."""
     try:
-        p = body.params(default_max)
+        logprobs = body.n_logprobs if isinstance(body, ChatRequest) else getattr(body, "logprobs", None)
+        p = body.params(default_max, logprobs)
         if body.n > 1 and p.seed is not None:
-            p = dataclasses.replace(p, seed=p.seed + n_index)
+            p = dataclasses.replace(p, seed=(p.seed + n_index) % 2**64)
         p.validate()
         return p
     except SpyreCBError as e:
         raise APIError(400, str(e), "invalid_request_error") from None
 
 
-def completion_prompts(body: CompletionRequest, tokenizer: Any) -> list[list[int]]:
+def completion_prompts(body: CompletionRequest, tokenizer: Any, max_model_len: int) -> list[list[int]]:
     """The token ids of each prompt: a text, a list of texts, ids, or a list of id lists."""
     p = body.prompt
     if isinstance(p, str):
-        return [_encode(tokenizer, p)]
+        return [_encode(tokenizer, p, max_model_len)]
     if p and all(isinstance(x, int) for x in p):
         return [list(p)]  # type: ignore[arg-type]
     out = []
     for x in p:
-        out.append(_encode(tokenizer, x) if isinstance(x, str) else list(x))  # type: ignore[arg-type]
+        out.append(_encode(tokenizer, x, max_model_len) if isinstance(x, str) else list(x))  # type: ignore[arg-type]
     if not out:
         raise APIError(400, "prompt must not be empty", "invalid_request_error", "prompt")
     return out
 
 
-def chat_prompt(body: ChatRequest, tokenizer: Any) -> list[int]:
-    """The messages through the tokenizer's chat template, with the generation prompt."""
-    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+def chat_messages(body: ChatRequest, max_model_len: int) -> list[dict[str, Any]]:
+    """The messages as the chat template takes them: a content given as a list of
+    text parts becomes the same text as a string (parts joined by newlines, as
+    vLLM does); any other part is refused."""
+    out = []
+    total = 0
+    for i, m in enumerate(body.messages):
+        msg = m.model_dump(exclude_none=True)
+        content = msg.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                kind = part.get("type")
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(
+                        400,
+                        f"messages[{i}].content[{j}]: only text parts are supported, got type {kind!r}",
+                        "invalid_request_error",
+                        "messages",
+                    )
+                texts.append(part["text"])
+            content = msg["content"] = "\n".join(texts)
+        if isinstance(content, str):
+            _check(content, f"messages[{i}].content", "messages")
+            total += len(content)
+        out.append(msg)
+    _check_length(total, max_model_len, "messages")
+    return out
+
+
+def chat_prompt(body: ChatRequest, tokenizer: Any, max_model_len: int) -> list[int]:
+    """The messages through the chat template (the request's or the tokenizer's), with the
+    generation prompt or continuing the final message, and ``chat_template_kwargs``."""
+    template = body.chat_template or (getattr(tokenizer, "chat_template", None) if tokenizer is not None else None)
+    if tokenizer is None or template is None:
         raise APIError(400, "this model's tokenizer has no chat template", "invalid_request_error", "messages")
-    msgs = [m.model_dump(exclude_none=True) for m in body.messages]
+    msgs = chat_messages(body, max_model_len)
+    kwargs = dict(body.chat_template_kwargs or {})
     try:
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            msgs,
+            chat_template=body.chat_template,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            tokenize=True,
+            **kwargs,
+        )
     except Exception as e:
         raise APIError(400, f"could not apply the chat template: {e}", "invalid_request_error", "messages") from None
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
@@ -130,10 +311,45 @@ def chat_prompt(body: ChatRequest, tokenizer: Any) -> list[int]:
     return list(ids)
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def _encode(tokenizer: Any, text: str, max_model_len: int) -> list[int]:
     if tokenizer is None:
         raise APIError(400, "this model has no tokenizer: send prompt token ids", "invalid_request_error", "prompt")
+    _check(text, "prompt", "prompt")
+    _check_length(len(text), max_model_len, "prompt")
     return list(tokenizer(text).input_ids)
+
+
+def _check(text: str, what: str, param: str) -> None:
+    try:
+        check_text(text, what)
+    except SpyreCBError as e:
+        raise APIError(400, str(e), "invalid_request_error", param) from None
+
+
+def _check_length(chars: int, max_model_len: int, param: str) -> None:
+    limit = MAX_CHARS_PER_TOKEN * max_model_len
+    if chars > limit:
+        raise APIError(
+            400,
+            f"{param} has {chars} characters, more than can fit in max_model_len {max_model_len} tokens "
+            f"(at most {MAX_CHARS_PER_TOKEN} characters per token: {limit})",
+            "invalid_request_error",
+            param,
+        )
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    out = {}
+    for k, v in bias.items():
+        try:
+            out[int(k)] = v
+        except ValueError:
+            raise APIError(
+                400, f"logit_bias keys must be token ids, got {k!r}", "invalid_request_error", "logit_bias"
+            ) from None
+    return out
 
 
 __all__ = [
@@ -143,5 +359,8 @@ __all__ = [
     "ChatRequest",
     "sampling_params",
     "completion_prompts",
+    "chat_messages",
     "chat_prompt",
+    "MAX_CHARS_PER_TOKEN",
+    "MAX_SEQUENCES_PER_REQUEST",
 ]
