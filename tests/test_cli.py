@@ -167,7 +167,8 @@ def test_generate_json_logprobs_stop_ids_and_prompts_from_stdin(tmp_path):
         (["generate"], "give at least one --prompt"),
         (["generate", "--prompt-file", "/nonexistent/prompts.txt"], "cannot read prompts"),
         (["generate", "--prompt", "x", "--top-p", "0"], "top_p must be in"),
-        (["generate", "--prompt", "x", "--max-tokens", "-3"], "must be >= 0"),
+        (["generate", "--prompt", "x", "--max-tokens", "-3"], "max_tokens must be at least 1, got -3"),
+        (["serve", "tiny", "--max-num-seqs", "-1"], "max_num_seqs must be at least 1, got -1"),
     ],
 )
 def test_generate_usage_errors_exit_2(tmp_path, args, needle):

@@ -21,7 +21,7 @@ def sched(**kw):
         ([1, 2], 0, {}, "max_tokens must be at least 1"),
         ([1] * 150, 43, {}, "exceeds max_model_len 192"),
         ([1] * 100, 100, dict(max_model_len=256, max_batch_tkv_limit=200), "max_batch_tkv_limit 200"),
-        ([1, 2], -1, {}, "max_tokens must be >= 0"),
+        ([1, 2], -1, {}, "max_tokens must not be negative"),
         ([1, 2], 2**40, {}, "max_tokens"),
         ([1, 2], "3", {}, "max_tokens must be an int"),
         ("hello", 3, {}, "prompt_token_ids must be a sequence of ints"),
@@ -76,7 +76,7 @@ def test_duplicate_id_rejected_until_the_first_is_gone():
         (dict(max_num_seqs=2, max_model_len=100), "multiple of the block size 64, got 100"),
         (dict(max_num_seqs=2, max_model_len=256, available_blocks=3), "fewer than one sequence"),
         (dict(max_num_seqs=2, max_model_len=128, max_batch_tkv_limit=0), "max_batch_tkv_limit must be at least 1"),
-        (dict(max_num_seqs=-1, max_model_len=128), "max_num_seqs must be >= 0"),
+        (dict(max_num_seqs=-1, max_model_len=128), "max_num_seqs must be at least 1, got -1"),
         (dict(max_num_seqs=2.5, max_model_len=128), "max_num_seqs must be an int"),
     ],
 )

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from spyre_cb._core import StepRecord, __version__
-from spyre_cb.config import EngineConfig, nonneg_int
+from spyre_cb.config import EngineConfig, any_int, nonneg_int
 from spyre_cb.errors import SpyreCBError
 from spyre_cb.params import SamplingParams
 from spyre_cb.stats import describe_wait
@@ -115,7 +115,7 @@ SAMPLING_HELP = {
 def _max_tokens(text: str) -> int | None:
     if text.lower() in ("0", "none"):
         return None
-    return nonneg_int(text)
+    return any_int(text)  # SamplingParams names the limit of a negative one
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -141,7 +141,7 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
                 flag, dest=name, type=_max_tokens, default=default, help=f"{help_text} (default: {default})"
             )
         else:
-            kind = float if isinstance(default, float) else nonneg_int
+            kind = float if isinstance(default, float) else any_int  # SamplingParams names each limit
             shown = "none" if default is None else default
             group.add_argument(
                 flag,

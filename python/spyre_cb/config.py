@@ -163,7 +163,7 @@ class EngineConfig:
             elif f.metadata["choices"]:
                 kw["choices"] = f.metadata["choices"]
             elif f.type in ("int", "int | None"):
-                kw["type"] = nonneg_int
+                kw["type"] = any_int  # the config's own checks name each option's limit
                 kw["metavar"] = "N"
             elif f.type == "float":
                 kw["type"] = float
@@ -180,6 +180,14 @@ class EngineConfig:
     @staticmethod
     def scheduler_from_cli(args: argparse.Namespace) -> SchedulerConfig:
         return SchedulerConfig(**{name: getattr(args, name) for name in SchedulerConfig.FIELDS})
+
+
+def any_int(text: str) -> int:
+    """argparse type: an integer (its range is the option's to check and name)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def nonneg_int(text: str) -> int:

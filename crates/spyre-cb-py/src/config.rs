@@ -69,6 +69,12 @@ impl SchedulerConfig {
         prefix_caching: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let c = Kind::Config;
+        // below 1, negative too, the message names the real limit (as the core's for 0)
+        if let Ok(v) = max_num_seqs.extract::<i64>() {
+            if v < 0 && !max_num_seqs.is_instance_of::<pyo3::types::PyBool>() {
+                return Err(err(py, c, format!("max_num_seqs must be at least 1, got {v}")));
+            }
+        }
         let seqs = uint(max_num_seqs, "max_num_seqs", U32, c)? as u32;
         let mml = uint(max_model_len, "max_model_len", U32, c)? as u32;
         let blocks = opt_uint(available_blocks, "available_blocks", U32, c)?.map(|b| b as u32);

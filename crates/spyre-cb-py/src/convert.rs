@@ -33,7 +33,8 @@ pub fn uint(obj: &Bound<'_, PyAny>, name: &str, max: u64, kind: Kind) -> PyResul
         }
     };
     if v < 0 {
-        return Err(err(py, kind, format!("{name} must be >= 0, got {v}")));
+        // the smallest value the option takes is the caller's (or the core's) to name
+        return Err(err(py, kind, format!("{name} must not be negative, got {v}")));
     }
     if v > i128::from(max) {
         return Err(err(py, kind, format!("{name} = {v} is larger than the supported maximum {max}")));
