@@ -311,8 +311,9 @@ class Engine:
         if not states:
             return SampledBatch([], [], {})
         sampled = self.sampler.sample(logits, states)
-        with self._lock:
-            sampled.stopped = self.processor.stop_strings(states, sampled)
+        # without the engine's lock: only the step's own requests' text is touched, so
+        # add_request and abort from other threads never wait for a stop-string scan
+        sampled.stopped = self.processor.stop_strings(states, sampled)
         return sampled
 
     def _commit(self, states: list[RequestState], sampled: SampledBatch) -> list[StepOutput]:
