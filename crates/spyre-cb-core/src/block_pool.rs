@@ -63,7 +63,8 @@ const NIL: u32 = 0; // the null block doubles as the queue's sentinel
 #[derive(Clone, Copy, Debug, Default)]
 struct Meta {
     ref_count: u32,
-    queued: bool,
+    /// In the linked list of free cached blocks.
+    listed: bool,
     /// `content` holds what it caches.
     cached: bool,
 }
@@ -80,7 +81,8 @@ pub struct BlockPool {
     next: Vec<u32>,
     /// Per block: reference count, whether it is in the free queue, whether it caches a prefix.
     meta: Vec<Meta>,
-    n_free: u32,
+    /// Blocks in the linked list (free and cached).
+    n_listed: u32,
     content: Vec<Option<Content>>,
     /// Cached blocks by hash, oldest first.
     by_hash: HashMap<BlockHash, Vec<BlockId>>,
@@ -94,8 +96,8 @@ impl BlockPool {
             uncached: (1..=n_blocks).rev().collect(),
             prev: vec![NIL; n],
             next: vec![NIL; n],
-            meta: (0..n).map(|b| Meta { ref_count: 0, queued: b != NIL as usize, cached: false }).collect(),
-            n_free: n_blocks,
+            meta: vec![Meta::default(); n],
+            n_listed: 0,
             content: vec![None; n],
             by_hash: HashMap::new(),
         }
@@ -110,12 +112,13 @@ impl BlockPool {
         self.n_blocks + 1
     }
     /// Blocks in the free queue (cached ones included: they can be evicted).
+    #[inline]
     pub fn n_free(&self) -> u32 {
-        self.n_free
+        self.uncached.len() as u32 + self.n_listed
     }
     /// Blocks held by at least one request.
     pub fn n_used(&self) -> u32 {
-        self.n_blocks - self.n_free
+        self.n_blocks - self.n_free()
     }
     pub fn ref_count(&self, b: BlockId) -> u32 {
         self.meta.get(b as usize).map_or(0, |m| m.ref_count)
@@ -125,7 +128,7 @@ impl BlockPool {
     }
     /// The free queue, front first (for tests and invariant checks).
     pub fn free_queue(&self) -> Vec<BlockId> {
-        let mut out = Vec::with_capacity(self.n_free as usize);
+        let mut out = Vec::with_capacity(self.n_free() as usize);
         out.extend(self.uncached.iter().rev());
         let mut b = self.next[NIL as usize];
         while b != NIL {
@@ -136,12 +139,12 @@ impl BlockPool {
     }
 
     fn unlink(&mut self, b: BlockId) {
-        debug_assert!(self.meta[b as usize].queued);
+        debug_assert!(self.meta[b as usize].listed);
         let (p, n) = (self.prev[b as usize], self.next[b as usize]);
         self.next[p as usize] = n;
         self.prev[n as usize] = p;
-        self.meta[b as usize].queued = false;
-        self.n_free -= 1;
+        self.meta[b as usize].listed = false;
+        self.n_listed -= 1;
     }
     fn push_back(&mut self, b: BlockId) {
         let last = self.prev[NIL as usize];
@@ -149,8 +152,8 @@ impl BlockPool {
         self.prev[b as usize] = last;
         self.next[b as usize] = NIL;
         self.prev[NIL as usize] = b;
-        self.meta[b as usize].queued = true;
-        self.n_free += 1;
+        self.meta[b as usize].listed = true;
+        self.n_listed += 1;
     }
     /// The cached block holding `tokens` after `parent`, if any (verified).
     pub fn lookup(&self, parent: BlockHash, tokens: &[u32]) -> Option<(BlockId, BlockHash)> {
@@ -166,11 +169,7 @@ impl BlockPool {
     #[inline(always)]
     pub fn allocate(&mut self) -> Option<BlockId> {
         let b = match self.uncached.pop() {
-            Some(b) => {
-                self.meta[b as usize].queued = false;
-                self.n_free -= 1;
-                b
-            }
+            Some(b) => b,
             None => {
                 let b = self.next[NIL as usize];
                 if b == NIL {
@@ -201,7 +200,7 @@ impl BlockPool {
     /// queue if it was free).
     pub fn share(&mut self, b: BlockId) {
         debug_assert!(b != NULL_BLOCK && self.is_cached(b));
-        if self.meta[b as usize].queued {
+        if self.meta[b as usize].listed {
             self.unlink(b);
         }
         self.meta[b as usize].ref_count += 1;
@@ -237,16 +236,14 @@ impl BlockPool {
                 if m.cached {
                     any_cached = true;
                 } else {
-                    m.queued = true;
                     self.uncached.push(b);
-                    self.n_free += 1;
                 }
             }
         }
         if any_cached {
             for &b in table.iter().rev() {
                 let m = self.meta[b as usize];
-                if m.ref_count == 0 && m.cached && !m.queued {
+                if m.ref_count == 0 && m.cached && !m.listed {
                     self.push_back(b);
                 }
             }
@@ -256,16 +253,23 @@ impl BlockPool {
     /// Checks the pool's own bookkeeping: queue links, counts, cache index.
     pub fn check(&self) -> Result<(), String> {
         let q = self.free_queue();
-        if q.len() as u32 != self.n_free {
-            return Err(format!("free queue holds {} blocks, counter says {}", q.len(), self.n_free));
+        if q.len() as u32 != self.n_free() {
+            return Err(format!("free queue holds {} blocks, counters say {}", q.len(), self.n_free()));
         }
-        if let Some(b) = self.uncached.iter().find(|&&b| self.content[b as usize].is_some()) {
-            return Err(format!("cached block {b} among the uncached free blocks"));
+        let mut in_stack = vec![false; self.n_blocks as usize + 1];
+        for &b in &self.uncached {
+            if std::mem::replace(&mut in_stack[b as usize], true) {
+                return Err(format!("block {b} twice among the free blocks"));
+            }
         }
         for b in 1..=self.n_blocks {
             let m = self.meta[b as usize];
-            if m.queued == (m.ref_count > 0) {
-                return Err(format!("block {b}: ref count {} but queued = {}", m.ref_count, m.queued));
+            let free = in_stack[b as usize] || m.listed;
+            if free == (m.ref_count > 0) || (in_stack[b as usize] && m.listed) {
+                return Err(format!("block {b}: ref count {} but free = {free}", m.ref_count));
+            }
+            if (in_stack[b as usize] && m.cached) || (m.listed && !m.cached) {
+                return Err(format!("block {b}: cached = {} in the wrong part of the free queue", m.cached));
             }
             if m.cached != self.content[b as usize].is_some() {
                 return Err(format!("block {b}: cached flag {} disagrees with its content", m.cached));
