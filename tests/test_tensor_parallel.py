@@ -187,14 +187,16 @@ def _spawned_children() -> list[int]:
     return out
 
 
-def test_a_worker_killed_before_the_rendezvous_fails_start_up_at_once(models):
+@pytest.mark.parametrize("after_s", [0.0, 1.0], ids=["at-spawn", "importing"])
+def test_a_worker_killed_before_the_rendezvous_fails_start_up_at_once(models, after_s):
     killed: list[int] = []
     at: list[float] = []
 
-    def killer() -> None:  # kills rank 1 as soon as it exists (it takes seconds to import torch)
+    def killer() -> None:  # kills rank 1 once it exists (it takes seconds to import torch and join)
         deadline = time.monotonic() + 60
         while not killed and time.monotonic() < deadline:
             for pid in _spawned_children():
+                time.sleep(after_s)
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 at.append(time.monotonic())

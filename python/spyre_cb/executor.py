@@ -298,8 +298,17 @@ class TensorParallelExecutor:
             return logits
         except BaseException as e:
             # a rank may now wait in a collective this rank left: the group is unusable
+            # which worker died, if one did (a failed collective is usually a dead peer, whose
+            # exit the OS reports a moment later): asked before the teardown stops the others
+            dead = self._dead_workers()
+            deadline = time.monotonic() + 1.0
+            while not dead and isinstance(e, Exception) and time.monotonic() < deadline:
+                time.sleep(0.02)
+                dead = self._dead_workers()
             self._teardown()
-            self._failure = f"tensor-parallel step failed: {type(e).__name__}: {e}"
+            self._failure = f"tensor-parallel step failed: {type(e).__name__}: {_first_line(str(e))}"
+            if dead:
+                self._failure = f"tensor-parallel worker {', '.join(dead)} died; {self._failure}"
             if isinstance(e, Exception) and not isinstance(e, ExecutorError):
                 raise ExecutorError(self._failure) from e
             raise
@@ -332,6 +341,11 @@ class TensorParallelExecutor:
     @property
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._procs if p.pid is not None]
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def make_executor(checkpoint: Checkpoint, config: EngineConfig) -> LocalExecutor | TensorParallelExecutor:
