@@ -169,6 +169,30 @@ def test_sigterm_with_a_client_that_never_reads_exits_within_the_shutdown_timeou
         s.stop()
 
 
+def test_sigterm_lets_a_request_in_flight_finish(tmp_path):
+    s = Server(tmp_path, "--shutdown-timeout", "30")
+    try:
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 400, "n": 8, "temperature": 0, **EXTRA}
+
+        async def main() -> tuple[httpx.Response, float]:
+            async with httpx.AsyncClient(base_url=s.base, headers=AUTH, timeout=60) as c:
+                pending = asyncio.ensure_future(c.post("/v1/completions", json=body))
+                while _sample(_metrics(s), "spyre_cb_requests_running") == 0:
+                    await asyncio.sleep(0.02)
+                t0 = time.monotonic()
+                s.proc.send_signal(signal.SIGTERM)  # mid-request (~1 s of steps)
+                return await asyncio.wait_for(pending, 30), t0
+
+        r, t0 = asyncio.run(main())
+        assert r.status_code == 200
+        assert [c["finish_reason"] for c in r.json()["choices"]] == ["length"] * 8
+        assert r.json()["usage"]["completion_tokens"] == 8 * 400
+        assert s.proc.wait(15) == 0
+        assert time.monotonic() - t0 < 15  # it ended when its last request did, not at the timeout
+    finally:
+        s.stop()
+
+
 def _tp_worker(server_pid: int) -> int:
     """The pid of the server's spawned tensor-parallel worker."""
     for entry in os.listdir("/proc"):

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -153,7 +154,8 @@ def serve(
         _log_access_to_stderr()
     # uvicorn re-raises the signal it stopped on once it has shut down: SIGTERM then
     # ends the process with status 0 (after this function's cleanup), not killed by it
-    previous = signal.signal(signal.SIGTERM, _exit_cleanly)
+    main_thread = threading.current_thread() is threading.main_thread()  # (signals: only there)
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly) if main_thread else None
     engine = AsyncEngine(Engine(config=config))
     name = served_model_name or str(config.model)
     app = build_app(engine, served_model_name=name, api_key=api_key, max_waiting=max_waiting)
@@ -161,7 +163,8 @@ def serve(
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout_s)
     finally:
         engine.shutdown()
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _exit_cleanly(signum: int, frame: Any) -> None:
