@@ -101,3 +101,54 @@ def test_invalid_request_is_refused_and_nothing_queued(tiny_model):
         _wait_idle(aeng)
     finally:
         aeng.shutdown()
+
+
+def test_an_id_in_use_is_refused_and_the_first_request_keeps_its_outputs(tiny_model, hf_greedy):
+    aeng = AsyncEngine(spyre_cb.Engine(tiny_model, max_num_seqs=2, max_model_len=128))
+    prompt = [5, 6, 7, 8]
+
+    async def main():
+        first = aeng.submit(prompt, SamplingParams(max_tokens=12, **GREEDY), request_id="same")
+        with pytest.raises(spyre_cb.InvalidRequestError, match="'same' is already in use"):
+            aeng.submit([1, 2], SamplingParams(max_tokens=3, **GREEDY), request_id="same")
+        return [o async for o in first]
+
+    try:
+        outs = asyncio.run(asyncio.wait_for(main(), 60))
+        assert [t for o in outs for t in o.new_token_ids] == hf_greedy(prompt, 12)
+        assert outs[-1].finished and outs[-1].finish_reason == "length"
+        _wait_idle(aeng)
+    finally:
+        aeng.shutdown()
+
+
+def test_a_dead_executor_ends_every_stream_with_engine_dead_error(tiny_model):
+    import os
+    import signal
+
+    eng = spyre_cb.Engine(tiny_model, tensor_parallel_size=2, max_num_seqs=2, max_model_len=256)
+    aeng = AsyncEngine(eng)
+    (worker,) = eng.executor.worker_pids
+
+    async def main():
+        streams = [aeng.submit([3 + i, 4, 5], SamplingParams(max_tokens=200, **GREEDY)) for i in range(3)]
+        got = await streams[0].__anext__()  # running
+        assert not got.finished
+        os.kill(worker, signal.SIGKILL)
+        for s in streams:  # the two running and the waiting one
+            with pytest.raises(spyre_cb.EngineDeadError, match=r"the engine is dead: .*rank 1 .*exit code -9"):
+                async for _ in s:
+                    pass
+            assert s.finish_reason == "error"
+        with pytest.raises(spyre_cb.EngineDeadError, match="takes no requests"):
+            aeng.submit([1, 2], SamplingParams(max_tokens=2))
+
+    try:
+        t0 = time.monotonic()
+        asyncio.run(asyncio.wait_for(main(), 60))
+        assert time.monotonic() - t0 < 20
+        assert aeng.dead is not None and "rank 1" in aeng.dead
+        assert issubclass(spyre_cb.EngineDeadError, spyre_cb.ExecutorError)
+        assert spyre_cb.errors.EngineDeadError is spyre_cb.EngineDeadError
+    finally:
+        aeng.shutdown()

@@ -45,17 +45,16 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, SPYRE_CB_CACHE=str(tmp_path))
         args = ["serve", "tiny", "--port", str(self.port), "--api-key", API_KEY, "--max-num-seqs", "4"]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "spyre_cb", *args, *extra],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        #: the server's stdout and stderr (the access log among them): a file, never a pipe nobody reads
+        self.log_path = tmp_path / f"server-{self.port}.log"
+        with open(self.log_path, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "spyre_cb", *args, *extra], env=env, stdout=out, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read() if self.proc.stdout else ''}")
+                raise RuntimeError(f"server exited: {self.log()}")
             try:
                 if _get(self.base + "/health", timeout=1)[0] == 200:
                     return
@@ -64,6 +63,9 @@ class Server:
             time.sleep(0.2)
         self.stop()
         raise TimeoutError("server did not come up in 120 s")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
 
     def metric(self, name: str) -> float:
         _, text = _get(self.base + "/metrics")

@@ -9,7 +9,11 @@ clear ExecutorError within seconds and leaves no process behind.
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -163,3 +167,72 @@ def test_keyboard_interrupt_in_a_step_stops_the_workers(models, monkeypatch):
     finally:
         eng.shutdown()
     assert_workers_gone(pids)
+
+
+def _spawned_children() -> list[int]:
+    """Pids of this process's children started by multiprocessing's spawn (not its resource tracker)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"spawn_main" in cmd:
+            out.append(int(entry))
+    return out
+
+
+@pytest.mark.parametrize("after_s", [0.0, 1.0], ids=["at-spawn", "importing"])
+def test_a_worker_killed_before_the_rendezvous_fails_start_up_at_once(models, after_s):
+    killed: list[int] = []
+    at: list[float] = []
+
+    def killer() -> None:  # kills rank 1 once it exists (it takes seconds to import torch and join)
+        deadline = time.monotonic() + 60
+        while not killed and time.monotonic() < deadline:
+            for pid in _spawned_children():
+                time.sleep(after_s)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                at.append(time.monotonic())
+            time.sleep(0.01)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    with pytest.raises(ExecutorError, match=r"rank 1 \(pid \d+, exit code -9\) exited before the rendezvous"):
+        # a long tp_timeout_s: the error must come from seeing the dead worker, not from a timeout
+        spyre_cb.Engine(
+            models["granite-kv1"], tensor_parallel_size=2, max_num_seqs=1, max_model_len=128, tp_timeout_s=120
+        )
+    done = time.monotonic()
+    t.join(5)
+    assert killed and done - at[0] < 3, f"ExecutorError {done - at[0]:.1f} s after the kill"
+    assert done - t0 < 30
+    assert_workers_gone(killed)
+
+
+NO_MAIN_GUARD = """
+import spyre_cb
+eng = spyre_cb.Engine({path!r}, tensor_parallel_size=2, max_num_seqs=1, max_model_len=128, tp_timeout_s=120)
+print("engine started")
+"""
+
+
+def test_a_script_without_main_guard_gets_an_executor_error_with_the_hint(models, tmp_path):
+    script = tmp_path / "no_guard.py"
+    script.write_text(NO_MAIN_GUARD.format(path=str(models["granite-kv1"])))
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90, cwd=tmp_path)
+    took = time.monotonic() - t0
+    assert r.returncode == 1, r.stdout + r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert re.match(r"spyre_cb\.\w+\.ExecutorError: tensor-parallel worker rank 1 ", last), r.stderr
+    assert "exited before the rendezvous" in last and 'if __name__ == "__main__":' in last
+    assert "AssertionError" not in r.stderr and "engine started" not in r.stdout
+    assert took < 60  # the worker's imports and the parent's, not tp_timeout_s (120 s)

@@ -31,6 +31,7 @@ from spyre_cb.config import EngineConfig
 from spyre_cb.errors import (
     BackendUnavailableError,
     ConfigError,
+    EngineDeadError,
     ExecutorError,
     InvalidRequestError,
     SchedulerStateError,
@@ -91,6 +92,7 @@ __all__ = [
     "InvalidRequestError",
     "ConfigError",
     "ExecutorError",
+    "EngineDeadError",
     "UnknownRequestError",
     "BackendUnavailableError",
     "SchedulerStateError",

@@ -11,6 +11,13 @@ output has been handed over, so nothing outlives its delivery.
 
 Step hooks (``on_step``) run on the engine thread after every step, idle or
 not (the server's metrics are updated there).
+
+When the engine meets an error it cannot recover from (an ``ExecutorError``
+from a step: a tensor-parallel worker died, the executor failed; or, while
+idle, the executor reports a dead worker), the engine is dead:
+:attr:`AsyncEngine.dead` says why, :meth:`AsyncEngine.submit` raises
+:class:`~spyre_cb.errors.EngineDeadError`, and every open stream ends by
+raising it.
 """
 
 from __future__ import annotations
@@ -23,12 +30,15 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from spyre_cb.engine import Engine, StepOutput
-from spyre_cb.errors import UnknownRequestError
+from spyre_cb.errors import EngineDeadError, ExecutorError, InvalidRequestError, UnknownRequestError
+from spyre_cb.outputs import RequestMetrics
 from spyre_cb.sampling import SamplingParams
 
 log = logging.getLogger("spyre_cb.async_engine")
 
 StepHook = Callable[[Engine, list[StepOutput]], None]
+#: what a request's queue carries: its outputs, or None once the engine died
+_Item = StepOutput | None
 
 
 class AsyncEngine:
@@ -38,13 +48,15 @@ class AsyncEngine:
         self.engine = engine
         engine.stream_text = True
         self.on_step: list[StepHook] = []
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[StepOutput]]] = {}
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[_Item]]] = {}
         self._qlock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
         self._idle_poll_s = idle_poll_s
         self._ids = itertools.count()
         self.steps_run = 0
+        #: why the engine stopped for good (None while it runs): see the module's docstring
+        self.dead: str | None = None
         self._thread = threading.Thread(target=self._loop, name="spyre-cb-engine", daemon=True)
         self._thread.start()
 
@@ -57,14 +69,25 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         while not self._stopping:
-            if not self._has_work():
+            if self.dead is not None or not self._has_work():
+                if self.dead is None:
+                    why = self.engine.executor.failure()  # a worker that died while idle
+                    if why is not None:
+                        self._die(why)
                 self._wake.wait(self._idle_poll_s)
                 self._wake.clear()
                 continue
             try:
                 outs = self.engine.step()
+            except ExecutorError as e:  # the executor cannot run steps any more
+                self._die(str(e))
+                continue
             except Exception:  # the engine aborted the step's requests; their outputs come next
                 log.exception("a step failed; its requests were aborted")
+                why = self.engine.executor.failure()
+                if why is not None:
+                    self._die(why)
+                    continue
                 outs = []
             self.steps_run += 1
             for hook in self.on_step:
@@ -73,20 +96,27 @@ class AsyncEngine:
                 except Exception:
                     log.exception("a step hook failed")
             # one wake-up per event loop per step, not one per output
-            batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[StepOutput], StepOutput]]] = {}
+            batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[_Item], _Item]]] = {}
             with self._qlock:
                 for o in outs:
                     entry = self._queues.pop(o.request_id, None) if o.finished else self._queues.get(o.request_id)
                     if entry is not None:
                         batches.setdefault(entry[0], []).append((entry[1], o))
-            for loop, items in batches.items():
-                try:
-                    loop.call_soon_threadsafe(_deliver, items)
-                except RuntimeError:  # the consumer's loop is closed
-                    pass
+            _hand_over(batches)
             for o in outs:
                 if o.finished and o.request_id in self.engine.requests:
                     self.engine.release(o.request_id)
+
+    def _die(self, reason: str) -> None:
+        """The engine cannot run any more: refuse new requests, end every open stream."""
+        log.error("the engine is dead: %s", reason)
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[_Item], _Item]]] = {}
+        with self._qlock:
+            self.dead = reason
+            for loop, q in self._queues.values():
+                batches.setdefault(loop, []).append((q, None))
+            self._queues.clear()
+        _hand_over(batches)
 
     # ----- the front ---------------------------------------------------------------
 
@@ -100,20 +130,25 @@ class AsyncEngine:
     def submit(
         self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
     ) -> RequestStream:
-        """Queues a request now (raises InvalidRequestError, nothing queued, when it
-        cannot run) and returns the async iterator of its outputs."""
+        """Queues a request now and returns the async iterator of its outputs. Raises
+        InvalidRequestError (nothing queued) when it cannot run or its id is in use,
+        EngineDeadError once the engine is dead."""
         rid = request_id if request_id is not None else self.new_request_id()
-        q: asyncio.Queue[StepOutput] = asyncio.Queue()
+        q: asyncio.Queue[_Item] = asyncio.Queue()
         with self._qlock:
+            if self.dead is not None:
+                raise EngineDeadError(f"the engine is dead and takes no requests: {self.dead}")
+            if rid in self._queues:  # before anything is registered: the first request keeps its queue
+                raise InvalidRequestError(f"request id {rid!r} is already in use")
             self._queues[rid] = (asyncio.get_running_loop(), q)
         try:
-            self.engine.add_request(rid, prompt_token_ids, params)
+            state = self.engine.add_request(rid, prompt_token_ids, params)
         except BaseException:
             with self._qlock:
                 self._queues.pop(rid, None)
             raise
         self._wake.set()
-        return RequestStream(self, rid, q)
+        return RequestStream(self, rid, q, state.metrics, len(state.prompt_token_ids))
 
     async def generate(
         self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
@@ -150,9 +185,18 @@ class AsyncEngine:
         self.shutdown()
 
 
-def _deliver(items: list[tuple[asyncio.Queue[StepOutput], StepOutput]]) -> None:
+def _deliver(items: list[tuple[asyncio.Queue[_Item], _Item]]) -> None:
     for q, o in items:
         q.put_nowait(o)
+
+
+def _hand_over(batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[_Item], _Item]]]) -> None:
+    """One wake-up per event loop: its queues' new items."""
+    for loop, items in batches.items():
+        try:
+            loop.call_soon_threadsafe(_deliver, items)
+        except RuntimeError:  # the consumer's loop is closed
+            pass
 
 
 def _merge(a: StepOutput, b: StepOutput) -> StepOutput:
@@ -174,34 +218,70 @@ class RequestStream:
     """The outputs of one submitted request, in order; the last has ``finished``.
     Closing it (``aclose()``) before that aborts the request. A consumer that
     falls behind gets the outputs waiting for it merged into one (all their
-    tokens and text), so a slow client costs one message per read, not per token."""
+    tokens and text), so a slow client costs one message per read, not per token.
+    When the engine dies, the stream ends by raising :class:`EngineDeadError`."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue[StepOutput]) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        request_id: str,
+        queue: asyncio.Queue[_Item],
+        metrics: RequestMetrics,
+        n_prompt_tokens: int = 0,
+    ) -> None:
         self.engine = engine
         self.request_id = request_id
         self._queue = queue
         self.done = False
+        #: when the request went through the engine (arrival, first scheduled, first token, finished)
+        self.metrics = metrics
+        self.n_prompt_tokens = n_prompt_tokens
+        #: tokens read so far, and why the request ended ("abort" when closed early, "error" when
+        #: the engine died; None while it runs)
+        self.n_tokens = 0
+        self.finish_reason: str | None = None
+        self._dead = False  # the engine died after the outputs being read
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> StepOutput:
+        if self._dead:
+            self._dead = False
+            raise self._death()
         if self.done:
             raise StopAsyncIteration
         try:
-            out = await self._queue.get()
+            item = await self._queue.get()
         except BaseException:  # cancelled while waiting: the consumer is gone
             await self.aclose()
             raise
+        if item is None:
+            raise self._death()
+        out = item
         while not out.finished and not self._queue.empty():
-            out = _merge(out, self._queue.get_nowait())
+            nxt = self._queue.get_nowait()
+            if nxt is None:  # these outputs first, the error with the next read
+                self._dead = True
+                break
+            out = _merge(out, nxt)
+        self.n_tokens += len(out.new_token_ids)
         if out.finished:
             self.done = True
+            self.finish_reason = out.finish_reason
         return out
+
+    def _death(self) -> EngineDeadError:
+        self.done = True
+        self.finish_reason = "error"
+        return EngineDeadError(
+            f"request {self.request_id!r} ended: the engine is dead: {self.engine.dead or 'unknown reason'}"
+        )
 
     async def aclose(self) -> None:
         if not self.done:
             self.done = True
+            self.finish_reason = "abort"
             self.engine.abort(self.request_id)
 
 

@@ -282,6 +282,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_waiting=a.max_waiting,
         served_model_name=name,
         log_level=a.log_level,
+        shutdown_timeout_s=a.shutdown_timeout,
+        access_log=a.access_log,
     )
     return 0
 
@@ -395,6 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-waiting", type=nonneg_int, default=None, help="answer 503 while this many requests wait")
     v.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
     v.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    v.add_argument(
+        "--shutdown-timeout",
+        type=nonneg_int,
+        default=10,
+        metavar="S",
+        help="on SIGTERM/SIGINT, let requests in flight finish for up to S seconds, then abort them (default: 10)",
+    )
+    v.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one JSON line per /v1/ request on stderr (logger spyre_cb.access; default: on)",
+    )
     EngineConfig.add_cli_args(v)
     v.set_defaults(func=cmd_serve)
     return p

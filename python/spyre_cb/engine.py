@@ -122,8 +122,9 @@ class Engine:
         sampling_params: SamplingParams | None = None,
         *,
         prompt: str | None = None,
-    ) -> None:
-        """Queues a request, all or nothing: InvalidRequestError (state unchanged) when it cannot run."""
+    ) -> RequestState:
+        """Queues a request, all or nothing: InvalidRequestError (state unchanged) when it cannot run.
+        Returns the request's state (the engine's until ``release``)."""
         if not isinstance(request_id, str):
             raise InvalidRequestError(f"request_id must be a str, got {type(request_id).__name__}")
         params = sampling_params if sampling_params is not None else SamplingParams()
@@ -195,6 +196,7 @@ class Engine:
                 raise
             self.requests[request_id] = state
             self._n_added += 1
+        return state
 
     def abort_request(self, request_id: str) -> None:
         """Aborts a waiting or running request, from any thread. The core applies

@@ -14,6 +14,9 @@ would catch for that kind of failure:
   protocol was broken, or the scheduler hit an internal error and must be rebuilt.
 - :class:`ExecutorError` (``RuntimeError``): a tensor-parallel worker did not
   start, died or timed out; the engine has shut its workers down.
+- :class:`EngineDeadError` (an ``ExecutorError``): an :class:`~spyre_cb.async_engine.AsyncEngine`
+  met an error it cannot recover from (its executor failed); it takes no
+  more requests and every open stream ends with this error.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ from spyre_cb._core import (
     UnknownRequestError,
 )
 
+
+class EngineDeadError(ExecutorError):
+    """The engine stopped for good (a tensor-parallel worker died, a step's executor
+    failed): no request can run any more. The message says what broke."""
+
+
 __all__ = [
     "SpyreCBError",
     "InvalidRequestError",
@@ -36,4 +45,5 @@ __all__ = [
     "BackendUnavailableError",
     "SchedulerStateError",
     "ExecutorError",
+    "EngineDeadError",
 ]

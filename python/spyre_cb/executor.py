@@ -13,12 +13,20 @@ The engine talks to an executor, never to a model runner directly:
   int64 payload per step). Start-up waits for every rank's "ready" (or its traceback); a
   worker that dies, or a collective that times out, ends the executor with an
   :class:`~spyre_cb.errors.ExecutorError` and no orphan processes.
+
+  The rendezvous is polled: rank 0 hosts the ``TCPStore`` (``wait_for_workers``
+  off), each worker announces itself there before the process group is made,
+  and rank 0 checks the workers' exit codes and error reports between short
+  waits, so a worker that dies before joining (or a script whose spawned
+  workers fail because it creates the engine without an
+  ``if __name__ == "__main__":`` guard) is an ``ExecutorError`` at once.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import queue
-import socket
+import sys
 import time
 import traceback
 import weakref
@@ -45,6 +53,10 @@ class Executor(Protocol):
     def execute(self, plan: ForwardPlan, *, all_positions: bool = False) -> torch.Tensor: ...
 
     def shutdown(self) -> None: ...
+
+    def failure(self) -> str | None:
+        """Why no step can run any more (a worker died, a step failed), or None."""
+        ...
 
 
 class LocalExecutor:
@@ -75,29 +87,35 @@ class LocalExecutor:
     def shutdown(self) -> None:
         self._threads.restore()
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    def failure(self) -> str | None:
+        return None  # one process: a step's error is the step's, the engine serves the next
 
 
-def _init_group(backend: str, rank: int, world: int, port: int, timeout_s: float) -> None:
+#: the exit code of a spawned worker whose start re-ran the engine's creation (no main guard)
+EXIT_NO_MAIN_GUARD = 86
+#: the store key each worker adds 1 to once connected to rank 0's store
+_JOINED = "spyre_cb/joined"
+
+MAIN_GUARD_HINT = (
+    "the tensor-parallel workers are started with 'spawn', which re-imports the main script: "
+    "create the engine under 'if __name__ == \"__main__\":' so that importing the script does not create it"
+)
+
+
+def _init_group(backend: str, rank: int, world: int, store: Any, timeout_s: float) -> None:
     torch.distributed.init_process_group(
-        backend,
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=timeout_s),
+        backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
     )
 
 
 def _worker_main(rank: int, world: int, port: int, model: str, config: EngineConfig, ready: Any) -> None:
-    """A tensor-parallel rank > 0: load the shard, then run every broadcast plan."""
+    """A tensor-parallel rank > 0: join rank 0's store, load the shard, then run every broadcast plan."""
     torch.set_num_threads(intra_op_threads(config.num_threads, world))
     try:
-        _init_group(config.distributed_backend, rank, world, port, config.tp_timeout_s)
+        timeout = timedelta(seconds=config.tp_timeout_s)
+        store = torch.distributed.TCPStore("127.0.0.1", port, world, False, timeout)
+        store.add(_JOINED, 1)
+        _init_group(config.distributed_backend, rank, world, store, config.tp_timeout_s)
         runner = ModelRunner(Checkpoint.open(model, allow_unverified=True), config, tensor_parallel=True)
     except BaseException:
         ready.put(("error", rank, traceback.format_exc()))
@@ -119,6 +137,7 @@ def _worker_main(rank: int, world: int, port: int, model: str, config: EngineCon
 
 
 def _stop_processes(procs: list[Any], grace_s: float = 5.0) -> None:
+    procs = [p for p in procs if p.pid is not None]  # started ones only (join() asserts that)
     deadline = time.monotonic() + grace_s
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
@@ -137,6 +156,10 @@ class TensorParallelExecutor:
     def __init__(self, checkpoint: Checkpoint, config: EngineConfig) -> None:
         import torch.multiprocessing as mp
 
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            # this is a spawned worker importing the main script, which creates an engine at import
+            print(f"spyre_cb: a tensor-parallel worker cannot start: {MAIN_GUARD_HINT}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_NO_MAIN_GUARD)
         world = config.tensor_parallel_size
         if torch.distributed.is_initialized():
             raise ConfigError(
@@ -144,7 +167,11 @@ class TensorParallelExecutor:
             )
         ctx = mp.get_context("spawn")
         ready = ctx.Queue()
-        port = _free_port()
+        timeout = timedelta(seconds=config.tp_timeout_s)
+        # rank 0 hosts the store without waiting for the workers in its constructor:
+        # the rendezvous below polls them
+        store = torch.distributed.TCPStore("127.0.0.1", 0, world, True, timeout, wait_for_workers=False)
+        port = store.port
         self._procs = [
             ctx.Process(
                 target=_worker_main,
@@ -155,48 +182,104 @@ class TensorParallelExecutor:
             for rank in range(1, world)
         ]
         self._closed = False
+        #: why the executor stopped (a worker died, a step failed); None while it can run steps
+        self._failure: str | None = None
         #: seconds spent broadcasting plans and in rank 0's forward, and steps run
         self.stats = {"broadcast_s": 0.0, "forward_s": 0.0, "steps": 0}
-        self._finalizer = weakref.finalize(self, _stop_processes, self._procs, 0.0)
-        for p in self._procs:
-            p.start()
         # ranks share this machine's cores: each takes its share (this process
         # too, until shutdown)
         self._threads = ThreadSetting(intra_op_threads(config.num_threads, world))
+        self._finalizer = weakref.finalize(self, _stop_processes, self._procs, 0.0)
         try:
-            _init_group(config.distributed_backend, 0, world, port, config.tp_timeout_s)
+            for p in self._procs:
+                p.start()
+            self._await_joined(store, ready, world - 1, config.tp_timeout_s)
+            _init_group(config.distributed_backend, 0, world, store, config.tp_timeout_s)
             self.runner = ModelRunner(checkpoint, config, tensor_parallel=True)
             self._await_ready(ready, world - 1, config.tp_timeout_s)
         except BaseException:
             self._teardown()
             raise
 
+    def _dead_workers(self) -> list[str]:
+        """'rank R (exit code C)' of every started worker that exited."""
+        return [
+            f"rank {rank} (pid {p.pid}, exit code {p.exitcode})"
+            for rank, p in enumerate(self._procs, start=1)
+            if p.pid is not None and not p.is_alive()
+        ]
+
+    def _start_up_error(self, phase: str) -> ExecutorError | None:
+        """The ExecutorError for workers that exited during start-up, or None."""
+        dead = self._dead_workers()
+        if not dead:
+            return None
+        msg = f"tensor-parallel worker {', '.join(dead)} exited {phase}"
+        if any(p.exitcode == EXIT_NO_MAIN_GUARD for p in self._procs):
+            msg += f": {MAIN_GUARD_HINT}"
+        return ExecutorError(msg)
+
+    def _check_reports(self, ready: Any) -> None:
+        """Raises the first start-up error a worker reported (a traceback); keeps "ready" ones."""
+        while True:
+            try:
+                kind, rank, text = ready.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "error":
+                raise ExecutorError(f"tensor-parallel rank {rank} failed to start:\n{text}")
+            self._n_ready += 1
+
+    def _await_joined(self, store: Any, ready: Any, n: int, timeout_s: float) -> None:
+        """Waits until every worker has connected to the store, checking between short waits
+        that none exited or reported an error (their start-up takes seconds: imports)."""
+        self._n_ready = 0
+        deadline = time.monotonic() + timeout_s
+        while store.add(_JOINED, 0) < n:
+            self._check_reports(ready)
+            err = self._start_up_error("before the rendezvous")
+            if err is not None:
+                raise err
+            if time.monotonic() > deadline:
+                raise ExecutorError(
+                    f"tensor-parallel rendezvous: {store.add(_JOINED, 0)} of {n} workers joined in {timeout_s:g} s "
+                    "(tp_timeout_s)"
+                )
+            time.sleep(0.05)
+
     def _await_ready(self, ready: Any, n: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        got = 0
-        while got < n:
+        while self._n_ready < n:
             try:
                 kind, rank, text = ready.get(timeout=0.2)
             except queue.Empty:
-                dead = [p.name for p in self._procs if not p.is_alive()]
-                if dead:
-                    raise ExecutorError(f"tensor-parallel worker {', '.join(dead)} exited during start-up") from None
+                err = self._start_up_error("during start-up")
+                if err is not None:
+                    raise err from None
                 if time.monotonic() > deadline:
                     raise ExecutorError(f"tensor-parallel workers not ready after {timeout_s:g} s") from None
                 continue
             if kind == "error":
                 raise ExecutorError(f"tensor-parallel rank {rank} failed to start:\n{text}")
-            got += 1
+            self._n_ready += 1
 
     @property
     def vocab_size(self) -> int:
         return self.runner.vocab_size
 
     def _check_alive(self) -> None:
-        dead = [f"{p.name} (exit code {p.exitcode})" for p in self._procs if not p.is_alive()]
-        if dead:
-            self._teardown()
-            raise ExecutorError(f"tensor-parallel worker {', '.join(dead)} died; the engine cannot run further steps")
+        why = self.failure()
+        if why is not None:
+            raise ExecutorError(why)
+
+    def failure(self) -> str | None:
+        """Why no step can run any more, or None; a worker found dead tears the executor down."""
+        if self._failure is None and not self._closed:
+            dead = self._dead_workers()
+            if dead:
+                self._failure = f"tensor-parallel worker {', '.join(dead)} died; the engine cannot run further steps"
+                self._teardown()
+        return self._failure
 
     def execute(self, plan: ForwardPlan, *, all_positions: bool = False) -> torch.Tensor:
         if self._closed:
@@ -215,9 +298,19 @@ class TensorParallelExecutor:
             return logits
         except BaseException as e:
             # a rank may now wait in a collective this rank left: the group is unusable
+            # which worker died, if one did (a failed collective is usually a dead peer, whose
+            # exit the OS reports a moment later): asked before the teardown stops the others
+            dead = self._dead_workers()
+            deadline = time.monotonic() + 1.0
+            while not dead and isinstance(e, Exception) and time.monotonic() < deadline:
+                time.sleep(0.02)
+                dead = self._dead_workers()
             self._teardown()
+            self._failure = f"tensor-parallel step failed: {type(e).__name__}: {_first_line(str(e))}"
+            if dead:
+                self._failure = f"tensor-parallel worker {', '.join(dead)} died; {self._failure}"
             if isinstance(e, Exception) and not isinstance(e, ExecutorError):
-                raise ExecutorError(f"tensor-parallel step failed: {type(e).__name__}: {e}") from e
+                raise ExecutorError(self._failure) from e
             raise
 
     def _teardown(self) -> None:
@@ -248,6 +341,11 @@ class TensorParallelExecutor:
     @property
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._procs if p.pid is not None]
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def make_executor(checkpoint: Checkpoint, config: EngineConfig) -> LocalExecutor | TensorParallelExecutor:

@@ -1,18 +1,26 @@
-"""The FastAPI application: construction, the API-key middleware, the routes,
-and :func:`serve` (uvicorn). The routes are thin: each hands its body to the
-app's :class:`~spyre_cb.server.handlers.OpenAIServing`."""
+"""The FastAPI application: construction, the API-key and access-log
+middlewares, the routes, and :func:`serve` (uvicorn, with a bounded graceful
+shutdown). The routes are thin: each hands its body to the app's
+:class:`~spyre_cb.server.handlers.OpenAIServing`; a non-streamed one is
+cancelled (its choices aborted) when its client goes away."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from spyre_cb.async_engine import AsyncEngine
 from spyre_cb.engine import Engine
-from spyre_cb.server.errors import BodyLimit, error_response, install_error_handlers
+from spyre_cb.server.access import AccessLog
+from spyre_cb.server.errors import BodyLimit, engine_dead, error_response, install_error_handlers
 from spyre_cb.server.handlers import OpenAIServing
 from spyre_cb.server.metrics import Metrics
 from spyre_cb.server.protocol import ChatRequest, CompletionRequest
@@ -32,14 +40,15 @@ def build_app(
     # no /docs: its page loads assets from a CDN (nothing leaves this server)
     app = FastAPI(title="spyre_cb", version="1", docs_url=None, redoc_url=None)
     metrics = Metrics()
-    engine.on_step.append(metrics.on_step)
+    metrics.watch(engine)
     app.state.metrics = metrics
     app.state.serving = OpenAIServing(engine, served_model_name=served_model_name, max_waiting=max_waiting)
     install_error_handlers(app)
     app.middleware("http")(_require_key(api_key))
+    app.add_middleware(BodyLimit)  # 413 before a body over the limit is read
+    app.add_middleware(AccessLog)  # the outermost: it sees every response, 401s and 413s too
     app.include_router(router)
     app.include_router(tokenize_router)
-    app.add_middleware(BodyLimit)
     return app
 
 
@@ -63,8 +72,13 @@ def _serving(request: Request) -> OpenAIServing:
 # ----- routes --------------------------------------------------------------------------
 
 
-@router.get("/health")
-async def health() -> dict[str, str]:
+@router.get("/health", response_model=None)
+async def health(request: Request) -> dict[str, str] | JSONResponse:
+    """200 while the engine runs; 503 (OpenAI's error body, saying why) once it is dead."""
+    dead = _serving(request).engine.dead
+    if dead is not None:
+        e = engine_dead(f"the engine is dead: {dead}")
+        return error_response(e.status, e.message, e.type)
     return {"status": "ok"}
 
 
@@ -81,12 +95,40 @@ async def models(request: Request) -> dict[str, Any]:
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
-    return await _serving(request).completions(body)
+    return await _unless_disconnected(request, _serving(request).completions(body))
 
 
 @router.post("/v1/chat/completions")
 async def chat(body: ChatRequest, request: Request) -> Any:
-    return await _serving(request).chat(body)
+    return await _unless_disconnected(request, _serving(request).chat(body))
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, Any]) -> Any:
+    """Runs the handler; if the client goes away first, cancels it, which closes
+    (aborts) every choice it queued. A streamed response returns at once: its
+    stream watches the client itself."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return error_response(499, "the client closed the connection", "client_disconnected")
+    finally:
+        for t in (gone, task):  # (task: when this request is cancelled itself, at shutdown)
+            if not t.done():
+                t.cancel()
+                await asyncio.gather(t, return_exceptions=True)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone away (its body was read: the next ASGI message
+    is the disconnect). Waiting on ``receive`` itself, not polling ``is_disconnected()``:
+    through the API-key middleware (Starlette's ``BaseHTTPMiddleware``) that never sees it."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 # ----- running it ----------------------------------------------------------------------
@@ -101,17 +143,46 @@ def serve(
     max_waiting: int | None = None,
     served_model_name: str | None = None,
     log_level: str = "info",
+    shutdown_timeout_s: int = 10,
+    access_log: bool = True,
 ) -> None:
-    """Builds the engine from an EngineConfig and serves it until interrupted."""
+    """Builds the engine from an EngineConfig and serves it until SIGINT or SIGTERM.
+
+    Shutting down stops accepting connections, lets the requests in flight
+    finish for up to ``shutdown_timeout_s`` seconds, then cancels what still
+    runs (which aborts it) and returns; SIGTERM then exits with status 0.
+    ``access_log`` writes the ``spyre_cb.access`` lines to stderr."""
     import uvicorn
 
+    if access_log:
+        _log_access_to_stderr()
+    # uvicorn re-raises the signal it stopped on once it has shut down: SIGTERM then
+    # ends the process with status 0 (after this function's cleanup), not killed by it
+    main_thread = threading.current_thread() is threading.main_thread()  # (signals: only there)
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly) if main_thread else None
     engine = AsyncEngine(Engine(config=config))
     name = served_model_name or str(config.model)
     app = build_app(engine, served_model_name=name, api_key=api_key, max_waiting=max_waiting)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout_s)
     finally:
         engine.shutdown()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_cleanly(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def _log_access_to_stderr() -> None:
+    access = logging.getLogger("spyre_cb.access")
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
 
 
 __all__ = ["build_app", "serve", "router"]

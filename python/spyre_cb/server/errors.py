@@ -36,10 +36,22 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type_, param
 
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error body (also the ``data:`` of an SSE error event)."""
+        return error_body(self.status, self.message, self.type, self.param)
+
+
+def error_body(status: int, message: str, type_: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+
 
 def error_response(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(error_body(status, message, type_, param), status_code=status)
+
+
+def engine_dead(reason: str) -> APIError:
+    """The 503 of a server whose engine is dead (``reason`` says why)."""
+    return APIError(503, reason, "engine_dead_error")
 
 
 async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -111,4 +123,12 @@ class _TooLarge(Exception):
     pass
 
 
-__all__ = ["APIError", "error_response", "install_error_handlers", "BodyLimit", "MAX_BODY_BYTES"]
+__all__ = [
+    "APIError",
+    "error_body",
+    "error_response",
+    "engine_dead",
+    "install_error_handlers",
+    "BodyLimit",
+    "MAX_BODY_BYTES",
+]

@@ -20,9 +20,10 @@ from fastapi.responses import StreamingResponse
 
 from spyre_cb.async_engine import AsyncEngine, RequestStream
 from spyre_cb.engine import StepOutput
-from spyre_cb.errors import SpyreCBError
+from spyre_cb.errors import EngineDeadError, SpyreCBError
 from spyre_cb.outputs import PositionLogprobs
-from spyre_cb.server.errors import APIError
+from spyre_cb.server import access
+from spyre_cb.server.errors import APIError, engine_dead
 from spyre_cb.server.protocol import (
     MAX_SEQUENCES_PER_REQUEST,
     ChatRequest,
@@ -147,7 +148,10 @@ class OpenAIServing:
         except SpyreCBError as e:
             for _, _, s in streams:
                 await s.aclose()
+            if isinstance(e, EngineDeadError):
+                raise engine_dead(str(e)) from None
             raise APIError(400, str(e), "invalid_request_error") from None
+        access.note_request(base, streams)
         return streams
 
     async def _complete(
@@ -156,6 +160,8 @@ class OpenAIServing:
         """The non-streamed response: every choice read to its end."""
         try:
             results = [(index, prompt, [o async for o in s]) for index, prompt, s in streams]
+        except EngineDeadError as e:
+            raise engine_dead(str(e)) from None
         finally:
             for _, _, s in streams:
                 await s.aclose()
@@ -239,11 +245,15 @@ async def sse_events(
         elif isinstance(body, CompletionRequest) and body.echo:
             for index, prompt, _ in streams:
                 yield chunks.echo(index, prompt)
-        async for index, o in merged:
-            if o.error is not None:  # the engine ended this request alone: an error the client can read
-                yield chunks.error(f"the request failed: {o.error}")
-                return
-            yield chunks.delta(index, o)
+        try:
+            async for index, o in merged:
+                if o.error is not None:  # the engine ended this request alone: an error the client can read
+                    yield chunks.error(f"the request failed: {o.error}")
+                    return
+                yield chunks.delta(index, o)
+        except EngineDeadError as e:  # an error event, no [DONE]
+            yield f"data: {json.dumps(engine_dead(str(e)).body())}\n\n"
+            return
         if body.include_usage:
             yield chunks.usage()
         yield "data: [DONE]\n\n"
@@ -333,7 +343,7 @@ def _merge(
     if len(streams) == 1:
         index, _, only = streams[0]
         return [], _read_one(index, only)
-    queue: asyncio.Queue[tuple[int, StepOutput | None]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, StepOutput | EngineDeadError | None]] = asyncio.Queue()
     tasks = [asyncio.create_task(_pump(index, s, queue)) for index, _, s in streams]
     return tasks, _read_queue(queue, len(tasks))
 
@@ -343,20 +353,28 @@ async def _read_one(index: int, stream: RequestStream) -> AsyncIterator[tuple[in
         yield index, o
 
 
-async def _pump(index: int, stream: RequestStream, queue: asyncio.Queue[tuple[int, StepOutput | None]]) -> None:
-    async for o in stream:
-        await queue.put((index, o))
+async def _pump(
+    index: int, stream: RequestStream, queue: asyncio.Queue[tuple[int, StepOutput | EngineDeadError | None]]
+) -> None:
+    try:
+        async for o in stream:
+            await queue.put((index, o))
+    except EngineDeadError as e:  # the reader raises it
+        await queue.put((index, e))
+        return
     await queue.put((index, None))
 
 
 async def _read_queue(
-    queue: asyncio.Queue[tuple[int, StepOutput | None]], left: int
+    queue: asyncio.Queue[tuple[int, StepOutput | EngineDeadError | None]], left: int
 ) -> AsyncIterator[tuple[int, StepOutput]]:
     while left:
         at, item = await queue.get()
         if item is None:
             left -= 1
             continue
+        if isinstance(item, EngineDeadError):
+            raise item
         yield at, item
 
 

@@ -4,10 +4,14 @@ on the engine thread after every step and served as text at ``/metrics``."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from spyre_cb.engine import Engine, StepOutput
+
+if TYPE_CHECKING:
+    from spyre_cb.async_engine import AsyncEngine
 
 
 class Metrics:
@@ -35,7 +39,28 @@ class Metrics:
             "spyre_cb_inter_token_latency_seconds", "between consecutive tokens", buckets=buckets, registry=r
         )
         self.queue = Histogram("spyre_cb_queue_time_seconds", "arrival to first scheduled", buckets=buckets, registry=r)
+        self.e2e = Histogram(
+            "spyre_cb_e2e_request_latency_seconds",
+            "arrival to the final output, per finished request",
+            buckets=(*buckets, 120, 300),
+            registry=r,
+        )
+        sizes = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+        self.request_prompt_tokens = Histogram(
+            "spyre_cb_request_prompt_tokens", "prompt tokens per finished request", buckets=sizes, registry=r
+        )
+        self.request_generation_tokens = Histogram(
+            "spyre_cb_request_generation_tokens", "tokens generated per finished request", buckets=sizes, registry=r
+        )
+        self.engine_dead = Gauge(
+            "spyre_cb_engine_dead", "1 once the engine met an error it cannot recover from, else 0", registry=r
+        )
         self._last_token: dict[str, float] = {}
+
+    def watch(self, engine: AsyncEngine) -> None:
+        """Updates these metrics after every step of ``engine``; the dead gauge reads ``engine.dead``."""
+        engine.on_step.append(self.on_step)
+        self.engine_dead.set_function(lambda: float(engine.dead is not None))
 
     def on_step(self, engine: Engine, outs: list[StepOutput]) -> None:
         self.running.set(engine.n_running)  # the core's counters: no snapshot every step
@@ -64,6 +89,9 @@ class Metrics:
                 self.finished.labels(o.finish_reason or "abort").inc()
                 if state is not None:
                     self.prompt_tokens.inc(len(state.prompt_token_ids))
+                    self.request_prompt_tokens.observe(len(state.prompt_token_ids))
+                    self.request_generation_tokens.observe(len(state.output_token_ids))
+                    self.e2e.observe(now - state.metrics.arrival_time)
 
     def render(self) -> str:
         """The registry in Prometheus' text format."""
