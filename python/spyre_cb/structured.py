@@ -115,6 +115,13 @@ def _json_text(value: Any, what: str) -> str:
         raise InvalidRequestError(f"{what} is not JSON-serializable: {e}") from None
 
 
+#: xgrammar 0.2.9's JSON string characters: length-bounded strings admit raw control
+#: characters, and every string admits UTF-8-encoded surrogates (invalid UTF-8); both
+#: decode to text ``json.loads`` refuses or that breaks maxLength. Replaced by JSON's own class.
+_XGR_STRING_CHARS = (r"[^\0-\x1f\"\\\r\n]", r"[^\"\\\r\n]")
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\\r\n\uD800-\uDFFF]"
+
+
 def choice_grammar(choices: Iterable[str]) -> str:
     """An EBNF grammar whose root is exactly one of the strings."""
 
@@ -161,10 +168,13 @@ class GrammarCompiler:
         kind, text, no_ws = key
         c = self._compiler
         try:
-            if kind == "json":
-                return c.compile_json_schema(text, any_whitespace=not no_ws)
-            if kind == "json_object":
-                return c.compile_json_schema('{"type": "object"}', any_whitespace=not no_ws)
+            if kind in ("json", "json_object"):
+                schema = text if kind == "json" else '{"type": "object"}'
+                ebnf = str(self._xgr.Grammar.from_json_schema(schema, any_whitespace=not no_ws))
+                # the schema's grammar with JSON's string characters (see _XGR_STRING_CHARS)
+                for chars in _XGR_STRING_CHARS:
+                    ebnf = ebnf.replace(chars, _JSON_STRING_CHAR)
+                return c.compile_grammar(ebnf)
             if kind == "regex":
                 return c.compile_regex(text)
             if kind == "choice":
