@@ -89,11 +89,13 @@ class Sampler:
         self._generators.pop(request_id, None)
         self._matchers.pop(request_id, None)
 
-    def _grammar_masks(
-        self, rows: Sequence[SamplingRow], cons: list[int], vocab: int, errors: dict[int, str]
+    def _apply_grammars(
+        self, raw: torch.Tensor, rows: Sequence[SamplingRow], cons: list[int], errors: dict[int, str]
     ) -> torch.Tensor:
-        """The allowed tokens [len(cons), vocab] of the constrained rows: one bitmask
-        filled by their matchers, unpacked in one op. A matcher that fails fails its row only."""
+        """The working copy of ``raw`` with each constrained row's disallowed tokens at -inf: one
+        bitmask filled by their matchers, unpacked and applied in one op each. A matcher that
+        fails fails its row only."""
+        n, vocab = raw.shape
         bitmask = torch.full((len(cons), (vocab + 31) // 32), -1, dtype=torch.int32)
         for j, i in enumerate(cons):
             try:
@@ -102,10 +104,13 @@ class Sampler:
                 errors[i] = f"structured output failed: {type(e).__name__}: {e}"
                 bitmask[j] = -1
         # bit t % 32 of word t // 32 allows token t (little-endian words, whatever the host's order)
-        bits = np.unpackbits(
-            bitmask.numpy().astype("<i4", copy=False).view(np.uint8), axis=-1, count=vocab, bitorder="little"
-        )
-        return torch.from_numpy(bits.view(np.bool_))
+        words = bitmask.numpy().astype("<i4", copy=False).view(np.uint8)
+        allowed = torch.from_numpy(np.unpackbits(words, axis=-1, count=vocab, bitorder="little").view(np.bool_))
+        if len(cons) == n:  # the masked copy is the working copy
+            return torch.where(allowed, raw, _NEG_INF)
+        work = raw.clone()
+        work[cons] = torch.where(allowed, raw[cons], _NEG_INF)
+        return work
 
     def _advance(
         self, rows: Sequence[SamplingRow], cons: list[int], tokens: list[int], errors: dict[int, str]
@@ -138,12 +143,7 @@ class Sampler:
         # (a row's stop rule holds ids back only below min_tokens, which its params carry too)
         simple = not cons and all(p.greedy and not p.processed for p in params)
         if cons:
-            allowed = self._grammar_masks(rows, cons, raw.shape[-1], errors)
-            if len(cons) == n:  # the masked copy is the working copy
-                work = torch.where(allowed, raw, _NEG_INF)
-            else:
-                work = raw.clone()
-                work[cons] = torch.where(allowed, raw[cons], _NEG_INF)
+            work = self._apply_grammars(raw, rows, cons, errors)
         else:
             work = raw if simple else raw.clone()
         if not simple:
