@@ -230,3 +230,18 @@ def test_a_failing_matcher_ends_its_request_alone(tiny_model):
     alone = spyre_cb.LLM(tiny_model, max_num_seqs=2, max_model_len=128)
     ref = alone.generate(["The river was"], SamplingParams(max_tokens=8, seed=1), use_tqdm=False)[0]
     assert eng.get_request("ok").output_token_ids == ref.outputs[0].token_ids
+
+
+def test_tensor_parallel_gives_the_same_constrained_tokens(tiny_model, cont):
+    so = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+    ps = [params(StructuredOutputsParams(regex=REGEX), seed=1), params(so, seed=2, max_tokens=48)]
+    ps.append(SamplingParams(max_tokens=16, seed=3))
+    prompts = ["x", "The river was", "A"]
+    ref = cont.generate(prompts, ps, use_tqdm=False)
+    tp = spyre_cb.LLM(tiny_model, max_num_seqs=8, max_model_len=512, tensor_parallel_size=2)
+    try:
+        got = tp.generate(prompts, ps, use_tqdm=False)
+    finally:
+        tp.engine.shutdown()
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    assert re.fullmatch(REGEX, got[0].outputs[0].text)
