@@ -40,6 +40,7 @@ from spyre_cb.errors import (
 )
 from spyre_cb.plan import ChunkPlan, DecodePlan, IdlePlan, PrefillPlan, StepPlan
 from spyre_cb.simulate import simulate
+from spyre_cb.structured import StructuredOutputsParams
 
 if TYPE_CHECKING:  # torch-backed parts load lazily
     from spyre_cb.async_engine import AsyncEngine
@@ -105,5 +106,6 @@ __all__ = [
     "AsyncEngine",
     "StepOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
     "__version__",
 ]

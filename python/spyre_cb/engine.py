@@ -41,6 +41,7 @@ from spyre_cb.outputs import PositionLogprobs
 from spyre_cb.plan import ChunkPlan, DecodePlan, IdlePlan, StepPlan
 from spyre_cb.runner import ModelRunner, check_backend
 from spyre_cb.sampling import SampledBatch, Sampler, SamplingParams
+from spyre_cb.structured import GrammarCompiler
 
 
 class Engine:
@@ -88,6 +89,9 @@ class Engine:
         # requests of a step that failed: their final outputs come with the next step
         # (aborts asked for by callers are queued and reported by the core)
         self._failed: list[str] = []
+        # structured outputs: the grammar compiler, made on first use (the vocabulary's scan)
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = threading.Lock()
 
     @property
     def stream_text(self) -> bool:
@@ -114,6 +118,18 @@ class Engine:
     @property
     def vocab_size(self) -> int:
         return self.runner.vocab_size
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """The structured-output compiler for this checkpoint's tokenizer (each distinct spec compiled once)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise InvalidRequestError(
+                        "structured outputs need the model's tokenizer; this model directory has none"
+                    )
+                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
+            return self._grammars
 
     def add_request(
         self,
@@ -171,6 +187,11 @@ class Engine:
                     f"min_tokens {params.min_tokens} is more than the {max_tokens} tokens that fit after a "
                     f"prompt of {len(ids)} tokens within max_model_len {self.config.max_model_len}"
                 )
+        matcher = None
+        if params.structured_outputs is not None:
+            # compiled here (once per distinct spec): an invalid one is refused before anything is queued
+            g = self.grammars
+            matcher = g.matcher(g.compile(params.structured_outputs))
         state = RequestState(request_id, ids, params, prompt=prompt, stop_rule=params.stop_rule(self.eos_token_ids))
         if params.logprobs is not None:
             state.logprobs = []
@@ -179,7 +200,7 @@ class Engine:
             # everything that may fail before the core queues the request: the core's checks
             # (an id still in use, the limits), then this request's random generator
             self.scheduler.validate(request_id, len(ids), max_tokens)
-            self.sampler.start(request_id, params, self.config.seed + self._n_added)
+            self.sampler.start(request_id, params, self.config.seed + self._n_added, matcher)
             rule = state.stop_rule
             try:
                 # the core ends the request on its stop ids and EOS (after min_tokens) and at max_tokens

@@ -92,10 +92,11 @@ class OutputProcessor:
 
     def stop_strings(self, states: list[RequestState], sampled: SampledBatch) -> list[bool]:
         """Per sampled row: whether its request stops on something only text shows
-        (a stop string), or its row failed (it stops too; the core then ends it)."""
-        errors = sampled.errors
+        (a stop string), its structured-output grammar ended, or its row failed (it
+        stops too; the core then ends it)."""
+        errors, ended = sampled.errors, sampled.grammar_ended
         return [
-            i in errors or (bool(s.params.stop_strings) and self.stop_string(s, t))
+            i in errors or i in ended or (bool(s.params.stop_strings) and self.stop_string(s, t))
             for i, (s, t) in enumerate(zip(states, sampled.tokens))
         ]
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spyre_cb.errors import InvalidRequestError
+from spyre_cb.structured import StructuredOutputsParams
 
 #: Temperatures below this are greedy (dividing logits by less overflows), as in vLLM.
 MIN_TEMPERATURE = 1e-5
@@ -48,6 +49,9 @@ class SamplingParams:
       sampling (clamped to [-100, 100]; 100 at temperature 0 forces the token).
     - ``truncate_prompt_tokens``: keep only the prompt's last k tokens.
     - ``logits_processors``: callables ``fn(output_token_ids, logits) -> logits``.
+    - ``structured_outputs``: a :class:`~spyre_cb.StructuredOutputsParams` (JSON
+      schema, JSON object, regex, choice or grammar) the output must match; a
+      request whose grammar completes finishes with ``"stop"``.
     """
 
     n: int = 1
@@ -71,6 +75,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     truncate_prompt_tokens: int | None = None
     logits_processors: list[LogitsProcessor] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     _stop: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -188,6 +193,13 @@ class SamplingParams:
             or not all(callable(f) for f in self.logits_processors)
         ):
             raise bad("logits_processors must be a list of callables fn(output_token_ids, logits) -> logits")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise bad(
+                    "structured_outputs must be a StructuredOutputsParams, got "
+                    f"{type(self.structured_outputs).__name__}"
+                )
+            self.structured_outputs.validate()
 
     @property
     def greedy(self) -> bool:

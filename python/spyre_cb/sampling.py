@@ -6,7 +6,9 @@ conditions, logprobs and prompt logprobs, and per-request logits processors.
 Penalties, temperature, top-k, top-p and min-p run as batched tensor ops over
 the rows that use them; only each sampled row's random draw (with its own
 generator, so a seeded request is reproducible whatever shares its batch) is
-taken row by row.
+taken row by row. Rows under structured outputs get their grammar's token
+mask first (one bitmask filled for those rows only, applied in one op); each
+one's matcher then takes the sampled token before the commit.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from spyre_cb.outputs import Logprob, PositionLogprobs
@@ -44,6 +47,8 @@ class SampledBatch:
     #: per row, whether its request stops here on something only text shows (a stop
     #: string; a failed row too), set before the commit
     stopped: list[bool] = field(default_factory=list)
+    #: rows whose structured-output grammar ended with this token (the request stops here)
+    grammar_ended: set[int] = field(default_factory=set)
 
 
 def top_logprobs(logp: torch.Tensor, k: int, chosen: Sequence[int | None]) -> list[PositionLogprobs]:
@@ -70,14 +75,61 @@ class Sampler:
 
     def __init__(self) -> None:
         self._generators: dict[str, torch.Generator] = {}
+        #: structured-output matchers (xgrammar GrammarMatcher) of the requests that have one
+        self._matchers: dict[str, Any] = {}
 
-    def start(self, request_id: str, params: SamplingParams, default_seed: int) -> None:
+    def start(self, request_id: str, params: SamplingParams, default_seed: int, matcher: Any = None) -> None:
         if not params.greedy:
             seed = params.seed if params.seed is not None else default_seed
             self._generators[request_id] = torch.Generator().manual_seed(seed)
+        if matcher is not None:
+            self._matchers[request_id] = matcher
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self._matchers.pop(request_id, None)
+
+    def _apply_grammars(
+        self, raw: torch.Tensor, rows: Sequence[SamplingRow], cons: list[int], errors: dict[int, str]
+    ) -> torch.Tensor:
+        """The working copy of ``raw`` with each constrained row's disallowed tokens at -inf: one
+        bitmask filled by their matchers, unpacked and applied in one op each. A matcher that
+        fails fails its row only."""
+        n, vocab = raw.shape
+        bitmask = torch.full((len(cons), (vocab + 31) // 32), -1, dtype=torch.int32)
+        for j, i in enumerate(cons):
+            try:
+                self._matchers[rows[i].request_id].fill_next_token_bitmask(bitmask, j)
+            except Exception as e:  # noqa: BLE001 (a failing matcher ends its request alone)
+                errors[i] = f"structured output failed: {type(e).__name__}: {e}"
+                bitmask[j] = -1
+        # bit t % 32 of word t // 32 allows token t (little-endian words, whatever the host's order)
+        words = bitmask.numpy().astype("<i4", copy=False).view(np.uint8)
+        allowed = torch.from_numpy(np.unpackbits(words, axis=-1, count=vocab, bitorder="little").view(np.bool_))
+        if len(cons) == n:  # the masked copy is the working copy
+            return torch.where(allowed, raw, _NEG_INF)
+        work = raw.clone()
+        work[cons] = torch.where(allowed, raw[cons], _NEG_INF)
+        return work
+
+    def _advance(
+        self, rows: Sequence[SamplingRow], cons: list[int], tokens: list[int], errors: dict[int, str]
+    ) -> set[int]:
+        """Each constrained row's matcher takes its sampled token; returns the rows whose
+        grammar ended with it (a stop token accepted after a complete output)."""
+        ended: set[int] = set()
+        for i in cons:
+            if i in errors:
+                continue
+            m = self._matchers[rows[i].request_id]
+            try:
+                if not m.accept_token(tokens[i]):
+                    errors[i] = f"structured output failed: the grammar does not accept token {tokens[i]}"
+                elif m.is_terminated():
+                    ended.add(i)
+            except Exception as e:  # noqa: BLE001 (a failing matcher ends its request alone)
+                errors[i] = f"structured output failed: {type(e).__name__}: {e}"
+        return ended
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampledBatch:
         """One token per row; a row's stop rule (the one the core applies) holds
@@ -86,9 +138,14 @@ class Sampler:
         n = len(rows)
         params = [r.params for r in rows]
         errors: dict[int, str] = {}
+        # rows under structured outputs: their grammar's mask comes first, in one op
+        cons = [i for i, r in enumerate(rows) if r.request_id in self._matchers] if self._matchers else []
         # (a row's stop rule holds ids back only below min_tokens, which its params carry too)
-        simple = all(p.greedy and not p.processed for p in params)
-        work = raw if simple else raw.clone()
+        simple = not cons and all(p.greedy and not p.processed for p in params)
+        if cons:
+            work = self._apply_grammars(raw, rows, cons, errors)
+        else:
+            work = raw if simple else raw.clone()
         if not simple:
             for i, r in enumerate(rows):
                 p = r.params
@@ -116,6 +173,8 @@ class Sampler:
                 why = "the model produced NaN or infinite logits"
                 if not simple and bool(torch.isfinite(raw[i]).all()):
                     why = "its penalties, logit bias or logits processors made the logits NaN or infinite"
+                    if i in cons:
+                        why = "its structured output grammar allows no token the model can give here"
                 errors.setdefault(i, f"sampling failed: {why}")
         sampled = [i for i, p in enumerate(params) if not p.greedy and i not in errors]
         if sampled:
@@ -126,6 +185,7 @@ class Sampler:
                     tokens[i] = int(torch.multinomial(probs[row], 1, generator=gen).item())
                 except Exception as e:  # noqa: BLE001 (any failure of this row ends this request only)
                     errors[i] = f"sampling failed: {type(e).__name__}: {e}"
+        ended = self._advance(rows, cons, tokens, errors) if cons else set()
         logprobs: list[PositionLogprobs | None] = [None] * n
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None and i not in errors]
         if wanted:
@@ -137,7 +197,10 @@ class Sampler:
                     logprobs[wanted[j]] = d
         for i in errors:
             tokens[i] = 0
-        return SampledBatch(tokens, logprobs, errors)
+        return SampledBatch(tokens, logprobs, errors, grammar_ended=ended)
+
+
+_NEG_INF = torch.tensor(-math.inf)
 
 
 def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
