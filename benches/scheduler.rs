@@ -5,7 +5,7 @@
 //! - `step_vs_queue/*`: the same step with 100 and with 100,000 waiting: the
 //!   cost must not grow with the queue.
 //! - `can_schedule/*`: admission alone against a batch of max_num_seqs - 1.
-//! - `block_pool/*`: allocate + release (no prefix caching: the LIFO path).
+//! - `block_pool/*`: allocate + free of one block (no prefix caching: the LIFO path).
 
 use std::hint::black_box;
 
@@ -120,13 +120,13 @@ fn block_pool(c: &mut Criterion) {
     // a half-used pool with a scattered free list
     let mut held: Vec<u32> = (0..65_536).map(|_| pool.allocate().unwrap()).collect();
     for i in (0..held.len()).step_by(2) {
-        pool.release(&[held[i]]);
+        pool.free(held[i]);
     }
     held.retain(|&b| pool.ref_count(b) > 0);
     g.bench_function("allocate_free", |b| {
         b.iter(|| {
             let x = pool.allocate().unwrap();
-            pool.release(black_box(&[x]))
+            pool.free(black_box(x))
         })
     });
     g.finish();

@@ -59,14 +59,37 @@ struct Content {
 
 const NIL: u32 = 0; // the null block doubles as the queue's sentinel
 
-/// A block's bookkeeping, in one place (one cache line serves eight blocks).
-#[derive(Clone, Copy, Debug, Default)]
-struct Meta {
-    ref_count: u32,
-    /// In the linked list of free cached blocks.
-    listed: bool,
-    /// `content` holds what it caches.
-    cached: bool,
+/// A block's bookkeeping in one word: its reference count in the low bits,
+/// whether it caches a prefix and whether it is in the cached free list in
+/// the two high bits (one load serves an allocation or a free).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Meta(u32);
+
+impl Meta {
+    const CACHED: u32 = 1 << 31;
+    const LISTED: u32 = 1 << 30;
+    const COUNT: u32 = Self::LISTED - 1;
+
+    #[inline(always)]
+    fn ref_count(self) -> u32 {
+        self.0 & Self::COUNT
+    }
+    #[inline(always)]
+    fn cached(self) -> bool {
+        self.0 & Self::CACHED != 0
+    }
+    #[inline(always)]
+    fn listed(self) -> bool {
+        self.0 & Self::LISTED != 0
+    }
+    #[inline(always)]
+    fn set(&mut self, flag: u32, on: bool) {
+        if on {
+            self.0 |= flag;
+        } else {
+            self.0 &= !flag;
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -121,7 +144,7 @@ impl BlockPool {
         self.n_blocks - self.n_free()
     }
     pub fn ref_count(&self, b: BlockId) -> u32 {
-        self.meta.get(b as usize).map_or(0, |m| m.ref_count)
+        self.meta.get(b as usize).map_or(0, |m| m.ref_count())
     }
     pub fn is_cached(&self, b: BlockId) -> bool {
         self.content.get(b as usize).is_some_and(Option::is_some)
@@ -139,11 +162,11 @@ impl BlockPool {
     }
 
     fn unlink(&mut self, b: BlockId) {
-        debug_assert!(self.meta[b as usize].listed);
+        debug_assert!(self.meta[b as usize].listed());
         let (p, n) = (self.prev[b as usize], self.next[b as usize]);
         self.next[p as usize] = n;
         self.prev[n as usize] = p;
-        self.meta[b as usize].listed = false;
+        self.meta[b as usize].set(Meta::LISTED, false);
         self.n_listed -= 1;
     }
     fn push_back(&mut self, b: BlockId) {
@@ -152,7 +175,7 @@ impl BlockPool {
         self.prev[b as usize] = last;
         self.next[b as usize] = NIL;
         self.prev[NIL as usize] = b;
-        self.meta[b as usize].listed = true;
+        self.meta[b as usize].set(Meta::LISTED, true);
         self.n_listed += 1;
     }
     /// The cached block holding `tokens` after `parent`, if any (verified).
@@ -180,13 +203,14 @@ impl BlockPool {
                 b
             }
         };
-        self.meta[b as usize].ref_count = 1;
+        // a block leaves the free queue unlisted and uncached (evicted above)
+        self.meta[b as usize] = Meta(1);
         Some(b)
     }
 
     fn evict(&mut self, b: BlockId) {
         if let Some(c) = self.content[b as usize].take() {
-            self.meta[b as usize].cached = false;
+            self.meta[b as usize].set(Meta::CACHED, false);
             if let Some(v) = self.by_hash.get_mut(&c.hash) {
                 v.retain(|&x| x != b);
                 if v.is_empty() {
@@ -200,10 +224,10 @@ impl BlockPool {
     /// queue if it was free).
     pub fn share(&mut self, b: BlockId) {
         debug_assert!(b != NULL_BLOCK && self.is_cached(b));
-        if self.meta[b as usize].listed {
+        if self.meta[b as usize].listed() {
             self.unlink(b);
         }
-        self.meta[b as usize].ref_count += 1;
+        self.meta[b as usize].0 += 1;
     }
 
     /// Marks held block `b` as holding `tokens` (a full block) after `parent`;
@@ -215,9 +239,30 @@ impl BlockPool {
         }
         let hash = chain_hash(parent, tokens);
         self.content[b as usize] = Some(Content { hash, parent, tokens: tokens.into() });
-        self.meta[b as usize].cached = true;
+        self.meta[b as usize].set(Meta::CACHED, true);
         self.by_hash.entry(hash).or_default().push(b);
         hash
+    }
+
+    /// Drops one reference to block `b` (`release(&[b])`); `false`, and
+    /// nothing changed, for the null block, an id out of range or a block
+    /// nobody holds.
+    #[inline(always)]
+    pub fn free(&mut self, b: BlockId) -> bool {
+        match self.meta.get_mut(b as usize) {
+            Some(m) if b != NULL_BLOCK && m.ref_count() > 0 => {
+                m.0 -= 1;
+                if m.ref_count() == 0 {
+                    if m.cached() {
+                        self.push_back(b);
+                    } else {
+                        self.uncached.push(b);
+                    }
+                }
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Drops one reference to each block of a table, last block first;
@@ -230,10 +275,10 @@ impl BlockPool {
         let mut any_cached = false;
         for &b in table {
             let m = &mut self.meta[b as usize];
-            debug_assert!(m.ref_count > 0, "block {b} released more often than held");
-            m.ref_count -= 1;
-            if m.ref_count == 0 {
-                if m.cached {
+            debug_assert!(m.ref_count() > 0, "block {b} released more often than held");
+            m.0 -= 1;
+            if m.ref_count() == 0 {
+                if m.cached() {
                     any_cached = true;
                 } else {
                     self.uncached.push(b);
@@ -243,7 +288,7 @@ impl BlockPool {
         if any_cached {
             for &b in table.iter().rev() {
                 let m = self.meta[b as usize];
-                if m.ref_count == 0 && m.cached && !m.listed {
+                if m.ref_count() == 0 && m.cached() && !m.listed() {
                     self.push_back(b);
                 }
             }
@@ -264,15 +309,15 @@ impl BlockPool {
         }
         for b in 1..=self.n_blocks {
             let m = self.meta[b as usize];
-            let free = in_stack[b as usize] || m.listed;
-            if free == (m.ref_count > 0) || (in_stack[b as usize] && m.listed) {
-                return Err(format!("block {b}: ref count {} but free = {free}", m.ref_count));
+            let free = in_stack[b as usize] || m.listed();
+            if free == (m.ref_count() > 0) || (in_stack[b as usize] && m.listed()) {
+                return Err(format!("block {b}: ref count {} but free = {free}", m.ref_count()));
             }
-            if (in_stack[b as usize] && m.cached) || (m.listed && !m.cached) {
-                return Err(format!("block {b}: cached = {} in the wrong part of the free queue", m.cached));
+            if (in_stack[b as usize] && m.cached()) || (m.listed() && !m.cached()) {
+                return Err(format!("block {b}: cached = {} in the wrong part of the free queue", m.cached()));
             }
-            if m.cached != self.content[b as usize].is_some() {
-                return Err(format!("block {b}: cached flag {} disagrees with its content", m.cached));
+            if m.cached() != self.content[b as usize].is_some() {
+                return Err(format!("block {b}: cached flag {} disagrees with its content", m.cached()));
             }
             if let Some(c) = &self.content[b as usize] {
                 if !self.by_hash.get(&c.hash).is_some_and(|v| v.contains(&b)) {
@@ -313,6 +358,16 @@ mod tests {
         }
         assert_eq!(c.lookup(ROOT_HASH, &toks(7)), None);
         assert!(c.allocate().is_none());
+        c.check().unwrap();
+    }
+
+    #[test]
+    fn free_refuses_what_nobody_holds() {
+        let mut c = BlockPool::new(2);
+        let a = c.allocate().unwrap();
+        assert!(!c.free(NULL_BLOCK) && !c.free(7) && !c.free(2));
+        assert!(c.free(a) && !c.free(a), "a block is freed once");
+        assert_eq!(c.free_queue(), vec![1, 2]);
         c.check().unwrap();
     }
 
