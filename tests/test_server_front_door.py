@@ -228,8 +228,11 @@ def test_chat_template_options(server, http):
         ("/v1/completions", {"suffix": "x"}, ["suffix"]),
         ("/v1/completions", {"use_beam_search": True}, ["use_beam_search"]),
         ("/v1/completions", {"logprobs": 21}, ["logprobs", "20"]),
-        ("/v1/completions", {"guided_regex": "a+"}, ["guided_regex"]),
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, ["response_format"]),
+        ("/v1/completions", {"guided_regex": "a+", "guided_choice": ["x"]}, ["one output constraint"]),
+        ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, ["json_schema.schema"]),
+        ("/v1/chat/completions", {"response_format": {"type": "xml"}}, ["response_format", "xml"]),
+        ("/v1/completions", {"guided_regex": "(unclosed"}, ["regex"]),
+        ("/v1/completions", {"structured_outputs": {"colour": "red"}}, ["structured_outputs"]),
         ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, ["tools"]),
         ("/v1/chat/completions", {"top_logprobs": 2}, ["logprobs"]),
         ("/v1/completions", {"prompt": [1, True, 3]}, ["JSON integers"]),
@@ -403,3 +406,31 @@ def test_a_request_the_engine_ends_alone_is_an_error_the_client_reads(tmp_path):
         asyncio.run(run())
     finally:
         engine.shutdown()
+
+
+def test_structured_outputs_through_every_body_field(http):
+    """response_format, vLLM's structured_outputs and guided_* fields constrain the output."""
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
+        "required": ["name", "n"],
+        "additionalProperties": False,
+    }
+    chat = {"messages": [{"role": "user", "content": "Give JSON"}], "max_tokens": 96}
+    for seed in range(4):
+        body = {**chat, "seed": seed, "structured_outputs": {"json": schema, "disable_any_whitespace": True}}
+        r = http.post("/v1/chat/completions", json=body).json()
+        choice = r["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        obj = json.loads(choice["message"]["content"])
+        assert set(obj) == {"name", "n"} and isinstance(obj["n"], int) and len(obj["name"]) <= 8
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema}}
+    r = http.post("/v1/chat/completions", json={**chat, "response_format": fmt, "temperature": 0}).json()["choices"][0]
+    if r["finish_reason"] == "stop":  # free whitespace may not end within max_tokens on a random model
+        assert set(json.loads(r["message"]["content"])) == {"name", "n"}
+    r = http.post("/v1/completions", json={"prompt": "Pick", "max_tokens": 16, "guided_choice": ["red", "blue"]})
+    assert r.json()["choices"][0]["text"] in ("red", "blue")
+    r = http.post("/v1/completions", json={"prompt": "Code", "max_tokens": 16, "guided_regex": "[a-c]{3}-[0-9]{2}"})
+    import re
+
+    assert re.fullmatch("[a-c]{3}-[0-9]{2}", r.json()["choices"][0]["text"])

@@ -20,6 +20,7 @@ from spyre_cb.errors import SpyreCBError
 from spyre_cb.params import MAX_LOGPROBS
 from spyre_cb.sampling import SamplingParams
 from spyre_cb.server.errors import APIError
+from spyre_cb.structured import StructuredOutputsParams
 
 log = logging.getLogger("spyre_cb.server")
 
@@ -96,7 +97,58 @@ class _Sampling(BaseModel):
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             logprobs=logprobs,
             prompt_logprobs=self.wanted_prompt_logprobs,
+            structured_outputs=self.structured(),
         )
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The one output constraint the body asks for: OpenAI's ``response_format``
+        (``json_object``, ``json_schema``), vLLM's ``structured_outputs`` or its
+        older ``guided_*`` fields; more than one is a 400."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        rf = self.response_format
+        if rf is not None and rf.get("type", "text") != "text":
+            kind = rf.get("type")
+            if kind == "json_object":
+                given.append(("response_format", {"json_object": True}))
+            elif kind == "json_schema":
+                spec = rf.get("json_schema") or {}
+                schema = spec.get("schema") if isinstance(spec, dict) else None
+                if not isinstance(schema, dict):
+                    raise APIError(
+                        400,
+                        "response_format json_schema needs json_schema.schema (an object)",
+                        "invalid_request_error",
+                        "response_format",
+                    )
+                given.append(("response_format", {"json": schema}))
+            else:
+                raise APIError(
+                    400,
+                    f"response_format type {kind!r} is not one of 'text', 'json_object', 'json_schema'",
+                    "invalid_request_error",
+                    "response_format",
+                )
+        if self.structured_outputs is not None:
+            given.append(("structured_outputs", dict(self.structured_outputs)))
+        for name, key in (
+            ("guided_json", "json"),
+            ("guided_regex", "regex"),
+            ("guided_choice", "choice"),
+            ("guided_grammar", "grammar"),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                given.append((name, {key: value}))
+        if not given:
+            return None
+        if len(given) > 1:
+            names = ", ".join(n for n, _ in given)
+            raise APIError(400, f"give one output constraint, got {names}", "invalid_request_error", given[1][0])
+        name, spec = given[0]
+        try:
+            return StructuredOutputsParams(**spec)
+        except (TypeError, SpyreCBError) as e:
+            raise APIError(400, f"{name}: {e}", "invalid_request_error", name) from None
 
     @property
     def include_usage(self) -> bool:
@@ -115,18 +167,7 @@ class _Sampling(BaseModel):
         """400 for what this server cannot do yet (never ignored), as vLLM refuses what it cannot."""
         if self.use_beam_search:
             raise APIError(400, "use_beam_search is not supported yet", "invalid_request_error", "use_beam_search")
-        rf = self.response_format
-        if rf is not None and rf.get("type", "text") != "text":
-            raise APIError(
-                400,
-                f"response_format type {rf.get('type')!r} needs structured outputs, which this server does not "
-                "support yet; only {'type': 'text'} is accepted",
-                "invalid_request_error",
-                "response_format",
-            )
-        for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"):
-            if getattr(self, name) is not None:
-                raise APIError(400, f"{name}: structured outputs are not supported yet", "invalid_request_error", name)
+        self.structured()  # a malformed or doubled constraint is a 400 before anything runs
         if self.model_extra:
             log.warning("request fields this server does not know, ignored: %s", ", ".join(sorted(self.model_extra)))
 
