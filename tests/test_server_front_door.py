@@ -434,3 +434,41 @@ def test_structured_outputs_through_every_body_field(http):
     import re
 
     assert re.fullmatch("[a-c]{3}-[0-9]{2}", r.json()["choices"][0]["text"])
+
+
+def test_grammars_compile_off_the_event_loop(tmp_path):
+    """The handler compiles a request's grammar in a worker thread first; the
+    engine's add_request (on the event loop) then finds it cached."""
+    import asyncio
+
+    from spyre_cb.async_engine import AsyncEngine
+    from spyre_cb.server import build_app
+
+    os.environ.setdefault("SPYRE_CB_CACHE", str(tmp_path))
+    engine = AsyncEngine(spyre_cb.Engine("tiny", max_num_seqs=2))
+    app = build_app(engine, served_model_name="tiny")
+    loop_threads: set[int] = set()
+    compiled_in: set[int] = set()
+    grammars = engine.engine.grammars
+    real = grammars._compile
+
+    def spy(key):
+        compiled_in.add(threading.get_ident())
+        return real(key)
+
+    grammars._compile = spy
+
+    async def run():
+        loop_threads.add(threading.get_ident())
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+            body = {"prompt": "Code", "max_tokens": 12, "guided_regex": "[x-z]{2}[0-9]{3}"}
+            r = await c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert compiled_in and not (compiled_in & loop_threads), "compiled on the event loop"
+    assert grammars.misses == 1 and grammars.hits >= 1  # the engine's own compile was a cache hit

@@ -141,6 +141,13 @@ class OpenAIServing:
     async def _submit(self, body: _Sampling, base: str, jobs: list[tuple[int, list[int]]]) -> list[Choice]:
         """Queues every job at once (they batch together); a refused one fails the whole request."""
         params = [sampling_params(body, None, index) for index, _ in jobs]  # max_tokens None: as many as fit
+        spec = params[0].structured_outputs if params else None
+        if spec is not None:
+            # compile off the event loop (a cold regex takes ~0.1 s); the engine then finds it cached
+            try:
+                await asyncio.to_thread(self.engine.engine.grammars.compile, spec)
+            except SpyreCBError as e:
+                raise APIError(400, str(e), "invalid_request_error", "structured_outputs") from None
         streams: list[Choice] = []
         try:
             for (index, prompt_ids), p in zip(jobs, params):
