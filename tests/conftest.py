@@ -71,3 +71,22 @@ def drain(eng) -> None:
     snap = eng.snapshot()
     assert (snap.tkv, snap.n_reserved_blocks, snap.n_used_blocks) == (0, 0, 0), snap
     eng.scheduler.check_invariants()
+
+
+def spawned_children(parent_pid: int) -> list[int]:
+    """Pids of ``parent_pid``'s children started by multiprocessing's spawn
+    (tensor-parallel workers; not its resource tracker), read from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent_pid and b"spawn_main" in cmd:
+            out.append(int(entry))
+    return out

@@ -24,6 +24,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("openai")
 
+from conftest import spawned_children  # noqa: E402
 from test_server import API_KEY, EXTRA, Server  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -195,18 +196,9 @@ def test_sigterm_lets_a_request_in_flight_finish(tmp_path):
 
 def _tp_worker(server_pid: int) -> int:
     """The pid of the server's spawned tensor-parallel worker."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == server_pid and b"spawn_main" in cmd:
-                return int(entry)
-    raise AssertionError("no tensor-parallel worker found")
+    workers = spawned_children(server_pid)
+    assert workers, "no tensor-parallel worker found"
+    return workers[0]
 
 
 def test_a_dead_engine_is_visible_health_503_and_requests_in_flight_end_with_an_error(tmp_path):

@@ -21,7 +21,7 @@ import torch
 import transformers
 
 import spyre_cb
-from conftest import random_prompts
+from conftest import random_prompts, spawned_children
 from engine_harness import run_engine
 from scenarios import IDS, SCENARIOS
 from spyre_cb import ExecutorError, SamplingParams
@@ -169,24 +169,6 @@ def test_keyboard_interrupt_in_a_step_stops_the_workers(models, monkeypatch):
     assert_workers_gone(pids)
 
 
-def _spawned_children() -> list[int]:
-    """Pids of this process's children started by multiprocessing's spawn (not its resource tracker)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == os.getpid() and b"spawn_main" in cmd:
-            out.append(int(entry))
-    return out
-
-
 @pytest.mark.parametrize("after_s", [0.0, 1.0], ids=["at-spawn", "importing"])
 def test_a_worker_killed_before_the_rendezvous_fails_start_up_at_once(models, after_s):
     killed: list[int] = []
@@ -195,7 +177,7 @@ def test_a_worker_killed_before_the_rendezvous_fails_start_up_at_once(models, af
     def killer() -> None:  # kills rank 1 once it exists (it takes seconds to import torch and join)
         deadline = time.monotonic() + 60
         while not killed and time.monotonic() < deadline:
-            for pid in _spawned_children():
+            for pid in spawned_children(os.getpid()):
                 time.sleep(after_s)
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)

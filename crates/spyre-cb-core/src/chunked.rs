@@ -555,18 +555,7 @@ impl Chunked {
         let reqs = &core.reqs;
         let n = members.len();
         let full = detail == PlanDetail::Full;
-        let mut plan = DecodePlan {
-            request_ids: Vec::new(),
-            batch_size: n as u32,
-            tkv: tkv - 1,
-            input_ids: Vec::new(),
-            positions: Vec::new(),
-            slot_mapping: Vec::new(),
-            block_table: Vec::new(),
-            width: 0,
-            left_padding: Vec::new(),
-            current_tkv: Vec::new(),
-        };
+        let mut plan = DecodePlan::empty(n as u32, tkv - 1);
         if detail != PlanDetail::Minimal {
             plan.request_ids = members.iter().map(|&x| reqs.get(x).id.clone()).collect();
         }

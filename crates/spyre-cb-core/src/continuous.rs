@@ -247,18 +247,10 @@ impl Continuous {
         core.kv.ensure_free(new_blocks as u32)?;
         let full = detail == PlanDetail::Full;
         let ids = detail != PlanDetail::Minimal;
-        let mut plan = DecodePlan {
-            request_ids: Vec::with_capacity(if ids { n } else { 0 }),
-            batch_size: n as u32,
-            tkv: pos,
-            input_ids: Vec::new(),
-            positions: Vec::new(),
-            slot_mapping: Vec::new(),
-            block_table: Vec::new(),
-            width: 0,
-            left_padding: Vec::new(),
-            current_tkv: Vec::new(),
-        };
+        let mut plan = DecodePlan::empty(n as u32, pos);
+        if ids {
+            plan.request_ids.reserve(n);
+        }
         if full {
             plan.input_ids.reserve(n);
             plan.positions.reserve(n);

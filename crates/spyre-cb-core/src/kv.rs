@@ -28,15 +28,6 @@ impl KvManager {
         Self { pool: BlockPool::new(n_blocks), caching, n_reserved: 0 }
     }
 
-    /// The pool (read only), for invariant checks and observations.
-    #[inline]
-    pub fn pool(&self) -> &BlockPool {
-        &self.pool
-    }
-    #[inline]
-    pub fn caching(&self) -> bool {
-        self.caching
-    }
     #[inline]
     pub fn n_blocks(&self) -> u32 {
         self.pool.n_blocks()

@@ -120,6 +120,23 @@ pub struct DecodePlan {
 }
 
 impl DecodePlan {
+    /// A plan of `batch_size` sequences writing at `tkv`, its vectors still empty
+    /// (the policy fills what its detail asks for).
+    pub fn empty(batch_size: u32, tkv: u32) -> Self {
+        Self {
+            request_ids: Vec::new(),
+            batch_size,
+            tkv,
+            input_ids: Vec::new(),
+            positions: Vec::new(),
+            slot_mapping: Vec::new(),
+            block_table: Vec::new(),
+            width: 0,
+            left_padding: Vec::new(),
+            current_tkv: Vec::new(),
+        }
+    }
+
     /// Block table row of sequence `i`.
     pub fn block_table_row(&self, i: usize) -> &[BlockId] {
         let w = self.width as usize;
