@@ -259,7 +259,7 @@ def test_refused_with_a_400_naming_the_field(http, path, extra, words):
 def test_accepted_as_vllm_accepts_them(server, http):
     ok = [
         ("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),  # no model: the served one
-        ("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "frobnicate": 1}),  # unknown: logged, ignored
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "frobnicate": 1, "user": "u1"}),  # logged, unused
         ("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "n": 2, "seed": 2**64 - 1}),
         ("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "best_of": 1}),
         (
@@ -274,6 +274,10 @@ def test_accepted_as_vllm_accepts_them(server, http):
     for path, body in ok:
         r = http.post(path, json={"max_tokens": 2, **body})
         assert r.status_code == 200, (path, body, r.text)
+    deadline = time.monotonic() + 10
+    while "frobnicate, user" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "fields this server does not use, ignored: frobnicate, user" in server.log()
     seeds = http.post(
         "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "n": 2, "seed": 2**64 - 1, "temperature": 1}
     )

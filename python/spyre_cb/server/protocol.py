@@ -73,7 +73,6 @@ class _Sampling(BaseModel):
     guided_grammar: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
 
     def params(self, default_max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -168,8 +167,14 @@ class _Sampling(BaseModel):
         if self.use_beam_search:
             raise APIError(400, "use_beam_search is not supported yet", "invalid_request_error", "use_beam_search")
         self.structured()  # a malformed or doubled constraint is a 400 before anything runs
-        if self.model_extra:
-            log.warning("request fields this server does not know, ignored: %s", ", ".join(sorted(self.model_extra)))
+        warn_unknown(self)
+
+
+def warn_unknown(body: BaseModel) -> None:
+    """Names, in the log, the fields of a body this server does not use (OpenAI's
+    ``user`` among them), as vLLM does: accepted, never silently."""
+    if body.model_extra:
+        log.warning("request fields this server does not use, ignored: %s", ", ".join(sorted(body.model_extra)))
 
 
 class CompletionRequest(_Sampling):

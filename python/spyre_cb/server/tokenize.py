@@ -12,13 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from spyre_cb import __version__
 from spyre_cb.server.errors import APIError
-from spyre_cb.server.protocol import ChatMessage, ChatRequest, _check, _check_length, chat_prompt
+from spyre_cb.server.protocol import ChatMessage, ChatRequest, _check, _check_length, chat_prompt, warn_unknown
 
 router = APIRouter()
 
 
 class TokenizeCompletion(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
@@ -26,7 +26,7 @@ class TokenizeCompletion(BaseModel):
 
 
 class TokenizeChat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
@@ -37,7 +37,7 @@ class TokenizeChat(BaseModel):
 
 
 class Detokenize(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     tokens: list[StrictInt]
 
@@ -51,6 +51,7 @@ async def tokenize(body: TokenizeCompletion | TokenizeChat, request: Request) ->
     serving = _serving(request)
     tok, mml = serving.tokenizer, serving.max_model_len
     serving.check_model(body.model)
+    warn_unknown(body)
     if tok is None:
         raise APIError(400, "this model has no tokenizer", "invalid_request_error")
 
@@ -79,6 +80,7 @@ async def tokenize(body: TokenizeCompletion | TokenizeChat, request: Request) ->
 async def detokenize(body: Detokenize, request: Request) -> dict[str, str]:
     serving = _serving(request)
     serving.check_model(body.model)
+    warn_unknown(body)
     tok = serving.tokenizer
     if tok is None:
         raise APIError(400, "this model has no tokenizer", "invalid_request_error")
