@@ -191,18 +191,24 @@ impl BlockPool {
     /// Takes the front of the free queue (evicting what it cached).
     #[inline(always)]
     pub fn allocate(&mut self) -> Option<BlockId> {
-        let b = match self.uncached.pop() {
-            Some(b) => b,
-            None => {
-                let b = self.next[NIL as usize];
-                if b == NIL {
-                    return None;
-                }
-                self.unlink(b);
-                self.evict(b);
-                b
-            }
-        };
+        // (the fast path returns on its own: nothing after it reloads the pool)
+        if let Some(b) = self.uncached.pop() {
+            self.meta[b as usize] = Meta(1);
+            return Some(b);
+        }
+        self.allocate_cached()
+    }
+
+    /// Every free block caches a prefix: the oldest is evicted and taken.
+    #[cold]
+    #[inline(never)]
+    fn allocate_cached(&mut self) -> Option<BlockId> {
+        let b = self.next[NIL as usize];
+        if b == NIL {
+            return None;
+        }
+        self.unlink(b);
+        self.evict(b);
         // a block leaves the free queue unlisted and uncached (evicted above)
         self.meta[b as usize] = Meta(1);
         Some(b)
@@ -249,20 +255,34 @@ impl BlockPool {
     /// nobody holds.
     #[inline(always)]
     pub fn free(&mut self, b: BlockId) -> bool {
+        // (the null block's count stays 0: it is never handed out; a held
+        // block is never listed, so its word is its count plus CACHED)
         match self.meta.get_mut(b as usize) {
-            Some(m) if b != NULL_BLOCK && m.ref_count() > 0 => {
-                m.0 -= 1;
-                if m.ref_count() == 0 {
-                    if m.cached() {
-                        self.push_back(b);
-                    } else {
-                        self.uncached.push(b);
-                    }
-                }
+            Some(m) if m.0 == 1 => {
+                // the common case: its only holder, caching nothing
+                m.0 = 0;
+                self.uncached.push(b);
                 true
             }
-            _ => false,
+            _ => self.free_shared(b),
         }
+    }
+
+    /// [`BlockPool::free`] of a block that is shared, cached, or not held.
+    #[cold]
+    #[inline(never)]
+    fn free_shared(&mut self, b: BlockId) -> bool {
+        let Some(m) = self.meta.get_mut(b as usize) else { return false };
+        if m.ref_count() == 0 {
+            return false;
+        }
+        m.0 -= 1;
+        match m.0 {
+            0 => self.uncached.push(b),
+            Meta::CACHED => self.push_back(b),
+            _ => {}
+        }
+        true
     }
 
     /// Drops one reference to each block of a table, last block first;

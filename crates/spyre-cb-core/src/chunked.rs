@@ -74,6 +74,10 @@ impl Rules for Chunked {
         false
     }
 
+    fn keeps_tokens(&self) -> bool {
+        true
+    }
+
     fn tkv(&self) -> u32 {
         self.tkv
     }

@@ -36,6 +36,10 @@ impl Rules for Continuous {
         true
     }
 
+    fn keeps_tokens(&self) -> bool {
+        false
+    }
+
     fn tkv(&self) -> u32 {
         self.tkv
     }
@@ -78,10 +82,13 @@ impl Rules for Continuous {
             self.tkv = 0;
             return Ok(StepPlan::Idle);
         }
-        let plan = self.decode(core, detail)?;
+        // built in place (no copy of the plan into the enum)
+        let mut out = StepPlan::Decode(DecodePlan::empty(core.reqs.running.len() as u32, self.tkv));
+        let StepPlan::Decode(plan) = &mut out else { unreachable!() };
+        self.decode(core, detail, plan)?;
         core.reqs.outputs.extend_from_slice(&core.reqs.running);
         self.decoding = true;
-        Ok(StepPlan::Decode(plan))
+        Ok(out)
     }
 
     fn commit(&mut self, _core: &mut Core) {
@@ -231,7 +238,7 @@ impl Continuous {
 
     /// Every running request decodes, most recently admitted first.
     #[inline]
-    fn decode(&mut self, core: &mut Core, detail: PlanDetail) -> Result<DecodePlan, CoreError> {
+    fn decode(&mut self, core: &mut Core, detail: PlanDetail, plan: &mut DecodePlan) -> Result<(), CoreError> {
         let pos = self.tkv;
         let reqs = &mut core.reqs;
         let n = reqs.running.len();
@@ -247,7 +254,6 @@ impl Continuous {
         core.kv.ensure_free(new_blocks as u32)?;
         let full = detail == PlanDetail::Full;
         let ids = detail != PlanDetail::Minimal;
-        let mut plan = DecodePlan::empty(n as u32, pos);
         if ids {
             plan.request_ids.reserve(n);
         }
@@ -295,6 +301,6 @@ impl Continuous {
                 plan.block_table.extend(std::iter::repeat_n(NULL_BLOCK, width - r.blocks.len()));
             }
         }
-        Ok(plan)
+        Ok(())
     }
 }

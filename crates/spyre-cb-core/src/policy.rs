@@ -41,6 +41,10 @@ pub(crate) trait Rules {
     /// Blocks of a request that leaves return at the start of the next step
     /// (the continuous policy) rather than at once.
     fn defers_release(&self) -> bool;
+    /// A request's generated tokens are appended to its token ids (the
+    /// chunked policy hashes them into prefix-cache blocks); the continuous
+    /// policy keeps only the last one.
+    fn keeps_tokens(&self) -> bool;
     /// The batch tkv of the last step (0 when idle).
     fn tkv(&self) -> u32;
     /// Admits and plans one step (the gone requests are already forgotten):

@@ -429,7 +429,10 @@ impl Scheduler {
         check_token_count(self.core.reqs.outputs.len(), tokens, stopped)?;
         self.pending = false;
         outcome.aborted.append(&mut self.core.reqs.unreported);
-        rules!(&mut self.rules, r => r.commit(&mut self.core));
+        let keeps_tokens = rules!(&mut self.rules, r => {
+            r.commit(&mut self.core);
+            r.keeps_tokens()
+        });
         for (i, &token) in tokens.iter().enumerate() {
             let h = self.core.reqs.outputs[i];
             let stop = stopped.get(i).copied().unwrap_or(false);
@@ -437,7 +440,7 @@ impl Scheduler {
                 let r = self.core.reqs.get_mut(h);
                 r.generated += 1;
                 r.last_token = token;
-                if r.has_tokens() {
+                if keeps_tokens && r.has_tokens() {
                     r.tokens.push(token);
                 }
                 finish_of(r.stop.as_deref(), token, r.generated, r.max_tokens, stop)
