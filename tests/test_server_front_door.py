@@ -233,7 +233,11 @@ def test_chat_template_options(server, http):
         ("/v1/chat/completions", {"response_format": {"type": "xml"}}, ["response_format", "xml"]),
         ("/v1/completions", {"guided_regex": "(unclosed"}, ["regex"]),
         ("/v1/completions", {"structured_outputs": {"colour": "red"}}, ["structured_outputs"]),
-        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, ["tools"]),
+        (
+            "/v1/chat/completions",
+            {"tools": [{"type": "function", "function": {"name": "f"}}]},
+            ["enable-auto-tool-choice"],
+        ),
         ("/v1/chat/completions", {"top_logprobs": 2}, ["logprobs"]),
         ("/v1/completions", {"prompt": [1, True, 3]}, ["JSON integers"]),
         ("/v1/completions", {"prompt": [1, 2.0]}, ["JSON integers"]),
@@ -268,7 +272,11 @@ def test_accepted_as_vllm_accepts_them(server, http):
         ),
         (
             "/v1/chat/completions",
-            {"messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function"}], "tool_choice": "none"},
+            {
+                "messages": [{"role": "user", "content": "Hi"}],
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": "none",
+            },
         ),
     ]
     for path, body in ok:

@@ -88,6 +88,22 @@ def test_json_schema_with_free_whitespace_still_validates(cont):
         jsonschema.validate(json.loads(t), SCHEMA)
 
 
+def test_properties_come_in_the_schemas_order(cont):
+    """As in vLLM, the grammar keeps the order of the schema's properties (the
+    cache key's canonical form sorts every other key)."""
+    for order in (["zeta", "alpha", "mid"], ["alpha", "mid", "zeta"]):
+        schema = {
+            "type": "object",
+            "properties": {k: {"type": "string", "enum": ["a", "b"]} for k in order},
+            "required": order,
+            "additionalProperties": False,
+        }
+        so = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+        outs = cont.generate(["x"] * 4, [params(so, seed=i, max_tokens=64) for i in range(4)], use_tqdm=False)
+        for t, why in texts(outs):
+            assert why == "stop" and list(json.loads(t)) == order, t
+
+
 def test_regex_choice_and_grammar_match_every_output(llm):
     n = 20
     regex = llm.generate(

@@ -15,6 +15,7 @@ from spyre_cb._core import StepRecord, __version__
 from spyre_cb.config import EngineConfig, any_int, nonneg_int
 from spyre_cb.errors import SpyreCBError
 from spyre_cb.params import SamplingParams
+from spyre_cb.server.options import ServerOptions
 from spyre_cb.stats import describe_wait
 
 DEMO_PROMPTS = [
@@ -273,18 +274,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         a.model = a.model_pos
     config = EngineConfig.from_cli(a).with_model_path()
     name = a.served_model_name or (a.model if a.model == "tiny" else str(config.model))
-    print(f"serving {name!r} on http://{a.host}:{a.port}/v1 (policy {config.policy})", flush=True)
-    serve(
-        config,
-        host=a.host,
-        port=a.port,
-        api_key=a.api_key,
-        max_waiting=a.max_waiting,
-        served_model_name=name,
-        log_level=a.log_level,
-        shutdown_timeout_s=a.shutdown_timeout,
-        access_log=a.access_log,
-    )
+    options = ServerOptions.from_cli(a, served_model_name=name)
+    print(f"serving {name!r} on http://{options.host}:{options.port}/v1 (policy {config.policy})", flush=True)
+    serve(config, options)
     return 0
 
 
@@ -391,25 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         "/v1/models, /health and /metrics, streaming or not.",
     )
     v.add_argument("model_pos", nargs="?", metavar="MODEL", help="checkpoint directory or 'tiny' (or --model)")
-    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    v.add_argument("--port", type=nonneg_int, default=8000)
-    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
-    v.add_argument("--max-waiting", type=nonneg_int, default=None, help="answer 503 while this many requests wait")
-    v.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL)")
-    v.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
-    v.add_argument(
-        "--shutdown-timeout",
-        type=nonneg_int,
-        default=10,
-        metavar="S",
-        help="on SIGTERM/SIGINT, let requests in flight finish for up to S seconds, then abort them (default: 10)",
-    )
-    v.add_argument(
-        "--access-log",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="one JSON line per /v1/ request on stderr (logger spyre_cb.access; default: on)",
-    )
+    ServerOptions.add_cli_args(v)
     EngineConfig.add_cli_args(v)
     v.set_defaults(func=cmd_serve)
     return p

@@ -109,10 +109,21 @@ def _json_parse(text: str) -> Any:
 
 
 def _json_text(value: Any, what: str) -> str:
+    """The schema's canonical text: keys sorted, except the order of each
+    ``properties`` (the order the grammar generates them in, as in vLLM)."""
     try:
-        return json.dumps(value, sort_keys=True)
+        return json.dumps(_canonical(value))
     except (TypeError, ValueError) as e:
         raise InvalidRequestError(f"{what} is not JSON-serializable: {e}") from None
+
+
+def _canonical(value: Any, keep_order: bool = False) -> Any:
+    if isinstance(value, dict):
+        items = value.items() if keep_order else sorted(value.items(), key=lambda kv: str(kv[0]))
+        return {k: _canonical(v, keep_order=(k == "properties" and not keep_order)) for k, v in items}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
 
 
 #: xgrammar 0.2.9's JSON string characters: length-bounded strings admit raw control

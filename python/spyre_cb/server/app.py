@@ -7,6 +7,7 @@ cancelled (its choices aborted) when its client goes away."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -23,28 +24,25 @@ from spyre_cb.server.access import AccessLog
 from spyre_cb.server.errors import BodyLimit, engine_dead, error_response, install_error_handlers
 from spyre_cb.server.handlers import OpenAIServing
 from spyre_cb.server.metrics import Metrics
+from spyre_cb.server.options import ServerOptions
 from spyre_cb.server.protocol import ChatRequest, CompletionRequest
 from spyre_cb.server.tokenize import router as tokenize_router
 
 router = APIRouter()
 
 
-def build_app(
-    engine: AsyncEngine,
-    *,
-    served_model_name: str,
-    api_key: str | None = None,
-    max_waiting: int | None = None,
-) -> FastAPI:
-    """The FastAPI application serving ``engine`` under ``served_model_name``."""
+def build_app(engine: AsyncEngine, options: ServerOptions | None = None, **fields: Any) -> FastAPI:
+    """The FastAPI application serving ``engine`` as ``options`` say (``fields``:
+    :class:`ServerOptions` fields that replace those of ``options``)."""
+    opts = dataclasses.replace(options or ServerOptions(), **fields)
     # no /docs: its page loads assets from a CDN (nothing leaves this server)
     app = FastAPI(title="spyre_cb", version="1", docs_url=None, redoc_url=None)
     metrics = Metrics()
     metrics.watch(engine)
     app.state.metrics = metrics
-    app.state.serving = OpenAIServing(engine, served_model_name=served_model_name, max_waiting=max_waiting)
+    app.state.serving = OpenAIServing(engine, opts)
     install_error_handlers(app)
-    app.middleware("http")(_require_key(api_key))
+    app.middleware("http")(_require_key(opts.api_key))
     app.add_middleware(BodyLimit)  # 413 before a body over the limit is read
     app.add_middleware(AccessLog)  # the outermost: it sees every response, 401s and 413s too
     app.include_router(router)
@@ -134,19 +132,9 @@ async def _disconnected(request: Request) -> None:
 # ----- running it ----------------------------------------------------------------------
 
 
-def serve(
-    config: Any,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    max_waiting: int | None = None,
-    served_model_name: str | None = None,
-    log_level: str = "info",
-    shutdown_timeout_s: int = 10,
-    access_log: bool = True,
-) -> None:
-    """Builds the engine from an EngineConfig and serves it until SIGINT or SIGTERM.
+def serve(config: Any, options: ServerOptions | None = None, **fields: Any) -> None:
+    """Builds the engine from an EngineConfig and serves it until SIGINT or SIGTERM
+    (``options``: :class:`ServerOptions`; ``fields`` replace some of its fields).
 
     Shutting down stops accepting connections, lets the requests in flight
     finish for up to ``shutdown_timeout_s`` seconds, then cancels what still
@@ -154,17 +142,25 @@ def serve(
     ``access_log`` writes the ``spyre_cb.access`` lines to stderr."""
     import uvicorn
 
-    if access_log:
+    opts = dataclasses.replace(options or ServerOptions(), **fields)
+    if opts.access_log:
         _log_access_to_stderr()
     # uvicorn re-raises the signal it stopped on once it has shut down: SIGTERM then
     # ends the process with status 0 (after this function's cleanup), not killed by it
     main_thread = threading.current_thread() is threading.main_thread()  # (signals: only there)
     previous = signal.signal(signal.SIGTERM, _exit_cleanly) if main_thread else None
     engine = AsyncEngine(Engine(config=config))
-    name = served_model_name or str(config.model)
-    app = build_app(engine, served_model_name=name, api_key=api_key, max_waiting=max_waiting)
+    if opts.served_model_name is None:
+        opts = dataclasses.replace(opts, served_model_name=str(config.model))
+    app = build_app(engine, opts)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout_s)
+        uvicorn.run(
+            app,
+            host=opts.host,
+            port=opts.port,
+            log_level=opts.log_level,
+            timeout_graceful_shutdown=opts.shutdown_timeout_s,
+        )
     finally:
         engine.shutdown()
         if main_thread:

@@ -24,6 +24,7 @@ from spyre_cb.errors import EngineDeadError, SpyreCBError
 from spyre_cb.outputs import PositionLogprobs
 from spyre_cb.server import access
 from spyre_cb.server.errors import APIError, engine_dead
+from spyre_cb.server.options import ServerOptions
 from spyre_cb.server.protocol import (
     MAX_SEQUENCES_PER_REQUEST,
     ChatRequest,
@@ -40,6 +41,7 @@ from spyre_cb.server.responses import (
     prompt_logprobs_json,
     usage,
 )
+from spyre_cb.server.tools import ToolCallStream
 
 #: one submitted choice: its index in the response, its prompt ids, its outputs
 Choice = tuple[int, list[int], RequestStream]
@@ -48,10 +50,11 @@ Choice = tuple[int, list[int], RequestStream]
 class OpenAIServing:
     """The endpoints' handlers for ``engine`` serving under ``served_model_name``."""
 
-    def __init__(self, engine: AsyncEngine, *, served_model_name: str, max_waiting: int | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, options: ServerOptions) -> None:
         self.engine = engine
-        self.model_name = served_model_name
-        self.max_waiting = max_waiting
+        self.options = options
+        self.model_name = options.served_model_name or str(engine.engine.config.model)
+        self.max_waiting = options.max_waiting
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.config.max_model_len
         self.vocab_size = engine.engine.vocab_size
@@ -76,6 +79,7 @@ class OpenAIServing:
         return await self._respond(body, base, jobs, "text_completion", chat=False)
 
     async def chat(self, body: ChatRequest) -> Any:
+        body.check_tools(self.options.auto_tool_parser)
         self.check(body, n_prompts=1)
         ids = await asyncio.to_thread(chat_prompt, body, self.tokenizer, self.max_model_len)
         if body.max_completion_tokens is not None:
@@ -99,6 +103,7 @@ class OpenAIServing:
         cannot do, bad ``n``, too many sequences, or (counting every sequence it would
         queue) more waiting than ``--max-waiting``."""
         self.check_model(body.model)
+        body.use_server_defaults(self.options.disable_any_whitespace)
         body.refuse_unsupported()
         if body.n < 1 or body.n > 64:
             raise APIError(400, f"n must be in [1, 64], got {body.n}", "invalid_request_error", "n")
@@ -197,8 +202,16 @@ class OpenAIServing:
         positions = [p for o in outs for p in (o.logprobs or [])]
         prompt_lps = next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None)
         choice: dict[str, Any] = {"index": index}
+        finish_reason = last.finish_reason
         if isinstance(body, ChatRequest):
-            choice["message"] = {"role": "assistant", "content": text}
+            tools = body.tool_calls()
+            if tools is None:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                tools.feed(text)
+                tools.finish()
+                choice["message"] = tools.message()
+                finish_reason = _tool_finish(tools, finish_reason)
             choice["logprobs"] = (
                 {"content": chat_logprobs(ids, positions, body.top_logprobs or 0, self._decode)}
                 if body.logprobs
@@ -216,11 +229,16 @@ class OpenAIServing:
                 parts.append(lps.part(ids, list(positions)))
             choice["text"] = text
             choice["logprobs"] = merge_completion_logprobs(parts)
-        choice["finish_reason"] = last.finish_reason
+        choice["finish_reason"] = finish_reason
         choice["stop_reason"] = last.stop_reason
         if body.prompt_logprobs is not None:
             choice["prompt_logprobs"] = prompt_logprobs_json(prompt_lps)
         return choice
+
+
+def _tool_finish(tools: ToolCallStream, finish_reason: str | None) -> str | None:
+    """``tool_calls`` when the message holds calls and was not cut short by a length limit."""
+    return "tool_calls" if tools.called and finish_reason != "length" else finish_reason
 
 
 def _n_prompts(prompt: Any) -> int:
@@ -257,7 +275,9 @@ async def sse_events(
                 if o.error is not None:  # the engine ended this request alone: an error the client can read
                     yield chunks.error(f"the request failed: {o.error}")
                     return
-                yield chunks.delta(index, o)
+                event = chunks.delta(index, o)
+                if event is not None:
+                    yield event
         except EngineDeadError as e:  # an error event, no [DONE]
             yield f"data: {json.dumps(engine_dead(str(e)).body())}\n\n"
             return
@@ -285,6 +305,8 @@ class _Chunks:
         self.decode = decode or (lambda ids: "")
         # per choice: the legacy logprobs' running text offset
         self._lps: dict[int, CompletionLogprobs] = {}
+        # per choice (chat with tools): the reader of its text into tool calls
+        self._tools: dict[int, ToolCallStream] = {}
 
     def role(self, index: int) -> str:
         """A chat choice's first event: the assistant role, no text yet."""
@@ -294,13 +316,23 @@ class _Chunks:
         """A completion choice's first event with ``echo``: the prompt's text."""
         return self._event({"index": index, "text": self.decode(prompt), "finish_reason": None, "logprobs": None})
 
-    def delta(self, index: int, o: StepOutput) -> str:
-        """The text one output adds to its choice (and why it ended, with the last)."""
+    def delta(self, index: int, o: StepOutput) -> str | None:
+        """The text one output adds to its choice (and why it ended, with the last);
+        None when there is nothing to send yet (text held back as a possible tool call)."""
         self.n_tokens += len(o.new_token_ids)
         body = self.body
         choice: dict[str, Any]
+        finish_reason = o.finish_reason
         if isinstance(body, ChatRequest):
-            choice = {"index": index, "delta": {"content": o.text or ""}, "finish_reason": None}
+            delta: dict[str, Any] | None = {"content": o.text or ""}
+            tools = self._tools.get(index) or body.tool_calls()
+            if tools is not None:
+                self._tools[index] = tools
+                delta = _merge_deltas(tools.feed(o.text or ""), tools.finish() if o.finished else None)
+                finish_reason = _tool_finish(tools, finish_reason)
+                if delta is None and not o.finished and not body.logprobs:
+                    return None
+            choice = {"index": index, "delta": delta or {}, "finish_reason": None}
             if body.logprobs:
                 content = chat_logprobs(o.new_token_ids, o.logprobs or [], body.top_logprobs or 0, self.decode)
                 choice["logprobs"] = {"content": content}
@@ -315,7 +347,7 @@ class _Chunks:
         if o.prompt_logprobs is not None and body.prompt_logprobs is not None:
             choice["prompt_logprobs"] = prompt_logprobs_json(o.prompt_logprobs)
         if o.finished:
-            choice["finish_reason"] = o.finish_reason
+            choice["finish_reason"] = finish_reason
             choice["stop_reason"] = o.stop_reason
         return self._event(choice)
 
@@ -339,6 +371,18 @@ class _Chunks:
 
     def _payload(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.base, "object": self.obj, "created": self.created, "model": self.model, "choices": choices}
+
+
+def _merge_deltas(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Two chat deltas as one (content concatenated, tool-call entries in order)."""
+    if a is None or b is None:
+        return a if b is None else b
+    out = dict(a)
+    if "content" in b:
+        out["content"] = out.get("content", "") + b["content"]
+    if "tool_calls" in b:
+        out["tool_calls"] = out.get("tool_calls", []) + b["tool_calls"]
+    return out
 
 
 def _merge(

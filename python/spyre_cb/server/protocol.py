@@ -13,13 +13,14 @@ import dataclasses
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, field_validator
 
 from spyre_cb.engine import check_text
 from spyre_cb.errors import SpyreCBError
 from spyre_cb.params import MAX_LOGPROBS
 from spyre_cb.sampling import SamplingParams
 from spyre_cb.server.errors import APIError
+from spyre_cb.server.tools import ToolCallStream, ToolChoice, tool_choice
 from spyre_cb.structured import StructuredOutputsParams
 
 log = logging.getLogger("spyre_cb.server")
@@ -73,6 +74,12 @@ class _Sampling(BaseModel):
     guided_grammar: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    #: the server's default for JSON constraints the body cannot tune (set by ``use_server_defaults``)
+    _disable_any_whitespace: bool = PrivateAttr(default=False)
+
+    def use_server_defaults(self, disable_any_whitespace: bool) -> None:
+        """Takes the server's defaults for what the body does not say."""
+        self._disable_any_whitespace = disable_any_whitespace
 
     def params(self, default_max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -102,8 +109,24 @@ class _Sampling(BaseModel):
     def structured(self) -> StructuredOutputsParams | None:
         """The one output constraint the body asks for: OpenAI's ``response_format``
         (``json_object``, ``json_schema``), vLLM's ``structured_outputs`` or its
-        older ``guided_*`` fields; more than one is a 400."""
-        given: list[tuple[str, dict[str, Any]]] = []
+        older ``guided_*`` fields, or (chat) a tool call; more than one is a 400."""
+        given = self._constraints()
+        if not given:
+            return None
+        if len(given) > 1:
+            names = ", ".join(n for n, _ in given)
+            raise APIError(400, f"give one output constraint, got {names}", "invalid_request_error", given[1][0])
+        name, spec = given[0]
+        if isinstance(spec, StructuredOutputsParams):
+            return spec
+        try:
+            return StructuredOutputsParams(**{"disable_any_whitespace": self._disable_any_whitespace, **spec})
+        except (TypeError, SpyreCBError) as e:
+            raise APIError(400, f"{name}: {e}", "invalid_request_error", name) from None
+
+    def _constraints(self) -> list[tuple[str, Any]]:
+        """Each constraint the body sets: (its field, its spec)."""
+        given: list[tuple[str, Any]] = []
         rf = self.response_format
         if rf is not None and rf.get("type", "text") != "text":
             kind = rf.get("type")
@@ -138,16 +161,7 @@ class _Sampling(BaseModel):
             value = getattr(self, name)
             if value is not None:
                 given.append((name, {key: value}))
-        if not given:
-            return None
-        if len(given) > 1:
-            names = ", ".join(n for n, _ in given)
-            raise APIError(400, f"give one output constraint, got {names}", "invalid_request_error", given[1][0])
-        name, spec = given[0]
-        try:
-            return StructuredOutputsParams(**spec)
-        except (TypeError, SpyreCBError) as e:
-            raise APIError(400, f"{name}: {e}", "invalid_request_error", name) from None
+        return given
 
     @property
     def include_usage(self) -> bool:
@@ -234,20 +248,35 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    #: False: at most one tool call per message
+    parallel_tool_calls: bool = True
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 
+    #: the validated tools and tool_choice (set by ``check_tools``)
+    _tools: ToolChoice | None = PrivateAttr(default=None)
+
+    def check_tools(self, auto_parser: str | None) -> ToolChoice | None:
+        """Validates ``tools`` and ``tool_choice`` (a 400 names the field); ``auto_parser``:
+        the server's parser of ``tool_choice: "auto"`` calls (None: "auto" is refused)."""
+        self._tools = tool_choice(self.tools, self.tool_choice, parser=auto_parser, parallel=self.parallel_tool_calls)
+        return self._tools
+
+    def tool_calls(self) -> ToolCallStream | None:
+        """A fresh reader of one choice's text into tool calls (None: no tools)."""
+        return self._tools.stream() if self._tools is not None else None
+
+    def _constraints(self) -> list[tuple[str, Any]]:
+        given = super()._constraints()
+        spec = self._tools.constraint(self._disable_any_whitespace) if self._tools is not None else None
+        if spec is not None:
+            given.append(("tool_choice", spec))
+        return given
+
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.tools and self.tool_choice != "none":
-            raise APIError(
-                400,
-                "tools need tool calling, which this server does not support yet (tool_choice 'none' is accepted)",
-                "invalid_request_error",
-                "tools",
-            )
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise APIError(400, "top_logprobs needs logprobs: true", "invalid_request_error", "top_logprobs")
@@ -342,6 +371,8 @@ def chat_prompt(body: ChatRequest, tokenizer: Any, max_model_len: int) -> list[i
     msgs = chat_messages(body, max_model_len)
     kwargs = dict(body.chat_template_kwargs or {})
     try:
+        if body.tools:
+            kwargs.setdefault("tools", body.tools)
         ids = tokenizer.apply_chat_template(
             msgs,
             chat_template=body.chat_template,
