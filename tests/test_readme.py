@@ -27,6 +27,8 @@ import re
 import shlex
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -105,11 +107,49 @@ def run_spyre_cb(args: list[str], timeout: float = 120) -> subprocess.CompletedP
 
 # ----- python blocks -------------------------------------------------------------------
 
-#: Python blocks that cannot run here, by a line they contain, with the reason.
-SKIPPED_PYTHON = {
-    "from openai import OpenAI": "talks to a running `spyre-cb serve` on port 8000; tests/test_server.py runs "
-    "the same openai client calls against a server it starts",
-}
+#: Python blocks that talk to ``spyre-cb serve tiny --port 8000`` (the README's command), by a
+#: line they contain: run against that command, started here on a free port.
+SERVED_PYTHON = "from openai import OpenAI"
+README_PORT = "127.0.0.1:8000"
+
+
+def readme_serve_command() -> list[str]:
+    """The README's ``spyre-cb serve tiny --port 8000 ...`` command (comment dropped)."""
+    for b in blocks("bash"):
+        for command in bash_commands(b):
+            if command.startswith("spyre-cb serve tiny --port 8000"):
+                return shlex.split(command)[1:]
+    raise AssertionError("the README no longer shows `spyre-cb serve tiny --port 8000`")
+
+
+@contextlib.contextmanager
+def readme_server(log: Path) -> Iterator[str]:
+    """The README's ``spyre-cb serve tiny --port 8000`` command, on a free port; yields host:port."""
+    from test_server import _free_port, _get
+
+    port = _free_port()
+    args = [str(port) if a == "8000" else a for a in readme_serve_command()]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(spyre_cb_command() + args, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"the server exited: {log.read_text()}"
+            assert time.monotonic() < deadline, "the server did not come up in 120 s"
+            try:
+                if _get(f"http://127.0.0.1:{port}/health", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def shown_results(code: str) -> dict[int, object]:
@@ -164,16 +204,19 @@ def test_the_readme_has_the_blocks_this_file_expects():
     assert len(blocks("python")) >= 8 and len(blocks("bash")) >= 3
     # the shown results the python blocks are checked against (trace[2].to_dict(), (6, 384), ...)
     assert sum(len(shown_results(b.code)) for b in blocks("python")) >= 6
-    for needle in SKIPPED_PYTHON:
-        assert any(needle in b.code for b in blocks("python")), f"no python block contains {needle!r} any more"
+    assert any(SERVED_PYTHON in b.code and README_PORT in b.code for b in blocks("python"))
 
 
 @pytest.mark.parametrize("block", params(blocks("python")))
 def test_python_block(block: Block, user_env: Path):
-    for needle, reason in SKIPPED_PYTHON.items():
-        if needle in block.code:
-            ast.parse(block.code)  # it must at least be valid Python
-            pytest.skip(reason)
+    if SERVED_PYTHON in block.code:
+        pytest.importorskip("openai")
+        pytest.importorskip("fastapi")
+        with readme_server(user_env / "server.log") as address:
+            block = dataclasses.replace(block, code=block.code.replace(README_PORT, address))
+            with contextlib.redirect_stdout(io.StringIO()):
+                run_python_block(block)
+        return
     with contextlib.redirect_stdout(io.StringIO()):
         run_python_block(block)
 
@@ -184,7 +227,8 @@ def test_python_block(block: Block, user_env: Path):
 SKIPPED_COMMANDS = {
     "pip install": "installs packages; this test runs against the package already installed",
     "bash .ci/run": "the whole CI run (lint, cargo test, every pytest: minutes)",
-    "spyre-cb serve": "a server that runs until stopped; tests/test_server.py starts it and talks to it",
+    "spyre-cb serve": "a server that runs until stopped; test_python_block starts the first one (on a free "
+    "port) for the openai block, tests/test_server*.py start the others",
     "curl ": "needs the server of the block above",
 }
 #: Commands that are run, with what their output must show.

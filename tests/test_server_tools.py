@@ -301,3 +301,45 @@ def test_tool_choice_none_and_unknown_modes():
     assert tool_choice(TOOLS, "none", parser=None).constraint() is None
     with pytest.raises(APIError, match="enable-auto-tool-choice"):
         tool_choice(TOOLS, None, parser=None)  # "auto", the default with tools, needs the flags
+
+
+# ----- the openai client's own helpers: parse() with pydantic models ----------------------
+
+
+def test_openai_parse_helpers_get_valid_objects(server):
+    """``chat.completions.parse`` sends a pydantic model as response_format json_schema
+    (strict) and parses the reply; ``pydantic_function_tool`` makes a tool whose call
+    it parses into the model. Both succeed on every seed."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Forecast(BaseModel):
+        city: Literal["Paris", "Rome", "Oslo"]
+        unit: Literal["C", "F"]
+        days: int = Field(ge=1, le=7)
+
+    class GetWeather(BaseModel):
+        city: Literal["Paris", "Rome"]
+
+    client = server.client()
+    if not hasattr(client.chat.completions, "parse"):
+        pytest.skip("this openai client has no chat.completions.parse")
+    for seed in range(4):
+        r = client.chat.completions.parse(
+            model="tiny", messages=ASK, response_format=Forecast, max_tokens=64, seed=seed
+        )
+        choice = r.choices[0]
+        assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Forecast), choice
+        assert 1 <= choice.message.parsed.days <= 7
+        r = client.chat.completions.parse(
+            model="tiny",
+            messages=ASK,
+            tools=[openai.pydantic_function_tool(GetWeather)],
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_tokens=64,
+            seed=seed,
+        )
+        [call] = r.choices[0].message.tool_calls
+        assert isinstance(call.function.parsed_arguments, GetWeather)
