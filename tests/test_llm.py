@@ -132,6 +132,41 @@ def test_stop_strings_cut_the_text(llm):
     assert kept.text.endswith(stop)
 
 
+def test_many_long_stop_strings_stream_exactly(llm, tiny_model):
+    """64 stop strings of up to 1024 characters (the caps): the text streamed with
+    Engine.stream_text is at every step a prefix of the final text (a possible
+    stop string's start is held back, then released), and the final text is cut
+    where the first stop string to complete occurs (ties: the list's order), as
+    without streaming."""
+    from spyre_cb.detokenizer import IncrementalDetokenizer
+
+    ids = llm.generate(["The river"], SamplingParams(max_tokens=40, **GREEDY), use_tqdm=False)[0].outputs[0].token_ids
+    detok = IncrementalDetokenizer(llm.get_tokenizer())
+    for t in ids:
+        detok.push(t)
+    ref = detok.text  # the text the stop strings are matched in
+    # a 5-character stop string, and a 3-character one ending at the same place, neither earlier
+    i = next(
+        i for i in range(10, len(ref) - 5) if ref.find(ref[i : i + 5]) == i and ref.find(ref[i + 2 : i + 5]) == i + 2
+    )
+    stops = ["q" * 1024, ref[i : i + 5], ref[3] + "\x00", *(f"never {k} " * 100 for k in range(60)), ref[i + 2 : i + 5]]
+    assert len(stops) == 64 and max(map(len, stops)) == 1024 and stops[2] not in ref
+    want = llm.generate(["The river"], SamplingParams(max_tokens=40, stop=stops, **GREEDY), use_tqdm=False)[0]
+    assert want.outputs[0].stop_reason == stops[1] and want.outputs[0].text == ref[:i]
+    eng = spyre_cb.Engine(tiny_model, max_num_seqs=2)
+    eng.stream_text = True
+    eng.add_request("s", prompt="The river", sampling_params=SamplingParams(max_tokens=40, stop=stops, **GREEDY))
+    streamed, held_once = "", False
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            streamed += o.text or ""
+            assert ref[:i].startswith(streamed), (streamed, ref[:i])
+            held_once |= not o.finished and len(streamed) < len(eng.requests["s"].text)
+    assert streamed == ref[:i] and held_once
+    with pytest.raises(spyre_cb.InvalidRequestError, match="empty"):
+        spyre_cb._core.StopStringMatcher(["a", ""])
+
+
 def test_stop_token_ids(llm):
     free = llm.generate(["Numbers"], SamplingParams(max_tokens=12, **GREEDY), use_tqdm=False)[0].outputs[0]
     t = free.token_ids[4]

@@ -35,6 +35,7 @@ __all__ = [
     "simulate_stats",
     "synthetic_workload",
     "paged_decode_attention",
+    "StopStringMatcher",
     "BLOCK_SIZE",
     "NULL_BLOCK",
     "MAX_AVAILABLE_BLOCKS",
@@ -177,6 +178,21 @@ ChunkedTrace = Trace
 class TraceIter:
     def __iter__(self) -> TraceIter: ...
     def __next__(self) -> StepRecord: ...
+
+@final
+class StopStringMatcher:
+    """A request's stop strings, matched incrementally as its text grows."""
+
+    def __new__(cls, stops: list[str]) -> StopStringMatcher: ...
+    def feed(self, text: str) -> tuple[int, int] | None:
+        """Appends text; (stop index, start offset in the whole text) of the first stop
+        string (in order) that now occurs ending inside it, or None."""
+    @property
+    def held(self) -> int:
+        """Characters at the text's end that may still start a stop string."""
+    @property
+    def fed(self) -> int: ...
+    def __len__(self) -> int: ...
 
 @final
 class UpdateOutcome:

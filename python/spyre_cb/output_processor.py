@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from spyre_cb._core import StopStringMatcher
 from spyre_cb.detokenizer import IncrementalDetokenizer
 from spyre_cb.outputs import PositionLogprobs, RequestMetrics
 from spyre_cb.params import SamplingParams, StopRule
@@ -64,6 +65,8 @@ class RequestState:
     #: output tokens the detokenizer has seen, and characters of text streamed so far
     n_detokenized: int = field(default=0, repr=False)
     n_streamed_chars: int = field(default=0, repr=False)
+    #: made on first use, for requests with stop strings: matched as the text grows
+    stop_matcher: StopStringMatcher | None = field(default=None, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -102,20 +105,25 @@ class OutputProcessor:
 
     def stop_string(self, s: RequestState, token: int) -> bool:
         """Whether the text now contains one of the request's stop strings (decided
-        before the commit; stop ids, EOS and max_tokens are the core's to check)."""
+        before the commit; stop ids, EOS and max_tokens are the core's to check).
+        The core's matcher keeps each stop string's state across steps: a step
+        costs O(stop strings x new characters), whatever their lengths."""
         p = s.params
         if p.stop_strings and self.tokenizer is not None:
-            before = len(self._detokenizer(s).text)
-            assert s.detokenizer is not None
-            s.detokenizer.push(token)  # O(1) per token, not a decode of the whole output
+            detok = self._detokenizer(s)
+            before = len(detok.text)
+            detok.push(token)  # O(1) per token, not a decode of the whole output
             s.n_detokenized += 1
-            text = s.detokenizer.text
-            for stop in p.stop_strings:
-                at = text.find(stop, max(0, before - len(stop) + 1))
-                if at >= 0:
-                    s.text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
-                    s.stop_reason = stop
-                    return True
+            text = detok.text
+            if s.stop_matcher is None:
+                s.stop_matcher = StopStringMatcher(list(p.stop_strings))
+            found = s.stop_matcher.feed(text[before:])
+            if found is not None:
+                index, at = found
+                stop = p.stop_strings[index]
+                s.text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
+                s.stop_reason = stop
+                return True
             s.text = text
         return False
 
@@ -215,13 +223,9 @@ class OutputProcessor:
             s.text = s.output_text(self.tokenizer) if done else detok.text
         text = s.text  # cut before a matched stop string (or through it, when asked)
         visible = len(text)
-        if stops and not done:
+        if stops and not done and s.stop_matcher is not None:
             # hold back a suffix that may be the start of a stop string
-            for stop in stops:
-                for k in range(min(len(stop) - 1, len(text)), 0, -1):
-                    if text.endswith(stop[:k]):
-                        visible = min(visible, len(text) - k)
-                        break
+            visible = max(0, visible - s.stop_matcher.held)
         delta = text[s.n_streamed_chars : visible]
         s.n_streamed_chars = max(s.n_streamed_chars, visible)
         return delta

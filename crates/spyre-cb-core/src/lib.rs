@@ -29,6 +29,7 @@ pub mod request;
 pub mod requests;
 pub mod scheduler;
 pub mod simulate;
+pub mod stop_strings;
 pub mod volume;
 pub mod workload;
 
@@ -47,6 +48,7 @@ pub use simulate::{
     drive, simulate, simulate_stats, simulate_trace, CompactRecord, Interrupted, Recorder, SimRequest, SimStats, Trace,
     NO_MATCH_TOKEN,
 };
+pub use stop_strings::{StopMatch, StopStrings};
 
 /// KV-cache slots per block (a Spyre constraint).
 pub const BLOCK_SIZE: u32 = 64;

@@ -4,7 +4,8 @@
 //! (`convert`), core errors become the exception classes this module defines
 //! (`errors`), and core values become Python objects: the config (`config`),
 //! observations (`records`), step plans (`plans`), the scheduler
-//! (`scheduler`) and simulations (`simulate`); and the
+//! (`scheduler`), simulations (`simulate`) and a request's stop strings
+//! (`text`); and the
 //! runner's CPU kernels over numpy views (`kernels`).
 
 use pyo3::prelude::*;
@@ -19,6 +20,7 @@ mod plans;
 mod records;
 mod scheduler;
 mod simulate;
+mod text;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -37,6 +39,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<plans::DecodePlan>()?;
     m.add_class::<plans::IdlePlan>()?;
     m.add_class::<plans::ChunkPlan>()?;
+    m.add_class::<text::StopStringMatcher>()?;
     m.add_function(wrap_pyfunction!(simulate::simulate, m)?)?;
     m.add_function(wrap_pyfunction!(simulate::simulate_stats, m)?)?;
     m.add_function(wrap_pyfunction!(simulate::synthetic_workload, m)?)?;
