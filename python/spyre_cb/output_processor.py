@@ -21,7 +21,7 @@ from spyre_cb.params import SamplingParams, StopRule
 from spyre_cb.sampling import SampledBatch, top_logprobs
 
 
-@dataclass
+@dataclass(slots=True)
 class StepOutput:
     """What one step produced for one request."""
 
@@ -98,6 +98,8 @@ class OutputProcessor:
         (a stop string), its structured-output grammar ended, or its row failed (it
         stops too; the core then ends it)."""
         errors, ended = sampled.errors, sampled.grammar_ended
+        if not errors and not ended and not any(s.params.stop_strings for s in states):
+            return []  # nothing stops on text: the core takes no flags as all False
         return [
             i in errors or i in ended or (bool(s.params.stop_strings) and self.stop_string(s, t))
             for i, (s, t) in enumerate(zip(states, sampled.tokens))
@@ -156,10 +158,12 @@ class OutputProcessor:
         outs: list[StepOutput] = []
         ended: list[str] = []
         stream = self.stream_text and self.tokenizer is not None
+        errors = sampled.errors
+        failed = bool(aborted or errors)
         for i, (s, token, lp) in enumerate(zip(states, sampled.tokens, sampled.logprobs)):
             rid = s.request_id
-            if rid in aborted or i in sampled.errors:  # aborted during this step, or its row failed
-                self.end(s, "abort", sampled.errors.get(i))
+            if failed and (rid in aborted or i in errors):  # aborted during this step, or its row failed
+                self.end(s, "abort", errors.get(i))
                 outs.append(self.final_abort(s))
                 ended.append(rid)
                 continue
@@ -169,22 +173,24 @@ class OutputProcessor:
                 m.first_token_time = now
             m.last_token_time = now
             m.n_tokens += 1
-            if s.logprobs is not None and lp is not None:
+            if lp is not None and s.logprobs is not None:
                 self._decode_tokens(lp)
                 s.logprobs.append(lp)
                 s.cumulative_logprob = (s.cumulative_logprob or 0.0) + lp[token].logprob
-            done = finished.get(rid)
+            done = finished.get(rid) if finished else None
             if done is not None:
                 why, stop_token = done
                 if stop_token is not None:
                     s.stop_reason = stop_token
                 self.end(s, why)
                 ended.append(rid)
-            out = StepOutput(rid, [token], s.finished, s.finish_reason, s.stop_reason, None if lp is None else [lp])
+            out = StepOutput(rid, [token], s.finish_reason is not None, s.finish_reason, s.stop_reason)
+            if lp is not None:
+                out.logprobs = [lp]
             if s.prompt_logprobs is not None and len(s.output_token_ids) == 1:
                 out.prompt_logprobs = s.prompt_logprobs
             if stream:
-                out.text = self._text_delta(s, s.finished)
+                out.text = self._text_delta(s, s.finish_reason is not None)
             outs.append(out)
         return outs, ended
 

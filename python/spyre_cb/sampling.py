@@ -138,10 +138,11 @@ class Sampler:
         n = len(rows)
         params = [r.params for r in rows]
         errors: dict[int, str] = {}
+        greedy = [p.greedy for p in params]
         # rows under structured outputs: their grammar's mask comes first, in one op
         cons = [i for i, r in enumerate(rows) if r.request_id in self._matchers] if self._matchers else []
         # (a row's stop rule holds ids back only below min_tokens, which its params carry too)
-        simple = not cons and all(p.greedy and not p.processed for p in params)
+        simple = not cons and all(greedy) and not any(p.processed for p in params)
         if cons:
             work = self._apply_grammars(raw, rows, cons, errors)
         else:
@@ -168,7 +169,8 @@ class Sampler:
         tokens: list[int] = argmax.tolist()
         # a row whose best logit is NaN or infinite cannot be sampled (checked
         # on the Python floats: cheaper than two more tensor ops per step)
-        for i, b in enumerate(best.tolist()):
+        bests = best.tolist()
+        for i, b in enumerate(bests if not math.isfinite(sum(bests)) else ()):
             if not math.isfinite(b):
                 why = "the model produced NaN or infinite logits"
                 if not simple and bool(torch.isfinite(raw[i]).all()):
@@ -176,7 +178,7 @@ class Sampler:
                     if i in cons:
                         why = "its structured output grammar allows no token the model can give here"
                 errors.setdefault(i, f"sampling failed: {why}")
-        sampled = [i for i, p in enumerate(params) if not p.greedy and i not in errors]
+        sampled = [] if simple else [i for i, g in enumerate(greedy) if not g and i not in errors]
         if sampled:
             probs = _filtered_probs(work[sampled], [params[i] for i in sampled])
             for row, i in enumerate(sampled):
