@@ -52,3 +52,14 @@ def test_serve_load_quick():
     # the server and the direct engine produced the same number of tokens
     assert len(lines) == 2 and lines[0].split(": ")[1].split()[0] == lines[1].split(": ")[1].split()[0], r.stdout
     assert "server / engine tokens/s" in r.stdout
+
+
+def test_peer_vllm_spyre_cb_half_quick():
+    """The spyre_cb half of the vLLM comparison (vLLM's virtualenv is not part of CI)."""
+    import json
+
+    r = run("peer_vllm.py", "--only", "spyre_cb", "--quick", "--cpus", "")
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads(r.stdout)["spyre_cb"]
+    assert got["tokens_per_s"] > 0 and got["tokens_per_cpu_s"] > 0 and got["peak_memory_mb"] > 100, got
+    assert len(got["runs"]) == 1
