@@ -33,6 +33,22 @@ def test_native_decode_equals_the_vectorized_decode(heads, kv_heads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (12, 4)])
+def test_native_decode_reads_a_bfloat16_cache(heads, kv_heads):
+    """A bfloat16 cache (read as its bits, widened to float32) gives what the float32
+    kernel gives on the same values, and what the vectorized bfloat16 path gives
+    within bfloat16's precision."""
+    for seed in range(4):
+        q, kc, vc, kw = _inputs(seed, batch=4, heads=heads, kv_heads=kv_heads)
+        qb, kb, vb = q.bfloat16(), kc.bfloat16(), vc.bfloat16()
+        got = attention._native_decode(qb, kb, vb, heads, kv_heads, 0.0, None, **kw)
+        assert got.dtype == torch.bfloat16
+        exact = attention._native_decode(qb.float(), kb.float(), vb.float(), heads, kv_heads, 0.0, None, **kw)
+        torch.testing.assert_close(got, exact.bfloat16(), rtol=0, atol=0)
+        torch_path = attention._decode(qb, kb, vb, heads, kv_heads, 0.0, None, **kw)
+        torch.testing.assert_close(got.float(), torch_path.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_native_decode_runs_under_torch_compile():
     q, kc, vc, kw = _inputs(1, batch=3, heads=4, kv_heads=2)
 
@@ -86,6 +102,13 @@ def test_engines_decode_through_the_kernel(tiny_model, monkeypatch):
     llm.generate([[5, 6, 7], [8, 9, 10, 11]], params)
     n_layers = llm.engine.runner.n_layers
     assert len(calls) >= 4 * n_layers  # every decode step, every layer
+    bf16_calls = []
+    kernel_bf16 = _core.paged_decode_attention_bf16
+    monkeypatch.setattr(
+        _core, "paged_decode_attention_bf16", lambda *a, **kw: (bf16_calls.append(1), kernel_bf16(*a, **kw))[1]
+    )
+    spyre_cb.LLM(tiny_model, max_num_seqs=2, max_model_len=256, dtype="bfloat16").generate([[5, 6, 7]], params)
+    assert len(bf16_calls) >= 4 * n_layers
     monkeypatch.setattr(_core, "paged_decode_attention", kernel)
     calls.clear()
     spyre_cb.LLM(tiny_model, max_num_seqs=2, max_model_len=256, attention_ops="vectorized").generate(

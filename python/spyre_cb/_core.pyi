@@ -35,6 +35,7 @@ __all__ = [
     "simulate_stats",
     "synthetic_workload",
     "paged_decode_attention",
+    "paged_decode_attention_bf16",
     "StopStringMatcher",
     "BLOCK_SIZE",
     "NULL_BLOCK",
@@ -506,3 +507,17 @@ def paged_decode_attention(
     context_end[i]``; ``out`` ``[batch, heads, value_dim]``. Arrays must be
     C-contiguous; a bad shape, range or block id raises ``ValueError``.
     """
+
+def paged_decode_attention_bf16(
+    query: npt.NDArray[np.float32],
+    key_cache: npt.NDArray[np.uint16],
+    value_cache: npt.NDArray[np.uint16],
+    block_table: npt.NDArray[np.int64],
+    context_start: npt.NDArray[np.int64],
+    context_end: npt.NDArray[np.int64],
+    scale: float,
+    out: npt.NDArray[np.float32],
+    threads: int = 1,
+) -> None:
+    """:func:`paged_decode_attention` over a bfloat16 cache given as its bits
+    (``uint16`` views of torch's ``bfloat16`` storage); query and ``out`` in float32."""

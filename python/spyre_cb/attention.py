@@ -14,16 +14,19 @@ operation, then run one masked SDPA. Same inputs, same semantics:
   table (in-table coordinates) are attended to, ``q`` the query's own
   position (the last query sits at ``current_tkv_mask[i] - 1``).
 
-The native ops (attention name :data:`NATIVE`, the default) run float32
-single-query decodes through this project's Rust kernel
+The native ops (attention name :data:`NATIVE`, the default) run float32 and
+bfloat16 single-query decodes through this project's Rust kernel
 (``spyre_cb._core.paged_decode_attention``), which reads each sequence's
 real keys in place through its block table: no gather copy, no mask, no
-work on padding. Everything else (prefills, chunks, other dtypes) takes the
-vectorized path.
+work on padding; a bfloat16 cache is read as its bits and widened to float32
+element by element (a shift), the arithmetic is float32. Everything else
+(prefills, chunks, float16) takes the vectorized path.
 """
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +40,8 @@ VECTORIZED = "spyre_cb_paged_attn"
 NATIVE = "spyre_cb_native_paged_attn"
 
 ATTENTION_OPS = {"native": NATIVE, "vectorized": VECTORIZED, "fms": FMS_REFERENCE}
+#: KV cache dtypes the native kernel reads (others take the vectorized path).
+NATIVE_CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
 _registered = False
 
@@ -117,11 +122,9 @@ def _paged_decode(
     sequence ``i`` attends to in-table positions ``context_start[i] <= j <
     context_end[i]``."""
     b, h, _ = query.shape
-    out = torch.empty(b, h, value_cache.shape[-1], dtype=query.dtype)
-    _core.paged_decode_attention(
-        query.contiguous().numpy(),
-        key_cache.numpy(),
-        value_cache.numpy(),
+    out = torch.empty(b, h, value_cache.shape[-1], dtype=torch.float32)
+    q = query.float().contiguous().numpy()
+    rest = (
         block_table.contiguous().numpy(),
         context_start.contiguous().numpy(),
         context_end.contiguous().numpy(),
@@ -129,7 +132,16 @@ def _paged_decode(
         out.numpy(),
         torch.get_num_threads(),
     )
-    return out
+    if key_cache.dtype == torch.bfloat16:  # read as its bits; the kernel widens each element to f32
+        _core.paged_decode_attention_bf16(q, _bits(key_cache), _bits(value_cache), *rest)
+    else:
+        _core.paged_decode_attention(q, key_cache.numpy(), value_cache.numpy(), *rest)
+    return out if query.dtype == torch.float32 else out.to(query.dtype)
+
+
+def _bits(t: torch.Tensor) -> npt.NDArray[np.uint16]:
+    """A bfloat16 tensor's storage as uint16 (a view: no copy)."""
+    return t.view(torch.int16).numpy().view(np.uint16)
 
 
 #: The kernel as a torch custom op, so that compiled models call it as is
@@ -145,7 +157,7 @@ def _(query, key_cache, value_cache, block_table, context_start, context_end, sc
 
 def _native_decode(query, key_cache, value_cache, nheads, kvheads, p_dropout, scale_factor, **attn_kwargs):
     b, q_len = query.shape[0], query.shape[1]
-    if q_len != 1 or query.dtype != torch.float32 or key_cache.dtype != torch.float32:
+    if q_len != 1 or key_cache.dtype not in NATIVE_CACHE_DTYPES or query.dtype != key_cache.dtype:
         return _decode(query, key_cache, value_cache, nheads, kvheads, p_dropout, scale_factor, **attn_kwargs)
     scale = scale_factor if scale_factor is not None else query.shape[-1] ** -0.5
     op = paged_decode if torch.compiler.is_compiling() else _paged_decode

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from spyre_cb import attention
+from spyre_cb import attention, linear
 from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
 from spyre_cb.errors import BackendUnavailableError, ConfigError
@@ -84,6 +84,10 @@ class ModelRunner:
             raise ConfigError(f"could not load model from {str(path)!r} with FMS: {type(e).__name__}: {e}") from e
         check_weights(model, checkpoint)
         model.eval()
+        #: how the linear layers run: "onednn" (prepacked at load) or "torch"
+        self.linear_ops = linear.resolve(config.linear_ops, backend, dtype)
+        if self.linear_ops == "onednn":
+            linear.pack_linears(model, batch_hint=config.max_num_seqs)
         self.model = model
         self.dtype = dtype
         self.backend = backend

@@ -14,7 +14,7 @@
 use std::fmt;
 use std::thread;
 
-use crate::math;
+use crate::math::{self, CacheElem};
 
 /// Sizes of one call. Tensors are dense, row-major, in the layouts given on
 /// [`DecodeInputs`].
@@ -30,15 +30,15 @@ pub struct DecodeShape {
     pub table_width: usize,
 }
 
-/// Borrowed inputs of [`paged_decode`].
+/// Borrowed inputs of [`paged_decode`]; the caches hold `f32`, or bfloat16 bits as `u16`.
 #[derive(Clone, Copy, Debug)]
-pub struct DecodeInputs<'a> {
+pub struct DecodeInputs<'a, E = f32> {
     /// `[batch, n_heads, head_dim]`.
     pub query: &'a [f32],
     /// `[n_blocks, block_size, kv_heads, head_dim]`.
-    pub key_cache: &'a [f32],
+    pub key_cache: &'a [E],
     /// `[n_blocks, block_size, kv_heads, value_dim]`.
-    pub value_cache: &'a [f32],
+    pub value_cache: &'a [E],
     /// `[batch, table_width]` physical block ids.
     pub block_table: &'a [i64],
     /// `[batch]`: first attended in-table position (the left padding).
@@ -94,7 +94,7 @@ fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), Kern
     }
 }
 
-fn validate(s: &DecodeShape, x: &DecodeInputs<'_>, out_len: usize) -> Result<(), KernelError> {
+fn validate<E: CacheElem>(s: &DecodeShape, x: &DecodeInputs<'_, E>, out_len: usize) -> Result<(), KernelError> {
     let positive = [
         ("n_heads", s.n_heads),
         ("kv_heads", s.kv_heads),
@@ -145,9 +145,9 @@ const MIN_WORK_PER_THREAD: usize = 1 << 21;
 /// (`[batch, n_heads, value_dim]`), split over up to `threads` threads (the
 /// calling one included) by sequence when the work is large
 /// enough to pay for starting them.
-pub fn paged_decode(
+pub fn paged_decode<E: CacheElem>(
     shape: &DecodeShape,
-    inputs: &DecodeInputs<'_>,
+    inputs: &DecodeInputs<'_, E>,
     out: &mut [f32],
     threads: usize,
 ) -> Result<(), KernelError> {
@@ -179,7 +179,7 @@ pub fn paged_decode(
 
 /// Items `first..` (as many as `out` holds), in the widest instruction set
 /// this CPU has.
-fn run(shape: &DecodeShape, inputs: &DecodeInputs<'_>, first: usize, out: &mut [f32]) {
+fn run<E: CacheElem>(shape: &DecodeShape, inputs: &DecodeInputs<'_, E>, first: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
@@ -193,12 +193,12 @@ fn run(shape: &DecodeShape, inputs: &DecodeInputs<'_>, first: usize, out: &mut [
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2(shape: &DecodeShape, inputs: &DecodeInputs<'_>, first: usize, out: &mut [f32]) {
+unsafe fn run_avx2<E: CacheElem>(shape: &DecodeShape, inputs: &DecodeInputs<'_, E>, first: usize, out: &mut [f32]) {
     run_items(shape, inputs, first, out);
 }
 
 #[inline(always)]
-fn run_items(s: &DecodeShape, x: &DecodeInputs<'_>, first: usize, out: &mut [f32]) {
+fn run_items<E: CacheElem>(s: &DecodeShape, x: &DecodeInputs<'_, E>, first: usize, out: &mut [f32]) {
     let mut scratch = Scratch::default();
     for (k, out_seq) in out.chunks_mut(s.n_heads * s.value_dim).enumerate() {
         attend(s, x, first + k, out_seq, &mut scratch);
@@ -228,7 +228,7 @@ fn slots(table: &[i64], start: usize, end: usize, bs: usize) -> impl Iterator<It
 /// one sequential stream of memory, which the hardware prefetches (reading
 /// one KV head at a time strides over the others and waits on memory).
 #[inline(always)]
-fn attend(s: &DecodeShape, x: &DecodeInputs<'_>, seq: usize, out: &mut [f32], scratch: &mut Scratch) {
+fn attend<E: CacheElem>(s: &DecodeShape, x: &DecodeInputs<'_, E>, seq: usize, out: &mut [f32], scratch: &mut Scratch) {
     let (h_n, kvh, group) = (s.n_heads, s.kv_heads, s.n_heads / s.kv_heads);
     let (d, dv, bs) = (s.head_dim, s.value_dim, s.block_size);
     let start = x.context_start[seq] as usize;
@@ -302,5 +302,26 @@ mod tests {
         for (a, b) in dispatched.iter().zip(&portable) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
+        // a bfloat16 cache gives what the f32 cache of the same (bf16-exact) values gives
+        let bf = |v: &[f32]| -> (Vec<u16>, Vec<f32>) {
+            let bits: Vec<u16> = v.iter().map(|x| (x.to_bits() >> 16) as u16).collect();
+            let back = bits.iter().map(|b| f32::from_bits(u32::from(*b) << 16)).collect();
+            (bits, back)
+        };
+        let ((kb, kf), (vb, vf)) = (bf(&kc), bf(&vc));
+        let f32_inputs = DecodeInputs { key_cache: &kf, value_cache: &vf, ..inputs };
+        let bf16_inputs = DecodeInputs {
+            query: inputs.query,
+            key_cache: &kb[..],
+            value_cache: &vb[..],
+            block_table: inputs.block_table,
+            context_start: inputs.context_start,
+            context_end: inputs.context_end,
+            scale: inputs.scale,
+        };
+        let (mut want, mut got) = (vec![0.0; 3 * 4 * 24], vec![0.0; 3 * 4 * 24]);
+        paged_decode(&shape, &f32_inputs, &mut want, 1).unwrap();
+        paged_decode(&shape, &bf16_inputs, &mut got, 2).unwrap();
+        assert_eq!(want, got);
     }
 }

@@ -14,3 +14,4 @@ mod attention;
 mod math;
 
 pub use attention::{paged_decode, DecodeInputs, DecodeShape, KernelError};
+pub use math::CacheElem;

@@ -6,20 +6,42 @@
 /// Independent partial sums: enough to fill two 8-lane registers.
 const LANES: usize = 16;
 
+/// An element of the KV cache: read as `f32` (the kernel computes in `f32`).
+pub trait CacheElem: Copy + Send + Sync + 'static {
+    fn f32(self) -> f32;
+}
+
+impl CacheElem for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+/// A bfloat16 cache element, as its 16 bits (torch's `bfloat16` storage viewed as
+/// `uint16`): the high half of the `f32` with the same value, so reading one is
+/// a shift.
+impl CacheElem for u16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        f32::from_bits(u32::from(self) << 16)
+    }
+}
+
 /// `Σ a[i] * b[i]`; `a` and `b` have the same length.
 #[inline(always)]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot<E: CacheElem>(a: &[f32], b: &[E]) -> f32 {
     let mut acc = [0.0f32; LANES];
     let mut ca = a.chunks_exact(LANES);
     let mut cb = b.chunks_exact(LANES);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for i in 0..LANES {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].f32();
         }
     }
     let mut tail = 0.0f32;
     for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail += x * y;
+        tail += x * y.f32();
     }
     // pairwise, so that the result does not depend on the vector width
     let mut width = LANES / 2;
@@ -34,9 +56,9 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `y += alpha * x`.
 #[inline(always)]
-pub(crate) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+pub(crate) fn axpy<E: CacheElem>(y: &mut [f32], alpha: f32, x: &[E]) {
     for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += alpha * xi;
+        *yi += alpha * xi.f32();
     }
 }
 

@@ -8,7 +8,7 @@ use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArra
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use spyre_cb_kernels::{paged_decode, DecodeInputs, DecodeShape};
+use spyre_cb_kernels::{paged_decode, CacheElem, DecodeInputs, DecodeShape};
 
 /// Decode attention read in place from a paged KV cache (one query per
 /// sequence); see the kernels crate for the exact semantics.
@@ -20,6 +20,42 @@ pub fn paged_decode_attention(
     query: PyReadonlyArray3<'_, f32>,
     key_cache: PyReadonlyArray4<'_, f32>,
     value_cache: PyReadonlyArray4<'_, f32>,
+    block_table: PyReadonlyArray2<'_, i64>,
+    context_start: PyReadonlyArray1<'_, i64>,
+    context_end: PyReadonlyArray1<'_, i64>,
+    scale: f32,
+    out: PyReadwriteArray3<'_, f32>,
+    threads: usize,
+) -> PyResult<()> {
+    decode(py, query, key_cache, value_cache, block_table, context_start, context_end, scale, out, threads)
+}
+
+/// [`paged_decode_attention`] over a bfloat16 cache given as its bits
+/// (`uint16` views of torch's `bfloat16` tensors); query and result in `f32`.
+#[pyfunction]
+#[pyo3(signature = (query, key_cache, value_cache, block_table, context_start, context_end, scale, out, threads = 1))]
+#[allow(clippy::too_many_arguments)]
+pub fn paged_decode_attention_bf16(
+    py: Python<'_>,
+    query: PyReadonlyArray3<'_, f32>,
+    key_cache: PyReadonlyArray4<'_, u16>,
+    value_cache: PyReadonlyArray4<'_, u16>,
+    block_table: PyReadonlyArray2<'_, i64>,
+    context_start: PyReadonlyArray1<'_, i64>,
+    context_end: PyReadonlyArray1<'_, i64>,
+    scale: f32,
+    out: PyReadwriteArray3<'_, f32>,
+    threads: usize,
+) -> PyResult<()> {
+    decode(py, query, key_cache, value_cache, block_table, context_start, context_end, scale, out, threads)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode<E: CacheElem + numpy::Element>(
+    py: Python<'_>,
+    query: PyReadonlyArray3<'_, f32>,
+    key_cache: PyReadonlyArray4<'_, E>,
+    value_cache: PyReadonlyArray4<'_, E>,
     block_table: PyReadonlyArray2<'_, i64>,
     context_start: PyReadonlyArray1<'_, i64>,
     context_end: PyReadonlyArray1<'_, i64>,

@@ -44,6 +44,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simulate::simulate_stats, m)?)?;
     m.add_function(wrap_pyfunction!(simulate::synthetic_workload, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::paged_decode_attention, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::paged_decode_attention_bf16, m)?)?;
     m.add("BLOCK_SIZE", core::BLOCK_SIZE)?;
     m.add("NULL_BLOCK", core::NULL_BLOCK)?;
     m.add("MAX_AVAILABLE_BLOCKS", core::MAX_AVAILABLE_BLOCKS)?;
