@@ -1,0 +1,36 @@
+"""The runner's rotary embedding against FMS's own: bit-identical outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("fms")
+
+from fms.modules.positions import RotaryEmbedding  # noqa: E402
+
+from spyre_cb.rotary import patch_rotary  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bit_identical_to_fms(dtype):
+    g = torch.Generator().manual_seed(0)
+    for theta, dim in ((10_000.0, 64), (1_000_000.0, 128)):
+        ref = RotaryEmbedding(dim=dim, ratio=theta, max_seq_len=256)
+        fast = RotaryEmbedding(dim=dim, ratio=theta, max_seq_len=256)
+        holder = torch.nn.Module()
+        holder.rot = fast
+        assert patch_rotary(holder) == 1
+        for b, lq, lk, h in ((3, 1, 1, 4), (1, 37, 37, 2), (2, 5, 9, 3)):
+            q = torch.randn(b, lq, h, dim, generator=g).to(dtype)
+            k = torch.randn(b, lk, h, dim, generator=g).to(dtype)
+            pos = torch.randint(0, 180, (b, 1)) + torch.arange(max(lq, lk))
+            want = ref.adjusted_qk(q, k, pos)
+            got = fast.adjusted_qk(q, k, pos)
+            for w, x in zip(want, got):
+                assert x.dtype == w.dtype and x.shape == w.shape
+                assert torch.equal(x, w)
+        # the last position of the cache
+        pos = torch.tensor([[255]])
+        q = torch.randn(1, 1, 2, dim, generator=g).to(dtype)
+        assert torch.equal(fast.adjusted_qk(q, q, pos)[0], ref.adjusted_qk(q, q, pos)[0])
