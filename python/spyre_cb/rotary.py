@@ -31,8 +31,9 @@ def patch_rotary(model: Any) -> int:
     n = 0
     for enc in found.values():
         if getattr(enc, "partial_rope", 1.0) == 1.0 and enc.rope_type != "yarn":
-            enc._spyre_cb_tables = {}
-            enc.adjusted_qk = types.MethodType(_adjusted_qk, enc)
+            # per instance (the class stays FMS's): its tables, and the method reading them
+            enc._spyre_cb_tables = {}  # type: ignore[attr-defined]
+            enc.adjusted_qk = types.MethodType(_adjusted_qk, enc)  # type: ignore[method-assign]
             n += 1
     return n
 
