@@ -169,6 +169,33 @@ def test_keyboard_interrupt_in_a_step_stops_the_workers(models, monkeypatch):
     assert_workers_gone(pids)
 
 
+def test_a_worker_killed_while_the_ranks_connect_fails_start_up_at_once(models, monkeypatch):
+    """Rank 1 joined the store, then dies before the process group is connected:
+    rank 0, connecting, sees it at once rather than after tp_timeout_s."""
+    from spyre_cb import executor
+
+    real = executor._init_group
+    killed: list[int] = []
+
+    def kill_then_connect(backend, rank, world, store, timeout_s):
+        if rank == 0:  # every worker has joined by now
+            for pid in spawned_children(os.getpid()):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        return real(backend, rank, world, store, timeout_s)
+
+    monkeypatch.setattr(executor, "_init_group", kill_then_connect)
+    t0 = time.monotonic()
+    # (whether the backend's connect is still running or already returned when it is seen)
+    phase = r"(while the ranks connected|during start-up)"
+    with pytest.raises(ExecutorError, match=r"rank 1 \(pid \d+, exit code -9\) exited " + phase):
+        spyre_cb.Engine(
+            models["granite-kv1"], tensor_parallel_size=2, max_num_seqs=1, max_model_len=128, tp_timeout_s=30
+        )
+    assert killed and time.monotonic() - t0 < 20, f"ExecutorError after {time.monotonic() - t0:.1f} s"
+    assert_workers_gone(killed)
+
+
 @pytest.mark.parametrize("after_s", [0.0, 1.0], ids=["at-spawn", "importing"])
 def test_a_worker_killed_before_the_rendezvous_fails_start_up_at_once(models, after_s):
     killed: list[int] = []

@@ -19,7 +19,9 @@ The engine talks to an executor, never to a model runner directly:
   and rank 0 checks the workers' exit codes and error reports between short
   waits, so a worker that dies before joining (or a script whose spawned
   workers fail because it creates the engine without an
-  ``if __name__ == "__main__":`` guard) is an ``ExecutorError`` at once.
+  ``if __name__ == "__main__":`` guard) is an ``ExecutorError`` at once; so
+  is one that dies after joining, while the ranks connect (rank 0 connects in
+  a helper thread and watches the workers meanwhile).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import multiprocessing
 import queue
 import sys
+import threading
 import time
 import traceback
 import weakref
@@ -194,7 +197,7 @@ class TensorParallelExecutor:
             for p in self._procs:
                 p.start()
             self._await_joined(store, ready, world - 1, config.tp_timeout_s)
-            _init_group(config.distributed_backend, 0, world, store, config.tp_timeout_s)
+            self._connect(config.distributed_backend, world, store, config.tp_timeout_s)
             self.runner = ModelRunner(checkpoint, config, tensor_parallel=True)
             self._await_ready(ready, world - 1, config.tp_timeout_s)
         except BaseException:
@@ -246,6 +249,29 @@ class TensorParallelExecutor:
                     "(tp_timeout_s)"
                 )
             time.sleep(0.05)
+
+    def _connect(self, backend: str, world: int, store: Any, timeout_s: float) -> None:
+        """Rank 0's side of the process group, made in a helper thread while this one
+        watches the workers: one that dies after joining the store but before every
+        rank is connected is an ExecutorError at once, not after ``timeout_s``. (The
+        helper, blocked in the backend's connect, then ends with its own timeout.)"""
+        failed: list[BaseException] = []
+
+        def connect() -> None:
+            try:
+                _init_group(backend, 0, world, store, timeout_s)
+            except BaseException as e:  # noqa: BLE001 (re-raised below, on the caller's thread)
+                failed.append(e)
+
+        t = threading.Thread(target=connect, name="spyre-cb-tp-connect", daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(0.05)
+            err = self._start_up_error("while the ranks connected")
+            if err is not None and t.is_alive():
+                raise err
+        if failed:
+            raise failed[0]
 
     def _await_ready(self, ready: Any, n: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
