@@ -154,6 +154,19 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _greedy(llm, params_cls):
+    """``generate(work)``: every request of the workload through ``llm`` (spyre_cb's or
+    vLLM's, both with vLLM's offline API), greedy with ``ignore_eos``; the token ids."""
+
+    def generate(work):
+        prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in work]
+        params = [params_cls(max_tokens=r["max_tokens"], temperature=0.0, ignore_eos=True) for r in work]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    return generate
+
+
 def _spyre_cb(args: argparse.Namespace, t0: float):
     import spyre_cb
     from spyre_cb import SamplingParams
@@ -167,13 +180,7 @@ def _spyre_cb(args: argparse.Namespace, t0: float):
     )
     load_s = time.perf_counter() - t0
 
-    def generate(work):
-        prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in work]
-        params = [SamplingParams(max_tokens=r["max_tokens"], temperature=0.0, ignore_eos=True) for r in work]
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
-
-    return generate, load_s
+    return _greedy(llm, SamplingParams), load_s
 
 
 def _vllm(args: argparse.Namespace, t0: float):
@@ -190,13 +197,7 @@ def _vllm(args: argparse.Namespace, t0: float):
     )
     load_s = time.perf_counter() - t0
 
-    def generate(work):
-        prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in work]
-        params = [SamplingParams(max_tokens=r["max_tokens"], temperature=0.0, ignore_eos=True) for r in work]
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
-
-    return generate, load_s
+    return _greedy(llm, SamplingParams), load_s
 
 
 # ----- the driver ----------------------------------------------------------------------------------

@@ -185,14 +185,17 @@ class EngineConfig:
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace, **overrides: Any) -> EngineConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in vars(args).items() if k in names}
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls(**cli_fields(cls, args, overrides))
 
     @staticmethod
     def scheduler_from_cli(args: argparse.Namespace) -> SchedulerConfig:
         return SchedulerConfig(**{name: getattr(args, name) for name in SchedulerConfig.FIELDS})
+
+
+def cli_fields(cls: Any, args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The parsed flags that are fields of the dataclass ``cls``, with ``overrides`` on top."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {**{k: v for k, v in vars(args).items() if k in names}, **overrides}
 
 
 def any_int(text: str) -> int:

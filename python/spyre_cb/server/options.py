@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from spyre_cb.config import nonneg_int
+from spyre_cb.config import cli_fields, nonneg_int
 from spyre_cb.errors import ConfigError
 
 #: The text formats of tool calls ``--tool-call-parser`` knows (``spyre_cb.server.tools``).
@@ -92,10 +92,7 @@ class ServerOptions:
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace, **overrides: Any) -> ServerOptions:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in vars(args).items() if k in names}
-        kwargs.update(overrides)
-        return cls(**kwargs)
+        return cls(**cli_fields(cls, args, overrides))
 
 
 __all__ = ["ServerOptions", "TOOL_CALL_PARSERS"]
