@@ -31,6 +31,7 @@ __all__ = [
     "ChunkPlan",
     "ChunkedStepRecord",
     "ChunkedTrace",
+    "plan_pooling",
     "simulate",
     "simulate_stats",
     "synthetic_workload",
@@ -462,6 +463,10 @@ class Scheduler:
     def n_unreserved_blocks(self) -> int: ...
     @property
     def n_used_blocks(self) -> int: ...
+
+def plan_pooling(lengths: Sequence[int], config: SchedulerConfig) -> list[tuple[list[int], int]]:
+    """Batches of an encoder's requests of ``lengths`` tokens: ``(indices, padded_len)``
+    each, rows right-padded to a multiple of the block size."""
 
 def simulate(
     requests: Iterable[_Request],

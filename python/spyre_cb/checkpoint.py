@@ -22,6 +22,9 @@ from spyre_cb.errors import ConfigError
 #: Architectures whose outputs tests check token for token against
 #: transformers (``tests/test_models.py``), by ``config.json`` ``architectures``.
 VERIFIED_ARCHITECTURES = ("GraniteForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
+#: Encoder (embedding) architectures, checked against transformers by
+#: ``tests/test_embedding.py``, and the FMS model family each loads as.
+ENCODER_ARCHITECTURES = {"RobertaModel": "roberta", "BertModel": "bert"}
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,10 @@ class Checkpoint:
         arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
         if arch is None:
             raise ConfigError(f"{cfg_file}: names no architecture (the 'architectures' list is missing)")
-        if arch not in VERIFIED_ARCHITECTURES:
+        if arch not in VERIFIED_ARCHITECTURES and arch not in ENCODER_ARCHITECTURES:
             msg = (
                 f"architecture {arch} is not verified by spyre_cb (its outputs are not checked against "
-                f"transformers); verified: {', '.join(VERIFIED_ARCHITECTURES)}"
+                f"transformers); verified: {', '.join([*VERIFIED_ARCHITECTURES, *ENCODER_ARCHITECTURES])}"
             )
             if not allow_unverified:
                 raise ConfigError(msg + "; pass allow_unverified_architectures=True to run it anyway")
@@ -62,6 +65,19 @@ class Checkpoint:
         positions = config.get("max_position_embeddings")
         positions = positions if isinstance(positions, int) and not isinstance(positions, bool) else None
         return cls(path, config, arch, positions)
+
+    @property
+    def is_encoder(self) -> bool:
+        """An embedding (encoder) model, run by :class:`~spyre_cb.embedding.Embedder`."""
+        return self.architecture in ENCODER_ARCHITECTURES
+
+    def encoder_positions(self) -> int | None:
+        """The tokens an encoder's position table holds (RoBERTa's table starts
+        after the padding id: two rows fewer)."""
+        if self.max_position_embeddings is None:
+            return None
+        offset = 2 if ENCODER_ARCHITECTURES.get(self.architecture) == "roberta" else 0
+        return self.max_position_embeddings - offset
 
     def check_max_model_len(self, max_model_len: int) -> None:
         if self.max_position_embeddings is not None and max_model_len > self.max_position_embeddings:
@@ -125,4 +141,4 @@ class Checkpoint:
         return frozenset(ids)
 
 
-__all__ = ["Checkpoint", "VERIFIED_ARCHITECTURES"]
+__all__ = ["Checkpoint", "ENCODER_ARCHITECTURES", "VERIFIED_ARCHITECTURES"]

@@ -34,7 +34,9 @@ def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, sch
 class EngineConfig:
     """Every option of an engine; frozen, validated at construction."""
 
-    model: str = _opt("tiny", "Hugging Face checkpoint directory, or 'tiny' (the offline test model)")
+    model: str = _opt(
+        "tiny", "Hugging Face checkpoint directory, or 'tiny' (the offline test model), 'tiny-embed' (its encoder)"
+    )
     max_num_seqs: int = _opt(4, "most sequences in the decode batch", scheduler=True)
     max_model_len: int = _opt(
         512, "longest sequence (prompt + generated); a multiple of 64 under the continuous policy", scheduler=True
@@ -129,17 +131,22 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
     def with_model_path(self) -> EngineConfig:
-        """This config with ``model="tiny"`` replaced by the offline tiny checkpoint's
-        directory (built once into ``$SPYRE_CB_CACHE``); any other model unchanged.
+        """This config with ``model="tiny"`` (or ``"tiny-embed"``, the tiny encoder)
+        replaced by the offline tiny checkpoint's directory (built once into
+        ``$SPYRE_CB_CACHE``); any other model unchanged.
 
-        The one place the name ``"tiny"`` becomes a directory: ``Engine`` (and so
+        The one place the names ``"tiny"`` and ``"tiny-embed"`` become directories: ``Engine`` (and so
         ``LLM``, the server and every CLI command) goes through it.
         """
-        if self.model != "tiny":
-            return self
-        from spyre_cb.models import tiny_model_path
+        if self.model == "tiny":
+            from spyre_cb.models import tiny_model_path
 
-        return self.replace(model=str(tiny_model_path()))
+            return self.replace(model=str(tiny_model_path()))
+        if self.model == "tiny-embed":
+            from spyre_cb.models import tiny_embedding_model_path
+
+            return self.replace(model=str(tiny_embedding_model_path()))
+        return self
 
     @classmethod
     def from_kwargs(cls, config: EngineConfig | None = None, /, **kwargs: Any) -> EngineConfig:

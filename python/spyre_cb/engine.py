@@ -69,6 +69,11 @@ class Engine:
         self.config = cfg = cfg.with_model_path()
         self.scheduler = _core.Scheduler(cfg.scheduler)
         ckpt = Checkpoint.open(cfg.model, allow_unverified=cfg.allow_unverified_architectures)
+        if ckpt.is_encoder:
+            raise ConfigError(
+                f"{ckpt.architecture} is an embedding model: it has no generation; run it with "
+                "spyre_cb.embedding.Embedder, LLM.embed or the server's /v1/embeddings"
+            )
         ckpt.check_max_model_len(cfg.max_model_len)
         self.model_path = ckpt.path
         self.tokenizer = ckpt.load_tokenizer()

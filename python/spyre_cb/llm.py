@@ -6,10 +6,13 @@ import dataclasses
 import itertools
 import operator
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from spyre_cb.checkpoint import ENCODER_ARCHITECTURES, Checkpoint
 from spyre_cb.config import EngineConfig
+from spyre_cb.embedding import Embedder, EmbeddingOutput
 from spyre_cb.engine import Engine, check_text
 from spyre_cb.errors import InvalidRequestError, UnknownRequestError
 from spyre_cb.outputs import CompletionOutput, RequestOutput
@@ -30,17 +33,46 @@ class LLM:
     def __init__(
         self, model: str | os.PathLike[str] | None = None, config: EngineConfig | None = None, **options: Any
     ) -> None:
-        # the engine resolves the model ("tiny", a directory, or the config's) and the options
-        self.engine = Engine(model, config, **options)
+        self._engine: Engine | None = None
+        #: the encoder, when the model is an embedding model (``LLM.embed``)
+        self.embedder: Embedder | None = None
+        if _is_encoder(model, config, options):
+            self.embedder = Embedder(model, config, **options)
+        else:
+            # the engine resolves the model ("tiny", a directory, or the config's) and the options
+            self._engine = Engine(model, config, **options)
         self._ids = itertools.count()
 
     @property
+    def engine(self) -> Engine:
+        """The generation engine (an InvalidRequestError for an embedding model)."""
+        if self._engine is None:
+            assert self.embedder is not None
+            raise InvalidRequestError(
+                f"{self.embedder.architecture} is an embedding model: it has no generation; use LLM.embed"
+            )
+        return self._engine
+
+    @property
     def tokenizer(self) -> Any:
-        return self.engine.tokenizer
+        return self.embedder.tokenizer if self.embedder is not None else self.engine.tokenizer
 
     def get_tokenizer(self) -> Any:
         """The checkpoint's tokenizer (a transformers tokenizer), as vLLM's ``LLM.get_tokenizer()``."""
-        return self.engine.tokenizer
+        return self.tokenizer
+
+    def embed(
+        self, prompts: PromptLike | Sequence[PromptLike], *, dimensions: int | None = None
+    ) -> list[EmbeddingOutput]:
+        """One embedding per prompt (a string or token ids), in order, as vLLM's
+        ``LLM.embed``: ``out[i].outputs.embedding``. Needs an embedding model
+        (an encoder checkpoint: ``LLM("tiny-embed")``)."""
+        if self.embedder is None:
+            raise InvalidRequestError(
+                "this model is generative: LLM.embed needs an embedding model (an encoder checkpoint, "
+                f"architectures {', '.join(ENCODER_ARCHITECTURES)})"
+            )
+        return self.embedder.embed(prompts, dimensions=dimensions)
 
     def generate(
         self,
@@ -170,6 +202,23 @@ class LLM:
         return RequestOutput(
             rid, first.prompt, list(first.prompt_token_ids), comps, True, first.prompt_logprobs, first.metrics
         )
+
+
+def _is_encoder(model: object, config: EngineConfig | None, options: dict[str, Any]) -> bool:
+    """Whether the model the arguments name is an embedding model (a bad model or
+    option is left for the engine to report)."""
+    try:
+        kw = dict(options)
+        if model is not None:
+            kw["model"] = os.fspath(model)  # type: ignore[call-overload]
+        cfg = EngineConfig.from_kwargs(config, **kw)
+        if cfg.model == "tiny-embed":
+            return True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the engine warns about an unverified architecture
+            return Checkpoint.open(cfg.with_model_path().model, allow_unverified=True).is_encoder
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _fan_out(p: SamplingParams) -> list[SamplingParams]:

@@ -18,6 +18,9 @@ from typing import Any
 
 SPECIAL_TOKENS = ("<|pad|>", "<|endoftext|>")
 _ARCHS = ("granite", "llama", "mistral")
+_ENCODER_ARCHS = ("roberta", "bert")
+#: the pooling modes of sentence-transformers' ``1_Pooling/config.json`` that spyre_cb runs
+POOLING_MODES = ("cls", "mean", "max")
 
 
 def _corpus() -> list[str]:
@@ -33,16 +36,26 @@ def cache_dir() -> Path:
 
 def tiny_model_path(seed: int = 0, arch: str = "granite") -> Path:
     """The default tiny checkpoint, built once into the cache directory."""
+    return _built(f"tiny-{arch}-seed{seed}-v2", lambda d: make_tiny_checkpoint(d, seed=seed, arch=arch))
+
+
+def tiny_embedding_model_path(seed: int = 0, arch: str = "roberta") -> Path:
+    """The tiny encoder (embedding) checkpoint, built once into the cache directory."""
+    return _built(f"tiny-embed-{arch}-seed{seed}-v1", lambda d: make_tiny_encoder_checkpoint(d, seed=seed, arch=arch))
+
+
+def _built(name: str, make: Any) -> Path:
+    """``cache_dir() / name``, made by ``make(directory)`` once (atomically)."""
     import shutil
     import tempfile
 
-    target = cache_dir() / f"tiny-{arch}-seed{seed}-v2"
+    target = cache_dir() / name
     if (target / "spyre_cb_tiny.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        make_tiny_checkpoint(tmp, seed=seed, arch=arch)
+        make(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process won the race
@@ -169,4 +182,122 @@ def make_tiny_checkpoint(
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     (out / "spyre_cb_tiny.json").write_text(json.dumps({"seed": seed, "arch": arch}) + "\n")
+    return out
+
+
+def build_encoder_tokenizer(vocab_size: int = 512, *, arch: str = "roberta") -> Any:
+    """A byte-level BPE tokenizer for an encoder, trained on the package's own
+    text: RoBERTa's special tokens (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2) and
+    ``<s> text </s>``, or BERT's (``[PAD]`` 0, ``[CLS]``, ``[SEP]``) and
+    ``[CLS] text [SEP]``."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    if arch == "roberta":
+        special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+        cls_t, pad_t, sep_t, unk_t, mask_t = special
+    else:
+        special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        pad_t, unk_t, cls_t, sep_t, mask_t = special
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        _corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=special, show_progress=False
+    )
+    bpe._tokenizer.post_processor = TemplateProcessing(
+        single=f"{cls_t} $A {sep_t}",
+        pair=f"{cls_t} $A {sep_t} $B {sep_t}",
+        special_tokens=[(cls_t, bpe.token_to_id(cls_t)), (sep_t, bpe.token_to_id(sep_t))],
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        pad_token=pad_t,
+        cls_token=cls_t,
+        sep_token=sep_t,
+        unk_token=unk_t,
+        mask_token=mask_t,
+        bos_token=cls_t,
+        eos_token=sep_t,
+    )
+    tok.model_max_length = 1 << 20
+    return tok
+
+
+def make_tiny_encoder_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    seed: int = 0,
+    arch: str = "roberta",
+    pooling: str = "cls",
+    normalize: bool = True,
+    num_layers: int = 2,
+    hidden_size: int = 128,
+    num_heads: int = 4,
+    vocab_size: int = 512,
+    max_position_embeddings: int = 512,
+    init_gain: float = 1.0,
+) -> Path:
+    """Writes a random-weight encoder checkpoint (``RobertaModel`` or
+    ``BertModel``, as granite-embedding and BERT-style embedding models are
+    laid out), its tokenizer, and sentence-transformers' pooling files
+    (``modules.json``, ``1_Pooling/config.json``, ``2_Normalize`` when
+    ``normalize``) to ``directory``. Deterministic for a given ``seed``."""
+    import torch
+    import transformers
+
+    if arch not in _ENCODER_ARCHS:
+        raise ValueError(f"arch must be one of {_ENCODER_ARCHS}, got {arch!r}")
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_encoder_tokenizer(vocab_size, arch=arch)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=4 * hidden_size,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+        torch_dtype="float32",
+    )
+    config: Any
+    if arch == "roberta":
+        # RoBERTa's positions start after the padding id: two more rows than tokens
+        config = transformers.RobertaConfig(**common, max_position_embeddings=max_position_embeddings + 2)
+        model: Any = transformers.RobertaModel(config, add_pooling_layer=False)
+    else:
+        config = transformers.BertConfig(**common, max_position_embeddings=max_position_embeddings)
+        model = transformers.BertModel(config, add_pooling_layer=False)
+    torch.manual_seed(seed)
+    model = model.to(torch.float32).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * (init_gain / p.shape[-1] ** 0.5))
+            elif "LayerNorm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (out / "2_Normalize").mkdir(exist_ok=True)
+    (out / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    pool = {"word_embedding_dimension": hidden_size}
+    pool["pooling_mode_cls_token"] = pooling == "cls"
+    pool["pooling_mode_mean_tokens"] = pooling == "mean"
+    pool["pooling_mode_max_tokens"] = pooling == "max"
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(pool, indent=2) + "\n")
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_position_embeddings}) + "\n")
+    (out / "spyre_cb_tiny.json").write_text(json.dumps({"seed": seed, "arch": arch, "pooling": pooling}) + "\n")
     return out

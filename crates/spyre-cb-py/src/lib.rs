@@ -4,8 +4,8 @@
 //! (`convert`), core errors become the exception classes this module defines
 //! (`errors`), and core values become Python objects: the config (`config`),
 //! observations (`records`), step plans (`plans`), the scheduler
-//! (`scheduler`), simulations (`simulate`) and a request's stop strings
-//! (`text`); and the
+//! (`scheduler`), simulations (`simulate`), a request's stop strings
+//! (`text`) and an encoder's batches (`pooling`); and the
 //! runner's CPU kernels over numpy views (`kernels`).
 
 use pyo3::prelude::*;
@@ -17,6 +17,7 @@ mod convert;
 mod errors;
 mod kernels;
 mod plans;
+mod pooling;
 mod records;
 mod scheduler;
 mod simulate;
@@ -40,6 +41,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<plans::IdlePlan>()?;
     m.add_class::<plans::ChunkPlan>()?;
     m.add_class::<text::StopStringMatcher>()?;
+    m.add_function(wrap_pyfunction!(pooling::plan_pooling, m)?)?;
     m.add_function(wrap_pyfunction!(simulate::simulate, m)?)?;
     m.add_function(wrap_pyfunction!(simulate::simulate_stats, m)?)?;
     m.add_function(wrap_pyfunction!(simulate::synthetic_workload, m)?)?;
