@@ -39,10 +39,9 @@ impl std::fmt::Display for PoolingError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Empty { index } => write!(f, "input {index} is empty: an embedding needs at least one token"),
-            Self::TooLong { index, len, max_model_len } => write!(
-                f,
-                "input {index} has {len} tokens, more than max_model_len {max_model_len}"
-            ),
+            Self::TooLong { index, len, max_model_len } => {
+                write!(f, "input {index} has {len} tokens, more than max_model_len {max_model_len}")
+            }
             Self::Limits { max_batch, max_batch_tokens, max_model_len } => write!(
                 f,
                 "max_num_seqs {max_batch} and max_batch_tkv_limit {max_batch_tokens} must fit one row of \
