@@ -40,11 +40,11 @@ def _get(url: str, key: str | None = None, timeout: float = 5.0) -> tuple[int, s
 
 
 class Server:
-    def __init__(self, tmp_path, *extra: str) -> None:
+    def __init__(self, tmp_path, *extra: str, model: str = "tiny") -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, SPYRE_CB_CACHE=str(tmp_path))
-        args = ["serve", "tiny", "--port", str(self.port), "--api-key", API_KEY, "--max-num-seqs", "4"]
+        args = ["serve", model, "--port", str(self.port), "--api-key", API_KEY, "--max-num-seqs", "4"]
         #: the server's stdout and stderr (the access log among them): a file, never a pipe nobody reads
         self.log_path = tmp_path / f"server-{self.port}.log"
         with open(self.log_path, "w") as out:

@@ -273,7 +273,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.model_pos is not None:
         a.model = a.model_pos
     config = EngineConfig.from_cli(a).with_model_path()
-    name = a.served_model_name or (a.model if a.model == "tiny" else str(config.model))
+    name = a.served_model_name or (a.model if a.model in ("tiny", "tiny-embed") else str(config.model))
     options = ServerOptions.from_cli(a, served_model_name=name)
     print(f"serving {name!r} on http://{options.host}:{options.port}/v1 (policy {config.policy})", flush=True)
     serve(config, options)

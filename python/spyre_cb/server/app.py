@@ -19,8 +19,11 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from spyre_cb.async_engine import AsyncEngine
+from spyre_cb.checkpoint import Checkpoint
+from spyre_cb.embedding import AsyncEmbedder, Embedder
 from spyre_cb.engine import Engine
 from spyre_cb.server.access import AccessLog
+from spyre_cb.server.embeddings import EmbeddingRequest, EmbeddingServing
 from spyre_cb.server.errors import BodyLimit, engine_dead, error_response, install_error_handlers
 from spyre_cb.server.handlers import OpenAIServing
 from spyre_cb.server.metrics import Metrics
@@ -31,16 +34,19 @@ from spyre_cb.server.tokenize import router as tokenize_router
 router = APIRouter()
 
 
-def build_app(engine: AsyncEngine, options: ServerOptions | None = None, **fields: Any) -> FastAPI:
+def build_app(engine: AsyncEngine | AsyncEmbedder, options: ServerOptions | None = None, **fields: Any) -> FastAPI:
     """The FastAPI application serving ``engine`` as ``options`` say (``fields``:
-    :class:`ServerOptions` fields that replace those of ``options``)."""
+    :class:`ServerOptions` fields that replace those of ``options``): a generative
+    engine's completions and chat, or an embedding model's ``/v1/embeddings``."""
     opts = dataclasses.replace(options or ServerOptions(), **fields)
     # no /docs: its page loads assets from a CDN (nothing leaves this server)
     app = FastAPI(title="spyre_cb", version="1", docs_url=None, redoc_url=None)
     metrics = Metrics()
     metrics.watch(engine)
     app.state.metrics = metrics
-    app.state.serving = OpenAIServing(engine, opts)
+    app.state.serving = (
+        EmbeddingServing(engine, opts) if isinstance(engine, AsyncEmbedder) else OpenAIServing(engine, opts)
+    )
     install_error_handlers(app)
     app.middleware("http")(_require_key(opts.api_key))
     app.add_middleware(BodyLimit)  # 413 before a body over the limit is read
@@ -62,9 +68,9 @@ def _require_key(api_key: str | None) -> Callable[[Request, Any], Awaitable[Any]
     return auth
 
 
-def _serving(request: Request) -> OpenAIServing:
-    serving: OpenAIServing = request.app.state.serving
-    return serving
+def _serving(request: Request) -> Any:
+    """The app's handlers: :class:`OpenAIServing` or :class:`EmbeddingServing`."""
+    return request.app.state.serving
 
 
 # ----- routes --------------------------------------------------------------------------
@@ -99,6 +105,11 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 @router.post("/v1/chat/completions")
 async def chat(body: ChatRequest, request: Request) -> Any:
     return await _unless_disconnected(request, _serving(request).chat(body))
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
+    return await _unless_disconnected(request, _serving(request).embeddings(body))
 
 
 async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, Any]) -> Any:
@@ -149,9 +160,14 @@ def serve(config: Any, options: ServerOptions | None = None, **fields: Any) -> N
     # ends the process with status 0 (after this function's cleanup), not killed by it
     main_thread = threading.current_thread() is threading.main_thread()  # (signals: only there)
     previous = signal.signal(signal.SIGTERM, _exit_cleanly) if main_thread else None
-    engine = AsyncEngine(Engine(config=config))
-    if opts.served_model_name is None:
+    if opts.served_model_name is None:  # the name given ("tiny"), not the directory it stands for
         opts = dataclasses.replace(opts, served_model_name=str(config.model))
+    config = config.with_model_path()
+    engine: AsyncEngine | AsyncEmbedder
+    if Checkpoint.open(config.model, allow_unverified=config.allow_unverified_architectures).is_encoder:
+        engine = AsyncEmbedder(Embedder(config=config))
+    else:
+        engine = AsyncEngine(Engine(config=config))
     app = build_app(engine, opts)
     try:
         uvicorn.run(

@@ -23,6 +23,7 @@ from spyre_cb.engine import StepOutput
 from spyre_cb.errors import EngineDeadError, SpyreCBError
 from spyre_cb.outputs import PositionLogprobs
 from spyre_cb.server import access
+from spyre_cb.server.embeddings import ServedModel
 from spyre_cb.server.errors import APIError, engine_dead
 from spyre_cb.server.options import ServerOptions
 from spyre_cb.server.protocol import (
@@ -47,28 +48,14 @@ from spyre_cb.server.tools import ToolCallStream
 Choice = tuple[int, list[int], RequestStream]
 
 
-class OpenAIServing:
+class OpenAIServing(ServedModel):
     """The endpoints' handlers for ``engine`` serving under ``served_model_name``."""
 
     def __init__(self, engine: AsyncEngine, options: ServerOptions) -> None:
+        e = engine.engine
+        super().__init__(options, str(e.config.model), e.tokenizer, e.config.max_model_len, e.vocab_size)
         self.engine = engine
-        self.options = options
-        self.model_name = options.served_model_name or str(engine.engine.config.model)
         self.max_waiting = options.max_waiting
-        self.tokenizer = engine.engine.tokenizer
-        self.max_model_len = engine.engine.config.max_model_len
-        self.vocab_size = engine.engine.vocab_size
-        self.created = int(time.time())
-
-    def models(self) -> dict[str, Any]:
-        card = {
-            "id": self.model_name,
-            "object": "model",
-            "created": self.created,
-            "owned_by": "spyre_cb",
-            "max_model_len": self.max_model_len,
-        }
-        return {"object": "list", "data": [card]}
 
     async def completions(self, body: CompletionRequest) -> Any:
         self.check(body, n_prompts=_n_prompts(body.prompt))
@@ -87,16 +74,6 @@ class OpenAIServing:
         base = f"chatcmpl-{uuid.uuid4().hex[:16]}"
         jobs = [(k, list(ids)) for k in range(body.n)]
         return await self._respond(body, base, jobs, "chat.completion", chat=True)
-
-    def check_model(self, model: str | None) -> None:
-        """404 unless ``model`` names the served model (omitted: the served model)."""
-        if model is not None and model != self.model_name:
-            raise APIError(
-                404,
-                f"model {model!r} does not exist; this server serves {self.model_name!r}",
-                "not_found_error",
-                "model",
-            )
 
     def check(self, body: _Sampling, n_prompts: int) -> None:
         """Refuses a request before anything is queued: unknown model, what this server

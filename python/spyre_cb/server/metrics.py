@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from spyre_cb.embedding import AsyncEmbedder
 from spyre_cb.engine import Engine, StepOutput
 
 if TYPE_CHECKING:
@@ -55,12 +56,23 @@ class Metrics:
         self.engine_dead = Gauge(
             "spyre_cb_engine_dead", "1 once the engine met an error it cannot recover from, else 0", registry=r
         )
+        self.embedding_inputs = Counter(
+            "spyre_cb_embedding_inputs", "inputs embedded (an embedding model's server)", registry=r
+        )
         self._last_token: dict[str, float] = {}
 
-    def watch(self, engine: AsyncEngine) -> None:
-        """Updates these metrics after every step of ``engine``; the dead gauge reads ``engine.dead``."""
-        engine.on_step.append(self.on_step)
+    def watch(self, engine: AsyncEngine | AsyncEmbedder) -> None:
+        """Updates these metrics after every step of ``engine`` (every batch of an
+        embedding model's); the dead gauge reads ``engine.dead``."""
+        if isinstance(engine, AsyncEmbedder):
+            engine.on_batch.append(self.on_embedding_batch)
+        else:
+            engine.on_step.append(self.on_step)
         self.engine_dead.set_function(lambda: float(engine.dead is not None))
+
+    def on_embedding_batch(self, inputs: int, tokens: int) -> None:
+        self.embedding_inputs.inc(inputs)
+        self.prompt_tokens.inc(tokens)
 
     def on_step(self, engine: Engine, outs: list[StepOutput]) -> None:
         self.running.set(engine.n_running)  # the core's counters: no snapshot every step
