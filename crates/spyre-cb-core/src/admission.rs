@@ -113,13 +113,17 @@ pub fn reserved_blocks(tkv: u32, prompt_len: u32, max_tokens: u32) -> u64 {
 /// Largest batch x tkv from now until the joining request finishes
 /// (condition 5's staircase walk, [`crate::volume::peak_volume`]).
 pub fn peak_volume(tkv: u32, running_remaining: &[u32], max_tokens: u32) -> u64 {
-    peak_volume_with(tkv, running_remaining, max_tokens, &mut Vec::new())
+    peak_volume_with(tkv, running_remaining, max_tokens, 1, &mut Vec::new())
 }
 
-fn peak_volume_with(tkv: u32, running_remaining: &[u32], max_tokens: u32, ends: &mut Vec<u64>) -> u64 {
+/// The staircase with `width` rows joining (a beam search's beams end together).
+fn peak_volume_with(tkv: u32, running_remaining: &[u32], max_tokens: u32, width: u32, ends: &mut Vec<u64>) -> u64 {
+    let end_new = u64::from(tkv) + u64::from(max_tokens) - 1;
     ends.clear();
     ends.extend(running_remaining.iter().map(|&r| u64::from(tkv) + u64::from(r)));
-    crate::volume::peak_volume(ends, u64::from(tkv) + u64::from(max_tokens) - 1, true)
+    // the other beams end with the joining one: rows of the last stair
+    ends.extend(std::iter::repeat_n(end_new, width.saturating_sub(1) as usize));
+    crate::volume::peak_volume(ends, end_new, true)
 }
 
 /// `can_schedule` for one request against the current batch.
@@ -133,6 +137,7 @@ pub fn can_schedule(
 }
 
 /// [`can_schedule`] with a reusable buffer (no allocation per call).
+#[inline]
 pub fn can_schedule_with(
     cfg: &SchedulerConfig,
     view: &BatchView<'_>,
@@ -140,8 +145,25 @@ pub fn can_schedule_with(
     max_tokens: u32,
     scratch: &mut Vec<u64>,
 ) -> Result<Admission, Rejection> {
+    can_schedule_beams(cfg, view, prompt_len, max_tokens, 1, scratch)
+}
+
+/// [`can_schedule`] for a request of `width` beams: each beam is a sequence
+/// of the batch (condition 1 counts `width`, condition 5's staircase has
+/// `width` rows ending with the request) and reserves the worst case of one
+/// sequence (condition 4 counts `width` reservations, as if no beam shared
+/// a block). `Admission::reserved` is one beam's.
+pub fn can_schedule_beams(
+    cfg: &SchedulerConfig,
+    view: &BatchView<'_>,
+    prompt_len: u32,
+    max_tokens: u32,
+    width: u32,
+    scratch: &mut Vec<u64>,
+) -> Result<Admission, Rejection> {
     let n_running = view.running_remaining.len() as u64;
-    if n_running + u64::from(view.admitted_this_step) >= u64::from(cfg.max_num_seqs) {
+    let w = u64::from(width);
+    if n_running + u64::from(view.admitted_this_step) + w > u64::from(cfg.max_num_seqs) {
         return Err(Rejection::BatchFull);
     }
     if view.admitted_this_step >= 1 {
@@ -151,7 +173,7 @@ pub fn can_schedule_with(
         let tkv = new_batch_tkv(cfg, prompt_len, max_tokens);
         let reserved = reserved_blocks(tkv, prompt_len, max_tokens);
         // Validation at add_request guarantees this; keep the pool honest anyway.
-        if reserved > u64::from(view.n_unreserved_blocks) {
+        if reserved * w > u64::from(view.n_unreserved_blocks) {
             return Err(Rejection::NotEnoughBlocks);
         }
         return Ok(Admission { tkv, shift: 0, new_batch: true, reserved: reserved as u32 });
@@ -168,10 +190,10 @@ pub fn can_schedule_with(
     }
     let new_tkv = new_tkv as u32;
     let reserved = reserved_blocks(new_tkv, prompt_len, max_tokens);
-    if reserved > u64::from(view.n_unreserved_blocks) {
+    if reserved * w > u64::from(view.n_unreserved_blocks) {
         return Err(Rejection::NotEnoughBlocks);
     }
-    if peak_volume_with(new_tkv, view.running_remaining, max_tokens, scratch) > cfg.max_batch_tkv_limit {
+    if peak_volume_with(new_tkv, view.running_remaining, max_tokens, width, scratch) > cfg.max_batch_tkv_limit {
         return Err(Rejection::VolumeLimit);
     }
     Ok(Admission { tkv: new_tkv, shift: shift as u32, new_batch: false, reserved: reserved as u32 })
@@ -257,6 +279,31 @@ mod tests {
         let c = cfg(2, 192, None, Some(258));
         let a = can_schedule(&c, &view(64, &[1], 4), 65, 2).unwrap();
         assert_eq!(a, Admission { tkv: 128, shift: 64, new_batch: false, reserved: 3 });
+    }
+
+    #[test]
+    fn beams_count_as_sequences_reservations_and_rows() {
+        let c = cfg(4, 256, Some(12), None);
+        // 2 running + 3 beams > 4 sequences
+        assert_eq!(
+            can_schedule_beams(&c, &view(64, &[5, 5], 12), 10, 2, 3, &mut Vec::new()),
+            Err(Rejection::BatchFull)
+        );
+        // 2 beams of 2 blocks each need 4 unreserved blocks
+        assert_eq!(
+            can_schedule_beams(&c, &view(64, &[5], 3), 10, 64, 2, &mut Vec::new()),
+            Err(Rejection::NotEnoughBlocks)
+        );
+        assert!(can_schedule_beams(&c, &view(64, &[5], 4), 10, 64, 2, &mut Vec::new()).is_ok());
+        // volume: 3 rows until the running one ends at 69, then 2 beams to 64 + 100 - 1
+        let c = cfg(4, 256, None, Some(2 * 163));
+        let a = can_schedule_beams(&c, &view(64, &[5], 8), 10, 100, 2, &mut Vec::new()).unwrap();
+        assert_eq!(a.reserved, 3);
+        let c = cfg(4, 256, None, Some(2 * 163 - 1));
+        assert_eq!(
+            can_schedule_beams(&c, &view(64, &[5], 8), 10, 100, 2, &mut Vec::new()),
+            Err(Rejection::VolumeLimit)
+        );
     }
 
     #[test]

@@ -236,6 +236,12 @@ impl BlockPool {
         self.meta[b as usize].0 += 1;
     }
 
+    /// One more holder of held block `b` (a beam sharing another beam's block).
+    pub fn hold(&mut self, b: BlockId) {
+        debug_assert!(b != NULL_BLOCK && self.ref_count(b) > 0, "block {b} is not held");
+        self.meta[b as usize].0 += 1;
+    }
+
     /// Marks held block `b` as holding `tokens` (a full block) after `parent`;
     /// returns its chain hash. A block already cached keeps its content.
     pub fn cache(&mut self, b: BlockId, parent: BlockHash, tokens: &[u32]) -> BlockHash {

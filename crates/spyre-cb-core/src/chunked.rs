@@ -157,6 +157,11 @@ impl Rules for Chunked {
         }
     }
 
+    fn next_write_index(&self, r: &Request) -> u32 {
+        // prompt coordinates: the next token's KV goes to position `computed`
+        r.computed / B
+    }
+
     fn leave(&mut self, h: Handle) {
         self.paused.retain(|&x| x != h);
         if self.ongoing == Some(h) {
@@ -468,6 +473,7 @@ impl Chunked {
             block_table: if full { r.blocks.clone() } else { Vec::new() },
             logits_index: (end - 1 + lp) - base,
             cached_blocks: usable,
+            block_copies: Vec::new(),
         };
         self.last_slots = Some((h, plan.block_slots.clone()));
         Ok(plan)

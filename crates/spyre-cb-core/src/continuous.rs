@@ -12,6 +12,7 @@ use crate::config::{SchedulerConfig, BLOCK_SIZE};
 use crate::error::CoreError;
 use crate::plan::{DecodePlan, PrefillPlan, StepPlan};
 use crate::policy::{Core, PlanDetail, Rules};
+use crate::request::Request;
 use crate::requests::Handle;
 
 const B: u32 = BLOCK_SIZE;
@@ -61,11 +62,11 @@ impl Rules for Continuous {
                 n_unreserved_blocks: core.kv.n_unreserved(),
                 admitted_this_step: 0,
             };
-            let (pl, mt) = {
+            let (pl, mt, width) = {
                 let r = core.reqs.get(head);
-                (r.prompt_len, r.max_tokens)
+                (r.prompt_len, r.max_tokens, r.beam_width)
             };
-            let decision = admission::can_schedule_with(&core.cfg, &view, pl, mt, &mut self.scratch_ends);
+            let decision = admission::can_schedule_beams(&core.cfg, &view, pl, mt, width, &mut self.scratch_ends);
             self.scratch_remaining = remaining;
             match decision {
                 Ok(adm) => {
@@ -73,6 +74,9 @@ impl Rules for Continuous {
                     core.reqs.waiting.pop_front();
                     core.reqs.running.insert(0, head);
                     core.reqs.outputs.push(head);
+                    if width > 1 {
+                        core.spawn_beams(head, adm.reserved);
+                    }
                     return Ok(StepPlan::Prefill(plan));
                 }
                 Err(why) => core.last_rejection = Some(why),
@@ -110,6 +114,11 @@ impl Rules for Continuous {
 
     fn decode_padding(&self, core: &Core) -> u64 {
         core.reqs.running.iter().map(|&h| u64::from(core.reqs.get(h).left_pad)).sum()
+    }
+
+    fn next_write_index(&self, r: &Request) -> u32 {
+        // tkv is where the next decode writes (moved on by the commit)
+        self.tkv / B - r.fully_padded_blocks()
     }
 
     fn check(&self, core: &Core) -> Result<(), String> {
@@ -233,6 +242,7 @@ impl Continuous {
             slot_mapping,
             block_table: if full { blocks } else { Vec::new() },
             logits_index: in_left + pl - 1,
+            block_copies: Vec::new(),
         })
     }
 

@@ -88,6 +88,13 @@ pub enum InvalidRequest {
         volume: u64,
         limit: u64,
     },
+    /// Beam search under a policy that does not run it.
+    BeamPolicy,
+    /// A beam search's width is 0 or more than `max_num_seqs`.
+    BeamWidth {
+        width: u32,
+        max_num_seqs: u32,
+    },
     /// The id belongs to a request that is waiting, running, or finished in
     /// the last step (its blocks return at the next step).
     DuplicateId {
@@ -116,6 +123,11 @@ impl fmt::Display for InvalidRequest {
                 f,
                 "request reaches batch x tkv = {volume} even alone in a fresh batch, above max_batch_tkv_limit {limit}"
             ),
+            Self::BeamPolicy => f.write_str("beam search runs under the continuous policy, not under chunked prefill"),
+            Self::BeamWidth { width, max_num_seqs } => write!(
+                f,
+                "beam width {width} must be in [1, max_num_seqs {max_num_seqs}]: every beam is a sequence of the batch"
+            ),
             Self::DuplicateId { request_id, finishing: false } => {
                 write!(f, "request id '{request_id}' is already in use by an unfinished request")
             }
@@ -138,6 +150,11 @@ pub enum StateError {
         tokens: usize,
         stop_flags: usize,
     },
+    /// `update`'s beam parents do not fit the step: wrong count, or a
+    /// sequence continuing one of another request.
+    BadBeamParents {
+        detail: String,
+    },
     /// A bug: the pool ran dry although every allocation is reserved.
     PoolExhausted,
     /// An earlier call panicked; the state is unknown and the scheduler refuses further use.
@@ -157,6 +174,7 @@ impl fmt::Display for StateError {
                 f,
                 "update expects {expected} tokens and {expected} (or 0) stop flags for this step, got {tokens} and {stop_flags}"
             ),
+            Self::BadBeamParents { detail } => write!(f, "update's beam parents do not fit this step: {detail}"),
             Self::PoolExhausted => f.write_str("internal error: block pool exhausted despite reservations"),
             Self::Poisoned { cause } => write!(
                 f,

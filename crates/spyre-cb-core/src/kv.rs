@@ -105,6 +105,18 @@ impl KvManager {
         self.pool.share(b);
     }
 
+    /// One more holder of held block `b` (beams sharing blocks).
+    #[inline]
+    pub fn hold(&mut self, b: BlockId) {
+        self.pool.hold(b);
+    }
+
+    /// Drops one holder of `b` (it returns to the queue when nobody holds it).
+    #[inline]
+    pub fn drop_one(&mut self, b: BlockId) {
+        self.pool.free(b);
+    }
+
     /// The longest cached prefix of full blocks of `tokens`, at most
     /// `prompt_len - 1` tokens' worth (the raw hit); empty without caching
     /// or tokens.

@@ -38,6 +38,9 @@ pub struct PrefillPlan {
     /// Index in the input of the last prompt token, whose logits give the
     /// first generated token.
     pub logits_index: u32,
+    /// KV blocks to copy `(src, dst)` before this step's forward (beams given
+    /// their own copy of a block they shared and will write).
+    pub block_copies: Vec<(BlockId, BlockId)>,
 }
 
 impl PrefillPlan {
@@ -90,6 +93,8 @@ pub struct ChunkPlan {
     pub logits_index: u32,
     /// Blocks of the prompt reused from the cache (whole chunks skipped).
     pub cached_blocks: u32,
+    /// KV blocks to copy `(src, dst)` before this step's forward.
+    pub block_copies: Vec<(BlockId, BlockId)>,
 }
 
 /// One decode step of every running sequence, most recently admitted first.
@@ -117,6 +122,8 @@ pub struct DecodePlan {
     /// In-table length of each sequence including this step's token: keys
     /// `left_padding[i]..current_tkv[i]` are attended to.
     pub current_tkv: Vec<u32>,
+    /// KV blocks to copy `(src, dst)` before this step's forward.
+    pub block_copies: Vec<(BlockId, BlockId)>,
 }
 
 impl DecodePlan {
@@ -134,6 +141,7 @@ impl DecodePlan {
             width: 0,
             left_padding: Vec::new(),
             current_tkv: Vec::new(),
+            block_copies: Vec::new(),
         }
     }
 
@@ -164,6 +172,16 @@ impl StepPlan {
             Self::Chunk(_) => Vec::new(),
             Self::Decode(d) => d.request_ids.iter().map(|s| &**s).collect(),
             Self::Idle => Vec::new(),
+        }
+    }
+
+    /// The KV block copies the forward makes first (none for an idle step).
+    pub fn block_copies_mut(&mut self) -> Option<&mut Vec<(BlockId, BlockId)>> {
+        match self {
+            Self::Prefill(p) => Some(&mut p.block_copies),
+            Self::Chunk(c) => Some(&mut c.block_copies),
+            Self::Decode(d) => Some(&mut d.block_copies),
+            Self::Idle => None,
         }
     }
 

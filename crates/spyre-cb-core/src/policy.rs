@@ -9,6 +9,7 @@ use crate::error::CoreError;
 use crate::kv::KvManager;
 use crate::plan::StepPlan;
 use crate::record::{ChunkedState, Counters};
+use crate::request::Request;
 use crate::requests::{Handle, RequestTable};
 
 /// How much of the plan to build. Simulations only need the ids.
@@ -70,4 +71,32 @@ pub(crate) trait Rules {
     }
     /// The policy's bookkeeping invariants.
     fn check(&self, core: &Core) -> Result<(), String>;
+    /// In-table index of the block a running request writes its next KV to
+    /// (after the commit of the step that produced its last token).
+    fn next_write_index(&self, r: &Request) -> u32;
+}
+
+impl Core {
+    /// Makes the other beams of beam search `head`, which was just admitted
+    /// (it is in `running` and `outputs`): each a sequence right after it in
+    /// both, under its id, reserving `reserved` blocks; `update` gives them
+    /// the prompt's blocks (shared) with their first tokens.
+    pub fn spawn_beams(&mut self, head: Handle, reserved: u32) {
+        let width = self.reqs.get(head).beam_width;
+        if width <= 1 {
+            return;
+        }
+        let mut beams = Vec::with_capacity(width as usize - 1);
+        for _ in 1..width {
+            let mut r = Request::beam_of(self.reqs.get(head), head);
+            r.reserved = reserved;
+            self.kv.reserve(reserved);
+            beams.push(self.reqs.insert_member(r));
+        }
+        for list in [&mut self.reqs.running, &mut self.reqs.outputs] {
+            let at = list.iter().position(|&h| h == head).expect("the admitted request runs and samples") + 1;
+            list.splice(at..at, beams.iter().copied());
+        }
+        self.reqs.get_mut(head).beams = beams;
+    }
 }

@@ -150,6 +150,13 @@ pub(crate) struct Request {
     pub started: bool,
     /// Chunked policy: chain hashes of the table's cached full blocks, in order.
     pub hashes: Vec<BlockHash>,
+    /// Beam search: the beams this request runs (1: an ordinary request).
+    pub beam_width: u32,
+    /// Beam search, on the request added: its other beams (running
+    /// sequences under its id, right after it in the running list).
+    pub beams: Vec<u32>,
+    /// Beam search, on a beam the core made: the request it belongs to.
+    pub member_of: Option<u32>,
 }
 
 impl Request {
@@ -172,7 +179,33 @@ impl Request {
             usable_hit: 0,
             started: false,
             paused_steps: 0,
+            beam_width: 1,
+            beams: Vec::new(),
+            member_of: None,
         }
+    }
+
+    /// A beam of `head`: its history (blocks, tokens, padding, counts) is
+    /// given to it by the fork that follows its first token.
+    pub fn beam_of(head: &Request, head_handle: u32) -> Self {
+        let mut r = Self::new(head.id.clone(), head.tag, Vec::new(), head.prompt_len, head.max_tokens);
+        r.member_of = Some(head_handle);
+        r.beam_width = 0;
+        r
+    }
+
+    /// Takes over `parent`'s history (its blocks are already counted for
+    /// this request by the caller): what it computed, where it sits.
+    pub fn continue_from(&mut self, parent: &Request, blocks: Vec<BlockId>) {
+        self.blocks = blocks;
+        self.left_pad = parent.left_pad;
+        self.computed = parent.computed;
+        self.generated = parent.generated;
+        self.n_shared = parent.n_shared;
+        self.usable_hit = parent.usable_hit;
+        self.started = parent.started;
+        self.tokens.clone_from(&parent.tokens);
+        self.hashes.clone_from(&parent.hashes);
     }
 
     /// Leading blocks that hold nothing but padding (continuous policy).

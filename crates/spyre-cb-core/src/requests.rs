@@ -71,7 +71,14 @@ impl RequestTable {
     /// Adds a request at the back of the waiting queue.
     pub fn insert(&mut self, req: Request) -> Handle {
         let id = req.id.clone();
-        let h = match self.free_handles.pop() {
+        let h = self.place(req);
+        self.ids.insert(id, h);
+        self.waiting.push_back(h);
+        h
+    }
+
+    fn place(&mut self, req: Request) -> Handle {
+        match self.free_handles.pop() {
             Some(h) => {
                 self.arena[h as usize] = Some(req);
                 h
@@ -80,18 +87,30 @@ impl RequestTable {
                 self.arena.push(Some(req));
                 (self.arena.len() - 1) as Handle
             }
-        };
-        self.ids.insert(id, h);
-        self.waiting.push_back(h);
-        h
+        }
     }
 
-    /// Forgets a request (its id becomes free).
+    /// Adds a beam the core made (under its request's id, which maps to the
+    /// request; neither queued nor running yet).
+    pub fn insert_member(&mut self, req: Request) -> Handle {
+        debug_assert!(req.member_of.is_some());
+        self.place(req)
+    }
+
+    /// Forgets a request (its id becomes free; a beam's stays its request's).
     pub fn remove(&mut self, h: Handle) -> Request {
         let r = self.arena[h as usize].take().expect("live handle");
-        self.ids.remove(&r.id);
+        if r.member_of.is_none() {
+            self.ids.remove(&r.id);
+        }
         self.free_handles.push(h);
         r
+    }
+
+    /// The request a sequence belongs to (itself, unless it is a beam the core made).
+    #[inline]
+    pub fn group_of(&self, h: Handle) -> Handle {
+        self.get(h).member_of.unwrap_or(h)
     }
 
     /// Takes `h` out of the waiting queue if it is there.

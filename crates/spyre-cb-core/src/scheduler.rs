@@ -14,6 +14,7 @@
 use std::sync::Arc;
 
 use crate::admission::Rejection;
+use crate::block_pool::BlockId;
 use crate::chunked::Chunked;
 use crate::config::{Policy, SchedulerConfig};
 use crate::continuous::Continuous;
@@ -78,6 +79,9 @@ pub struct Scheduler {
     /// What the last close reported aborted (so a caller that lost the
     /// outcome, e.g. to an interrupt, can still deliver every final output).
     last_aborted: Vec<Arc<str>>,
+    /// KV block copies `(request, src, dst)` the next plan's forward makes
+    /// first: beams forked onto their own copy of a block they shared.
+    copies: Vec<(Handle, BlockId, BlockId)>,
 }
 
 impl Scheduler {
@@ -93,7 +97,7 @@ impl Scheduler {
             counters: Counters::default(),
             last_rejection: None,
         };
-        Self { core, rules, pending: false, last_aborted: Vec::new() }
+        Self { core, rules, pending: false, last_aborted: Vec::new(), copies: Vec::new() }
     }
 
     // ----- accessors -------------------------------------------------------
@@ -230,10 +234,31 @@ impl Scheduler {
 
     /// Checks a request against the limits without adding it.
     pub fn validate(&self, request_id: &str, prompt_len: u32, max_tokens: u32) -> Result<(), InvalidRequest> {
+        self.validate_beams(request_id, prompt_len, max_tokens, 1)
+    }
+
+    /// Checks a beam search of `width` beams against the limits without adding
+    /// it: alone in a fresh batch, its beams must fit the batch, and their
+    /// worst cases (each beam's as if it shared nothing) the pool and the
+    /// volume limit.
+    pub fn validate_beams(
+        &self,
+        request_id: &str,
+        prompt_len: u32,
+        max_tokens: u32,
+        width: u32,
+    ) -> Result<(), InvalidRequest> {
         let in_use = self.core.reqs.id_in_use(request_id);
         let cfg = &self.core.cfg;
         check_new_request(in_use, request_id, prompt_len, max_tokens, cfg.max_model_len)?;
+        if width == 0 || width > cfg.max_num_seqs {
+            return Err(InvalidRequest::BeamWidth { width, max_num_seqs: cfg.max_num_seqs });
+        }
+        if width > 1 && matches!(self.rules, PolicyRules::Chunked(_)) {
+            return Err(InvalidRequest::BeamPolicy);
+        }
         let (needed, volume) = rules!(&self.rules, r => r.alone(cfg, prompt_len, max_tokens));
+        let (needed, volume) = (needed * u64::from(width), volume * u64::from(width));
         if needed > u64::from(cfg.available_blocks) {
             return Err(InvalidRequest::TooManyBlocks { needed, available_blocks: cfg.available_blocks });
         }
@@ -257,6 +282,29 @@ impl Scheduler {
         stop: StopRule,
     ) -> Result<(), CoreError> {
         self.add(request_id, 0, prompt, None, max_tokens, stop)
+    }
+
+    /// Queues a beam search of `width` beams over `prompt`: it is prefilled
+    /// once; its first token forks it into `width` sequences under its id,
+    /// which decode together and share blocks until their histories differ
+    /// (`update_beams` says which beam each continues). It ends when its
+    /// `max_tokens` are generated or a stop flag ends it (`stop` applies as
+    /// for any request; a beam search usually gives none and decides itself).
+    pub fn add_request_beams(
+        &mut self,
+        request_id: &str,
+        prompt: Vec<u32>,
+        max_tokens: u32,
+        width: u32,
+        stop: StopRule,
+    ) -> Result<(), CoreError> {
+        let len = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
+        self.validate_beams(request_id, len, max_tokens, width)?;
+        let mut r = Request::new(Arc::from(request_id), 0, prompt, len, max_tokens);
+        r.stop = (!stop.is_empty()).then(|| Box::new(stop));
+        r.beam_width = width;
+        self.core.reqs.insert(r);
+        Ok(())
     }
 
     /// [`Scheduler::add_request`] with a numeric `tag` the caller reads back
@@ -340,8 +388,20 @@ impl Scheduler {
         }
     }
 
-    /// A running or paused request leaves the batch.
+    /// A running or paused request leaves the batch (a beam search with all
+    /// its beams, and the block copies it still had to make).
     fn leave(&mut self, h: Handle) {
+        let beams = std::mem::take(&mut self.core.reqs.get_mut(h).beams);
+        if !beams.is_empty() || !self.copies.is_empty() {
+            for b in beams {
+                self.leave_one(b);
+            }
+            self.copies.retain(|c| c.0 != h);
+        }
+        self.leave_one(h);
+    }
+
+    fn leave_one(&mut self, h: Handle) {
         let core = &mut self.core;
         core.reqs.running.retain(|&x| x != h);
         let defers = rules!(&mut self.rules, r => {
@@ -376,10 +436,16 @@ impl Scheduler {
         core.last_rejection = None;
         Self::forget_gone(core);
         // (the plan is returned as the policy built it: no copy of the large enum)
-        let planned = rules!(&mut self.rules, r => r.plan(core, detail));
-        if let Ok(plan) = &planned {
+        let mut planned = rules!(&mut self.rules, r => r.plan(core, detail));
+        if let Ok(plan) = &mut planned {
             core.counters.count(plan);
             self.pending = true;
+            if !self.copies.is_empty() {
+                if let Some(copies) = plan.block_copies_mut() {
+                    copies.extend(self.copies.iter().map(|&(_, src, dst)| (src, dst)));
+                }
+                self.copies.clear();
+            }
         }
         planned
     }
@@ -411,15 +477,35 @@ impl Scheduler {
     /// and at `max_tokens` without being told.
     pub fn update(&mut self, tokens: &[u32], stopped: &[bool]) -> Result<UpdateOutcome, CoreError> {
         let mut outcome = UpdateOutcome::default();
-        self.update_into(tokens, stopped, &mut outcome)?;
+        self.update_into(tokens, stopped, &[], &mut outcome)?;
         Ok(outcome)
     }
 
-    /// [`Scheduler::update`] writing into `outcome` (cleared first).
+    /// [`Scheduler::update`] of a step with beam searches: `parents[i]` is the
+    /// sequence (an index into this step's sequences, of the same request)
+    /// whose history sequence `i` continues with its token (`i` itself for a
+    /// sequence that keeps its own; every sequence of a request that is not a
+    /// beam search). A beam takes over its parent's blocks, sharing them; a
+    /// block two beams would both write next is copied (the copy is made by
+    /// the next plan's forward, `block_copies`). Empty: every sequence keeps
+    /// its own (the first token of a beam search: every beam continues the prompt).
+    pub fn update_beams(
+        &mut self,
+        tokens: &[u32],
+        stopped: &[bool],
+        parents: &[u32],
+    ) -> Result<UpdateOutcome, CoreError> {
+        let mut outcome = UpdateOutcome::default();
+        self.update_into(tokens, stopped, parents, &mut outcome)?;
+        Ok(outcome)
+    }
+
+    /// [`Scheduler::update_beams`] writing into `outcome` (cleared first).
     pub fn update_into(
         &mut self,
         tokens: &[u32],
         stopped: &[bool],
+        parents: &[u32],
         outcome: &mut UpdateOutcome,
     ) -> Result<(), CoreError> {
         outcome.clear();
@@ -427,12 +513,16 @@ impl Scheduler {
             return Err(StateError::UpdateWithoutPlan.into());
         }
         check_token_count(self.core.reqs.outputs.len(), tokens, stopped)?;
+        let forks = self.beam_parents(parents)?;
         self.pending = false;
         outcome.aborted.append(&mut self.core.reqs.unreported);
         let keeps_tokens = rules!(&mut self.rules, r => {
             r.commit(&mut self.core);
             r.keeps_tokens()
         });
+        if let Some(forks) = forks {
+            self.fork(&forks)?;
+        }
         for (i, &token) in tokens.iter().enumerate() {
             let h = self.core.reqs.outputs[i];
             let stop = stopped.get(i).copied().unwrap_or(false);
@@ -442,6 +532,9 @@ impl Scheduler {
                 r.last_token = token;
                 if keeps_tokens && r.has_tokens() {
                     r.tokens.push(token);
+                }
+                if r.member_of.is_some() {
+                    continue; // a beam ends with its request
                 }
                 finish_of(r.stop.as_deref(), token, r.generated, r.max_tokens, stop)
             };
@@ -473,6 +566,10 @@ impl Scheduler {
         let victims = rules!(&mut self.rules, r => r.victims(&mut self.core));
         self.core.reqs.outputs.clear();
         for h in victims {
+            let h = self.core.reqs.group_of(h); // a beam is aborted with its request
+            if self.core.reqs.gone.contains(&h) {
+                continue;
+            }
             outcome.aborted.push(self.core.reqs.get(h).id.clone());
             self.core.reqs.queued_aborts.retain(|&x| x != h);
             self.leave(h);
@@ -480,6 +577,112 @@ impl Scheduler {
         self.apply_queued_aborts(&mut outcome);
         self.last_aborted.clone_from(&outcome.aborted);
         Ok(outcome)
+    }
+
+    /// The effective parents of this step's sequences, checked before anything
+    /// changes; `None` when no sequence belongs to a beam search.
+    fn beam_parents(&self, parents: &[u32]) -> Result<Option<Vec<usize>>, StateError> {
+        let reqs = &self.core.reqs;
+        let n = reqs.outputs.len();
+        let in_group = |h: Handle| {
+            let r = reqs.get(h);
+            r.member_of.is_some() || r.beam_width > 1
+        };
+        if parents.is_empty() && !reqs.outputs.iter().any(|&h| in_group(h)) {
+            return Ok(None);
+        }
+        let bad = |detail: String| StateError::BadBeamParents { detail };
+        if !parents.is_empty() && parents.len() != n {
+            return Err(bad(format!("{} parents for {n} sequences", parents.len())));
+        }
+        let mut out: Vec<usize> = (0..n).collect();
+        for (i, &p) in parents.iter().enumerate() {
+            let p = p as usize;
+            if p >= n {
+                return Err(bad(format!("parent {p} of sequence {i} is not one of the {n} sequences")));
+            }
+            if p != i && reqs.group_of(reqs.outputs[p]) != reqs.group_of(reqs.outputs[i]) {
+                return Err(bad(format!(
+                    "sequence {i} ({}) cannot continue sequence {p} ({}): another request",
+                    reqs.get(reqs.outputs[i]).id,
+                    reqs.get(reqs.outputs[p]).id
+                )));
+            }
+            out[i] = p;
+        }
+        // a beam made for this step (no history yet) continues its request's prompt
+        for (i, &h) in reqs.outputs.iter().enumerate() {
+            let r = reqs.get(h);
+            if let Some(head) = r.member_of {
+                if r.generated == 0 && out[i] == i {
+                    out[i] = reqs
+                        .outputs
+                        .iter()
+                        .position(|&x| x == head)
+                        .ok_or_else(|| bad(format!("the new beams of {} sample without their request", r.id)))?;
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Gives each sequence of a beam search its parent's history: the
+    /// parent's blocks, shared (one more holder each), the old ones dropped;
+    /// then a block two beams would both write next is copied for all but
+    /// the first (the copy is made by the next plan's forward).
+    fn fork(&mut self, parents: &[usize]) -> Result<(), CoreError> {
+        let core = &mut self.core;
+        let reqs = &core.reqs;
+        let rows: Vec<usize> = (0..parents.len())
+            .filter(|&i| {
+                let r = reqs.get(reqs.outputs[i]);
+                r.member_of.is_some() || r.beam_width > 1
+            })
+            .collect();
+        if rows.iter().all(|&i| parents[i] == i) {
+            return Ok(());
+        }
+        // the histories before the fork (a parent may itself take another's)
+        let before: Vec<Request> = rows.iter().map(|&i| reqs.get(reqs.outputs[i]).clone()).collect();
+        for &i in &rows {
+            let k = rows.iter().position(|&r| r == parents[i]).expect("checked: a beam's parent is a beam");
+            let parent = &before[k];
+            for &b in &parent.blocks {
+                core.kv.hold(b);
+            }
+            let h = core.reqs.outputs[i];
+            core.reqs.get_mut(h).continue_from(parent, parent.blocks.clone());
+        }
+        for r in &before {
+            for &b in &r.blocks {
+                core.kv.drop_one(b);
+            }
+        }
+        // copy on write: the block a beam writes next, when an earlier beam holds it too
+        let mut kept: Vec<BlockId> = Vec::new();
+        let mut copies = Vec::new();
+        for &i in &rows {
+            let h = core.reqs.outputs[i];
+            let r = core.reqs.get(h);
+            let w = rules!(&self.rules, p => p.next_write_index(r)) as usize;
+            if let Some(&b) = r.blocks.get(w) {
+                if core.kv.ref_count(b) > 1 {
+                    if kept.contains(&b) {
+                        copies.push((h, w, b));
+                    } else {
+                        kept.push(b);
+                    }
+                }
+            }
+        }
+        core.kv.ensure_free(copies.len() as u32)?;
+        for (h, w, b) in copies {
+            let d = core.kv.allocate();
+            core.kv.drop_one(b);
+            core.reqs.get_mut(h).blocks[w] = d;
+            self.copies.push((core.reqs.group_of(h), b, d));
+        }
+        Ok(())
     }
 
     fn apply_queued_aborts(&mut self, outcome: &mut UpdateOutcome) {

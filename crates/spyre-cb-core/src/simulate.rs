@@ -213,7 +213,7 @@ pub fn drive(
                 let g = sched.generated(r.id).unwrap_or(0) as usize;
                 tokens.push(requests[r.tag as usize].outputs.get(g).copied().unwrap_or(NO_MATCH_TOKEN));
             }
-            sched.update_into(&tokens, &[], &mut outcome).expect("one token per sampling sequence");
+            sched.update_into(&tokens, &[], &[], &mut outcome).expect("one token per sampling sequence");
         }
         while next < order.len() && requests[order[next]].arrival <= n {
             let i = order[next];
