@@ -95,7 +95,10 @@ def test_keyword_construction_and_a_short_payload() -> None:
         positions=[0] * 61 + [0, 1, 2],
         slot_mapping=list(range(64, 128)),
         block_table=[1],
+        block_copies=[[1, 2]],
     )
+    q, _ = unpack_plan(*pack_plan(p))
+    assert q is not None and q.block_copies.tolist() == [[1, 2]]
     header, payload = pack_plan(p)
     with pytest.raises(ValueError, match="payload"):
         unpack_plan(header, payload[:-1])

@@ -24,6 +24,7 @@ comes out of the next ``step()`` that ends it. Only one thread may call
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import os
 import threading
@@ -32,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from spyre_cb import _core
+from spyre_cb.beam_search import BeamSearch, BeamSearchParams, BeamSearchSequence
 from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
 from spyre_cb.errors import ConfigError, InvalidRequestError, SchedulerStateError, UnknownRequestError
@@ -85,6 +87,8 @@ class Engine:
         self.sampler = Sampler()
         self.processor = OutputProcessor(self.tokenizer)
         self._n_added = 0
+        #: beam searches added so far (none: a step never looks for them)
+        self._beam_searches = 0
         self.requests: dict[str, RequestState] = {}
         #: kind of the last step: "prefill", "decode", "idle" (None before any step)
         self.last_plan_kind: str | None = None
@@ -224,6 +228,39 @@ class Engine:
             self._n_added += 1
         return state
 
+    def add_beam_search(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int] | None,
+        params: BeamSearchParams,
+        *,
+        prompt: str | None = None,
+    ) -> RequestState:
+        """Queues a beam search (see :mod:`spyre_cb.beam_search`), all or nothing.
+        Its one output comes when it finishes: ``StepOutput.beams``, best first."""
+        if not isinstance(request_id, str):
+            raise InvalidRequestError(f"request_id must be a str, got {type(request_id).__name__}")
+        if not isinstance(params, BeamSearchParams):
+            raise InvalidRequestError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        params.validate()
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise InvalidRequestError("give prompt_token_ids or prompt (a str)")
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model directory has no tokenizer: give prompt_token_ids")
+            check_text(prompt, "prompt")
+            prompt_token_ids = self.tokenizer(prompt).input_ids
+        ids = _token_list(prompt_token_ids, self.vocab_size)
+        # the search decides on EOS itself: the core ends it at max_tokens or when told
+        state = RequestState(request_id, ids, SamplingParams(max_tokens=params.max_tokens, ignore_eos=True), prompt)
+        state.beam = BeamSearch(params, self.eos_token_ids)
+        with self._lock:
+            self.scheduler.add_request(request_id, ids, params.max_tokens, beam_width=params.beam_width)
+            self.requests[request_id] = state
+            self._n_added += 1
+            self._beam_searches += 1
+        return state
+
     def abort_request(self, request_id: str) -> None:
         """Aborts a waiting or running request, from any thread. The core applies
         it (at once, or when the step in flight closes) and reports it with the
@@ -301,8 +338,11 @@ class Engine:
         try:
             self.last_plan_kind = plan.kind
             logits, states = self._execute(plan)
-            sampled = self._sample(logits, states)
-            outs = self._commit(states, sampled)
+            if self._beam_searches and any(s.beam is not None for s in states):
+                outs = self._commit_beams(*self._sample_beams(logits, states))
+            else:
+                sampled = self._sample(logits, states)
+                outs = self._commit(states, sampled)
         except BaseException as e:
             with self._lock:
                 self._failed[:0] = failed  # delivered by the next step instead
@@ -361,6 +401,77 @@ class Engine:
                 self.sampler.forget(rid)
             return outs + step_outs
 
+    def _sample_beams(self, logits: Any, states: list[RequestState]) -> tuple[list[RequestState], SampledBatch, _Beams]:
+        """A step with beam searches: the other rows sampled as usual, each search's
+        rows (one before its first token, then one per beam) through its
+        :class:`BeamSearch`; the tokens, stop flags and parents of every sequence of
+        the step, in the core's order (a search's first step: one per beam)."""
+        plain = [i for i, s in enumerate(states) if s.beam is None]
+        plain_states = [states[i] for i in plain]
+        sampled = self._sample(logits[plain] if plain else None, plain_states)
+        beams = _Beams([], [], [], [])
+        at_plain = 0
+        i = 0
+        while i < len(states):
+            s = states[i]
+            search = s.beam
+            if search is None:
+                beams.tokens.append(sampled.tokens[at_plain])
+                beams.stopped.append(sampled.stopped[at_plain] if sampled.stopped else False)
+                beams.parents.append(len(beams.parents))
+                at_plain += 1
+                i += 1
+                continue
+            rows = 1 if not search.started else search.params.beam_width
+            first = len(beams.parents)
+            tokens, parents = search.step(logits[i : i + rows])
+            beams.tokens.extend(tokens)
+            beams.stopped.extend([search.done] * len(tokens))
+            # before the first token every beam continues the prompt (the core's default)
+            beams.parents.extend(first + (p if rows > 1 else 0) for p in parents)
+            beams.searches.append(s)
+            i += rows
+        return plain_states, sampled, beams
+
+    def _commit_beams(self, states: list[RequestState], sampled: SampledBatch, beams: _Beams) -> list[StepOutput]:
+        """:meth:`_commit` of a step with beam searches: a search's one output comes
+        when it ends (its beams, best first), or its abort."""
+        with self._lock:
+            outcome = self.scheduler.update(beams.tokens, beams.stopped, beams.parents)
+            finished = {
+                rid: (why, tok) for rid, why, tok in zip(outcome.finished, outcome.finish_reasons, outcome.stop_reasons)
+            }
+            mine = {s.request_id for s in states}
+            outs = [o for o in (self._aborted(r) for r in outcome.aborted if r not in mine) if o is not None]
+            step_outs, ended = self.processor.emit(states, sampled, finished, set(outcome.aborted), time.time())
+            for rid in ended:
+                self.sampler.forget(rid)
+            for s in beams.searches:
+                if s.request_id in finished and s.beam is not None:
+                    outs.append(self._beam_output(s))
+            return outs + step_outs
+
+    def beam_result(self, s: RequestState) -> list[BeamSearchSequence]:
+        """A beam search's finished beams, best first, with their texts."""
+        if s.beam is None:
+            raise InvalidRequestError(f"request {s.request_id!r} is not a beam search")
+        tok = self.tokenizer
+        return s.beam.result(
+            s.prompt_token_ids, (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok else None
+        )
+
+    def _beam_output(self, s: RequestState) -> StepOutput:
+        """A finished beam search's final output (and its state: the best beam's tokens and text)."""
+        seqs = self.beam_result(s)
+        best = seqs[0]
+        s.output_token_ids = list(best.output_token_ids)
+        s.text = best.text or ""
+        self.processor.end(s, best.finish_reason)
+        s.stop_reason = best.stop_reason
+        return StepOutput(
+            s.request_id, list(best.output_token_ids), True, best.finish_reason, best.stop_reason, beams=seqs
+        )
+
     def _aborted(self, request_id: str) -> StepOutput | None:
         """The final output of a request the core reported aborted (None once released)."""
         s = self.requests.get(request_id)
@@ -415,6 +526,17 @@ class Engine:
                 for o in outs:
                     if o.finished and o.request_id in self.requests:
                         self.release(o.request_id)
+
+
+@dataclasses.dataclass(slots=True)
+class _Beams:
+    """A step with beam searches: every sequence's token, stop flag and parent
+    (the core's order), and the searches that ran."""
+
+    tokens: list[int]
+    stopped: list[bool]
+    parents: list[int]
+    searches: list[RequestState]
 
 
 def check_text(text: str, what: str) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import operator
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from spyre_cb.beam_search import BeamSearchOutput, BeamSearchParams
 from spyre_cb.checkpoint import ENCODER_ARCHITECTURES, Checkpoint
 from spyre_cb.config import EngineConfig
 from spyre_cb.embedding import Embedder, EmbeddingOutput
@@ -100,30 +102,69 @@ class LLM:
                 if not isinstance(p, SamplingParams):
                     raise InvalidRequestError(f"sampling_params[{i}] must be a SamplingParams, got {type(p).__name__}")
         groups: list[list[str]] = []  # per prompt: the engine requests of its n completions
+        jobs: list[tuple[str, Callable[[str], object]]] = []
+        for prompt, p in zip(batch, params):
+            rid = f"llm-{next(self._ids)}"
+            group = []
+            for k, sub in enumerate(_fan_out(p)):
+                sub_id = rid if p.n == 1 else f"{rid}#{k}"
+                if isinstance(prompt, str):
+                    jobs.append((sub_id, functools.partial(self._add_text, prompt=prompt, params=sub)))
+                else:
+                    jobs.append((sub_id, functools.partial(self._add_ids, prompt=list(prompt), params=sub)))
+                group.append(sub_id)
+            groups.append(group)
+        self._queue_and_run(jobs, use_tqdm)
+        return [self._output(group) for group in groups]
+
+    def beam_search(
+        self,
+        prompts: PromptLike | Sequence[PromptLike],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search over every prompt (vLLM's ``LLM.beam_search``): one
+        :class:`~spyre_cb.beam_search.BeamSearchOutput` per prompt, in input order,
+        its ``beam_width`` sequences best first. The searches run in the engine,
+        batched together (see :mod:`spyre_cb.beam_search`)."""
+        batch = _as_batch(prompts)
+        if not isinstance(params, BeamSearchParams):
+            raise InvalidRequestError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        jobs: list[tuple[str, Callable[[str], object]]] = []
+        for prompt in batch:
+            rid = f"beam-{next(self._ids)}"
+            ids = None if isinstance(prompt, str) else list(prompt)
+            text = prompt if isinstance(prompt, str) else None
+            jobs.append((rid, functools.partial(self._add_beams, ids=ids, text=text, params=params)))
+        self._queue_and_run(jobs, use_tqdm)
+        return [BeamSearchOutput(self.engine.beam_result(self.engine.release(rid)), rid) for rid, _ in jobs]
+
+    def _add_text(self, rid: str, prompt: str, params: SamplingParams) -> object:
+        return self.engine.add_request(rid, sampling_params=params, prompt=prompt)
+
+    def _add_ids(self, rid: str, prompt: list[int], params: SamplingParams) -> object:
+        return self.engine.add_request(rid, prompt, params)
+
+    def _add_beams(self, rid: str, ids: list[int] | None, text: str | None, params: BeamSearchParams) -> object:
+        return self.engine.add_beam_search(rid, ids, params, prompt=text)
+
+    def _queue_and_run(self, jobs: list[tuple[str, Callable[[str], object]]], use_tqdm: bool) -> None:
+        """Queues every job (all or nothing: a refused one takes back the others),
+        then steps until they all finish; interrupted or failed, takes them back
+        so the next call does not compute them silently."""
         ids: list[str] = []
         try:
-            for prompt, p in zip(batch, params):
-                rid = f"llm-{next(self._ids)}"
-                group = []
-                for k, sub in enumerate(_fan_out(p)):
-                    sub_id = rid if p.n == 1 else f"{rid}#{k}"
-                    if isinstance(prompt, str):
-                        self.engine.add_request(sub_id, sampling_params=sub, prompt=prompt)
-                    else:
-                        self.engine.add_request(sub_id, list(prompt), sub)
-                    ids.append(sub_id)
-                    group.append(sub_id)
-                groups.append(group)
+            for rid, add in jobs:
+                add(rid)
+                ids.append(rid)
         except BaseException:
-            for rid in ids:  # all or nothing: take back what this call queued
+            for rid in ids:
                 self.engine.abort_request(rid)
                 self.engine.release(rid)
             raise
         try:
-            self._run(ids, len(groups), use_tqdm)
+            self._run(ids, use_tqdm)
         except BaseException:
-            # interrupted or failed: take back this call's requests so the
-            # next call does not compute them silently
             for rid in ids:
                 try:
                     self.engine.abort_request(rid)
@@ -131,7 +172,6 @@ class LLM:
                     pass  # finished (or already ended by the failed step)
                 self.engine.release(rid)
             raise
-        return [self._output(group) for group in groups]
 
     def chat(
         self,
@@ -171,7 +211,7 @@ class LLM:
             prompts.append(list(ids))
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def _run(self, ids: list[str], n_prompts: int, use_tqdm: bool) -> None:
+    def _run(self, ids: list[str], use_tqdm: bool) -> None:
         from tqdm.auto import tqdm
 
         mine = set(ids)

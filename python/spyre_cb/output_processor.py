@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spyre_cb._core import StopStringMatcher
+from spyre_cb.beam_search import BeamSearch, BeamSearchSequence
 from spyre_cb.detokenizer import IncrementalDetokenizer
 from spyre_cb.outputs import PositionLogprobs, RequestMetrics
 from spyre_cb.params import SamplingParams, StopRule
@@ -38,6 +39,9 @@ class StepOutput:
     #: on a request's first output, when it asked for ``prompt_logprobs``: one
     #: entry per prompt token (None for the first)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    #: on a beam search's final output: its finished beams, best first
+    #: (``new_token_ids`` are the best one's)
+    beams: list[BeamSearchSequence] | None = None
 
 
 @dataclass
@@ -67,6 +71,8 @@ class RequestState:
     n_streamed_chars: int = field(default=0, repr=False)
     #: made on first use, for requests with stop strings: matched as the text grows
     stop_matcher: StopStringMatcher | None = field(default=None, repr=False)
+    #: a beam search's state (None for every other request)
+    beam: BeamSearch | None = field(default=None, repr=False)
 
     @property
     def finished(self) -> bool:

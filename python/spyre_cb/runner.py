@@ -135,11 +135,22 @@ class ModelRunner:
         attends only up to its own position), so no result changes. FMS's
         reference ops (``attention_ops="fms"``) get the padded input, as
         before."""
+        if len(plan.block_copies):
+            self._copy_blocks(plan.block_copies)
         if isinstance(plan, PrefillPlan):
             return self._prefill(plan, all_positions)
         if isinstance(plan, ChunkPlan):
             return self._chunk(plan, all_positions)
         return self._decode(plan)
+
+    def _copy_blocks(self, copies: Any) -> None:
+        """Copies KV blocks ``copies[:, 0]`` onto ``copies[:, 1]`` in every layer (beams
+        the core forked onto their own copy of a block they shared)."""
+        src = torch.from_numpy(copies[:, 0])
+        dst = torch.from_numpy(copies[:, 1])
+        for k, v in self.kv_cache:
+            k[dst] = k[src]
+            v[dst] = v[src]
 
     def _chunk(self, plan: ChunkPlan, all_positions: bool = False) -> torch.Tensor:
         """One chunk of a chunked prefill: its queries attend over the request's

@@ -74,13 +74,13 @@ def unpack_plan(header: torch.Tensor, payload: torch.Tensor) -> tuple[ForwardPla
             args.append("")
         elif kind == "ids":
             args.append(("",) * h[at])
-        elif kind == "array":
-            args.append(data[offset : offset + h[at]])
-            offset += h[at]
-        elif kind == "table":
-            rows, cols = h[at], h[at + 1]
-            args.append(data[offset : offset + rows * cols].reshape(rows, cols))
-            offset += rows * cols
+        elif kind in ("array", "table"):
+            n = h[at] if kind == "array" else h[at] * h[at + 1]
+            if offset + n > len(data):
+                raise ValueError(f"plan payload has {len(data)} values, its fields take more than {offset + n}")
+            values = data[offset : offset + n]
+            args.append(values if kind == "array" else values.reshape(h[at], h[at + 1]))
+            offset += n
         at += _HEADER_SLOTS[kind]
     if offset != len(data):
         raise ValueError(f"plan payload has {len(data)} values, its fields take {offset}")

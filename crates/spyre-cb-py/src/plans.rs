@@ -25,6 +25,12 @@ fn array_u32(py: Python<'_>, v: &[u32]) -> I64Array {
     array(py, v.iter().map(|&x| i64::from(x)).collect())
 }
 
+/// `(src, dst)` block pairs as an (n, 2) table.
+fn copies(py: Python<'_>, v: &[(u32, u32)]) -> PyResult<I64Table> {
+    let flat: Vec<i64> = v.iter().flat_map(|&(a, b)| [i64::from(a), i64::from(b)]).collect();
+    Ok(PyArray1::from_vec(py, flat).reshape([v.len(), 2])?.unbind())
+}
+
 /// A field type of a plan: how it is built from a constructor argument, how
 /// it goes back into one (pickling), and its kind on the wire: "int" and
 /// "bool" (one header value), "id" (not sent), "ids" (its count sent),
@@ -194,6 +200,8 @@ plan_class! {
         slot_mapping: I64Array,
         /// The blocks this prefill fills.
         block_table: I64Array,
+        /// KV blocks to copy before the forward, one ``(src, dst)`` row each (beams forked).
+        block_copies: I64Table,
     }
 
     /// Input length: left padding + prompt + right padding (whole blocks).
@@ -242,6 +250,8 @@ plan_class! {
         left_padding: I64Array,
         /// In-table length of each sequence including this step's token.
         current_tkv: I64Array,
+        /// KV blocks to copy before the forward, one ``(src, dst)`` row each (beams forked).
+        block_copies: I64Table,
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
@@ -283,6 +293,8 @@ plan_class! {
         /// The same per input block (0 = null block).
         block_slots: I64Array,
         block_table: I64Array,
+        /// KV blocks to copy before the forward, one ``(src, dst)`` row each (beams forked).
+        block_copies: I64Table,
     }
 
     /// The step's tkv: the prompt length.
@@ -365,6 +377,7 @@ pub fn to_python(py: Python<'_>, plan: core::StepPlan) -> PyResult<Py<PyAny>> {
                 positions: array_u32(py, &p.positions),
                 slot_mapping: array(py, p.slot_mapping),
                 block_table: array_u32(py, &p.block_table),
+                block_copies: copies(py, &p.block_copies)?,
             },
         )?
         .into_any(),
@@ -388,6 +401,7 @@ pub fn to_python(py: Python<'_>, plan: core::StepPlan) -> PyResult<Py<PyAny>> {
                 slot_mapping: array(py, c.slot_mapping),
                 block_slots: array_u32(py, &c.block_slots),
                 block_table: array_u32(py, &c.block_table),
+                block_copies: copies(py, &c.block_copies)?,
             },
         )?
         .into_any(),
@@ -407,6 +421,7 @@ pub fn to_python(py: Python<'_>, plan: core::StepPlan) -> PyResult<Py<PyAny>> {
                     block_table: table.unbind(),
                     left_padding: array_u32(py, &d.left_padding),
                     current_tkv: array_u32(py, &d.current_tkv),
+                    block_copies: copies(py, &d.block_copies)?,
                 },
             )?
             .into_any()

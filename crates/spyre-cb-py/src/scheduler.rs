@@ -92,7 +92,9 @@ impl Scheduler {
     /// Queues a request with its prompt token ids. The core ends it on any
     /// of ``stop_token_ids`` or ``eos_token_ids`` once it has ``min_tokens``
     /// tokens (and at ``max_tokens``); ``update``'s stop flags end it too.
-    #[pyo3(signature = (request_id, prompt_token_ids, max_tokens, *, stop_token_ids=None, eos_token_ids=None, min_tokens=None))]
+    /// With ``beam_width`` k > 1 it is a beam search: prefilled once, then k
+    /// sequences under its id (``update``'s ``parents`` fork them).
+    #[pyo3(signature = (request_id, prompt_token_ids, max_tokens, *, stop_token_ids=None, eos_token_ids=None, min_tokens=None, beam_width=None))]
     #[allow(clippy::too_many_arguments)]
     fn add_request(
         &mut self,
@@ -103,7 +105,9 @@ impl Scheduler {
         stop_token_ids: Option<&Bound<'_, PyAny>>,
         eos_token_ids: Option<&Bound<'_, PyAny>>,
         min_tokens: Option<&Bound<'_, PyAny>>,
+        beam_width: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
+        let width = crate::convert::opt_uint(beam_width, "beam_width", U32, Kind::InvalidRequest)?.unwrap_or(1) as u32;
         let c = Kind::InvalidRequest;
         let id = crate::convert::request_id(request_id)?;
         let mt = uint(max_tokens, "max_tokens", U32, c)? as u32;
@@ -117,7 +121,11 @@ impl Scheduler {
             eos_token_ids: list(eos_token_ids, "eos_token_ids")?,
             min_tokens: crate::convert::opt_uint(min_tokens, "min_tokens", U32, c)?.unwrap_or(0) as u32,
         };
-        self.call(py, "add_request", |s| s.add_request_with(&id, ids, mt, rule))
+        if width == 1 {
+            self.call(py, "add_request", |s| s.add_request_with(&id, ids, mt, rule))
+        } else {
+            self.call(py, "add_request", |s| s.add_request_beams(&id, ids, mt, width, rule))
+        }
     }
 
     /// Queues a token-less request (for simulations: plans carry no input ids).
@@ -132,17 +140,20 @@ impl Scheduler {
         self.call(py, "add_request_len", |s| s.add_request_tagged(&id, 0, pl, mt))
     }
 
-    /// Checks a request against the limits without queuing it.
+    /// Checks a request (of ``beam_width`` beams) against the limits without queuing it.
+    #[pyo3(signature = (request_id, prompt_len, max_tokens, *, beam_width=None))]
     fn validate(
         &self,
         py: Python<'_>,
         request_id: &Bound<'_, PyAny>,
         prompt_len: &Bound<'_, PyAny>,
         max_tokens: &Bound<'_, PyAny>,
+        beam_width: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         self.check(py)?;
         let (id, pl, mt) = len_request(request_id, prompt_len, max_tokens)?;
-        self.inner.validate(&id, pl, mt).map_err(|e| core_err(py, e.into()))
+        let width = crate::convert::opt_uint(beam_width, "beam_width", U32, Kind::InvalidRequest)?.unwrap_or(1) as u32;
+        self.inner.validate_beams(&id, pl, mt, width).map_err(|e| core_err(py, e.into()))
     }
 
     /// Aborts a waiting or running request. During a step (after
@@ -159,13 +170,16 @@ impl Scheduler {
     }
 
     /// Closes the step: one token per planned sequence (plan order), optional
-    /// stop flags.
-    #[pyo3(signature = (tokens, stopped=None))]
+    /// stop flags, and for beam searches each sequence's ``parents`` entry:
+    /// the index of the sequence whose history it continues (its own for
+    /// every other sequence).
+    #[pyo3(signature = (tokens, stopped=None, parents=None))]
     fn update(
         &mut self,
         py: Python<'_>,
         tokens: &Bound<'_, PyAny>,
         stopped: Option<&Bound<'_, PyAny>>,
+        parents: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<UpdateOutcome> {
         self.check(py)?;
         let tokens = uint_list(tokens, "tokens", U32, Kind::InvalidRequest)?;
@@ -173,7 +187,11 @@ impl Scheduler {
             Some(s) if !s.is_none() => bool_list(s, "stopped")?,
             _ => Vec::new(),
         };
-        Ok(self.call(py, "update", |s| s.update(&tokens, &stopped))?.into())
+        let parents = match parents {
+            Some(p) if !p.is_none() => uint_list(p, "parents", U32, Kind::InvalidRequest)?,
+            _ => Vec::new(),
+        };
+        Ok(self.call(py, "update", |s| s.update_beams(&tokens, &stopped, &parents))?.into())
     }
 
     /// Closes the pending step without tokens: its requests are aborted
