@@ -167,3 +167,38 @@ def test_abort_frees_every_fork_and_bad_params_are_refused(tiny_model):
     chunked = Engine(str(tiny_model), max_num_seqs=4, max_model_len=256, policy="chunked")
     with pytest.raises(InvalidRequestError, match="continuous policy"):
         chunked.add_beam_search("x", [5, 6], BeamSearchParams(beam_width=2, max_tokens=4))
+
+
+def test_server_use_beam_search_with_the_openai_client(tmp_path, monkeypatch):
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    from spyre_cb.models import tiny_model_path
+    from test_server import Server
+
+    server = Server(tmp_path, "--max-model-len", "256", "--max-num-seqs", "8")
+    try:
+        monkeypatch.setenv("SPYRE_CB_CACHE", str(tmp_path))
+        llm = LLM(str(tiny_model_path()), max_num_seqs=8, max_model_len=256)
+        client = server.client()
+        # best_of: the beam width (vLLM's); n: the beams returned, best first
+        r = client.completions.create(
+            model="tiny", prompt="the batch", max_tokens=8, n=2, extra_body={"use_beam_search": True, "best_of": 3}
+        )
+        want = llm.beam_search("the batch", BeamSearchParams(beam_width=3, max_tokens=8))[0].sequences
+        assert [c.text for c in r.choices] == [s.text for s in want[:2]]
+        assert [c.index for c in r.choices] == [0, 1]
+        assert r.usage.completion_tokens == sum(len(s.output_token_ids) for s in want[:2])
+        msgs = [{"role": "user", "content": "Hello"}]
+        r = client.chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=6, n=2, extra_body={"use_beam_search": True, "length_penalty": 0.5}
+        )
+        ids = llm.get_tokenizer().apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids
+        want = llm.beam_search([list(ids)], BeamSearchParams(beam_width=2, max_tokens=6, length_penalty=0.5))[0]
+        assert [c.message.content for c in r.choices] == [s.text for s in want.sequences]
+        with pytest.raises(openai.BadRequestError, match="stream"):
+            client.completions.create(
+                model="tiny", prompt="x", max_tokens=2, stream=True, extra_body={"use_beam_search": True}
+            )
+    finally:
+        server.stop()

@@ -226,7 +226,15 @@ def test_chat_template_options(server, http):
     [
         ("/v1/completions", {"best_of": 2}, ["best_of"]),
         ("/v1/completions", {"suffix": "x"}, ["suffix"]),
-        ("/v1/completions", {"use_beam_search": True}, ["use_beam_search"]),
+        ("/v1/completions", {"use_beam_search": True, "stream": True}, ["stream", "use_beam_search"]),
+        ("/v1/completions", {"use_beam_search": True, "top_p": 0.5, "logprobs": 2}, ["top_p, logprobs"]),
+        (
+            "/v1/chat/completions",
+            {"use_beam_search": True, "response_format": {"type": "json_object"}},
+            ["response_format"],
+        ),
+        ("/v1/completions", {"use_beam_search": True, "n": 3, "best_of": 2}, ["best_of 2", "n 3"]),
+        ("/v1/completions", {"length_penalty": 2.0}, ["length_penalty", "use_beam_search"]),
         ("/v1/completions", {"logprobs": 21}, ["logprobs", "20"]),
         ("/v1/completions", {"guided_regex": "a+", "guided_choice": ["x"]}, ["one output constraint"]),
         ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, ["json_schema.schema"]),

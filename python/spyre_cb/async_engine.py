@@ -29,6 +29,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+from spyre_cb.beam_search import BeamSearchParams
 from spyre_cb.engine import Engine, StepOutput
 from spyre_cb.errors import EngineDeadError, ExecutorError, InvalidRequestError, UnknownRequestError
 from spyre_cb.outputs import RequestMetrics
@@ -128,9 +129,13 @@ class AsyncEngine:
         return self.engine.n_waiting
 
     def submit(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams | BeamSearchParams,
+        request_id: str | None = None,
     ) -> RequestStream:
-        """Queues a request now and returns the async iterator of its outputs. Raises
+        """Queues a request (a beam search with BeamSearchParams: its one output
+        comes at its end) now and returns the async iterator of its outputs. Raises
         InvalidRequestError (nothing queued) when it cannot run or its id is in use,
         EngineDeadError once the engine is dead."""
         rid = request_id if request_id is not None else self.new_request_id()
@@ -142,7 +147,10 @@ class AsyncEngine:
                 raise InvalidRequestError(f"request id {rid!r} is already in use")
             self._queues[rid] = (asyncio.get_running_loop(), q)
         try:
-            state = self.engine.add_request(rid, prompt_token_ids, params)
+            if isinstance(params, BeamSearchParams):
+                state = self.engine.add_beam_search(rid, prompt_token_ids, params)
+            else:
+                state = self.engine.add_request(rid, prompt_token_ids, params)
         except BaseException:
             with self._qlock:
                 self._queues.pop(rid, None)

@@ -62,6 +62,8 @@ class OpenAIServing(ServedModel):
         # tokenizing is CPU work: off the event loop, so one large prompt never stalls the others
         prompts = await asyncio.to_thread(completion_prompts, body, self.tokenizer, self.max_model_len)
         base = f"cmpl-{uuid.uuid4().hex[:16]}"
+        if body.use_beam_search:
+            return await self._beam_search(body, base, prompts, "text_completion")
         jobs = [(i * body.n + k, p) for i, p in enumerate(prompts) for k in range(body.n)]
         return await self._respond(body, base, jobs, "text_completion", chat=False)
 
@@ -72,6 +74,8 @@ class OpenAIServing(ServedModel):
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         base = f"chatcmpl-{uuid.uuid4().hex[:16]}"
+        if body.use_beam_search:
+            return await self._beam_search(body, base, [list(ids)], "chat.completion")
         jobs = [(k, list(ids)) for k in range(body.n)]
         return await self._respond(body, base, jobs, "chat.completion", chat=True)
 
@@ -84,11 +88,12 @@ class OpenAIServing(ServedModel):
         body.refuse_unsupported()
         if body.n < 1 or body.n > 64:
             raise APIError(400, f"n must be in [1, 64], got {body.n}", "invalid_request_error", "n")
-        sequences = n_prompts * body.n
+        per_prompt = body.beam_width if body.use_beam_search else body.n
+        sequences = n_prompts * per_prompt
         if sequences > MAX_SEQUENCES_PER_REQUEST:
             raise APIError(
                 400,
-                f"the request asks for {sequences} sequences ({n_prompts} prompts x n {body.n}); "
+                f"the request asks for {sequences} sequences ({n_prompts} prompts x {per_prompt}); "
                 f"at most {MAX_SEQUENCES_PER_REQUEST} per request",
                 "invalid_request_error",
                 "prompt",
@@ -113,6 +118,56 @@ class OpenAIServing(ServedModel):
             events = sse_events(body, base, self.model_name, chat, streams, prompt_tokens, self._decode)
             return StreamingResponse(events, media_type="text/event-stream")
         return await self._complete(body, base, obj, chat, streams, prompt_tokens)
+
+    async def _beam_search(self, body: _Sampling, base: str, prompts: list[list[int]], obj: str) -> dict[str, Any]:
+        """``use_beam_search``: one beam search of ``beam_width`` beams per prompt (they
+        batch together); its ``n`` best beams are the prompt's choices, best first."""
+        streams: list[Choice] = []
+        try:
+            for i, ids in enumerate(prompts):
+                max_tokens = body.max_tokens if body.max_tokens is not None else self.max_model_len - len(ids)
+                params = body.beam_search_params(max_tokens)
+                streams.append((i, ids, self.engine.submit(ids, params, f"{base}-{i}")))
+        except SpyreCBError as e:
+            for _, _, s in streams:
+                await s.aclose()
+            if isinstance(e, EngineDeadError):
+                raise engine_dead(str(e)) from None
+            raise APIError(400, str(e), "invalid_request_error") from None
+        access.note_request(base, streams)
+        try:
+            results = [(i, ids, [o async for o in s]) for i, ids, s in streams]
+        except EngineDeadError as e:
+            raise engine_dead(str(e)) from None
+        finally:
+            for _, _, s in streams:
+                await s.aclose()
+        choices: list[dict[str, Any]] = []
+        n_tokens = 0
+        for i, ids, outs in results:
+            last = next(o for o in outs if o.finished)
+            if last.error is not None or last.beams is None:
+                raise APIError(500, f"the request failed: {last.error or last.finish_reason}", "internal_server_error")
+            for j, beam in enumerate(last.beams[: body.n]):
+                n_tokens += len(beam.output_token_ids)
+                text = beam.text or ""
+                choice: dict[str, Any] = {"index": i * body.n + j}
+                if isinstance(body, ChatRequest):
+                    choice["message"] = {"role": "assistant", "content": text}
+                else:
+                    choice["text"] = (self._decode(ids) + text) if getattr(body, "echo", False) else text
+                choice["logprobs"] = None
+                choice["finish_reason"] = beam.finish_reason
+                choice["stop_reason"] = beam.stop_reason
+                choices.append(choice)
+        return {
+            "id": base,
+            "object": obj,
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": usage(sum(len(ids) for _, ids, _ in results), n_tokens),
+        }
 
     def _decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, field_validator
 
+from spyre_cb.beam_search import BeamSearchParams
 from spyre_cb.engine import check_text
 from spyre_cb.errors import SpyreCBError
 from spyre_cb.params import MAX_LOGPROBS
@@ -66,6 +67,8 @@ class _Sampling(BaseModel):
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
     prompt_logprobs: int | None = None
     use_beam_search: bool = False
+    #: beam search: a finished beam's summed logprob is divided by its length to this power (vLLM's extra)
+    length_penalty: float = 1.0
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
     guided_json: Any = None
@@ -179,9 +182,60 @@ class _Sampling(BaseModel):
     def refuse_unsupported(self) -> None:
         """400 for what this server cannot do yet (never ignored), as vLLM refuses what it cannot."""
         if self.use_beam_search:
-            raise APIError(400, "use_beam_search is not supported yet", "invalid_request_error", "use_beam_search")
+            self._check_beam_search()
+        elif self.length_penalty != 1.0:
+            raise APIError(400, "length_penalty needs use_beam_search", "invalid_request_error", "length_penalty")
         self.structured()  # a malformed or doubled constraint is a 400 before anything runs
         warn_unknown(self)
+
+    #: beams a beam search runs (its ``n`` best are returned)
+    @property
+    def beam_width(self) -> int:
+        return self.n
+
+    def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
+        p = BeamSearchParams(
+            beam_width=self.beam_width,
+            max_tokens=max_tokens,
+            ignore_eos=self.ignore_eos,
+            temperature=self.temperature,
+            length_penalty=self.length_penalty,
+        )
+        try:
+            p.validate()
+        except SpyreCBError as e:
+            raise APIError(400, str(e), "invalid_request_error") from None
+        return p
+
+    def _beam_search_conflicts(self) -> list[str]:
+        """The fields set that a beam search cannot honour (it picks the most likely
+        beams: no sampling knobs, no constraints, no stop strings, no streaming)."""
+        set_ = {
+            "stream": self.stream,
+            "top_p": self.top_p != 1.0,
+            "top_k": self.top_k not in (0, -1),
+            "min_p": self.min_p != 0.0,
+            "stop": bool(self.stop),
+            "stop_token_ids": bool(self.stop_token_ids),
+            "presence_penalty": self.presence_penalty != 0.0,
+            "frequency_penalty": self.frequency_penalty != 0.0,
+            "repetition_penalty": self.repetition_penalty != 1.0,
+            "min_tokens": self.min_tokens != 0,
+            "logit_bias": bool(self.logit_bias),
+            "truncate_prompt_tokens": self.truncate_prompt_tokens is not None,
+            "prompt_logprobs": self.prompt_logprobs is not None,
+            "skip_special_tokens": not self.skip_special_tokens,
+        }
+        names = [name for name, on in set_.items() if on]
+        names += [name for name, _ in self._constraints()]
+        return names
+
+    def _check_beam_search(self) -> None:
+        bad = self._beam_search_conflicts()
+        if bad:
+            raise APIError(
+                400, f"{', '.join(bad)} cannot be used with use_beam_search", "invalid_request_error", bad[0]
+            )
 
 
 def warn_unknown(body: BaseModel) -> None:
@@ -217,13 +271,28 @@ class CompletionRequest(_Sampling):
             return max(self.logprobs, self.prompt_logprobs or 0)
         return self.prompt_logprobs
 
+    @property
+    def beam_width(self) -> int:
+        # vLLM takes best_of as the beam width where it is given
+        return max(self.n, self.best_of or 0)
+
+    def _beam_search_conflicts(self) -> list[str]:
+        return super()._beam_search_conflicts() + (["logprobs"] if self.logprobs is not None else [])
+
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         if self.suffix is not None:
             raise APIError(400, "suffix is not supported", "invalid_request_error", "suffix")
-        if self.best_of is not None and self.best_of > 1:
+        if self.best_of is not None and self.best_of > 1 and not self.use_beam_search:
             raise APIError(
-                400, f"best_of {self.best_of} is not supported (only 1), as in vLLM", "invalid_request_error", "best_of"
+                400,
+                f"best_of {self.best_of} is supported only as the beam width of use_beam_search, as in vLLM",
+                "invalid_request_error",
+                "best_of",
+            )
+        if self.use_beam_search and self.best_of is not None and self.best_of < self.n:
+            raise APIError(
+                400, f"best_of {self.best_of} must be at least n {self.n}", "invalid_request_error", "best_of"
             )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise APIError(
@@ -294,6 +363,10 @@ class ChatRequest(_Sampling):
                 "invalid_request_error",
                 "continue_final_message",
             )
+
+    def _beam_search_conflicts(self) -> list[str]:
+        extra = ["logprobs"] if self.logprobs else []
+        return super()._beam_search_conflicts() + extra + (["tools"] if self.tools else [])
 
     @property
     def n_logprobs(self) -> int | None:
