@@ -77,10 +77,14 @@ def _check_equal(ours: BeamSearchOutput | list, theirs) -> None:
         assert b.score == pytest.approx(sc, rel=1e-4, abs=1e-4)
 
 
+POLICIES = [{}, {"policy": "chunked", "chunk_size": 64, "prefix_caching": True}]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=["continuous", "chunked"])
 @pytest.mark.parametrize("k", [2, 4])
-def test_beams_equal_transformers_batched_with_greedy_requests(eos_model, hf_greedy, tiny_model, k):
+def test_beams_equal_transformers_batched_with_greedy_requests(eos_model, hf_greedy, tiny_model, k, policy):
     """Several beam searches (length penalties 1, 0, 2, -1) and greedy requests share one batch."""
-    eng = Engine(str(eos_model), max_num_seqs=16, max_model_len=256)
+    eng = Engine(str(eos_model), max_num_seqs=16, max_model_len=256, **policy)
     rng = random.Random(k)
     cases = []
     for i, lp in enumerate([1.0, 0.0, 2.0, -1.0, 1.0, 0.0]):
@@ -145,8 +149,9 @@ def test_llm_beam_search_api_on_another_architecture(tmp_path):
     assert llm.engine.n_used_blocks == 0
 
 
-def test_abort_frees_every_fork_and_bad_params_are_refused(tiny_model):
-    eng = Engine(str(tiny_model), max_num_seqs=4, max_model_len=256)
+@pytest.mark.parametrize("policy", POLICIES, ids=["continuous", "chunked"])
+def test_abort_frees_every_fork_and_bad_params_are_refused(tiny_model, policy):
+    eng = Engine(str(tiny_model), max_num_seqs=4, max_model_len=256, **policy)
     eng.add_beam_search("b", list(range(2, 72)), BeamSearchParams(beam_width=3, max_tokens=50, ignore_eos=True))
     for _ in range(6):
         eng.step()
@@ -164,9 +169,6 @@ def test_abort_frees_every_fork_and_bad_params_are_refused(tiny_model):
         with pytest.raises(InvalidRequestError, match=match):
             eng.add_beam_search("x", [5, 6], bad)
     assert not eng.has_unfinished_requests()
-    chunked = Engine(str(tiny_model), max_num_seqs=4, max_model_len=256, policy="chunked")
-    with pytest.raises(InvalidRequestError, match="continuous policy"):
-        chunked.add_beam_search("x", [5, 6], BeamSearchParams(beam_width=2, max_tokens=4))
 
 
 def test_server_use_beam_search_with_the_openai_client(tmp_path, monkeypatch):

@@ -162,6 +162,21 @@ impl Rules for Chunked {
         r.computed / B
     }
 
+    fn rebalance_beams(&self, core: &mut Core, head: Handle) {
+        // what its beams may still need at once: every beam's whole table, less the
+        // distinct blocks they hold now (sharing frees room; a copy takes it)
+        let distinct = beam_blocks(core, head).len() as u32;
+        let r = core.reqs.get(head);
+        let target = ((r.prompt_len + r.max_tokens).div_ceil(B) * r.beam_width).saturating_sub(distinct);
+        let before = r.reserved;
+        core.reqs.get_mut(head).reserved = target;
+        if target > before {
+            core.kv.reserve(target - before);
+        } else {
+            core.kv.unreserve(before - target);
+        }
+    }
+
     fn leave(&mut self, h: Handle) {
         self.paused.retain(|&x| x != h);
         if self.ongoing == Some(h) {
@@ -214,7 +229,22 @@ impl Rules for Chunked {
         for &h in core.reqs.running.iter().chain(self.paused.iter()) {
             let r = core.reqs.get(h);
             let total = (r.prompt_len + r.max_tokens).div_ceil(B);
-            if r.blocks.len() as u32 + r.reserved > total {
+            if r.beam_width > 1 && r.member_of.is_none() {
+                // a beam search: its distinct blocks and reservation cover all its beams
+                let distinct = beam_blocks(core, h).len() as u32;
+                if distinct + r.reserved > total * r.beam_width {
+                    return Err(format!(
+                        "beam search {}: {distinct} blocks + {} reserved > {} its beams can need",
+                        r.id,
+                        r.reserved,
+                        total * r.beam_width
+                    ));
+                }
+            }
+            if r.member_of.is_some() && r.reserved != 0 {
+                return Err(format!("a beam of {} reserves {} blocks itself", r.id, r.reserved));
+            }
+            if r.beam_width <= 1 && r.member_of.is_none() && r.blocks.len() as u32 + r.reserved > total {
                 return Err(format!(
                     "request {}: {} blocks + {} reserved > {total} it can need",
                     r.id,
@@ -241,6 +271,16 @@ impl Rules for Chunked {
         }
         Ok(())
     }
+}
+
+/// The distinct blocks a beam search's beams hold.
+fn beam_blocks(core: &Core, head: Handle) -> Vec<BlockId> {
+    let r = core.reqs.get(head);
+    let mut all: Vec<BlockId> = r.beams.iter().flat_map(|&m| core.reqs.get(m).blocks.iter().copied()).collect();
+    all.extend_from_slice(&r.blocks);
+    all.sort_unstable();
+    all.dedup();
+    all
 }
 
 /// Caches the request's full blocks below its computed tokens.
@@ -296,9 +336,10 @@ impl Chunked {
         let (_, _, end) = self.next_chunk(r, hits);
         let last = end == r.prompt_len;
         let seqs = core.cfg.max_num_seqs as usize;
-        let first_ok = || if running.len() < seqs { Ok(()) } else { Err(Rejection::BatchFull) };
+        let width = r.beam_width.max(1) as usize; // a beam search's beams are sequences
+        let first_ok = || if running.len() + width <= seqs { Ok(()) } else { Err(Rejection::BatchFull) };
         let last_ok = || {
-            if n_decoders >= seqs {
+            if n_decoders + width > seqs {
                 Err(Rejection::BatchFull)
             } else if !self.opts.decode_pausing && !self.volume_fits(core, h) {
                 Err(Rejection::VolumeLimit)
@@ -335,6 +376,8 @@ impl Chunked {
             .filter(|&&d| Some(d) != self.ongoing && d != h)
             .map(|&d| round(m + u64::from(core.reqs.get(d).remaining()) - 1) + b)
             .collect();
+        // a beam search's other beams end with it
+        ends.extend(std::iter::repeat_n(end_new, r.beam_width.saturating_sub(1) as usize));
         crate::volume::peak_volume(&mut ends, end_new, false) <= core.cfg.max_batch_tkv_limit
     }
 
@@ -342,7 +385,8 @@ impl Chunked {
     /// unreserved free blocks.
     fn block_gate(&self, core: &Core, h: Handle, hits: &[(BlockId, BlockHash)]) -> Result<(), Rejection> {
         let r = core.reqs.get(h);
-        let total = (r.prompt_len + r.max_tokens).div_ceil(B);
+        // a beam search's beams may each come to hold all their blocks
+        let total = (r.prompt_len + r.max_tokens).div_ceil(B) * r.beam_width.max(1);
         let held = hits.iter().filter(|&&(b, _)| core.kv.ref_count(b) > 0).count() as u32;
         if total.saturating_sub(held) <= core.kv.n_free_unreserved() {
             Ok(())
@@ -380,7 +424,9 @@ impl Chunked {
             fresh.push(core.kv.allocate());
         }
         let usable = self.usable_hit(g, hits.len() as u32);
-        let total_blocks = (prompt_len + max_tokens).div_ceil(B);
+        let width = core.reqs.get(h).beam_width.max(1);
+        // a beam search reserves for all its beams (see `rebalance_beams`)
+        let total_blocks = (prompt_len + max_tokens).div_ceil(B) * width;
         {
             let r = core.reqs.get_mut(h);
             if first {
@@ -412,6 +458,9 @@ impl Chunked {
         let last = end == prompt_len;
         if last {
             core.reqs.outputs.push(h);
+            if width > 1 {
+                core.spawn_beams(h, 0); // the request's reservation covers its beams
+            }
         }
         self.pending = Pending::Chunk { h, end, last };
 
@@ -484,7 +533,9 @@ impl Chunked {
         let decoders: Vec<Handle> = reqs.running.iter().copied().filter(|&x| Some(x) != self.ongoing).collect();
         // candidates: paused first, then decoders; most paused steps first,
         // then fewer generated tokens (stable)
-        let mut cand: Vec<Handle> = self.paused.iter().chain(decoders.iter()).copied().collect();
+        // (a beam search's beams are one candidate: they decode or pause together, in order)
+        let mut cand: Vec<Handle> =
+            self.paused.iter().chain(decoders.iter()).copied().filter(|&x| reqs.get(x).member_of.is_none()).collect();
         if self.opts.decode_pausing {
             cand.sort_by_key(|&x| {
                 let r = reqs.get(x);
@@ -502,12 +553,14 @@ impl Chunked {
             let o = i64::from(r.computed) + 1 - i64::from(b * B);
             let (m2, off2) = (m.max(b), off.max(o));
             let tkv = (i64::from(m2 * B) + off2) as u64;
-            if !self.opts.decode_pausing || joined.is_empty() || (joined.len() as u64 + 1) * tkv <= limit {
-                joined.push(c);
+            let rows = 1 + r.beams.len();
+            let unit = std::iter::once(c).chain(r.beams.iter().copied());
+            if !self.opts.decode_pausing || joined.is_empty() || (joined.len() + rows) as u64 * tkv <= limit {
+                joined.extend(unit);
                 m = m2;
                 off = off2;
             } else {
-                left_out.push(c);
+                left_out.extend(unit);
             }
         }
         let need = joined.iter().filter(|&&x| blocks_after(reqs.get(x)) > reqs.get(x).blocks.len() as u32).count();
@@ -539,8 +592,10 @@ impl Chunked {
             };
             if fresh {
                 let b = core.kv.allocate();
-                let r = core.reqs.get_mut(x);
-                r.blocks.push(b);
+                core.reqs.get_mut(x).blocks.push(b);
+                // a beam's blocks come out of its request's reservation
+                let owner = core.reqs.group_of(x);
+                let r = core.reqs.get_mut(owner);
                 if r.reserved > 0 {
                     r.reserved -= 1;
                     core.kv.unreserve(1);

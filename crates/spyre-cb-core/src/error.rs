@@ -88,8 +88,6 @@ pub enum InvalidRequest {
         volume: u64,
         limit: u64,
     },
-    /// Beam search under a policy that does not run it.
-    BeamPolicy,
     /// A beam search's width is 0 or more than `max_num_seqs`.
     BeamWidth {
         width: u32,
@@ -123,7 +121,6 @@ impl fmt::Display for InvalidRequest {
                 f,
                 "request reaches batch x tkv = {volume} even alone in a fresh batch, above max_batch_tkv_limit {limit}"
             ),
-            Self::BeamPolicy => f.write_str("beam search runs under the continuous policy, not under chunked prefill"),
             Self::BeamWidth { width, max_num_seqs } => write!(
                 f,
                 "beam width {width} must be in [1, max_num_seqs {max_num_seqs}]: every beam is a sequence of the batch"

@@ -74,6 +74,10 @@ pub(crate) trait Rules {
     /// In-table index of the block a running request writes its next KV to
     /// (after the commit of the step that produced its last token).
     fn next_write_index(&self, r: &Request) -> u32;
+    /// A beam search forked (or started): bring its reservation in line with
+    /// the blocks its beams now hold (the chunked policy's reservation is
+    /// what is still to allocate; the continuous policy's never changes).
+    fn rebalance_beams(&self, _core: &mut Core, _head: Handle) {}
 }
 
 impl Core {

@@ -254,9 +254,7 @@ impl Scheduler {
         if width == 0 || width > cfg.max_num_seqs {
             return Err(InvalidRequest::BeamWidth { width, max_num_seqs: cfg.max_num_seqs });
         }
-        if width > 1 && matches!(self.rules, PolicyRules::Chunked(_)) {
-            return Err(InvalidRequest::BeamPolicy);
-        }
+
         let (needed, volume) = rules!(&self.rules, r => r.alone(cfg, prompt_len, max_tokens));
         let (needed, volume) = (needed * u64::from(width), volume * u64::from(width));
         if needed > u64::from(cfg.available_blocks) {
@@ -522,6 +520,11 @@ impl Scheduler {
         });
         if let Some(forks) = forks {
             self.fork(&forks)?;
+            let heads: Vec<Handle> =
+                self.core.reqs.outputs.iter().copied().filter(|&h| self.core.reqs.get(h).beam_width > 1).collect();
+            for h in heads {
+                rules!(&self.rules, r => r.rebalance_beams(&mut self.core, h));
+            }
         }
         for (i, &token) in tokens.iter().enumerate() {
             let h = self.core.reqs.outputs[i];
@@ -610,17 +613,16 @@ impl Scheduler {
             }
             out[i] = p;
         }
-        // a beam made for this step (no history yet) continues its request's prompt
-        for (i, &h) in reqs.outputs.iter().enumerate() {
-            let r = reqs.get(h);
-            if let Some(head) = r.member_of {
-                if r.generated == 0 && out[i] == i {
-                    out[i] = reqs
-                        .outputs
-                        .iter()
-                        .position(|&x| x == head)
-                        .ok_or_else(|| bad(format!("the new beams of {} sample without their request", r.id)))?;
-                }
+        // a beam made for this step has no history yet: who continues it continues its
+        // request's prompt
+        for p in out.iter_mut() {
+            let r = reqs.get(reqs.outputs[*p]);
+            if let (Some(head), 0) = (r.member_of, r.generated) {
+                *p = reqs
+                    .outputs
+                    .iter()
+                    .position(|&x| x == head)
+                    .ok_or_else(|| bad(format!("the new beams of {} sample without their request", r.id)))?;
             }
         }
         Ok(Some(out))

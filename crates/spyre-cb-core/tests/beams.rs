@@ -4,7 +4,7 @@
 //! the block two beams would both write next. Step traces of forking and
 //! sharing, the admission count, aborts and finishes returning every block.
 
-use spyre_cb_core::{InvalidRequest, Policy, Scheduler, SchedulerConfig, StepPlan, StopRule};
+use spyre_cb_core::{ChunkOptions, InvalidRequest, Policy, Scheduler, SchedulerConfig, StepPlan, StopRule};
 
 fn sched(seqs: u32, mml: u32, blocks: u32) -> Scheduler {
     Scheduler::new(SchedulerConfig::new(seqs, mml, Some(blocks), None).unwrap())
@@ -118,8 +118,79 @@ fn beams_count_in_admission_and_validation() {
     assert_eq!(d.batch_size, 1);
     assert_eq!(format!("{:?}", s.last_rejection()), "Some(BatchFull)");
     s.update(&[1], &[]).unwrap();
-    let chunked = SchedulerConfig::with_policy(4, 256, None, None, Policy::Chunked(Default::default())).unwrap();
-    assert_eq!(Scheduler::new(chunked).validate_beams("x", 10, 5, 2).unwrap_err(), InvalidRequest::BeamPolicy);
+}
+
+fn chunked(seqs: u32, mml: u32, blocks: u32, opts: ChunkOptions) -> Scheduler {
+    Scheduler::new(SchedulerConfig::with_policy(seqs, mml, Some(blocks), None, Policy::Chunked(opts)).unwrap())
+}
+
+#[test]
+fn chunked_beams_fork_after_the_last_chunk_and_reserve_for_every_beam() {
+    let opts = ChunkOptions { chunk_size: 64, ..Default::default() };
+    let mut s = chunked(4, 256, 20, opts);
+    // 100 tokens: two chunks; the second block is partial, so each other beam gets a copy
+    s.add_request_beams("b", (0..100).collect(), 30, 3, StopRule::default()).unwrap();
+    let StepPlan::Chunk(c) = s.schedule().unwrap() else { panic!("a chunk") };
+    assert!(!c.is_last);
+    // it reserves for all three beams: 3 x ceil(130 / 64) = 9, less the block it holds
+    assert_eq!(s.n_reserved_blocks(), 9 - 1);
+    s.update(&[], &[]).unwrap();
+    let StepPlan::Chunk(c) = s.schedule().unwrap() else { panic!("the last chunk") };
+    assert!(c.is_last);
+    assert_eq!(s.last_outputs().count(), 3, "the last chunk samples a token per beam");
+    s.update_beams(&[1, 2, 3], &[], &[]).unwrap();
+    s.check_invariants().unwrap();
+    assert_eq!(s.n_running(), 3);
+    assert_eq!(s.n_used_blocks(), 4, "one shared block, the partial one and its two copies");
+    assert_eq!(s.n_reserved_blocks(), 9 - 4);
+    let d = decode(s.schedule().unwrap());
+    assert_eq!(d.batch_size, 3);
+    assert_eq!(d.block_copies.len(), 2);
+    assert_eq!(d.positions, [100, 100, 100]);
+    assert_eq!(d.input_ids, [1, 2, 3]);
+    s.update_beams(&[4, 5, 6], &[], &[2, 2, 0]).unwrap();
+    s.check_invariants().unwrap();
+    let d = decode(s.schedule().unwrap());
+    assert_eq!(d.input_ids, [4, 5, 6]);
+    assert_eq!(d.block_copies.len(), 1, "beams 0 and 1 both continue beam 2");
+    s.update_beams(&[7, 8, 9], &[], &[0, 1, 2]).unwrap();
+    s.check_invariants().unwrap();
+    s.abort("b").unwrap();
+    assert_eq!((s.n_used_blocks(), s.n_reserved_blocks()), (0, 0), "the chunked policy frees at once");
+    s.schedule().unwrap();
+    s.update(&[], &[]).unwrap();
+    assert!(s.is_drained());
+}
+
+#[test]
+fn chunked_beams_pause_and_resume_together() {
+    // a tight volume: the beam search and a long request cannot all decode at once
+    let opts = ChunkOptions { chunk_size: 64, ..Default::default() };
+    let cfg = SchedulerConfig::with_policy(4, 256, Some(32), Some(3 * 70), Policy::Chunked(opts)).unwrap();
+    let mut s = Scheduler::new(cfg);
+    s.add_request("a", vec![9; 60], 100).unwrap();
+    s.add_request_beams("b", vec![8; 60], 20, 2, StopRule::default()).unwrap();
+    let mut paused_seen = false;
+    for _ in 0..200 {
+        if !s.has_unfinished_requests() {
+            break;
+        }
+        s.schedule().unwrap();
+        let ids: Vec<String> = s.last_outputs().map(|r| r.id.to_string()).collect();
+        let beams = ids.iter().filter(|x| *x == "b").count();
+        assert!(beams == 0 || beams == 2, "both beams sample, or neither: {ids:?}");
+        let paused: Vec<String> = s.paused().map(|r| r.id.to_string()).collect();
+        let pb = paused.iter().filter(|x| *x == "b").count();
+        assert!(pb == 0 || pb == 2, "beams pause together: {paused:?}");
+        paused_seen |= !paused.is_empty();
+        let tokens = vec![1; ids.len()];
+        let parents: Vec<u32> = (0..ids.len() as u32).collect();
+        s.update_beams(&tokens, &[], &parents).unwrap();
+        s.check_invariants().unwrap();
+    }
+    assert!(paused_seen, "the volume limit paused someone");
+    s.schedule().unwrap();
+    assert!(s.is_drained());
 }
 
 #[test]
