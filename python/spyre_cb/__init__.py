@@ -44,6 +44,8 @@ from spyre_cb.structured import StructuredOutputsParams
 
 if TYPE_CHECKING:  # torch-backed parts load lazily
     from spyre_cb.async_engine import AsyncEngine
+    from spyre_cb.beam_search import BeamSearchOutput, BeamSearchParams
+    from spyre_cb.embedding import Embedder, EmbeddingOutput
     from spyre_cb.engine import Engine, StepOutput
     from spyre_cb.llm import LLM
     from spyre_cb.outputs import CompletionOutput, RequestOutput
@@ -60,6 +62,10 @@ _LAZY = {
     "AsyncEngine": "spyre_cb.async_engine",
     "StepOutput": "spyre_cb.engine",
     "SamplingParams": "spyre_cb.sampling",
+    "BeamSearchParams": "spyre_cb.beam_search",
+    "BeamSearchOutput": "spyre_cb.beam_search",
+    "Embedder": "spyre_cb.embedding",
+    "EmbeddingOutput": "spyre_cb.embedding",
 }
 
 
@@ -106,6 +112,10 @@ __all__ = [
     "AsyncEngine",
     "StepOutput",
     "SamplingParams",
+    "BeamSearchParams",
+    "BeamSearchOutput",
+    "Embedder",
+    "EmbeddingOutput",
     "StructuredOutputsParams",
     "__version__",
 ]
