@@ -42,7 +42,12 @@ def _inputs(n: int, vocab: int, seed: int, longest: int = 300) -> list[list[int]
 
 @pytest.mark.parametrize(
     "arch,mode,dtype_ops",
-    [("roberta", "cls", "onednn"), ("bert", "mean", "torch"), ("roberta", "max", "auto")],
+    [
+        ("roberta", "cls", "onednn"),
+        ("bert", "mean", "torch"),
+        ("roberta", "max", "auto"),
+        ("xlm-roberta", "cls", "auto"),
+    ],
 )
 def test_embeddings_equal_transformers(tmp_path, arch, mode, dtype_ops):
     path = make_tiny_encoder_checkpoint(tmp_path / arch, arch=arch, pooling=mode, seed=3)

@@ -24,7 +24,7 @@ from spyre_cb.errors import ConfigError
 VERIFIED_ARCHITECTURES = ("GraniteForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
 #: Encoder (embedding) architectures, checked against transformers by
 #: ``tests/test_embedding.py``, and the FMS model family each loads as.
-ENCODER_ARCHITECTURES = {"RobertaModel": "roberta", "BertModel": "bert"}
+ENCODER_ARCHITECTURES = {"RobertaModel": "roberta", "XLMRobertaModel": "roberta", "BertModel": "bert"}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 SPECIAL_TOKENS = ("<|pad|>", "<|endoftext|>")
 _ARCHS = ("granite", "llama", "mistral")
-_ENCODER_ARCHS = ("roberta", "bert")
+_ENCODER_ARCHS = ("roberta", "xlm-roberta", "bert")
 #: the pooling modes of sentence-transformers' ``1_Pooling/config.json`` that spyre_cb runs
 POOLING_MODES = ("cls", "mean", "max")
 
@@ -194,7 +194,7 @@ def build_encoder_tokenizer(vocab_size: int = 512, *, arch: str = "roberta") -> 
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
-    if arch == "roberta":
+    if arch in ("roberta", "xlm-roberta"):
         special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
         cls_t, pad_t, sep_t, unk_t, mask_t = special
     else:
@@ -237,9 +237,10 @@ def make_tiny_encoder_checkpoint(
     max_position_embeddings: int = 512,
     init_gain: float = 1.0,
 ) -> Path:
-    """Writes a random-weight encoder checkpoint (``RobertaModel`` or
-    ``BertModel``, as granite-embedding and BERT-style embedding models are
-    laid out), its tokenizer, and sentence-transformers' pooling files
+    """Writes a random-weight encoder checkpoint (``RobertaModel``,
+    ``XLMRobertaModel`` or ``BertModel``: ``arch`` ``"roberta"``,
+    ``"xlm-roberta"``, ``"bert"``, as granite-embedding's English and
+    multilingual models and BERT-style embedding models are laid out), its tokenizer, and sentence-transformers' pooling files
     (``modules.json``, ``1_Pooling/config.json``, ``2_Normalize`` when
     ``normalize``) to ``directory``. Deterministic for a given ``seed``."""
     import torch
@@ -266,10 +267,13 @@ def make_tiny_encoder_checkpoint(
         torch_dtype="float32",
     )
     config: Any
-    if arch == "roberta":
+    if arch in ("roberta", "xlm-roberta"):
         # RoBERTa's positions start after the padding id: two more rows than tokens
-        config = transformers.RobertaConfig(**common, max_position_embeddings=max_position_embeddings + 2)
-        model: Any = transformers.RobertaModel(config, add_pooling_layer=False)
+        xlm = arch == "xlm-roberta"
+        config_cls = transformers.XLMRobertaConfig if xlm else transformers.RobertaConfig
+        config = config_cls(**common, max_position_embeddings=max_position_embeddings + 2)
+        model_cls = transformers.XLMRobertaModel if xlm else transformers.RobertaModel
+        model: Any = model_cls(config, add_pooling_layer=False)
     else:
         config = transformers.BertConfig(**common, max_position_embeddings=max_position_embeddings)
         model = transformers.BertModel(config, add_pooling_layer=False)

@@ -41,6 +41,8 @@ pub(crate) struct RequestTable {
     /// Requests aborted between steps (gone at once), reported by the
     /// outcome of the next step that closes.
     pub unreported: Vec<Arc<str>>,
+    /// Beam searches known (none: `update` never looks for beams).
+    pub n_beam_searches: u32,
 }
 
 impl RequestTable {
@@ -71,6 +73,7 @@ impl RequestTable {
     /// Adds a request at the back of the waiting queue.
     pub fn insert(&mut self, req: Request) -> Handle {
         let id = req.id.clone();
+        self.n_beam_searches += u32::from(req.beam_width > 1);
         let h = self.place(req);
         self.ids.insert(id, h);
         self.waiting.push_back(h);
@@ -102,6 +105,7 @@ impl RequestTable {
         let r = self.arena[h as usize].take().expect("live handle");
         if r.member_of.is_none() {
             self.ids.remove(&r.id);
+            self.n_beam_searches -= u32::from(r.beam_width > 1);
         }
         self.free_handles.push(h);
         r

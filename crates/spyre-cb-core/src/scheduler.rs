@@ -587,6 +587,9 @@ impl Scheduler {
     fn beam_parents(&self, parents: &[u32]) -> Result<Option<Vec<usize>>, StateError> {
         let reqs = &self.core.reqs;
         let n = reqs.outputs.len();
+        if parents.is_empty() && reqs.n_beam_searches == 0 {
+            return Ok(None);
+        }
         let in_group = |h: Handle| {
             let r = reqs.get(h);
             r.member_of.is_some() || r.beam_width > 1
