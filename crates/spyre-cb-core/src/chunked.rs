@@ -534,8 +534,14 @@ impl Chunked {
         // candidates: paused first, then decoders; most paused steps first,
         // then fewer generated tokens (stable)
         // (a beam search's beams are one candidate: they decode or pause together, in order)
-        let mut cand: Vec<Handle> =
-            self.paused.iter().chain(decoders.iter()).copied().filter(|&x| reqs.get(x).member_of.is_none()).collect();
+        let beams = reqs.n_beam_searches > 0;
+        let mut cand: Vec<Handle> = self
+            .paused
+            .iter()
+            .chain(decoders.iter())
+            .copied()
+            .filter(|&x| !beams || reqs.get(x).member_of.is_none())
+            .collect();
         if self.opts.decode_pausing {
             cand.sort_by_key(|&x| {
                 let r = reqs.get(x);
@@ -553,8 +559,9 @@ impl Chunked {
             let o = i64::from(r.computed) + 1 - i64::from(b * B);
             let (m2, off2) = (m.max(b), off.max(o));
             let tkv = (i64::from(m2 * B) + off2) as u64;
-            let rows = 1 + r.beams.len();
-            let unit = std::iter::once(c).chain(r.beams.iter().copied());
+            let others: &[Handle] = if beams { &r.beams } else { &[] };
+            let rows = 1 + others.len();
+            let unit = std::iter::once(c).chain(others.iter().copied());
             if !self.opts.decode_pausing || joined.is_empty() || (joined.len() + rows) as u64 * tkv <= limit {
                 joined.extend(unit);
                 m = m2;

@@ -389,9 +389,8 @@ impl Scheduler {
     /// A running or paused request leaves the batch (a beam search with all
     /// its beams, and the block copies it still had to make).
     fn leave(&mut self, h: Handle) {
-        let beams = std::mem::take(&mut self.core.reqs.get_mut(h).beams);
-        if !beams.is_empty() || !self.copies.is_empty() {
-            for b in beams {
+        if self.core.reqs.n_beam_searches > 0 {
+            for b in std::mem::take(&mut self.core.reqs.get_mut(h).beams) {
                 self.leave_one(b);
             }
             self.copies.retain(|c| c.0 != h);
@@ -511,7 +510,11 @@ impl Scheduler {
             return Err(StateError::UpdateWithoutPlan.into());
         }
         check_token_count(self.core.reqs.outputs.len(), tokens, stopped)?;
-        let forks = self.beam_parents(parents)?;
+        let forks = if parents.is_empty() && self.core.reqs.n_beam_searches == 0 {
+            None // (no beam search: nothing to look at)
+        } else {
+            self.beam_parents(parents)?
+        };
         self.pending = false;
         outcome.aborted.append(&mut self.core.reqs.unreported);
         let keeps_tokens = rules!(&mut self.rules, r => {
@@ -519,13 +522,11 @@ impl Scheduler {
             r.keeps_tokens()
         });
         if let Some(forks) = forks {
-            self.fork(&forks)?;
-            let heads: Vec<Handle> =
-                self.core.reqs.outputs.iter().copied().filter(|&h| self.core.reqs.get(h).beam_width > 1).collect();
-            for h in heads {
-                rules!(&self.rules, r => r.rebalance_beams(&mut self.core, h));
-            }
+            self.fork_all(&forks)?;
         }
+        // (a request's beam fields are read only when there are beam searches: they
+        // sit on a cache line the step does not otherwise touch)
+        let beams = self.core.reqs.n_beam_searches > 0;
         for (i, &token) in tokens.iter().enumerate() {
             let h = self.core.reqs.outputs[i];
             let stop = stopped.get(i).copied().unwrap_or(false);
@@ -536,7 +537,7 @@ impl Scheduler {
                 if keeps_tokens && r.has_tokens() {
                     r.tokens.push(token);
                 }
-                if r.member_of.is_some() {
+                if beams && r.member_of.is_some() {
                     continue; // a beam ends with its request
                 }
                 finish_of(r.stop.as_deref(), token, r.generated, r.max_tokens, stop)
@@ -582,8 +583,24 @@ impl Scheduler {
         Ok(outcome)
     }
 
+    /// Forks every beam search of the step, then lets the policy bring their
+    /// reservations in line.
+    #[cold]
+    #[inline(never)]
+    fn fork_all(&mut self, parents: &[usize]) -> Result<(), CoreError> {
+        self.fork(parents)?;
+        let reqs = &self.core.reqs;
+        let heads: Vec<Handle> = reqs.outputs.iter().copied().filter(|&h| reqs.get(h).beam_width > 1).collect();
+        for h in heads {
+            rules!(&self.rules, r => r.rebalance_beams(&mut self.core, h));
+        }
+        Ok(())
+    }
+
     /// The effective parents of this step's sequences, checked before anything
     /// changes; `None` when no sequence belongs to a beam search.
+    #[cold]
+    #[inline(never)]
     fn beam_parents(&self, parents: &[u32]) -> Result<Option<Vec<usize>>, StateError> {
         let reqs = &self.core.reqs;
         let n = reqs.outputs.len();
