@@ -63,3 +63,14 @@ def test_peer_vllm_spyre_cb_half_quick():
     got = json.loads(r.stdout)["spyre_cb"]
     assert got["tokens_per_s"] > 0 and got["tokens_per_cpu_s"] > 0 and got["peak_memory_mb"] > 100, got
     assert len(got["runs"]) == 1
+
+
+def test_embed_quick():
+    """spyre_cb's Embedder against transformers on the tiny encoder: same embeddings."""
+    import json
+
+    r = run("embed.py", "--quick")
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["min_cosine"] > 1 - 1e-4, result
+    assert result["spyre_cb"]["inputs_per_s"] > 0 and result["transformers"]["inputs_per_s"] > 0
