@@ -161,13 +161,13 @@ def test_abort_frees_every_fork_and_bad_params_are_refused(tiny_model, policy):
     assert [(o.request_id, o.finish_reason) for o in outs] == [("b", "abort")]
     assert eng.n_used_blocks == 0 and eng.n_reserved_blocks == 0
     for bad, match in [
-        (BeamSearchParams(beam_width=0, max_tokens=4), "beam_width must be an int >= 1"),
-        (BeamSearchParams(beam_width=5, max_tokens=4), r"beam width 5 must be in \[1, max_num_seqs 4\]"),
-        (BeamSearchParams(beam_width=2, max_tokens=4, temperature=-1), "temperature"),
-        (BeamSearchParams(beam_width=2, max_tokens=300), "exceeds max_model_len"),
+        (dict(beam_width=0, max_tokens=4), "beam_width must be an int >= 1"),
+        (dict(beam_width=5, max_tokens=4), r"beam width 5 must be in \[1, max_num_seqs 4\]"),
+        (dict(beam_width=2, max_tokens=4, temperature=-1), "temperature"),
+        (dict(beam_width=2, max_tokens=300), "exceeds max_model_len"),
     ]:
-        with pytest.raises(InvalidRequestError, match=match):
-            eng.add_beam_search("x", [5, 6], bad)
+        with pytest.raises(InvalidRequestError, match=match):  # at construction, or when added
+            eng.add_beam_search("x", [5, 6], BeamSearchParams(**bad))
     assert not eng.has_unfinished_requests()
 
 

@@ -47,6 +47,9 @@ class BeamSearchParams:
     temperature: float = 0.0
     length_penalty: float = 1.0
 
+    def __post_init__(self) -> None:
+        self.validate()  # a bad value is refused where it is written
+
     def validate(self) -> None:
         for name in ("beam_width", "max_tokens"):
             v = getattr(self, name)

@@ -380,9 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serves MODEL (a checkpoint directory, or 'tiny') at /v1/completions, /v1/chat/completions, "
-        "/v1/models, /health and /metrics, streaming or not.",
+        "/v1/models, /health and /metrics, streaming or not; an embedding model (an encoder checkpoint, or "
+        "'tiny-embed') at /v1/embeddings.",
     )
-    v.add_argument("model_pos", nargs="?", metavar="MODEL", help="checkpoint directory or 'tiny' (or --model)")
+    v.add_argument(
+        "model_pos", nargs="?", metavar="MODEL", help="checkpoint directory, 'tiny' or 'tiny-embed' (or --model)"
+    )
     ServerOptions.add_cli_args(v)
     EngineConfig.add_cli_args(v)
     v.set_defaults(func=cmd_serve)

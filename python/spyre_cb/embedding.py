@@ -38,6 +38,7 @@ from spyre_cb.checkpoint import ENCODER_ARCHITECTURES, Checkpoint
 from spyre_cb.config import EngineConfig
 from spyre_cb.cpus import ThreadSetting, intra_op_threads
 from spyre_cb.errors import ConfigError, EngineDeadError, InvalidRequestError
+from spyre_cb.prompts import PromptLike, as_batch, token_ids
 from spyre_cb.runner import TORCH_DTYPES, check_backend
 
 log = logging.getLogger("spyre_cb.embedding")
@@ -228,11 +229,13 @@ class Embedder:
                     f"{self.config.max_model_len} tokens can hold"
                 )
             return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        ids = list(prompt)
+        ids = token_ids(prompt)
+        if ids is None:
+            raise InvalidRequestError(f"input {index} must be a string or token ids, got {type(prompt).__name__}")
         for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+            if not 0 <= t < self.vocab_size:
                 raise InvalidRequestError(
-                    f"input {index} holds token id {t!r}, outside the vocabulary [0, {self.vocab_size})"
+                    f"input {index} holds token id {t}, outside the vocabulary [0, {self.vocab_size})"
                 )
         return ids
 
@@ -279,23 +282,13 @@ class Embedder:
         return out
 
     def embed(
-        self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], *, dimensions: int | None = None
+        self, prompts: PromptLike | Sequence[PromptLike], *, dimensions: int | None = None
     ) -> list[EmbeddingOutput]:
-        """One :class:`EmbeddingOutput` per prompt (a string or token ids), in order."""
-        batch = _as_inputs(prompts)
+        """One :class:`EmbeddingOutput` per prompt (in any of :mod:`spyre_cb.prompts`' forms), in order."""
+        batch = as_batch(prompts)
         ids = [self.token_ids(p, i) for i, p in enumerate(batch)]
         vectors = self.embed_token_ids(ids, dimensions)
         return [EmbeddingOutput(str(i), x, v.tolist()) for i, (x, v) in enumerate(zip(ids, vectors, strict=True))]
-
-
-def _as_inputs(prompts: object) -> list[str | Sequence[int]]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]
-    if isinstance(prompts, Sequence):
-        return list(prompts)
-    raise InvalidRequestError(f"prompts must be a string, token ids or a list of them, got {type(prompts).__name__}")
 
 
 def _matryoshka(config: dict[str, Any], hidden: int) -> tuple[int, ...] | None:

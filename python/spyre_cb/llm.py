@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import operator
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from spyre_cb.beam_search import BeamSearchOutput, BeamSearchParams
@@ -18,9 +17,8 @@ from spyre_cb.embedding import Embedder, EmbeddingOutput
 from spyre_cb.engine import Engine, check_text
 from spyre_cb.errors import InvalidRequestError, UnknownRequestError
 from spyre_cb.outputs import CompletionOutput, RequestOutput
+from spyre_cb.prompts import PromptLike, as_batch
 from spyre_cb.sampling import SamplingParams
-
-PromptLike = str | Sequence[int]
 
 
 class LLM:
@@ -87,7 +85,7 @@ class LLM:
         A prompt is a string, token ids, ``{"prompt": str}`` or
         ``{"prompt_token_ids": [...]}``; give one SamplingParams or one per prompt.
         """
-        batch = _as_batch(prompts)
+        batch = as_batch(prompts)
         if sampling_params is None:
             params = [SamplingParams() for _ in batch]
         elif isinstance(sampling_params, SamplingParams):
@@ -127,7 +125,7 @@ class LLM:
         :class:`~spyre_cb.beam_search.BeamSearchOutput` per prompt, in input order,
         its ``beam_width`` sequences best first. The searches run in the engine,
         batched together (see :mod:`spyre_cb.beam_search`)."""
-        batch = _as_batch(prompts)
+        batch = as_batch(prompts)
         if not isinstance(params, BeamSearchParams):
             raise InvalidRequestError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         jobs: list[tuple[str, Callable[[str], object]]] = []
@@ -267,56 +265,3 @@ def _fan_out(p: SamplingParams) -> list[SamplingParams]:
     if p.n == 1:
         return [p]
     return [dataclasses.replace(p, n=1, seed=None if p.seed is None else (p.seed + k) % 2**64) for k in range(p.n)]
-
-
-def _token_ids(x: object) -> list[int] | None:
-    """``x`` as token ids (ints or NumPy integers, never bools), or None."""
-    if isinstance(x, (str, bytes, dict)) or not isinstance(x, Iterable):
-        return None
-    out = []
-    for t in x:
-        if isinstance(t, bool):
-            return None
-        try:
-            out.append(operator.index(t))
-        except TypeError:
-            return None
-    return out
-
-
-def _one_prompt(x: object, where: str) -> PromptLike:
-    """One prompt in any of vLLM's forms: a str, token ids, ``{"prompt": str}``
-    or ``{"prompt_token_ids": [...]}``."""
-    if isinstance(x, str):
-        return x
-    if isinstance(x, dict):
-        if set(x) == {"prompt"} and isinstance(x["prompt"], str):
-            return x["prompt"]
-        if set(x) == {"prompt_token_ids"}:
-            ids = _token_ids(x["prompt_token_ids"])
-            if ids is not None:
-                return ids
-        raise InvalidRequestError(
-            f"{where}: a prompt dict is {{'prompt': str}} or {{'prompt_token_ids': [int, ...]}}, got keys {sorted(x)}"
-        )
-    ids = _token_ids(x)
-    if ids is None:
-        raise InvalidRequestError(
-            f"{where} must be a string, a list of token ids, or a prompt dict, got {type(x).__name__}"
-        )
-    return ids
-
-
-def _as_batch(prompts: object) -> list[PromptLike]:
-    """One prompt or a list of them, as a list."""
-    if isinstance(prompts, (str, dict)):
-        return [_one_prompt(prompts, "prompt")]
-    if not isinstance(prompts, Iterable):
-        raise InvalidRequestError(
-            f"prompts must be a string, token ids, a prompt dict, or a list of those; got {type(prompts).__name__}"
-        )
-    items = list(prompts)
-    single = _token_ids(items)
-    if items and single is not None:
-        return [single]  # one prompt given as token ids
-    return [_one_prompt(x, f"prompts[{i}]") for i, x in enumerate(items)]

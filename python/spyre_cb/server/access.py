@@ -39,19 +39,25 @@ class _Record:
     status: int | None = None
     request_id: str | None = None
     streams: list[RequestStream] = field(default_factory=list)
+    #: what the response counted, where its streams do not say it (beam searches, embeddings)
+    totals: tuple[int, int, str | None] | None = None
 
     def fields(self) -> dict[str, Any]:
         ss = self.streams
         queues = [m.queue_time for m in (s.metrics for s in ss) if m.queue_time is not None]
         ttfts = [m.time_to_first_token for m in (s.metrics for s in ss) if m.time_to_first_token is not None]
+        prompt, completion = sum(s.n_prompt_tokens for s in ss), sum(s.n_tokens for s in ss)
+        finish = ",".join(s.finish_reason or "abort" for s in ss) or None
+        if self.totals is not None:
+            prompt, completion, finish = self.totals
         return {
             "id": self.request_id,
             "method": self.method,
             "path": self.path,
             "status": self.status,
-            "finish_reason": ",".join(s.finish_reason or "abort" for s in ss) or None,
-            "prompt_tokens": sum(s.n_prompt_tokens for s in ss),
-            "completion_tokens": sum(s.n_tokens for s in ss),
+            "finish_reason": finish,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
             "queue_s": _round(max(queues)) if queues else None,
             "ttft_s": _round(min(ttfts)) if ttfts else None,
             "total_s": _round(time.monotonic() - self.start),
@@ -71,6 +77,19 @@ def note_request(request_id: str, choices: Sequence[tuple[int, list[int], Reques
     if rec is not None:
         rec.request_id = request_id
         rec.streams = [s for _, _, s in choices]
+
+
+def note_totals(
+    prompt_tokens: int, completion_tokens: int, finish_reasons: Sequence[str | None] = (), request_id: str | None = None
+) -> None:
+    """What a response counted, when its streams do not (a beam search returns its
+    best beams, an embedding request has no stream): the line reports these."""
+    rec = _current.get()
+    if rec is not None:
+        if request_id is not None:
+            rec.request_id = request_id
+        finish = ",".join(f or "abort" for f in finish_reasons) or None
+        rec.totals = (prompt_tokens, completion_tokens, finish)
 
 
 class AccessLog:

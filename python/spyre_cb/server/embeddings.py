@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from spyre_cb.embedding import AsyncEmbedder
 from spyre_cb.errors import EngineDeadError, SpyreCBError
+from spyre_cb.server import access
 from spyre_cb.server.errors import APIError, engine_dead
 from spyre_cb.server.options import ServerOptions
 from spyre_cb.server.protocol import warn_unknown
@@ -133,8 +135,12 @@ class EmbeddingServing(ServedModel):
             )
             data.append({"object": "embedding", "index": i, "embedding": emb})
         tokens = sum(len(x) for x in ids)
+        rid = f"embd-{uuid.uuid4().hex[:16]}"
+        access.note_totals(tokens, 0, request_id=rid)
         return {
+            "id": rid,
             "object": "list",
+            "created": int(time.time()),
             "data": data,
             "model": self.model_name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},

@@ -30,6 +30,7 @@ from spyre_cb.server.protocol import (
     MAX_SEQUENCES_PER_REQUEST,
     ChatRequest,
     CompletionRequest,
+    _beam_param,
     _Sampling,
     chat_prompt,
     completion_prompts,
@@ -133,7 +134,7 @@ class OpenAIServing(ServedModel):
                 await s.aclose()
             if isinstance(e, EngineDeadError):
                 raise engine_dead(str(e)) from None
-            raise APIError(400, str(e), "invalid_request_error") from None
+            raise APIError(400, str(e), "invalid_request_error", _beam_param(str(e))) from None
         access.note_request(base, streams)
         try:
             results = [(i, ids, [o async for o in s]) for i, ids, s in streams]
@@ -160,13 +161,15 @@ class OpenAIServing(ServedModel):
                 choice["finish_reason"] = beam.finish_reason
                 choice["stop_reason"] = beam.stop_reason
                 choices.append(choice)
+        prompt_tokens = sum(len(ids) for _, ids, _ in results)
+        access.note_totals(prompt_tokens, n_tokens, [c["finish_reason"] for c in choices])
         return {
             "id": base,
             "object": obj,
             "created": int(time.time()),
             "model": self.model_name,
             "choices": choices,
-            "usage": usage(sum(len(ids) for _, ids, _ in results), n_tokens),
+            "usage": usage(prompt_tokens, n_tokens),
         }
 
     def _decode(self, ids: list[int]) -> str:

@@ -69,6 +69,8 @@ class _Sampling(BaseModel):
     use_beam_search: bool = False
     #: beam search: a finished beam's summed logprob is divided by its length to this power (vLLM's extra)
     length_penalty: float = 1.0
+    #: beam search: its width, where given (vLLM's use of it); else ``n``
+    best_of: int | None = None
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
     guided_json: Any = None
@@ -185,27 +187,36 @@ class _Sampling(BaseModel):
             self._check_beam_search()
         elif self.length_penalty != 1.0:
             raise APIError(400, "length_penalty needs use_beam_search", "invalid_request_error", "length_penalty")
+        if self.best_of is not None and self.best_of > 1 and not self.use_beam_search:
+            raise APIError(
+                400,
+                f"best_of {self.best_of} is supported only as the beam width of use_beam_search, as in vLLM",
+                "invalid_request_error",
+                "best_of",
+            )
+        if self.use_beam_search and self.best_of is not None and self.best_of < self.n:
+            raise APIError(
+                400, f"best_of {self.best_of} must be at least n {self.n}", "invalid_request_error", "best_of"
+            )
         self.structured()  # a malformed or doubled constraint is a 400 before anything runs
         warn_unknown(self)
 
-    #: beams a beam search runs (its ``n`` best are returned)
+    #: beams a beam search runs (its ``n`` best are returned): vLLM takes best_of where given
     @property
     def beam_width(self) -> int:
-        return self.n
+        return max(self.n, self.best_of or 0)
 
     def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
-        p = BeamSearchParams(
-            beam_width=self.beam_width,
-            max_tokens=max_tokens,
-            ignore_eos=self.ignore_eos,
-            temperature=self.temperature,
-            length_penalty=self.length_penalty,
-        )
         try:
-            p.validate()
+            return BeamSearchParams(
+                beam_width=self.beam_width,
+                max_tokens=max_tokens,
+                ignore_eos=self.ignore_eos,
+                temperature=self.temperature,
+                length_penalty=self.length_penalty,
+            )
         except SpyreCBError as e:
-            raise APIError(400, str(e), "invalid_request_error") from None
-        return p
+            raise APIError(400, str(e), "invalid_request_error", _beam_param(str(e))) from None
 
     def _beam_search_conflicts(self) -> list[str]:
         """The fields set that a beam search cannot honour (it picks the most likely
@@ -225,6 +236,7 @@ class _Sampling(BaseModel):
             "truncate_prompt_tokens": self.truncate_prompt_tokens is not None,
             "prompt_logprobs": self.prompt_logprobs is not None,
             "skip_special_tokens": not self.skip_special_tokens,
+            "seed": self.seed is not None,  # a beam search is deterministic: a seed would do nothing
         }
         names = [name for name, on in set_.items() if on]
         names += [name for name, _ in self._constraints()]
@@ -236,6 +248,14 @@ class _Sampling(BaseModel):
             raise APIError(
                 400, f"{', '.join(bad)} cannot be used with use_beam_search", "invalid_request_error", bad[0]
             )
+
+
+def _beam_param(message: str) -> str | None:
+    """The field a beam search's error is about (``n`` stands for the width)."""
+    for words, field in (("beam", "n"), ("max_tokens", "max_tokens"), ("temperature", "temperature")):
+        if words in message:
+            return field
+    return "length_penalty" if "length_penalty" in message else None
 
 
 def warn_unknown(body: BaseModel) -> None:
@@ -262,7 +282,6 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
     max_tokens: int | None = 16
     suffix: str | None = None
-    best_of: int | None = None
 
     @property
     def wanted_prompt_logprobs(self) -> int | None:
@@ -271,11 +290,6 @@ class CompletionRequest(_Sampling):
             return max(self.logprobs, self.prompt_logprobs or 0)
         return self.prompt_logprobs
 
-    @property
-    def beam_width(self) -> int:
-        # vLLM takes best_of as the beam width where it is given
-        return max(self.n, self.best_of or 0)
-
     def _beam_search_conflicts(self) -> list[str]:
         return super()._beam_search_conflicts() + (["logprobs"] if self.logprobs is not None else [])
 
@@ -283,17 +297,6 @@ class CompletionRequest(_Sampling):
         super().refuse_unsupported()
         if self.suffix is not None:
             raise APIError(400, "suffix is not supported", "invalid_request_error", "suffix")
-        if self.best_of is not None and self.best_of > 1 and not self.use_beam_search:
-            raise APIError(
-                400,
-                f"best_of {self.best_of} is supported only as the beam width of use_beam_search, as in vLLM",
-                "invalid_request_error",
-                "best_of",
-            )
-        if self.use_beam_search and self.best_of is not None and self.best_of < self.n:
-            raise APIError(
-                400, f"best_of {self.best_of} must be at least n {self.n}", "invalid_request_error", "best_of"
-            )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise APIError(
                 400,
