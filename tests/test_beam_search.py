@@ -198,9 +198,42 @@ def test_server_use_beam_search_with_the_openai_client(tmp_path, monkeypatch):
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids
         want = llm.beam_search([list(ids)], BeamSearchParams(beam_width=2, max_tokens=6, length_penalty=0.5))[0]
         assert [c.message.content for c in r.choices] == [s.text for s in want.sequences]
+        # a refused prompt refuses the request before any search starts
+        with pytest.raises(openai.BadRequestError, match="prompt of 256 tokens leaves no room"):
+            client.completions.create(
+                model="tiny", prompt=[[5, 6, 7], [3] * 256], extra_body={"use_beam_search": True, "max_tokens": None}
+            )
+        assert server.metric("spyre_cb_requests_waiting") + server.metric("spyre_cb_requests_running") == 0
         with pytest.raises(openai.BadRequestError, match="stream"):
             client.completions.create(
                 model="tiny", prompt="x", max_tokens=2, stream=True, extra_body={"use_beam_search": True}
             )
     finally:
         server.stop()
+
+
+def test_a_step_failing_after_its_commit_ends_a_beam_search_once(tiny_model, monkeypatch):
+    """The failed step's requests end with its error, a beam search once (its id is
+    listed once per beam in the plan)."""
+    eng = Engine(str(tiny_model), max_num_seqs=4, max_model_len=256)
+    eng.add_beam_search("b", list(range(2, 40)), BeamSearchParams(beam_width=3, max_tokens=30, ignore_eos=True))
+    eng.add_request("p", [5, 6, 7], SamplingParams(max_tokens=30, ignore_eos=True, temperature=0.0))
+    for _ in range(4):
+        eng.step()
+    original = eng.processor.emit
+
+    def broken(*a, **k):
+        raise RuntimeError("emit broke")
+
+    monkeypatch.setattr(eng.processor, "emit", broken)
+    with pytest.raises(RuntimeError, match="emit broke"):
+        eng.step()
+    monkeypatch.setattr(eng.processor, "emit", original)
+    finals: collections.Counter[str] = collections.Counter()
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            finals[o.request_id] += o.finished
+    assert finals == {"b": 1, "p": 1}
+    assert eng.requests["b"].finish_reason == "abort" and "emit broke" in (eng.requests["b"].error or "")
+    eng.step()
+    assert eng.n_used_blocks == 0

@@ -92,7 +92,7 @@ def test_bad_inputs_name_the_limit_and_the_embedder_serves_on(tmp_path):
         emb.embed_token_ids([[]])
     with pytest.raises(InvalidRequestError, match="129 tokens, more than max_model_len 128"):
         emb.embed([[7] * 129])
-    with pytest.raises(InvalidRequestError, match=r"outside the vocabulary \[0, "):
+    with pytest.raises(InvalidRequestError, match=r"input\[0\]\[1\] = 512 is outside the model's vocabulary"):
         emb.embed([[7, emb.vocab_size]])
     with pytest.raises(InvalidRequestError, match="not a Matryoshka model"):
         emb.embed("x", dimensions=16)
@@ -219,3 +219,41 @@ def test_server_embeddings_with_the_openai_client(server, monkeypatch):
         client.embeddings.create(model="other", input="x")
     assert [m.id for m in client.models.list().data] == ["tiny-embed"]
     assert server.metric("spyre_cb_embedding_inputs_total") >= 9
+
+
+def test_async_embedder_fails_waiting_callers_when_it_stops(tmp_path):
+    """A failing hook never stops it; a thread that dies, or a shutdown, fails every
+    caller still waiting (an EngineDeadError, never a hang) and refuses new ones."""
+    from spyre_cb.embedding import AsyncEmbedder
+    from spyre_cb.errors import EngineDeadError
+
+    emb = Embedder(make_tiny_encoder_checkpoint(tmp_path / "m"))
+    aemb = AsyncEmbedder(emb)
+
+    def bad_hook(inputs: int, tokens: int) -> None:
+        raise RuntimeError("metrics broke")
+
+    aemb.on_batch.append(bad_hook)
+
+    async def one() -> torch.Tensor:
+        return await asyncio.wait_for(aemb.embed([[5, 6, 7]]), 60)
+
+    assert asyncio.run(one()).shape == (1, emb.hidden_size)  # the hook failed, the answer came
+    original = emb.embed_token_ids
+
+    def die(*a, **k):
+        raise SystemExit("the thread dies")  # not an Exception: the round's own handler lets it through
+
+    emb.embed_token_ids = die  # type: ignore[method-assign]
+    with pytest.raises(EngineDeadError, match="the thread dies"):
+        asyncio.run(one())
+    assert aemb.dead is not None
+    with pytest.raises(EngineDeadError):
+        asyncio.run(one())
+    emb.embed_token_ids = original  # type: ignore[method-assign]
+    aemb.shutdown()
+
+
+def test_impossible_batch_limits_are_refused_at_start(tmp_path):
+    with pytest.raises(ConfigError, match="max_batch_tkv_limit 100"):
+        Embedder(make_tiny_encoder_checkpoint(tmp_path / "m"), max_model_len=256, max_batch_tkv_limit=100)

@@ -38,7 +38,7 @@ from spyre_cb.checkpoint import ENCODER_ARCHITECTURES, Checkpoint
 from spyre_cb.config import EngineConfig
 from spyre_cb.cpus import ThreadSetting, intra_op_threads
 from spyre_cb.errors import ConfigError, EngineDeadError, InvalidRequestError
-from spyre_cb.prompts import PromptLike, as_batch, token_ids
+from spyre_cb.prompts import PromptLike, as_batch, checked_token_ids
 from spyre_cb.runner import TORCH_DTYPES, check_backend
 
 log = logging.getLogger("spyre_cb.embedding")
@@ -119,6 +119,21 @@ class EmbeddingOutput:
         return self
 
 
+def is_embedding_model(config: EngineConfig) -> bool:
+    """Whether ``config``'s model is an embedding (encoder) model; a model that cannot
+    be opened is not (the engine that opens it reports why)."""
+    import warnings
+
+    if config.model == "tiny-embed":
+        return True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the engine warns about an unverified architecture
+            return Checkpoint.open(config.with_model_path().model, allow_unverified=True).is_encoder
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def load_encoder(checkpoint: Checkpoint, dtype: torch.dtype) -> tuple[torch.nn.Module, int]:
     """FMS's encoder for ``checkpoint`` with its weights (through FMS's Hugging Face
     adapters), and its hidden size."""
@@ -184,6 +199,7 @@ class Embedder:
                 f"max_model_len {cfg.max_model_len} exceeds the {positions} positions of the model "
                 f"({ckpt.path / 'config.json'})"
             )
+        _core.plan_pooling([], cfg.scheduler)  # limits that fit no batch: a ConfigError now, not per request
         self.config = cfg
         self.model_path = ckpt.path
         self.architecture = ckpt.architecture
@@ -229,15 +245,7 @@ class Embedder:
                     f"{self.config.max_model_len} tokens can hold"
                 )
             return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        ids = token_ids(prompt)
-        if ids is None:
-            raise InvalidRequestError(f"input {index} must be a string or token ids, got {type(prompt).__name__}")
-        for t in ids:
-            if not 0 <= t < self.vocab_size:
-                raise InvalidRequestError(
-                    f"input {index} holds token id {t}, outside the vocabulary [0, {self.vocab_size})"
-                )
-        return ids
+        return checked_token_ids(prompt, self.vocab_size, f"input[{index}]")
 
     def check_dimensions(self, dimensions: int | None) -> None:
         """Refuses ``dimensions`` the model cannot give (InvalidRequestError naming why)."""
@@ -249,10 +257,13 @@ class Embedder:
                 f"(its embeddings have {self.hidden_size} dimensions)"
             )
         if isinstance(dimensions, bool) or dimensions not in self.matryoshka:
-            raise InvalidRequestError(
-                f"dimensions {dimensions!r} is not one this model was trained for: "
-                f"{', '.join(map(str, self.matryoshka))}"
+            sizes = self.matryoshka
+            said = (
+                f"any size from 1 to {sizes[-1]}"
+                if sizes == tuple(range(1, sizes[-1] + 1))
+                else ", ".join(map(str, sizes))
             )
+            raise InvalidRequestError(f"dimensions {dimensions!r} is not one this model was trained for: {said}")
 
     # ----- running -------------------------------------------------------------
 
@@ -323,43 +334,62 @@ class AsyncEmbedder:
         self._thread.start()
 
     async def embed(self, inputs: list[list[int]], dimensions: int | None = None) -> torch.Tensor:
-        if self.dead is not None:
-            raise EngineDeadError(f"the embedder is dead: {self.dead}")
         self.engine.check_dimensions(dimensions)
         _core.plan_pooling([len(x) for x in inputs], self.engine.config.scheduler)  # bad lengths: refused now
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[torch.Tensor] = loop.create_future()
         with self._cv:
+            if self.dead is not None or self._stopping:
+                raise EngineDeadError(f"the embedder is dead: {self.dead or 'shut down'}")
             self._jobs.append((inputs, dimensions, loop, fut))
             self._cv.notify()
         return await fut
 
     def _loop(self) -> None:
-        while True:
+        jobs: list[_Job] = []
+        try:
+            while True:
+                with self._cv:
+                    while not self._jobs and not self._stopping:
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    jobs, self._jobs = self._jobs, []
+                self._round([j for j in jobs if not j[3].cancelled()])
+                jobs = []
+        except BaseException as e:  # noqa: BLE001 (the thread must not die silently)
+            log.exception("the embedder thread failed")
             with self._cv:
-                while not self._jobs and not self._stopping:
-                    self._cv.wait()
-                if self._stopping:
-                    return
-                jobs, self._jobs = self._jobs, []
-            jobs = [j for j in jobs if not j[3].cancelled()]
-            # one plan per requested size (most requests give none: one plan for all)
-            for dims in {j[1] for j in jobs}:
-                group = [j for j in jobs if j[1] == dims]
-                flat = [x for j in group for x in j[0]]
+                self.dead = f"{type(e).__name__}: {e}"
+        # nobody is left waiting: what was queued (or in the failed round) fails
+        with self._cv:
+            self._stopping = True  # (embed() refuses from now on)
+            left, self._jobs = jobs + self._jobs, []
+        why = EngineDeadError(f"the embedder stopped: {self.dead or 'shut down'}")
+        for _, _, loop, fut in left:
+            _settle_threadsafe(loop, fut, None, why)
+
+    def _round(self, jobs: list[_Job]) -> None:
+        # one plan per requested size (most requests give none: one plan for all)
+        for dims in {j[1] for j in jobs}:
+            group = [j for j in jobs if j[1] == dims]
+            flat = [x for j in group for x in j[0]]
+            try:
+                vectors = self.engine.embed_token_ids(flat, dims)
+            except Exception as e:  # noqa: BLE001 (the requests fail; the embedder serves on)
+                log.exception("an embedding batch failed")
+                for _, _, loop, fut in group:
+                    _settle_threadsafe(loop, fut, None, e)
+                continue
+            at = 0
+            for inputs, _, loop, fut in group:
+                _settle_threadsafe(loop, fut, vectors[at : at + len(inputs)], None)
+                at += len(inputs)
+            for hook in self.on_batch:
                 try:
-                    vectors = self.engine.embed_token_ids(flat, dims)
-                except Exception as e:  # noqa: BLE001 (the requests fail; the embedder serves on)
-                    log.exception("an embedding batch failed")
-                    for _, _, loop, fut in group:
-                        loop.call_soon_threadsafe(_settle, fut, None, e)
-                    continue
-                at = 0
-                for inputs, _, loop, fut in group:
-                    loop.call_soon_threadsafe(_settle, fut, vectors[at : at + len(inputs)], None)
-                    at += len(inputs)
-                for hook in self.on_batch:
                     hook(len(flat), sum(len(x) for x in flat))
+                except Exception:  # noqa: BLE001 (a metrics hook never stops the embedder)
+                    log.exception("an on_batch hook failed")
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         with self._cv:
@@ -369,8 +399,21 @@ class AsyncEmbedder:
         self.engine.shutdown()
 
 
+def _settle_threadsafe(
+    loop: asyncio.AbstractEventLoop,
+    fut: asyncio.Future[torch.Tensor],
+    value: torch.Tensor | None,
+    error: BaseException | None,
+) -> None:
+    """Settles ``fut`` on its loop (nothing when that loop has closed: its caller is gone)."""
+    try:
+        loop.call_soon_threadsafe(_settle, fut, value, error)
+    except RuntimeError:
+        pass
+
+
 def _settle(fut: asyncio.Future[torch.Tensor], value: torch.Tensor | None, error: BaseException | None) -> None:
-    if fut.cancelled():
+    if fut.done():  # cancelled by its caller (or already failed)
         return
     if error is not None:
         fut.set_exception(error)
@@ -379,4 +422,4 @@ def _settle(fut: asyncio.Future[torch.Tensor], value: torch.Tensor | None, error
         fut.set_result(value)
 
 
-__all__ = ["AsyncEmbedder", "Embedder", "EmbeddingOutput", "Pooling", "load_encoder"]
+__all__ = ["AsyncEmbedder", "Embedder", "EmbeddingOutput", "Pooling", "is_embedding_model", "load_encoder"]

@@ -25,7 +25,6 @@ comes out of the next ``step()`` that ends it. Only one thread may call
 from __future__ import annotations
 
 import dataclasses
-import operator
 import os
 import threading
 import time
@@ -41,6 +40,7 @@ from spyre_cb.executor import make_executor
 from spyre_cb.output_processor import OutputProcessor, RequestState, StepOutput
 from spyre_cb.outputs import PositionLogprobs
 from spyre_cb.plan import ChunkPlan, DecodePlan, IdlePlan, StepPlan
+from spyre_cb.prompts import checked_token_ids
 from spyre_cb.runner import ModelRunner, check_backend
 from spyre_cb.sampling import SampledBatch, Sampler, SamplingParams
 from spyre_cb.structured import GrammarCompiler
@@ -87,8 +87,8 @@ class Engine:
         self.sampler = Sampler()
         self.processor = OutputProcessor(self.tokenizer)
         self._n_added = 0
-        #: beam searches added so far (none: a step never looks for them)
-        self._beam_searches = 0
+        #: the beam searches not yet ended (none: a step never looks for them)
+        self._beam_searches: set[str] = set()
         self.requests: dict[str, RequestState] = {}
         #: kind of the last step: "prefill", "decode", "idle" (None before any step)
         self.last_plan_kind: str | None = None
@@ -150,22 +150,11 @@ class Engine:
     ) -> RequestState:
         """Queues a request, all or nothing: InvalidRequestError (state unchanged) when it cannot run.
         Returns the request's state (the engine's until ``release``)."""
-        if not isinstance(request_id, str):
-            raise InvalidRequestError(f"request_id must be a str, got {type(request_id).__name__}")
         params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
-        if prompt_token_ids is None:
-            if prompt is None:
-                raise InvalidRequestError("give prompt_token_ids or prompt")
-            if not isinstance(prompt, str):
-                raise InvalidRequestError(f"prompt must be a str, got {type(prompt).__name__}")
-            if self.tokenizer is None:
-                raise InvalidRequestError("this model directory has no tokenizer: give prompt_token_ids")
-            check_text(prompt, "prompt")
-            # as the checkpoint's tokenizer does by default (BOS where it adds one), like HF and vLLM
-            prompt_token_ids = self.tokenizer(prompt).input_ids
+        ids = self._prompt_ids(request_id, prompt_token_ids, prompt)
         if params.prompt_logprobs is not None and self.config.policy == "chunked" and self.config.prefix_caching:
             raise InvalidRequestError(
                 "prompt_logprobs needs every prompt position computed, but prefix_caching skips cached ones: "
@@ -175,7 +164,6 @@ class Engine:
             raise InvalidRequestError(
                 f"n = {params.n}: the engine runs one completion per request; LLM.generate fans n out"
             )
-        ids = _token_list(prompt_token_ids, self.vocab_size)
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens :]  # keep the last k tokens, as vLLM does
         if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
@@ -238,19 +226,10 @@ class Engine:
     ) -> RequestState:
         """Queues a beam search (see :mod:`spyre_cb.beam_search`), all or nothing.
         Its one output comes when it finishes: ``StepOutput.beams``, best first."""
-        if not isinstance(request_id, str):
-            raise InvalidRequestError(f"request_id must be a str, got {type(request_id).__name__}")
         if not isinstance(params, BeamSearchParams):
             raise InvalidRequestError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         params.validate()
-        if prompt_token_ids is None:
-            if not isinstance(prompt, str):
-                raise InvalidRequestError("give prompt_token_ids or prompt (a str)")
-            if self.tokenizer is None:
-                raise InvalidRequestError("this model directory has no tokenizer: give prompt_token_ids")
-            check_text(prompt, "prompt")
-            prompt_token_ids = self.tokenizer(prompt).input_ids
-        ids = _token_list(prompt_token_ids, self.vocab_size)
+        ids = self._prompt_ids(request_id, prompt_token_ids, prompt)
         # the search decides on EOS itself: the core ends it at max_tokens or when told
         state = RequestState(request_id, ids, SamplingParams(max_tokens=params.max_tokens, ignore_eos=True), prompt)
         state.beam = BeamSearch(params, self.eos_token_ids)
@@ -258,8 +237,25 @@ class Engine:
             self.scheduler.add_request(request_id, ids, params.max_tokens, beam_width=params.beam_width)
             self.requests[request_id] = state
             self._n_added += 1
-            self._beam_searches += 1
+            self._beam_searches.add(request_id)
         return state
+
+    def _prompt_ids(self, request_id: object, prompt_token_ids: Sequence[int] | None, prompt: str | None) -> list[int]:
+        """A new request's prompt as token ids (checked against the vocabulary): the
+        ids given, or ``prompt`` tokenized as the checkpoint's tokenizer does by default
+        (BOS where it adds one), like HF and vLLM."""
+        if not isinstance(request_id, str):
+            raise InvalidRequestError(f"request_id must be a str, got {type(request_id).__name__}")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise InvalidRequestError("give prompt_token_ids or prompt")
+            if not isinstance(prompt, str):
+                raise InvalidRequestError(f"prompt must be a str, got {type(prompt).__name__}")
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model directory has no tokenizer: give prompt_token_ids")
+            check_text(prompt, "prompt")
+            prompt_token_ids = self.tokenizer(prompt).input_ids
+        return checked_token_ids(prompt_token_ids, self.vocab_size)
 
     def abort_request(self, request_id: str) -> None:
         """Aborts a waiting or running request, from any thread. The core applies
@@ -463,6 +459,7 @@ class Engine:
     def _beam_output(self, s: RequestState) -> StepOutput:
         """A finished beam search's final output (and its state: the best beam's tokens and text)."""
         seqs = self.beam_result(s)
+        self._beam_searches.discard(s.request_id)
         best = seqs[0]
         s.output_token_ids = list(best.output_token_ids)
         s.text = best.text or ""
@@ -497,7 +494,7 @@ class Engine:
                 # core, and every abort the lost outcome reported, is delivered here
                 ended = [r for r in self.scheduler.last_aborted if r not in in_plan and r in self.requests]
                 undelivered = list(ended)
-                for rid in plan.request_ids:
+                for rid in dict.fromkeys(plan.request_ids):  # (a beam search lists its id per beam)
                     state = self.requests.get(rid)
                     if state is None or state.finished:
                         continue
@@ -514,6 +511,7 @@ class Engine:
     def _end(self, s: RequestState, reason: str, error: str | None = None) -> None:
         self.processor.end(s, reason, error)
         self.sampler.forget(s.request_id)
+        self._beam_searches.discard(s.request_id)
 
     def steps(self, release: bool = True) -> Iterator[list[StepOutput]]:
         """Streams step outputs until no request is left. With ``release`` (the
@@ -547,24 +545,3 @@ def check_text(text: str, what: str) -> None:
         raise InvalidRequestError(
             f"{what} is not valid Unicode text: {e.reason} at character {e.start} ({text[e.start]!r})"
         ) from None
-
-
-def _token_list(ids: Sequence[int], vocab_size: int) -> list[int]:
-    if isinstance(ids, (str, bytes)):
-        raise InvalidRequestError("prompt_token_ids must be a sequence of ints, got str")
-    try:
-        out = list(ids)
-    except TypeError:
-        raise InvalidRequestError(f"prompt_token_ids must be a sequence of ints, got {type(ids).__name__}") from None
-    for i, t in enumerate(out):
-        try:
-            if isinstance(t, bool):
-                raise TypeError
-            out[i] = t = operator.index(t)  # int, numpy integer, ...
-        except TypeError:
-            raise InvalidRequestError(f"prompt_token_ids[{i}] must be an int, got {type(t).__name__}") from None
-        if not 0 <= t < vocab_size:
-            raise InvalidRequestError(
-                f"prompt_token_ids[{i}] = {t} is outside the model's vocabulary (ids 0..{vocab_size - 1})"
-            )
-    return out

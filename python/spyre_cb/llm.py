@@ -6,14 +6,13 @@ import dataclasses
 import functools
 import itertools
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from spyre_cb.beam_search import BeamSearchOutput, BeamSearchParams
-from spyre_cb.checkpoint import ENCODER_ARCHITECTURES, Checkpoint
+from spyre_cb.checkpoint import ENCODER_ARCHITECTURES
 from spyre_cb.config import EngineConfig
-from spyre_cb.embedding import Embedder, EmbeddingOutput
+from spyre_cb.embedding import Embedder, EmbeddingOutput, is_embedding_model
 from spyre_cb.engine import Engine, check_text
 from spyre_cb.errors import InvalidRequestError, UnknownRequestError
 from spyre_cb.outputs import CompletionOutput, RequestOutput
@@ -243,18 +242,13 @@ class LLM:
 
 
 def _is_encoder(model: object, config: EngineConfig | None, options: dict[str, Any]) -> bool:
-    """Whether the model the arguments name is an embedding model (a bad model or
-    option is left for the engine to report)."""
+    """Whether the model the arguments name is an embedding model (bad arguments are
+    left for the engine to report)."""
     try:
         kw = dict(options)
         if model is not None:
             kw["model"] = os.fspath(model)  # type: ignore[call-overload]
-        cfg = EngineConfig.from_kwargs(config, **kw)
-        if cfg.model == "tiny-embed":
-            return True
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the engine warns about an unverified architecture
-            return Checkpoint.open(cfg.with_model_path().model, allow_unverified=True).is_encoder
+        return is_embedding_model(EngineConfig.from_kwargs(config, **kw))
     except Exception:  # noqa: BLE001
         return False
 

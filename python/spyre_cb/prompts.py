@@ -65,4 +65,24 @@ def as_batch(prompts: object) -> list[PromptLike]:
     return [one_prompt(x, f"prompts[{i}]") for i, x in enumerate(items)]
 
 
-__all__ = ["PromptLike", "as_batch", "one_prompt", "token_ids"]
+def checked_token_ids(ids: object, vocab_size: int, what: str = "prompt_token_ids") -> list[int]:
+    """``ids`` as a list of ints (NumPy integers taken), each in the vocabulary;
+    an InvalidRequestError names ``what`` and the position otherwise."""
+    if isinstance(ids, (str, bytes)):
+        raise InvalidRequestError(f"{what} must be a sequence of ints, got str")
+    if not isinstance(ids, Iterable):
+        raise InvalidRequestError(f"{what} must be a sequence of ints, got {type(ids).__name__}")
+    out = list(ids)
+    for i, t in enumerate(out):
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            out[i] = t = operator.index(t)  # int, numpy integer, ...
+        except TypeError:
+            raise InvalidRequestError(f"{what}[{i}] must be an int, got {type(t).__name__}") from None
+        if not 0 <= t < vocab_size:
+            raise InvalidRequestError(f"{what}[{i}] = {t} is outside the model's vocabulary (ids 0..{vocab_size - 1})")
+    return out
+
+
+__all__ = ["PromptLike", "as_batch", "checked_token_ids", "one_prompt", "token_ids"]

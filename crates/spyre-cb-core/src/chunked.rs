@@ -140,7 +140,9 @@ impl Rules for Chunked {
                     let h = core.reqs.outputs[i];
                     let r = core.reqs.get_mut(h);
                     r.computed += 1;
-                    if r.computed % B == 0 {
+                    // a beam search's generated blocks stay out of the prefix cache: a fork may
+                    // drop them, and one another request held would not come back to the pool
+                    if r.computed % B == 0 && !r.in_beam_search() {
                         cache_full_blocks(core, h);
                     }
                 }
@@ -211,8 +213,9 @@ impl Rules for Chunked {
         refs.dedup();
         Some(ChunkedState {
             paused: reqs.names(&self.paused),
-            n_cached_blocks: holders().map(|r| r.usable_hit).sum(),
-            n_prefix_hits: holders().filter(|r| r.usable_hit * B > r.computed).count() as u32,
+            // (a beam search's hit counts once, not per beam)
+            n_cached_blocks: holders().filter(|r| r.member_of.is_none()).map(|r| r.usable_hit).sum(),
+            n_prefix_hits: holders().filter(|r| r.member_of.is_none() && r.usable_hit * B > r.computed).count() as u32,
             block_tables: tables,
             block_ref_count: refs,
             prefill_slot_mappings: match &self.last_slots {

@@ -164,7 +164,9 @@ pub enum StepPlan {
 }
 
 impl StepPlan {
-    /// Request ids in the order `update` expects their tokens.
+    /// Request ids in the order `update` expects their tokens. (The step that
+    /// samples a beam search's first tokens takes one per beam: its id once
+    /// here; `Scheduler::last_outputs` lists every sequence of a step.)
     pub fn request_ids(&self) -> Vec<&str> {
         match self {
             Self::Prefill(p) => vec![&*p.request_id],
@@ -185,7 +187,9 @@ impl StepPlan {
         }
     }
 
-    /// Sequences that sample a token in this step (a non-final chunk: none).
+    /// Rows of logits this step's forward gives (a non-final chunk: none); the
+    /// tokens `update` takes are as many, but a beam search's first step (its
+    /// prefill or last chunk) takes one per beam from its one row.
     pub fn n_sequences(&self) -> usize {
         match self {
             Self::Prefill(_) => 1,

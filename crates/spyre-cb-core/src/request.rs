@@ -220,6 +220,12 @@ impl Request {
         self.max_tokens - self.generated
     }
 
+    /// A beam search's request or one of its beams.
+    #[inline]
+    pub fn in_beam_search(&self) -> bool {
+        self.member_of.is_some() || self.beam_width > 1
+    }
+
     /// It carries token ids (not a token-less simulation request).
     #[inline]
     pub fn has_tokens(&self) -> bool {

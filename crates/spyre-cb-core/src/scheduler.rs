@@ -82,6 +82,8 @@ pub struct Scheduler {
     /// KV block copies `(request, src, dst)` the next plan's forward makes
     /// first: beams forked onto their own copy of a block they shared.
     copies: Vec<(Handle, BlockId, BlockId)>,
+    /// The copies the pending plan carries (a cancelled step gives them back).
+    inflight: Vec<(Handle, BlockId, BlockId)>,
 }
 
 impl Scheduler {
@@ -97,7 +99,7 @@ impl Scheduler {
             counters: Counters::default(),
             last_rejection: None,
         };
-        Self { core, rules, pending: false, last_aborted: Vec::new(), copies: Vec::new() }
+        Self { core, rules, pending: false, last_aborted: Vec::new(), copies: Vec::new(), inflight: Vec::new() }
     }
 
     // ----- accessors -------------------------------------------------------
@@ -175,7 +177,13 @@ impl Scheduler {
     /// blocks (their usable hits; 0 without caching).
     pub fn n_cached_blocks(&self) -> u32 {
         let reqs = &self.core.reqs;
-        reqs.running.iter().chain(rules!(&self.rules, r => r.paused())).map(|&h| reqs.get(h).usable_hit).sum()
+        let holders = reqs.running.iter().chain(rules!(&self.rules, r => r.paused()));
+        // (a beam search's hit counts once, not per beam)
+        holders
+            .map(|&h| reqs.get(h))
+            .filter(|r| reqs.n_beam_searches == 0 || r.member_of.is_none())
+            .map(|r| r.usable_hit)
+            .sum()
     }
     /// The chunked policy's block-level observation (`None` under the continuous policy).
     pub fn snapshot_chunked(&self) -> Option<ChunkedState> {
@@ -441,7 +449,7 @@ impl Scheduler {
                 if let Some(copies) = plan.block_copies_mut() {
                     copies.extend(self.copies.iter().map(|&(_, src, dst)| (src, dst)));
                 }
-                self.copies.clear();
+                self.inflight = std::mem::take(&mut self.copies);
             }
         }
         planned
@@ -516,6 +524,7 @@ impl Scheduler {
             self.beam_parents(parents)?
         };
         self.pending = false;
+        self.inflight.clear();
         outcome.aborted.append(&mut self.core.reqs.unreported);
         let keeps_tokens = rules!(&mut self.rules, r => {
             r.commit(&mut self.core);
@@ -579,6 +588,13 @@ impl Scheduler {
             self.leave(h);
         }
         self.apply_queued_aborts(&mut outcome);
+        // the failed forward may not have made the copies it carried: the searches that
+        // still run get them again (their sources were not written since)
+        for c in std::mem::take(&mut self.inflight) {
+            if self.core.reqs.is_live(c.0) && !self.core.reqs.gone.contains(&c.0) {
+                self.copies.push(c);
+            }
+        }
         self.last_aborted.clone_from(&outcome.aborted);
         Ok(outcome)
     }
@@ -607,11 +623,7 @@ impl Scheduler {
         if parents.is_empty() && reqs.n_beam_searches == 0 {
             return Ok(None);
         }
-        let in_group = |h: Handle| {
-            let r = reqs.get(h);
-            r.member_of.is_some() || r.beam_width > 1
-        };
-        if parents.is_empty() && !reqs.outputs.iter().any(|&h| in_group(h)) {
+        if parents.is_empty() && !reqs.outputs.iter().any(|&h| reqs.get(h).in_beam_search()) {
             return Ok(None);
         }
         let bad = |detail: String| StateError::BadBeamParents { detail };
@@ -655,12 +667,7 @@ impl Scheduler {
     fn fork(&mut self, parents: &[usize]) -> Result<(), CoreError> {
         let core = &mut self.core;
         let reqs = &core.reqs;
-        let rows: Vec<usize> = (0..parents.len())
-            .filter(|&i| {
-                let r = reqs.get(reqs.outputs[i]);
-                r.member_of.is_some() || r.beam_width > 1
-            })
-            .collect();
+        let rows: Vec<usize> = (0..parents.len()).filter(|&i| reqs.get(reqs.outputs[i]).in_beam_search()).collect();
         if rows.iter().all(|&i| parents[i] == i) {
             return Ok(());
         }

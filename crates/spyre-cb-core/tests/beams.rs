@@ -212,3 +212,21 @@ fn parents_must_stay_within_their_request() {
     s.update_beams(&[1, 2, 3], &[], &[1, 1, 2]).unwrap();
     s.check_invariants().unwrap();
 }
+
+#[test]
+fn a_cancelled_step_gives_back_the_copies_it_carried() {
+    // the copy rides on another request's prefill, which fails: the beams still get it
+    let mut s = sched(4, 192, 16);
+    s.add_request_beams("b", vec![3; 70], 100, 2, StopRule::default()).unwrap();
+    s.schedule().unwrap();
+    s.update_beams(&[1, 2], &[], &[]).unwrap(); // tkv 70: the second block is partial, beam 1 copies it
+    s.add_request("x", vec![4; 10], 5).unwrap();
+    let StepPlan::Prefill(p) = s.schedule().unwrap() else { panic!("x's prefill") };
+    assert_eq!(p.block_copies.len(), 1);
+    let out = s.cancel().unwrap();
+    assert_eq!(out.aborted.iter().map(|x| &**x).collect::<Vec<_>>(), ["x"]);
+    let d = decode(s.schedule().unwrap());
+    assert_eq!(d.block_copies, p.block_copies, "made before the beams' first decode");
+    s.update_beams(&[5, 6], &[], &[0, 1]).unwrap();
+    s.check_invariants().unwrap();
+}

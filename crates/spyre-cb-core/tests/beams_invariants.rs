@@ -1,6 +1,7 @@
 //! Property test of beam search under both policies: random workloads mixing
 //! beam searches (2-4 beams) and ordinary requests, random forks (each beam
-//! continues a random beam of its request), early ends and aborts. After
+//! continues a random beam of its request), early ends, aborts, failed
+//! (cancelled) steps and prefix hits on blocks filled by decoding. After
 //! every step the bookkeeping invariants hold (ref counts equal holders,
 //! reservations add up and cover what may still be allocated); every request
 //! ends exactly once; the pool comes back whole.
@@ -52,7 +53,9 @@ proptest! {
             for (i, &(arr, pl, mt, w, early, abort)) in reqs.iter().enumerate() {
                 if arr == step {
                     let id = format!("r{i}");
-                    let prompt: Vec<u32> = (0..pl).map(|t| t % 13).collect();
+                    // some prompts are all 7s, the token every sequence generates: prefix hits
+                    // on blocks filled by decoding
+                    let prompt: Vec<u32> = (0..pl).map(|t| if i % 3 == 0 { 7 } else { t % 13 }).collect();
                     let ok = if w > 1 {
                         s.add_request_beams(&id, prompt, mt, w, StopRule::default()).is_ok()
                     } else {
@@ -88,7 +91,8 @@ proptest! {
                 i = j;
             }
             let tokens = vec![7; ids.len()];
-            let out = s.update_beams(&tokens, &stopped, &parents).unwrap();
+            // now and then the step fails: its requests are aborted, the others go on
+            let out = if next(12) == 0 { s.cancel().unwrap() } else { s.update_beams(&tokens, &stopped, &parents).unwrap() };
             for id in out.finished.iter().chain(out.aborted.iter()) {
                 *ended.entry(id.to_string()).or_default() += 1;
             }

@@ -19,8 +19,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from spyre_cb.async_engine import AsyncEngine
-from spyre_cb.checkpoint import Checkpoint
-from spyre_cb.embedding import AsyncEmbedder, Embedder
+from spyre_cb.embedding import AsyncEmbedder, Embedder, is_embedding_model
 from spyre_cb.engine import Engine
 from spyre_cb.server.access import AccessLog
 from spyre_cb.server.embeddings import EmbeddingRequest, EmbeddingServing
@@ -164,7 +163,7 @@ def serve(config: Any, options: ServerOptions | None = None, **fields: Any) -> N
         opts = dataclasses.replace(opts, served_model_name=str(config.model))
     config = config.with_model_path()
     engine: AsyncEngine | AsyncEmbedder
-    if Checkpoint.open(config.model, allow_unverified=config.allow_unverified_architectures).is_encoder:
+    if is_embedding_model(config):
         engine = AsyncEmbedder(Embedder(config=config))
     else:
         engine = AsyncEngine(Engine(config=config))

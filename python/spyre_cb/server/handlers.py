@@ -13,15 +13,17 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi.responses import StreamingResponse
 
 from spyre_cb.async_engine import AsyncEngine, RequestStream
+from spyre_cb.beam_search import BeamSearchParams
 from spyre_cb.engine import StepOutput
 from spyre_cb.errors import EngineDeadError, SpyreCBError
 from spyre_cb.outputs import PositionLogprobs
+from spyre_cb.sampling import SamplingParams
 from spyre_cb.server import access
 from spyre_cb.server.embeddings import ServedModel
 from spyre_cb.server.errors import APIError, engine_dead
@@ -113,7 +115,7 @@ class OpenAIServing(ServedModel):
     ) -> Any:
         if body.truncate_prompt_tokens is not None:  # the prompt as the engine will run it (its last k tokens)
             jobs = [(index, p[-body.truncate_prompt_tokens :]) for index, p in jobs]
-        streams = await self._submit(body, base, jobs)
+        streams = await self._sampled(body, base, jobs)
         prompt_tokens = sum(len(p) for _, p, _ in streams)
         if body.stream:
             events = sse_events(body, base, self.model_name, chat, streams, prompt_tokens, self._decode)
@@ -123,26 +125,20 @@ class OpenAIServing(ServedModel):
     async def _beam_search(self, body: _Sampling, base: str, prompts: list[list[int]], obj: str) -> dict[str, Any]:
         """``use_beam_search``: one beam search of ``beam_width`` beams per prompt (they
         batch together); its ``n`` best beams are the prompt's choices, best first."""
-        streams: list[Choice] = []
-        try:
-            for i, ids in enumerate(prompts):
-                max_tokens = body.max_tokens if body.max_tokens is not None else self.max_model_len - len(ids)
-                params = body.beam_search_params(max_tokens)
-                streams.append((i, ids, self.engine.submit(ids, params, f"{base}-{i}")))
-        except SpyreCBError as e:
-            for _, _, s in streams:
-                await s.aclose()
-            if isinstance(e, EngineDeadError):
-                raise engine_dead(str(e)) from None
-            raise APIError(400, str(e), "invalid_request_error", _beam_param(str(e))) from None
-        access.note_request(base, streams)
-        try:
-            results = [(i, ids, [o async for o in s]) for i, ids, s in streams]
-        except EngineDeadError as e:
-            raise engine_dead(str(e)) from None
-        finally:
-            for _, _, s in streams:
-                await s.aclose()
+        # every search's params first: a refused one queues nothing
+        params: list[SamplingParams | BeamSearchParams] = []
+        for ids in prompts:
+            if body.max_tokens is None and len(ids) >= self.max_model_len:
+                raise APIError(
+                    400,
+                    f"prompt of {len(ids)} tokens leaves no room to generate within max_model_len {self.max_model_len}",
+                    "invalid_request_error",
+                    "prompt",
+                )
+            max_tokens = body.max_tokens if body.max_tokens is not None else self.max_model_len - len(ids)
+            params.append(body.beam_search_params(max_tokens))
+        streams = await self._submit(base, list(enumerate(prompts)), params, _beam_param)
+        results = await _read_all(streams)
         choices: list[dict[str, Any]] = []
         n_tokens = 0
         for i, ids, outs in results:
@@ -178,9 +174,9 @@ class OpenAIServing(ServedModel):
         text: str = self.tokenizer.decode(ids)
         return text
 
-    async def _submit(self, body: _Sampling, base: str, jobs: list[tuple[int, list[int]]]) -> list[Choice]:
-        """Queues every job at once (they batch together); a refused one fails the whole request."""
-        params = [sampling_params(body, None, index) for index, _ in jobs]  # max_tokens None: as many as fit
+    async def _sampled(self, body: _Sampling, base: str, jobs: list[tuple[int, list[int]]]) -> list[Choice]:
+        """Queues every job with the body's sampling params (max_tokens None: as many as fit)."""
+        params = [sampling_params(body, None, index) for index, _ in jobs]
         spec = params[0].structured_outputs if params else None
         if spec is not None:
             # compile off the event loop (a cold regex takes ~0.1 s); the engine then finds it cached
@@ -188,6 +184,17 @@ class OpenAIServing(ServedModel):
                 await asyncio.to_thread(self.engine.engine.grammars.compile, spec)
             except SpyreCBError as e:
                 raise APIError(400, str(e), "invalid_request_error", "structured_outputs") from None
+        return await self._submit(base, jobs, list(params))
+
+    async def _submit(
+        self,
+        base: str,
+        jobs: list[tuple[int, list[int]]],
+        params: list[SamplingParams | BeamSearchParams],
+        param_of: Callable[[str], str | None] = lambda _: None,
+    ) -> list[Choice]:
+        """Queues every job at once (they batch together); a refused one fails the whole
+        request and takes back the others (``param_of``: the field a refusal names)."""
         streams: list[Choice] = []
         try:
             for (index, prompt_ids), p in zip(jobs, params):
@@ -197,7 +204,7 @@ class OpenAIServing(ServedModel):
                 await s.aclose()
             if isinstance(e, EngineDeadError):
                 raise engine_dead(str(e)) from None
-            raise APIError(400, str(e), "invalid_request_error") from None
+            raise APIError(400, str(e), "invalid_request_error", param_of(str(e))) from None
         access.note_request(base, streams)
         return streams
 
@@ -205,13 +212,7 @@ class OpenAIServing(ServedModel):
         self, body: _Sampling, base: str, obj: str, chat: bool, streams: list[Choice], prompt_tokens: int
     ) -> dict[str, Any]:
         """The non-streamed response: every choice read to its end."""
-        try:
-            results = [(index, prompt, [o async for o in s]) for index, prompt, s in streams]
-        except EngineDeadError as e:
-            raise engine_dead(str(e)) from None
-        finally:
-            for _, _, s in streams:
-                await s.aclose()
+        results = await _read_all(streams)
         n_tokens = 0
         choices = []
         for index, prompt, outs in results:
@@ -269,6 +270,17 @@ class OpenAIServing(ServedModel):
         if body.prompt_logprobs is not None:
             choice["prompt_logprobs"] = prompt_logprobs_json(prompt_lps)
         return choice
+
+
+async def _read_all(streams: list[Choice]) -> list[tuple[int, list[int], list[StepOutput]]]:
+    """Every choice read to its end (closed whatever happens)."""
+    try:
+        return [(index, prompt, [o async for o in s]) for index, prompt, s in streams]
+    except EngineDeadError as e:
+        raise engine_dead(str(e)) from None
+    finally:
+        for _, _, s in streams:
+            await s.aclose()
 
 
 def _tool_finish(tools: ToolCallStream, finish_reason: str | None) -> str | None:
