@@ -38,6 +38,7 @@ from spyre_cb.errors import (
     SpyreCBError,
     UnknownRequestError,
 )
+from spyre_cb.fleet import FleetStats, fleet_size, simulate_fleet
 from spyre_cb.plan import ChunkPlan, DecodePlan, IdlePlan, PrefillPlan, StepPlan
 from spyre_cb.simulate import simulate
 from spyre_cb.structured import StructuredOutputsParams
@@ -90,6 +91,9 @@ __all__ = [
     "ChunkedStepRecord",
     "ChunkedTrace",
     "simulate",
+    "simulate_fleet",
+    "fleet_size",
+    "FleetStats",
     "PrefillPlan",
     "ChunkPlan",
     "DecodePlan",

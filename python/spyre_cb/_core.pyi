@@ -32,6 +32,8 @@ __all__ = [
     "ChunkedStepRecord",
     "ChunkedTrace",
     "plan_pooling",
+    "simulate_fleet",
+    "fleet_size",
     "simulate",
     "simulate_stats",
     "synthetic_workload",
@@ -479,6 +481,14 @@ class Scheduler:
 def plan_pooling(lengths: Sequence[int], config: SchedulerConfig) -> list[tuple[list[int], int]]:
     """Batches of an encoder's requests of ``lengths`` tokens: ``(indices, padded_len)``
     each, rows right-padded to a multiple of the block size."""
+
+def simulate_fleet(requests: Iterable[Any], *config: SchedulerConfig | int | None, **kwargs: Any) -> dict[str, Any]:
+    """``replicas`` schedulers behind a ``router`` over one workload (see spyre_cb.fleet)."""
+
+def fleet_size(
+    requests: Iterable[Any], *config: SchedulerConfig | int | None, **kwargs: Any
+) -> tuple[int, dict[str, Any]] | None:
+    """The fewest replicas meeting ``ttft_p99`` / ``itl_p99`` (see spyre_cb.fleet)."""
 
 def simulate(
     requests: Iterable[_Request],

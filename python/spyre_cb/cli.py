@@ -14,6 +14,7 @@ from typing import Any
 from spyre_cb._core import StepRecord, __version__
 from spyre_cb.config import EngineConfig, any_int, nonneg_int
 from spyre_cb.errors import SpyreCBError
+from spyre_cb.fleet import ROUTERS
 from spyre_cb.params import SamplingParams
 from spyre_cb.server.options import ServerOptions
 from spyre_cb.stats import describe_wait
@@ -231,6 +232,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         )
     else:
         reqs = load_workload(a.workload)
+    if a.replicas is not None or a.target_ttft_p99 is not None or a.target_itl_p99 is not None:
+        return _simulate_fleet(a, reqs, config)
     stats = simulate_stats(reqs, config)
     summary = stats.summary()
     show_table = a.table or (stats.n_steps <= a.table_max and not a.summary)
@@ -262,6 +265,39 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     if a.plot:
         stats.plot(a.plot)
         print(f"wrote {a.plot}")
+    return 0
+
+
+def _simulate_fleet(a: argparse.Namespace, reqs: Any, config: Any) -> int:
+    """``simulate --replicas N``: the fleet's table; with a target, the fewest replicas that meet it."""
+    from spyre_cb.fleet import fleet_size, simulate_fleet
+
+    if a.target_ttft_p99 is not None or a.target_itl_p99 is not None:
+        found = fleet_size(
+            reqs,
+            config,
+            ttft_p99=a.target_ttft_p99,
+            itl_p99=a.target_itl_p99,
+            router=a.router,
+            max_replicas=a.replicas or 16,
+        )
+        if found is None:
+            print(f"no fleet of up to {a.replicas or 16} replicas meets the targets")
+            return 1
+        n, stats = found
+        print(f"fewest replicas meeting the targets: {n}")
+    else:
+        stats = simulate_fleet(reqs, config, replicas=a.replicas, router=a.router)
+    for i, why in stats.rejected:
+        print(f"rejected request {i}: {why}", file=sys.stderr)
+    print(stats.summary())
+    if a.json:
+        doc = {"config": config.to_dict(), "router": stats.router, "steps": stats.steps, "latency": stats.latency}
+        doc["replicas"] = stats.replicas
+        doc["assignment"] = stats.assignment
+        with open(a.json, "w") as f:
+            json.dump(doc, f)
+        print(f"wrote {a.json}")
     return 0
 
 
@@ -373,6 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--table", action="store_true", help="always print the per-step table")
     s.add_argument("--summary", action="store_true", help="never print the per-step table")
     s.add_argument("--table-max", type=int, default=200, help="longest run shown as a table (default 200 steps)")
+    s.add_argument(
+        "--replicas", type=any_int, metavar="N", help="a fleet of N schedulers behind --router (fleet sizing)"
+    )
+    s.add_argument(
+        "--router", choices=ROUTERS, default="least-loaded", help="how a fleet routes requests (default least-loaded)"
+    )
+    s.add_argument("--target-ttft-p99", type=float, metavar="STEPS", help="find the fewest replicas meeting this")
+    s.add_argument("--target-itl-p99", type=float, metavar="STEPS", help="find the fewest replicas meeting this")
     EngineConfig.add_cli_args(s, only_scheduler=True, defaults={"max_num_seqs": 8, "max_model_len": 2048})
     s.set_defaults(func=cmd_simulate)
 

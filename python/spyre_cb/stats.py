@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
 from spyre_cb import _core
 from spyre_cb._core import RejectionReason, SchedulerConfig
+from spyre_cb.errors import ConfigError
+from spyre_cb.fleet import FleetStats, simulate_fleet
 
 KINDS = ("idle", "prefill", "decode")
 
@@ -169,17 +171,45 @@ class SimulationStats:
         plt.close(fig)
 
 
+@overload
 def simulate_stats(
     requests: Iterable[tuple[int, int, int] | dict[str, Any]],
     *config: SchedulerConfig | int | None,
     steps: int | None = None,
+    replicas: None = None,
+    router: str | None = None,
     **limits: Any,
-) -> SimulationStats:
+) -> SimulationStats: ...
+@overload
+def simulate_stats(
+    requests: Iterable[tuple[int, int, int] | dict[str, Any]],
+    *config: SchedulerConfig | int | None,
+    steps: int | None = None,
+    replicas: int,
+    router: str | None = None,
+    **limits: Any,
+) -> FleetStats: ...
+def simulate_stats(
+    requests: Iterable[tuple[int, int, int] | dict[str, Any]],
+    *config: SchedulerConfig | int | None,
+    steps: int | None = None,
+    replicas: int | None = None,
+    router: str | None = None,
+    **limits: Any,
+) -> SimulationStats | FleetStats:
     """Runs the workload through the scheduler (no model) and returns compact statistics.
 
     The limits are a :class:`SchedulerConfig` or its fields as keywords
     (``policy="chunked"`` and its options included), as for :func:`spyre_cb.simulate`.
+    With ``replicas`` (and ``router``): a fleet of that many schedulers behind
+    the routing rule, as :func:`spyre_cb.fleet.simulate_fleet` runs it.
     """
+    if replicas is not None:
+        return simulate_fleet(
+            requests, *config, replicas=replicas, router=router or "least-loaded", steps=steps, **limits
+        )
+    if router is not None:
+        raise ConfigError("router needs replicas")
     if not isinstance(requests, (list, tuple)):
         requests = list(requests) if isinstance(requests, Iterable) else requests
     # the core resolves the limits and validates every request (typed errors)

@@ -55,13 +55,18 @@ impl LatencyTracker {
     }
     /// Time to first token, inter-token latency and pause summaries (steps).
     pub fn summary(&self) -> LatencySummary {
-        let mut ttft: Vec<u64> =
-            self.times.iter().filter_map(|t| t.first_token.map(|f| f.saturating_sub(t.arrival))).collect();
-        let mut itl: Vec<u64> = self.times.iter().flat_map(|t| t.gaps.iter().map(|&g| u64::from(g))).collect();
+        self.summary_of(|_| true)
+    }
+
+    /// [`LatencyTracker::summary`] of the requests `which` selects (by index).
+    pub fn summary_of(&self, which: impl Fn(usize) -> bool) -> LatencySummary {
+        let times = || self.times.iter().enumerate().filter(|(i, _)| which(*i)).map(|(_, t)| t);
+        let mut ttft: Vec<u64> = times().filter_map(|t| t.first_token.map(|f| f.saturating_sub(t.arrival))).collect();
+        let mut itl: Vec<u64> = times().flat_map(|t| t.gaps.iter().map(|&g| u64::from(g))).collect();
         LatencySummary {
             ttft: Summary::of(&mut ttft),
             itl: Summary::of(&mut itl),
-            max_pause: self.times.iter().map(|t| t.max_pause).max().unwrap_or(0),
+            max_pause: times().map(|t| t.max_pause).max().unwrap_or(0),
         }
     }
 }

@@ -189,6 +189,13 @@ impl Scheduler {
     pub fn snapshot_chunked(&self) -> Option<ChunkedState> {
         rules!(&self.rules, r => r.chunked_state(&self.core))
     }
+    /// Full blocks of `prompt` this scheduler's prefix cache holds (0 without
+    /// caching): what a request with this prompt would not recompute.
+    pub fn cached_prefix_blocks(&self, prompt: &[u32]) -> u32 {
+        let len = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
+        self.core.kv.lookup_prefix(prompt, len).len() as u32
+    }
+
     /// Tokens generated so far by a known request.
     pub fn generated(&self, request_id: &str) -> Option<u32> {
         self.core.reqs.handle(request_id).map(|h| self.core.reqs.get(h).generated)

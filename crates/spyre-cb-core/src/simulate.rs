@@ -242,17 +242,17 @@ pub fn drive(
     }
 }
 
-/// Latency and decode volume, kept by both recorders.
-struct Timing {
-    latency: LatencyTracker,
-    max_decode_volume: u64,
+/// Latency and decode volume, kept by both recorders (and the fleet's).
+pub(crate) struct Timing {
+    pub latency: LatencyTracker,
+    pub max_decode_volume: u64,
 }
 
 impl Timing {
-    fn new(requests: &[SimRequest]) -> Self {
+    pub fn new(requests: &[SimRequest]) -> Self {
         Self { latency: LatencyTracker::new(requests.iter().map(|r| r.arrival)), max_decode_volume: 0 }
     }
-    fn planned(&mut self, sched: &Scheduler, plan: &StepPlan, n: u64) {
+    pub fn planned(&mut self, sched: &Scheduler, plan: &StepPlan, n: u64) {
         match plan {
             StepPlan::Prefill(_) | StepPlan::Chunk(_) => {
                 let i = sched.running().next().expect("the prefilling request").tag;
@@ -271,7 +271,7 @@ impl Timing {
             self.latency.paused(r.tag as usize);
         }
     }
-    fn observed(&mut self, sched: &Scheduler, n: u64) {
+    pub fn observed(&mut self, sched: &Scheduler, n: u64) {
         for r in sched.last_finished() {
             self.latency.finished(r.tag as usize, n);
         }

@@ -44,6 +44,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pooling::plan_pooling, m)?)?;
     m.add_function(wrap_pyfunction!(simulate::simulate, m)?)?;
     m.add_function(wrap_pyfunction!(simulate::simulate_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(simulate::simulate_fleet, m)?)?;
+    m.add_function(wrap_pyfunction!(simulate::fleet_size, m)?)?;
     m.add_function(wrap_pyfunction!(simulate::synthetic_workload, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::paged_decode_attention, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::paged_decode_attention_bf16, m)?)?;

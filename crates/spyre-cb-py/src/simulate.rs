@@ -268,3 +268,124 @@ pub fn synthetic_workload(
     .map_err(|m| err(py, c, m))?;
     Ok(gen.take(n).map(|r| (r.arrival, r.prompt_len, r.max_tokens)).collect())
 }
+
+/// Pops `names` out of the keyword arguments (a copy), returning them and the rest.
+fn pop_kwargs<'py>(
+    kwargs: Option<&Bound<'py, PyDict>>,
+    names: &[&str],
+) -> PyResult<(Vec<Option<Bound<'py, PyAny>>>, Option<Bound<'py, PyDict>>)> {
+    let Some(k) = kwargs else { return Ok((names.iter().map(|_| None).collect(), None)) };
+    let rest = k.copy()?;
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let v = rest.get_item(name)?;
+        if v.is_some() {
+            rest.del_item(name)?;
+        }
+        out.push(v.filter(|v| !v.is_none()));
+    }
+    Ok((out, Some(rest)))
+}
+
+fn router(py: Python<'_>, name: Option<&Bound<'_, PyAny>>, slack: Option<&Bound<'_, PyAny>>) -> PyResult<core::Router> {
+    let name: String = match name {
+        Some(v) => v.extract().map_err(|_| err(py, Kind::Config, "router must be a str"))?,
+        None => "least-loaded".to_owned(),
+    };
+    let mut r = core::Router::parse(&name).ok_or_else(|| {
+        err(py, Kind::Config, format!("router must be one of {}, got {name:?}", core::Router::NAMES.join(", ")))
+    })?;
+    if let (core::Router::PrefixAffinity { slack: s }, Some(v)) = (&mut r, slack) {
+        *s = uint(v, "slack", U32, Kind::Config)? as u32;
+    }
+    Ok(r)
+}
+
+fn fleet_dict<'py>(py: Python<'py>, st: &core::FleetStats) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("steps", st.steps)?;
+    d.set_item("latency", latency_dict(py, &st.latency)?)?;
+    let steps = st.steps.max(1) as f64;
+    let reps = st
+        .replicas
+        .iter()
+        .map(|r| -> PyResult<Bound<'py, PyDict>> {
+            let x = PyDict::new(py);
+            x.set_item("requests", r.requests)?;
+            x.set_item("busy_steps", r.busy_steps)?;
+            x.set_item("utilisation", r.busy_steps as f64 / steps)?;
+            x.set_item("mean_waiting", r.waiting_sum as f64 / (st.steps + 1) as f64)?;
+            x.set_item("max_waiting", r.max_waiting)?;
+            x.set_item("latency", latency_dict(py, &r.latency)?)?;
+            x.set_item("counters", counters_dict(py, &r.counters)?)?;
+            Ok(x)
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    d.set_item("replicas", reps)?;
+    d.set_item(
+        "assignment",
+        st.assignment.iter().map(|&a| if a == u32::MAX { -1 } else { i64::from(a) }).collect::<Vec<i64>>(),
+    )?;
+    d.set_item("rejected", st.rejected.iter().map(|(i, e)| (*i, e.to_string())).collect::<Vec<(u32, String)>>())?;
+    Ok(d)
+}
+
+/// Fleet sizing: ``simulate_fleet(requests, config, replicas=2, router="least-loaded")``
+/// runs the workload through ``replicas`` schedulers of one configuration
+/// behind a routing rule (``least-loaded``, ``round-robin``,
+/// ``prefix-affinity`` with ``slack``), stepped together; returns a dict:
+/// ``steps``, fleet ``latency`` (TTFT/ITL in steps), per replica (requests,
+/// busy steps, utilisation, mean and max waiting, latency, counters), the
+/// replica of each request (``assignment``, -1 rejected) and ``rejected``.
+#[pyfunction]
+#[pyo3(signature = (requests, *config, **kwargs))]
+pub fn simulate_fleet<'py>(
+    py: Python<'py>,
+    requests: &Bound<'py, PyAny>,
+    config: &Bound<'py, PyTuple>,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let (got, rest) = pop_kwargs(kwargs, &["replicas", "router", "slack"])?;
+    let replicas = match &got[0] {
+        Some(v) => uint(v, "replicas", 1024, Kind::Config)? as usize,
+        None => 2,
+    };
+    if replicas == 0 {
+        return Err(err(py, Kind::Config, "replicas must be at least 1"));
+    }
+    let router = router(py, got[1].as_ref(), got[2].as_ref())?;
+    let (cfg, steps, _) = split_kwargs(py, config, rest.as_ref())?;
+    let reqs = sim_requests(requests)?;
+    let st =
+        run_simulation(py, "simulate_fleet", |hook| core::simulate_fleet(cfg, &reqs, replicas, router, steps, hook))?;
+    fleet_dict(py, &st)
+}
+
+/// The fewest replicas (up to ``max_replicas``) whose fleet meets the p99
+/// targets ``ttft_p99`` and ``itl_p99`` (steps) on ``requests``:
+/// ``(replicas, stats)`` as ``simulate_fleet`` gives them, or None.
+#[pyfunction]
+#[pyo3(signature = (requests, *config, **kwargs))]
+pub fn fleet_size<'py>(
+    py: Python<'py>,
+    requests: &Bound<'py, PyAny>,
+    config: &Bound<'py, PyTuple>,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Option<(usize, Bound<'py, PyDict>)>> {
+    let (got, rest) = pop_kwargs(kwargs, &["router", "slack", "ttft_p99", "itl_p99", "max_replicas"])?;
+    let router = router(py, got[0].as_ref(), got[1].as_ref())?;
+    let target = |v: &Option<Bound<'_, PyAny>>, name: &str| -> PyResult<Option<f64>> {
+        v.as_ref()
+            .map(|v| v.extract::<f64>().map_err(|_| err(py, Kind::Config, format!("{name} must be a number of steps"))))
+            .transpose()
+    };
+    let (ttft, itl) = (target(&got[2], "ttft_p99")?, target(&got[3], "itl_p99")?);
+    let max = match &got[4] {
+        Some(v) => uint(v, "max_replicas", 1024, Kind::Config)? as usize,
+        None => 16,
+    };
+    let (cfg, _, _) = split_kwargs(py, config, rest.as_ref())?;
+    let reqs = sim_requests(requests)?;
+    let found = run_simulation(py, "fleet_size", |hook| core::fleet_size(&cfg, &reqs, router, ttft, itl, max, hook))?;
+    found.map(|(n, st)| Ok((n, fleet_dict(py, &st)?))).transpose()
+}
