@@ -259,7 +259,8 @@ def test_beam_search_under_tp2_equals_one_process(models):
     ]
 
     def run(**kw):
-        eng = spyre_cb.Engine(path, max_num_seqs=9, max_model_len=256, **kw)
+        # one thread per rank, and in the single process: whatever the affinity earlier tests left
+        eng = spyre_cb.Engine(path, max_num_seqs=9, max_model_len=256, num_threads=1, **kw)
         try:
             for i, (p, bp) in enumerate(zip(prompts, params)):
                 eng.add_beam_search(str(i), p, bp)
