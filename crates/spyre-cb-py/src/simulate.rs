@@ -269,11 +269,11 @@ pub fn synthetic_workload(
     Ok(gen.take(n).map(|r| (r.arrival, r.prompt_len, r.max_tokens)).collect())
 }
 
+/// Keyword arguments popped by name (None: not given), and the rest.
+type Popped<'py> = (Vec<Option<Bound<'py, PyAny>>>, Option<Bound<'py, PyDict>>);
+
 /// Pops `names` out of the keyword arguments (a copy), returning them and the rest.
-fn pop_kwargs<'py>(
-    kwargs: Option<&Bound<'py, PyDict>>,
-    names: &[&str],
-) -> PyResult<(Vec<Option<Bound<'py, PyAny>>>, Option<Bound<'py, PyDict>>)> {
+fn pop_kwargs<'py>(kwargs: Option<&Bound<'py, PyDict>>, names: &[&str]) -> PyResult<Popped<'py>> {
     let Some(k) = kwargs else { return Ok((names.iter().map(|_| None).collect(), None)) };
     let rest = k.copy()?;
     let mut out = Vec::with_capacity(names.len());
