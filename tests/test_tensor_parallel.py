@@ -111,6 +111,36 @@ def test_random_workload_tp2_equals_tp1_and_hf(models, name):
     assert out2 == out1 == hf_reference(path, prompts, [mt for _, _, mt in reqs])
 
 
+def test_beam_search_under_tp2_equals_one_process(models):
+    """Beam searches fork blocks and the ranks copy them (``block_copies`` travel on the
+    wire): every rank's cache stays the same, so the beams equal one process's."""
+    from spyre_cb.beam_search import BeamSearchParams
+
+    path = models["llama-kv4"]
+    prompts = random_prompts([70, 9, 130], 500, seed=4)  # 70: a partly filled block is copied
+    params = [
+        BeamSearchParams(beam_width=3, max_tokens=20, ignore_eos=True, length_penalty=lp) for lp in (1.0, 0.0, 2.0)
+    ]
+
+    def run(**kw):
+        # one thread per rank, and in the single process: whatever the affinity earlier tests left
+        eng = spyre_cb.Engine(path, max_num_seqs=9, max_model_len=256, num_threads=1, **kw)
+        try:
+            for i, (p, bp) in enumerate(zip(prompts, params)):
+                eng.add_beam_search(str(i), p, bp)
+            outs = {}
+            while eng.has_unfinished_requests():
+                for o in eng.step():
+                    if o.finished:
+                        outs[o.request_id] = [b.output_token_ids for b in o.beams]
+            return outs
+        finally:
+            eng.shutdown()
+
+    one = run()
+    assert run(tensor_parallel_size=2) == one
+
+
 def test_a_killed_worker_is_a_clear_error_and_leaves_nothing(models):
     path = models["granite-kv1"]
     eng = spyre_cb.Engine(path, tensor_parallel_size=2, max_num_seqs=2, max_model_len=128)
@@ -245,33 +275,3 @@ def test_a_script_without_main_guard_gets_an_executor_error_with_the_hint(models
     assert "exited before the rendezvous" in last and 'if __name__ == "__main__":' in last
     assert "AssertionError" not in r.stderr and "engine started" not in r.stdout
     assert took < 60  # the worker's imports and the parent's, not tp_timeout_s (120 s)
-
-
-def test_beam_search_under_tp2_equals_one_process(models):
-    """Beam searches fork blocks and the ranks copy them (``block_copies`` travel on the
-    wire): every rank's cache stays the same, so the beams equal one process's."""
-    from spyre_cb.beam_search import BeamSearchParams
-
-    path = models["llama-kv4"]
-    prompts = random_prompts([70, 9, 130], 500, seed=4)  # 70: a partly filled block is copied
-    params = [
-        BeamSearchParams(beam_width=3, max_tokens=20, ignore_eos=True, length_penalty=lp) for lp in (1.0, 0.0, 2.0)
-    ]
-
-    def run(**kw):
-        # one thread per rank, and in the single process: whatever the affinity earlier tests left
-        eng = spyre_cb.Engine(path, max_num_seqs=9, max_model_len=256, num_threads=1, **kw)
-        try:
-            for i, (p, bp) in enumerate(zip(prompts, params)):
-                eng.add_beam_search(str(i), p, bp)
-            outs = {}
-            while eng.has_unfinished_requests():
-                for o in eng.step():
-                    if o.finished:
-                        outs[o.request_id] = [b.output_token_ids for b in o.beams]
-            return outs
-        finally:
-            eng.shutdown()
-
-    one = run()
-    assert run(tensor_parallel_size=2) == one
