@@ -74,20 +74,27 @@ CHAT_TEMPLATE = (
 )
 
 
+def _trained_bpe(vocab_size: int, special: list[str]) -> Any:
+    """A byte-level BPE trained on the package's own text, with ``special`` tokens first."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        _corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=special, show_progress=False
+    )
+    return bpe
+
+
 def build_tokenizer(vocab_size: int = 512, *, add_bos: bool = False) -> Any:
     """A byte-level BPE tokenizer trained on the package's own text.
 
     With ``add_bos`` it has its own ``<|bos|>`` token and puts it before every
     text it encodes (as Llama's and Mistral's tokenizers do).
     """
-    from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     special = [*SPECIAL_TOKENS, "<|bos|>"] if add_bos else list(SPECIAL_TOKENS)
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        _corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=special, show_progress=False
-    )
+    bpe = _trained_bpe(vocab_size, special)
     bos = "<|bos|>" if add_bos else "<|endoftext|>"
     if add_bos:
         from tokenizers.processors import TemplateProcessing
@@ -190,7 +197,6 @@ def build_encoder_tokenizer(vocab_size: int = 512, *, arch: str = "roberta") -> 
     text: RoBERTa's special tokens (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2) and
     ``<s> text </s>``, or BERT's (``[PAD]`` 0, ``[CLS]``, ``[SEP]``) and
     ``[CLS] text [SEP]``."""
-    from tokenizers import ByteLevelBPETokenizer
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
@@ -200,10 +206,7 @@ def build_encoder_tokenizer(vocab_size: int = 512, *, arch: str = "roberta") -> 
     else:
         special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         pad_t, unk_t, cls_t, sep_t, mask_t = special
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        _corpus(), vocab_size=vocab_size, min_frequency=1, special_tokens=special, show_progress=False
-    )
+    bpe = _trained_bpe(vocab_size, special)
     bpe._tokenizer.post_processor = TemplateProcessing(
         single=f"{cls_t} $A {sep_t}",
         pair=f"{cls_t} $A {sep_t} $B {sep_t}",

@@ -159,14 +159,7 @@ class OpenAIServing(ServedModel):
                 choices.append(choice)
         prompt_tokens = sum(len(ids) for _, ids, _ in results)
         access.note_totals(prompt_tokens, n_tokens, [c["finish_reason"] for c in choices])
-        return {
-            "id": base,
-            "object": obj,
-            "created": int(time.time()),
-            "model": self.model_name,
-            "choices": choices,
-            "usage": usage(prompt_tokens, n_tokens),
-        }
+        return self._response(base, obj, choices, prompt_tokens, n_tokens)
 
     def _decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:
@@ -221,6 +214,12 @@ class OpenAIServing(ServedModel):
             if last.error is not None:  # the engine ended it alone: say why, never a silent "abort"
                 raise APIError(500, f"the request failed: {last.error}", "internal_server_error")
             choices.append(self._choice(body, index, prompt, outs, last, chat))
+        return self._response(base, obj, choices, prompt_tokens, n_tokens)
+
+    def _response(
+        self, base: str, obj: str, choices: list[dict[str, Any]], prompt_tokens: int, n_tokens: int
+    ) -> dict[str, Any]:
+        """A non-streamed response's body."""
         return {
             "id": base,
             "object": obj,
