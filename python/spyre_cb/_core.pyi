@@ -11,6 +11,7 @@ NULL_BLOCK: int
 MAX_AVAILABLE_BLOCKS: int
 __version__: str
 __all__ = [
+    "Router",
     "SpyreCBError",
     "InvalidRequestError",
     "ConfigError",
@@ -484,6 +485,25 @@ def plan_pooling(lengths: Sequence[int], config: SchedulerConfig) -> list[tuple[
 
 def simulate_fleet(requests: Iterable[Any], *config: SchedulerConfig | int | None, **kwargs: Any) -> dict[str, Any]:
     """``replicas`` schedulers behind a ``router`` over one workload (see spyre_cb.fleet)."""
+
+@final
+class Router:
+    """The routing rule of ``simulate_fleet`` for a data-parallel server (see spyre_cb.data_parallel)."""
+
+    def __new__(
+        cls,
+        rule: str | None = None,
+        replicas: int | None = None,
+        capacity_blocks: int | None = None,
+        slack: int | None = None,
+    ) -> Router: ...
+    @property
+    def rule(self) -> str: ...
+    @property
+    def replicas(self) -> int: ...
+    def route(self, loads: Sequence[int | None], prompt: Sequence[int]) -> int | None: ...
+    def cached_blocks(self, replica: int, prompt: Sequence[int]) -> int: ...
+    def forget(self, replica: int) -> None: ...
 
 def fleet_size(
     requests: Iterable[Any], *config: SchedulerConfig | int | None, **kwargs: Any

@@ -11,6 +11,9 @@
 //! (the chunked policy with prefix caching; elsewhere it is least-loaded).
 //! Requests run exactly as [`crate::simulate`] runs them.
 
+use std::collections::{BTreeMap, HashMap};
+
+use crate::block_pool::{chain_hash, BlockHash};
 use crate::config::SchedulerConfig;
 use crate::error::{CoreError, InvalidRequest};
 use crate::latency::LatencySummary;
@@ -18,6 +21,7 @@ use crate::record::Counters;
 use crate::scheduler::{PlanDetail, Scheduler, UpdateOutcome};
 use crate::simulate::{Interrupted, SimRequest, Timing, NO_MATCH_TOKEN};
 use crate::StepPlan;
+use crate::BLOCK_SIZE;
 
 /// How a fleet routes an arriving request (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,24 +43,150 @@ impl Router {
     }
     pub const NAMES: [&'static str; 3] = ["least-loaded", "round-robin", "prefix-affinity"];
 
+    /// The rule's name, as [`Router::parse`] reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::LeastLoaded => Self::NAMES[0],
+            Self::RoundRobin => Self::NAMES[1],
+            Self::PrefixAffinity { .. } => Self::NAMES[2],
+        }
+    }
+
     /// The replica a request with `prompt` goes to (`turn`: requests routed so far).
     pub fn route(self, replicas: &[Scheduler], prompt: &[u32], turn: u64) -> usize {
-        let load = |s: &Scheduler| (s.n_waiting() + s.n_running() + s.n_paused()) as u64;
-        let least = || (0..replicas.len()).min_by_key(|&i| (load(&replicas[i]), i)).expect("a fleet has replicas");
-        match self {
-            Self::LeastLoaded => least(),
-            Self::RoundRobin => (turn % replicas.len() as u64) as usize,
-            Self::PrefixAffinity { slack } => {
-                let min = load(&replicas[least()]);
-                (0..replicas.len())
-                    .filter(|&i| load(&replicas[i]) <= min + u64::from(slack))
-                    .max_by_key(|&i| {
-                        let hit = if prompt.is_empty() { 0 } else { replicas[i].cached_prefix_blocks(prompt) };
-                        (hit, std::cmp::Reverse(load(&replicas[i])), std::cmp::Reverse(i))
-                    })
-                    .expect("the least loaded replica qualifies")
+        let loads: Vec<Option<u64>> =
+            replicas.iter().map(|s| Some((s.n_waiting() + s.n_running() + s.n_paused()) as u64)).collect();
+        let hit = |i: usize| if prompt.is_empty() { 0 } else { replicas[i].cached_prefix_blocks(prompt) };
+        self.choose(&loads, hit, turn).expect("a fleet has replicas")
+    }
+
+    /// The rule itself, over what a router knows of each replica: its load
+    /// (outstanding sequences; `None`: down, never chosen) and, for prefix
+    /// affinity, how many blocks of the prompt it holds cached (`hit`).
+    /// `None` when every replica is down.
+    pub fn choose(self, loads: &[Option<u64>], hit: impl Fn(usize) -> u32, turn: u64) -> Option<usize> {
+        let up = || (0..loads.len()).filter(|&i| loads[i].is_some());
+        let load = |i: usize| loads[i].unwrap_or(u64::MAX);
+        let least = up().min_by_key(|&i| (load(i), i))?;
+        Some(match self {
+            Self::LeastLoaded => least,
+            Self::RoundRobin => {
+                let n = loads.len() as u64;
+                (0..n).map(|k| ((turn + k) % n) as usize).find(|&i| loads[i].is_some())?
             }
+            Self::PrefixAffinity { slack } => {
+                let min = load(least);
+                up().filter(|&i| load(i) <= min + u64::from(slack))
+                    .max_by_key(|&i| (hit(i), std::cmp::Reverse(load(i)), std::cmp::Reverse(i)))?
+            }
+        })
+    }
+}
+
+/// A router's estimate of one replica's prefix cache: the chained hashes of
+/// the full prompt blocks it routed there, the most recently routed kept, at
+/// most `capacity` blocks (the replica's pool). A server routing to replicas
+/// in other processes cannot read their caches; this is what it sent them.
+#[derive(Clone, Debug, Default)]
+pub struct PrefixIndex {
+    capacity: usize,
+    tick: u64,
+    /// block hash -> when it was last routed
+    seen: HashMap<BlockHash, u64>,
+    /// when -> block hash (the oldest first: evicted first)
+    order: BTreeMap<u64, BlockHash>,
+}
+
+impl PrefixIndex {
+    pub fn new(capacity_blocks: u32) -> Self {
+        Self { capacity: capacity_blocks as usize, ..Self::default() }
+    }
+
+    /// The prompt's full blocks that can be a cache hit (a prefill recomputes at
+    /// least its last token: at most `len - 1` tokens), as chained hashes.
+    fn hashes(prompt: &[u32]) -> impl Iterator<Item = BlockHash> + '_ {
+        let usable = prompt.len().saturating_sub(1) / BLOCK_SIZE as usize;
+        prompt.chunks_exact(BLOCK_SIZE as usize).take(usable).scan(0 as BlockHash, |parent, block| {
+            *parent = chain_hash(*parent, block);
+            Some(*parent)
+        })
+    }
+
+    /// Leading full blocks of `prompt` this replica was sent (an estimate of its hit).
+    pub fn cached_blocks(&self, prompt: &[u32]) -> u32 {
+        Self::hashes(prompt).take_while(|h| self.seen.contains_key(h)).count() as u32
+    }
+
+    /// Records that `prompt` was routed here (its blocks become the most recent).
+    pub fn insert(&mut self, prompt: &[u32]) {
+        for h in Self::hashes(prompt) {
+            self.tick += 1;
+            if let Some(old) = self.seen.insert(h, self.tick) {
+                self.order.remove(&old);
+            }
+            self.order.insert(self.tick, h);
         }
+        while self.seen.len() > self.capacity {
+            let Some((_, h)) = self.order.pop_first() else { break };
+            self.seen.remove(&h);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.seen.clear();
+        self.order.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+/// The routing state of a data-parallel server: the rule, the turn, and (for
+/// prefix affinity) one [`PrefixIndex`] per replica.
+#[derive(Clone, Debug)]
+pub struct FleetRouter {
+    pub rule: Router,
+    turn: u64,
+    indexes: Vec<PrefixIndex>,
+}
+
+impl FleetRouter {
+    pub fn new(rule: Router, replicas: usize, capacity_blocks: u32) -> Self {
+        Self { rule, turn: 0, indexes: vec![PrefixIndex::new(capacity_blocks); replicas] }
+    }
+
+    pub fn replicas(&self) -> usize {
+        self.indexes.len()
+    }
+
+    /// The replica for a request with `prompt` given the replicas' `loads`
+    /// (`None`: down); `None` when all are down. The prompt is recorded in the
+    /// chosen replica's index.
+    pub fn route(&mut self, loads: &[Option<u64>], prompt: &[u32]) -> Option<usize> {
+        assert_eq!(loads.len(), self.indexes.len(), "one load per replica");
+        let affinity = matches!(self.rule, Router::PrefixAffinity { .. });
+        let idx = &self.indexes;
+        let r = self.rule.choose(loads, |i| if affinity { idx[i].cached_blocks(prompt) } else { 0 }, self.turn)?;
+        self.turn += 1;
+        if affinity {
+            self.indexes[r].insert(prompt);
+        }
+        Some(r)
+    }
+
+    /// The estimate of replica `r`'s cache (blocks of `prompt` it holds).
+    pub fn cached_blocks(&self, r: usize, prompt: &[u32]) -> u32 {
+        self.indexes[r].cached_blocks(prompt)
+    }
+
+    /// Replica `r` restarted: its cache is empty.
+    pub fn forget(&mut self, r: usize) {
+        self.indexes[r].clear();
     }
 }
 
@@ -296,5 +426,55 @@ mod tests {
         };
         let (affine, round) = (hits(Router::PrefixAffinity { slack: 4 }), hits(Router::RoundRobin));
         assert!(affine > round, "affinity {affine} vs round-robin {round} cached blocks");
+    }
+
+    #[test]
+    fn the_rule_skips_replicas_that_are_down() {
+        let none = |_: usize| 0;
+        assert_eq!(Router::LeastLoaded.choose(&[Some(3), None, Some(2)], none, 0), Some(2));
+        assert_eq!(Router::LeastLoaded.choose(&[None, None], none, 0), None);
+        // round robin: the next in turn that is up
+        let turns: Vec<_> = (0..4).map(|t| Router::RoundRobin.choose(&[Some(0), None, Some(0)], none, t)).collect();
+        assert_eq!(turns, [Some(0), Some(2), Some(2), Some(0)]);
+        // prefix affinity: the best hit within the slack of the least loaded, never a down one
+        let hit = |i: usize| [0, 9, 5, 7][i];
+        let rule = Router::PrefixAffinity { slack: 2 };
+        assert_eq!(rule.choose(&[Some(1), None, Some(3), Some(4)], hit, 0), Some(2));
+    }
+
+    #[test]
+    fn a_fleet_router_sends_a_shared_prefix_where_it_sent_it_before() {
+        let sys: Vec<u32> = (0..200).collect(); // 3 full blocks
+        let prompt = |tail: u32| -> Vec<u32> { sys.iter().copied().chain([1000 + tail, 7]).collect() };
+        let mut r = FleetRouter::new(Router::PrefixAffinity { slack: 4 }, 2, 64);
+        let first = r.route(&[Some(1), Some(0)], &prompt(0)).unwrap();
+        assert_eq!(first, 1, "no hit anywhere: the least loaded");
+        assert_eq!(r.cached_blocks(1, &prompt(1)), 3);
+        // replica 1 is busier now but within the slack: the prefix wins
+        assert_eq!(r.route(&[Some(0), Some(3)], &prompt(1)), Some(1));
+        // beyond the slack, load wins
+        assert_eq!(r.route(&[Some(0), Some(5)], &prompt(2)), Some(0));
+        r.forget(1);
+        assert_eq!(r.cached_blocks(1, &prompt(3)), 0);
+        // least-loaded keeps no index
+        let mut ll = FleetRouter::new(Router::LeastLoaded, 2, 64);
+        assert_eq!(ll.route(&[Some(2), Some(1)], &prompt(0)), Some(1));
+        assert_eq!(ll.cached_blocks(1, &prompt(0)), 0);
+    }
+
+    #[test]
+    fn a_prefix_index_keeps_the_most_recent_blocks_within_its_capacity() {
+        let mut ix = PrefixIndex::new(4);
+        let a: Vec<u32> = (0..3 * 64 + 1).collect();
+        let b: Vec<u32> = (5000..5000 + 2 * 64 + 1).collect();
+        ix.insert(&a);
+        assert_eq!(ix.cached_blocks(&a), 3);
+        // a prompt of exactly 3 blocks can use only 2 (its last token is recomputed)
+        assert_eq!(ix.cached_blocks(&a[..3 * 64]), 2);
+        ix.insert(&b);
+        assert_eq!(ix.len(), 4, "capacity");
+        assert_eq!(ix.cached_blocks(&b), 2);
+        // a's oldest blocks went first: its chain is broken at the start
+        assert_eq!(ix.cached_blocks(&a), 0);
     }
 }

@@ -39,7 +39,7 @@ pub use admission::{Admission, Rejection};
 pub use block_pool::{BlockId, BlockPool, NULL_BLOCK};
 pub use config::{ChunkOptions, Policy, SchedulerConfig};
 pub use error::{ConfigError, CoreError, InvalidRequest, StateError};
-pub use fleet::{fleet_size, simulate_fleet, FleetStats, ReplicaStats, Router};
+pub use fleet::{fleet_size, simulate_fleet, FleetRouter, FleetStats, PrefixIndex, ReplicaStats, Router};
 pub use kv::KvManager;
 pub use latency::{LatencySummary, LatencyTracker, RequestTimes, Summary};
 pub use plan::{ChunkPlan, DecodePlan, PrefillPlan, StepPlan};

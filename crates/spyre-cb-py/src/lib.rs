@@ -5,7 +5,8 @@
 //! (`errors`), and core values become Python objects: the config (`config`),
 //! observations (`records`), step plans (`plans`), the scheduler
 //! (`scheduler`), simulations (`simulate`), a request's stop strings
-//! (`text`) and an encoder's batches (`pooling`); and the
+//! (`text`), an encoder's batches (`pooling`) and a data-parallel
+//! server's routing (`router`); and the
 //! runner's CPU kernels over numpy views (`kernels`).
 
 use pyo3::prelude::*;
@@ -19,6 +20,7 @@ mod kernels;
 mod plans;
 mod pooling;
 mod records;
+mod router;
 mod scheduler;
 mod simulate;
 mod text;
@@ -41,6 +43,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<plans::IdlePlan>()?;
     m.add_class::<plans::ChunkPlan>()?;
     m.add_class::<text::StopStringMatcher>()?;
+    m.add_class::<router::Router>()?;
     m.add_function(wrap_pyfunction!(pooling::plan_pooling, m)?)?;
     m.add_function(wrap_pyfunction!(simulate::simulate, m)?)?;
     m.add_function(wrap_pyfunction!(simulate::simulate_stats, m)?)?;

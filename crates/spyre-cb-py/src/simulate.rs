@@ -287,7 +287,11 @@ fn pop_kwargs<'py>(kwargs: Option<&Bound<'py, PyDict>>, names: &[&str]) -> PyRes
     Ok((out, Some(rest)))
 }
 
-fn router(py: Python<'_>, name: Option<&Bound<'_, PyAny>>, slack: Option<&Bound<'_, PyAny>>) -> PyResult<core::Router> {
+pub(crate) fn router(
+    py: Python<'_>,
+    name: Option<&Bound<'_, PyAny>>,
+    slack: Option<&Bound<'_, PyAny>>,
+) -> PyResult<core::Router> {
     let name: String = match name {
         Some(v) => v.extract().map_err(|_| err(py, Kind::Config, "router must be a str"))?,
         None => "least-loaded".to_owned(),
