@@ -27,19 +27,47 @@ import itertools
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from spyre_cb.beam_search import BeamSearchParams
+from spyre_cb.config import EngineConfig
 from spyre_cb.engine import Engine, StepOutput
 from spyre_cb.errors import EngineDeadError, ExecutorError, InvalidRequestError, UnknownRequestError
+from spyre_cb.output_processor import RequestState
 from spyre_cb.outputs import RequestMetrics
 from spyre_cb.sampling import SamplingParams
+from spyre_cb.structured import StructuredOutputsParams
 
 log = logging.getLogger("spyre_cb.async_engine")
 
 StepHook = Callable[[Engine, list[StepOutput]], None]
-#: what a request's queue carries: its outputs, or None once the engine died
-_Item = StepOutput | None
+#: what a request's queue carries: its outputs, or the error that ended it (the engine died)
+_Item = StepOutput | EngineDeadError
+#: one request to queue: its prompt ids, its params, its id
+Job = tuple[Sequence[int], "SamplingParams | BeamSearchParams", str]
+
+
+class EngineClient(Protocol):
+    """What the server's handlers use of the engine(s) behind them: an
+    :class:`AsyncEngine` (one engine in this process) or a
+    :class:`~spyre_cb.data_parallel.DataParallelEngine` (replicas in their own
+    processes)."""
+
+    #: why no request can be served any more (None while it serves)
+    dead: str | None
+
+    @property
+    def n_waiting(self) -> int: ...
+    @property
+    def config(self) -> EngineConfig: ...
+    @property
+    def tokenizer(self) -> Any: ...
+    @property
+    def vocab_size(self) -> int: ...
+    async def compile_structured(self, spec: StructuredOutputsParams) -> None: ...
+    async def submit_all(self, jobs: Sequence[Job]) -> list[RequestStream]: ...
+    def abort(self, request_id: str) -> None: ...
+    def shutdown(self, timeout_s: float = 10.0) -> None: ...
 
 
 class AsyncEngine:
@@ -49,6 +77,8 @@ class AsyncEngine:
         self.engine = engine
         engine.stream_text = True
         self.on_step: list[StepHook] = []
+        #: called (on the engine thread) with the reason when the engine dies
+        self.on_death: list[Callable[[str], None]] = []
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[_Item]]] = {}
         self._qlock = threading.Lock()
         self._wake = threading.Event()
@@ -114,10 +144,17 @@ class AsyncEngine:
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[_Item], _Item]]] = {}
         with self._qlock:
             self.dead = reason
-            for loop, q in self._queues.values():
-                batches.setdefault(loop, []).append((q, None))
+            for rid, (loop, q) in self._queues.items():
+                batches.setdefault(loop, []).append(
+                    (q, EngineDeadError(f"request {rid!r} ended: the engine is dead: {reason}"))
+                )
             self._queues.clear()
         _hand_over(batches)
+        for hook in self.on_death:
+            try:
+                hook(reason)
+            except Exception:
+                log.exception("a death hook failed")
 
     # ----- the front ---------------------------------------------------------------
 
@@ -127,6 +164,50 @@ class AsyncEngine:
     @property
     def n_waiting(self) -> int:
         return self.engine.n_waiting
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    async def compile_structured(self, spec: StructuredOutputsParams) -> None:
+        """Compiles an output constraint off the event loop (a cold regex takes ~0.1 s),
+        so adding the request finds it cached; InvalidRequestError when it is invalid."""
+        await asyncio.to_thread(self.engine.grammars.compile, spec)
+
+    def add(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams | BeamSearchParams, request_id: str
+    ) -> RequestState:
+        """Queues a request whose outputs go to the step hooks only (no stream),
+        from any thread; InvalidRequestError (nothing queued) when it cannot run."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine is dead and takes no requests: {self.dead}")
+        if isinstance(params, BeamSearchParams):
+            state = self.engine.add_beam_search(request_id, prompt_token_ids, params)
+        else:
+            state = self.engine.add_request(request_id, prompt_token_ids, params)
+        self._wake.set()
+        return state
+
+    async def submit_all(self, jobs: Sequence[Job]) -> list[RequestStream]:
+        """Queues every job at once (they batch together), all or nothing: when one
+        is refused the others are aborted and its error is raised."""
+        streams: list[RequestStream] = []
+        try:
+            for ids, params, rid in jobs:
+                streams.append(self.submit(ids, params, rid))
+        except BaseException:
+            for st in streams:
+                await st.aclose()
+            raise
+        return streams
 
     def submit(
         self,
@@ -147,15 +228,11 @@ class AsyncEngine:
                 raise InvalidRequestError(f"request id {rid!r} is already in use")
             self._queues[rid] = (asyncio.get_running_loop(), q)
         try:
-            if isinstance(params, BeamSearchParams):
-                state = self.engine.add_beam_search(rid, prompt_token_ids, params)
-            else:
-                state = self.engine.add_request(rid, prompt_token_ids, params)
+            state = self.add(prompt_token_ids, params, rid)
         except BaseException:
             with self._qlock:
                 self._queues.pop(rid, None)
             raise
-        self._wake.set()
         return RequestStream(self, rid, q, state.metrics, len(state.prompt_token_ids))
 
     async def generate(
@@ -222,6 +299,12 @@ def _merge(a: StepOutput, b: StepOutput) -> StepOutput:
     )
 
 
+class Aborts(Protocol):
+    """What a stream needs of the engine behind it: a way to abort its request."""
+
+    def abort(self, request_id: str) -> None: ...
+
+
 class RequestStream:
     """The outputs of one submitted request, in order; the last has ``finished``.
     Closing it (``aclose()``) before that aborts the request. A consumer that
@@ -231,7 +314,7 @@ class RequestStream:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: Aborts,
         request_id: str,
         queue: asyncio.Queue[_Item],
         metrics: RequestMetrics,
@@ -248,15 +331,15 @@ class RequestStream:
         #: the engine died; None while it runs)
         self.n_tokens = 0
         self.finish_reason: str | None = None
-        self._dead = False  # the engine died after the outputs being read
+        self._dead: EngineDeadError | None = None  # the engine died after the outputs being read
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> StepOutput:
-        if self._dead:
-            self._dead = False
-            raise self._death()
+        if self._dead is not None:
+            e, self._dead = self._dead, None
+            raise self._death(e)
         if self.done:
             raise StopAsyncIteration
         try:
@@ -264,13 +347,13 @@ class RequestStream:
         except BaseException:  # cancelled while waiting: the consumer is gone
             await self.aclose()
             raise
-        if item is None:
-            raise self._death()
+        if isinstance(item, EngineDeadError):
+            raise self._death(item)
         out = item
         while not out.finished and not self._queue.empty():
             nxt = self._queue.get_nowait()
-            if nxt is None:  # these outputs first, the error with the next read
-                self._dead = True
+            if isinstance(nxt, EngineDeadError):  # these outputs first, the error with the next read
+                self._dead = nxt
                 break
             out = _merge(out, nxt)
         self.n_tokens += len(out.new_token_ids)
@@ -279,12 +362,10 @@ class RequestStream:
             self.finish_reason = out.finish_reason
         return out
 
-    def _death(self) -> EngineDeadError:
+    def _death(self, e: EngineDeadError) -> EngineDeadError:
         self.done = True
         self.finish_reason = "error"
-        return EngineDeadError(
-            f"request {self.request_id!r} ended: the engine is dead: {self.engine.dead or 'unknown reason'}"
-        )
+        return e
 
     async def aclose(self) -> None:
         if not self.done:
@@ -293,4 +374,4 @@ class RequestStream:
             self.engine.abort(self.request_id)
 
 
-__all__ = ["AsyncEngine", "RequestStream"]
+__all__ = ["AsyncEngine", "EngineClient", "Job", "RequestStream"]

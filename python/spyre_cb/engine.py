@@ -92,6 +92,8 @@ class Engine:
         self.requests: dict[str, RequestState] = {}
         #: kind of the last step: "prefill", "decode", "idle" (None before any step)
         self.last_plan_kind: str | None = None
+        #: steps scheduled so far (a request added now can first run in step ``n_scheduled``)
+        self.n_scheduled = 0
         # guards the scheduler and the request table; never held during a forward
         self._lock = threading.RLock()
         self._stepping = False
@@ -133,11 +135,7 @@ class Engine:
         """The structured-output compiler for this checkpoint's tokenizer (each distinct spec compiled once)."""
         with self._grammars_lock:
             if self._grammars is None:
-                if self.tokenizer is None:
-                    raise InvalidRequestError(
-                        "structured outputs need the model's tokenizer; this model directory has none"
-                    )
-                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(self.eos_token_ids))
+                self._grammars = GrammarCompiler.for_model(self.tokenizer, self.vocab_size, self.eos_token_ids)
             return self._grammars
 
     def add_request(
@@ -213,6 +211,7 @@ class Engine:
                 self.sampler.forget(request_id)
                 raise
             self.requests[request_id] = state
+            state.arrival_step = self.n_scheduled
             self._n_added += 1
         return state
 
@@ -236,6 +235,7 @@ class Engine:
         with self._lock:
             self.scheduler.add_request(request_id, ids, params.max_tokens, beam_width=params.beam_width)
             self.requests[request_id] = state
+            state.arrival_step = self.n_scheduled
             self._n_added += 1
             self._beam_searches.add(request_id)
         return state
@@ -329,6 +329,7 @@ class Engine:
             except BaseException:
                 self._stepping = False
                 raise
+            self.n_scheduled += 1
             # requests of the last failed step: their final outputs come first
             failed, self._failed = self._failed, []
         try:

@@ -64,6 +64,8 @@ class RequestState:
     stop_reason: int | str | None = None
     error: str | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
+    #: the engine's step count when it was queued: the first step it could run in
+    arrival_step: int = -1
     #: made on first use, for requests with stop strings or streamed text
     detokenizer: IncrementalDetokenizer | None = field(default=None, repr=False)
     #: output tokens the detokenizer has seen, and characters of text streamed so far

@@ -145,6 +145,14 @@ def choice_grammar(choices: Iterable[str]) -> str:
 class GrammarCompiler:
     """Compiles specs for one tokenizer (xgrammar), each distinct spec once."""
 
+    @classmethod
+    def for_model(cls, tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]) -> GrammarCompiler:
+        """The compiler of a checkpoint's tokenizer, its vocabulary padded to the
+        model's, its EOS ids the grammars' stop tokens (InvalidRequestError without a tokenizer)."""
+        if tokenizer is None:
+            raise InvalidRequestError("structured outputs need the model's tokenizer; this model directory has none")
+        return cls(tokenizer, vocab_size, sorted(eos_token_ids))
+
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
         import xgrammar as xgr
 

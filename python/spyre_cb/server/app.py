@@ -19,8 +19,10 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from spyre_cb.async_engine import AsyncEngine
+from spyre_cb.data_parallel import DataParallelEngine
 from spyre_cb.embedding import AsyncEmbedder, Embedder, is_embedding_model
 from spyre_cb.engine import Engine
+from spyre_cb.errors import ConfigError
 from spyre_cb.server.access import AccessLog
 from spyre_cb.server.embeddings import EmbeddingRequest, EmbeddingServing
 from spyre_cb.server.errors import BodyLimit, engine_dead, error_response, install_error_handlers
@@ -33,14 +35,17 @@ from spyre_cb.server.tokenize import router as tokenize_router
 router = APIRouter()
 
 
-def build_app(engine: AsyncEngine | AsyncEmbedder, options: ServerOptions | None = None, **fields: Any) -> FastAPI:
+def build_app(
+    engine: AsyncEngine | DataParallelEngine | AsyncEmbedder, options: ServerOptions | None = None, **fields: Any
+) -> FastAPI:
     """The FastAPI application serving ``engine`` as ``options`` say (``fields``:
     :class:`ServerOptions` fields that replace those of ``options``): a generative
-    engine's completions and chat, or an embedding model's ``/v1/embeddings``."""
+    engine's (or data-parallel replicas') completions and chat, or an embedding
+    model's ``/v1/embeddings``."""
     opts = dataclasses.replace(options or ServerOptions(), **fields)
     # no /docs: its page loads assets from a CDN (nothing leaves this server)
     app = FastAPI(title="spyre_cb", version="1", docs_url=None, redoc_url=None)
-    metrics = Metrics()
+    metrics = Metrics(replicas=len(engine.replicas) if isinstance(engine, DataParallelEngine) else None)
     metrics.watch(engine)
     app.state.metrics = metrics
     app.state.serving = (
@@ -76,12 +81,18 @@ def _serving(request: Request) -> Any:
 
 
 @router.get("/health", response_model=None)
-async def health(request: Request) -> dict[str, str] | JSONResponse:
-    """200 while the engine runs; 503 (OpenAI's error body, saying why) once it is dead."""
-    dead = _serving(request).engine.dead
-    if dead is not None:
-        e = engine_dead(f"the engine is dead: {dead}")
+async def health(request: Request) -> dict[str, Any] | JSONResponse:
+    """200 while the engine runs; 503 (OpenAI's error body, saying why) once it is dead.
+    A data-parallel server lists its replicas and says ``degraded`` (still 200: it
+    serves) while one is down or restarting."""
+    engine = _serving(request).engine
+    if engine.dead is not None:
+        e = engine_dead(f"the engine is dead: {engine.dead}")
         return error_response(e.status, e.message, e.type)
+    if isinstance(engine, DataParallelEngine):
+        replicas = [dataclasses.asdict(r) for r in engine.status()]
+        ok = all(r["state"] == "up" for r in replicas)
+        return {"status": "ok" if ok else "degraded", "replicas": replicas}
     return {"status": "ok"}
 
 
@@ -162,9 +173,15 @@ def serve(config: Any, options: ServerOptions | None = None, **fields: Any) -> N
     if opts.served_model_name is None:  # the name given ("tiny"), not the directory it stands for
         opts = dataclasses.replace(opts, served_model_name=str(config.model))
     config = config.with_model_path()
-    engine: AsyncEngine | AsyncEmbedder
+    engine: AsyncEngine | DataParallelEngine | AsyncEmbedder
     if is_embedding_model(config):
+        if opts.data_parallel_size > 1:
+            raise ConfigError("--data-parallel-size serves generative models; an embedding model runs as one engine")
         engine = AsyncEmbedder(Embedder(config=config))
+    elif opts.data_parallel_size > 1:
+        engine = DataParallelEngine(
+            config, opts.data_parallel_size, router=opts.router, max_restarts=opts.max_replica_restarts
+        )
     else:
         engine = AsyncEngine(Engine(config=config))
     app = build_app(engine, opts)

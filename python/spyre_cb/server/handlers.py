@@ -1,4 +1,4 @@
-"""The work behind the OpenAI endpoints, over one :class:`AsyncEngine`.
+"""The work behind the OpenAI endpoints, over an :class:`~spyre_cb.async_engine.EngineClient`.
 
 A request becomes choices (``n`` per prompt), all submitted at once so they
 batch together; a refused one fails the whole request. A non-streamed
@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from spyre_cb.async_engine import AsyncEngine, RequestStream
+from spyre_cb.async_engine import EngineClient, RequestStream
 from spyre_cb.beam_search import BeamSearchParams
 from spyre_cb.engine import StepOutput
 from spyre_cb.errors import EngineDeadError, SpyreCBError
@@ -54,9 +54,10 @@ Choice = tuple[int, list[int], RequestStream]
 class OpenAIServing(ServedModel):
     """The endpoints' handlers for ``engine`` serving under ``served_model_name``."""
 
-    def __init__(self, engine: AsyncEngine, options: ServerOptions) -> None:
-        e = engine.engine
-        super().__init__(options, str(e.config.model), e.tokenizer, e.config.max_model_len, e.vocab_size)
+    def __init__(self, engine: EngineClient, options: ServerOptions) -> None:
+        super().__init__(
+            options, str(engine.config.model), engine.tokenizer, engine.config.max_model_len, engine.vocab_size
+        )
         self.engine = engine
         self.max_waiting = options.max_waiting
 
@@ -174,7 +175,7 @@ class OpenAIServing(ServedModel):
         if spec is not None:
             # compile off the event loop (a cold regex takes ~0.1 s); the engine then finds it cached
             try:
-                await asyncio.to_thread(self.engine.engine.grammars.compile, spec)
+                await self.engine.compile_structured(spec)
             except SpyreCBError as e:
                 raise APIError(400, str(e), "invalid_request_error", "structured_outputs") from None
         return await self._submit(base, jobs, list(params))
@@ -188,16 +189,15 @@ class OpenAIServing(ServedModel):
     ) -> list[Choice]:
         """Queues every job at once (they batch together); a refused one fails the whole
         request and takes back the others (``param_of``: the field a refusal names)."""
-        streams: list[Choice] = []
         try:
-            for (index, prompt_ids), p in zip(jobs, params):
-                streams.append((index, prompt_ids, self.engine.submit(prompt_ids, p, f"{base}-{index}")))
+            submitted = await self.engine.submit_all(
+                [(prompt_ids, p, f"{base}-{index}") for (index, prompt_ids), p in zip(jobs, params)]
+            )
         except SpyreCBError as e:
-            for _, _, s in streams:
-                await s.aclose()
             if isinstance(e, EngineDeadError):
                 raise engine_dead(str(e)) from None
             raise APIError(400, str(e), "invalid_request_error", param_of(str(e))) from None
+        streams = [(index, prompt_ids, st) for (index, prompt_ids), st in zip(jobs, submitted)]
         access.note_request(base, streams)
         return streams
 

@@ -52,8 +52,28 @@ class ServerOptions:
         None, "the text format of the model's tool calls (with --enable-auto-tool-choice)", choices=TOOL_CALL_PARSERS
     )
 
+    data_parallel_size: int = _opt(
+        1,
+        "engine replicas behind this server, each its own process(es) with an equal share of the CPUs and its "
+        "own KV cache (with --tensor-parallel-size M: M ranks each)",
+        metavar="N",
+    )
+    router: str = _opt(
+        "least-loaded",
+        "how a data-parallel server picks a replica: the fewest outstanding sequences, in turn, or (with "
+        "--policy chunked --prefix-caching) where the prompt's prefix was sent within 4 sequences of the least loaded",
+        choices=("least-loaded", "round-robin", "prefix-affinity"),
+    )
+    max_replica_restarts: int = _opt(
+        3, "times a data-parallel replica that died is restarted (with a back-off) before it stays down", metavar="N"
+    )
+
     def __post_init__(self) -> None:
-        for name in ("port", "shutdown_timeout_s"):
+        if self.data_parallel_size < 1:
+            raise ConfigError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if self.router not in ("least-loaded", "round-robin", "prefix-affinity"):
+            raise ConfigError(f"router must be least-loaded, round-robin or prefix-affinity, got {self.router!r}")
+        for name in ("port", "shutdown_timeout_s", "max_replica_restarts"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_waiting is not None and self.max_waiting < 0:
