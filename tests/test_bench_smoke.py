@@ -74,3 +74,14 @@ def test_embed_quick():
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["min_cosine"] > 1 - 1e-4, result
     assert result["spyre_cb"]["inputs_per_s"] > 0 and result["transformers"]["inputs_per_s"] > 0
+
+
+def test_data_parallel_quick():
+    """Two replicas, one engine and two TP ranks on the tiny model: the same tokens."""
+    import json
+
+    r = run("data_parallel.py", "--quick")
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert all(e["tokens_identical_to_one_engine"] for e in result["engines"].values()), result
+    assert result["router_route_us"]["least-loaded"] > 0 and result["submit_latency_ms"]["dp2"] > 0

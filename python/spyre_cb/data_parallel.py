@@ -475,7 +475,7 @@ class DataParallelEngine:
 
     def _route(self, ids: Sequence[int], weight: int) -> _Replica:
         loads = [r.outstanding if r.state == "up" else None for r in self.replicas]
-        i = self.router.route(loads, list(ids))
+        i = self.router.route(loads, ids)
         if i is None:
             raise EngineDeadError(self.dead or "no data-parallel replica is up (restarting)")
         return self.replicas[i]

@@ -69,7 +69,11 @@ impl Router {
                 format!("route needs one load per replica ({}), got {}", self.inner.replicas(), loads.len()),
             ));
         }
-        let prompt = uint_list(prompt, "prompt", U32, Kind::InvalidRequest)?;
+        // only prefix affinity reads the prompt (its conversion is most of a call's cost)
+        let prompt = match self.inner.rule {
+            core::Router::PrefixAffinity { .. } => uint_list(prompt, "prompt", U32, Kind::InvalidRequest)?,
+            _ => Vec::new(),
+        };
         Ok(self.inner.route(&loads, &prompt))
     }
 

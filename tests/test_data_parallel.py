@@ -1,0 +1,231 @@
+"""Data-parallel serving (issue 24): N engine replicas behind one server.
+
+- ``spyre-cb serve tiny --data-parallel-size 2`` (a subprocess on a free
+  loopback port) driven by the real ``openai`` client: greedy tokens equal one
+  engine's, requests spread by the rule, metrics labelled per replica, a killed
+  replica's streams end with an error while the other's finish, ``/health``
+  says degraded, and the replica is restarted;
+- the same rule in the core's simulation: the replicas' routing and every
+  request's first-token and finish steps equal ``simulate_fleet`` /
+  ``simulate_stats`` on the same workload (``DataParallelEngine`` in process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import time
+import urllib.request
+
+import pytest
+
+import spyre_cb
+from spyre_cb import SamplingParams, _core
+from spyre_cb.data_parallel import DataParallelEngine, cpu_shares
+
+openai = pytest.importorskip("openai")
+
+from test_server import Server  # noqa: E402
+
+
+def test_cpu_shares_split_the_cpus_into_contiguous_groups():
+    assert cpu_shares(2, [0, 1, 2, 3, 4]) == [[0, 1, 2], [3, 4]]
+    assert cpu_shares(3, [4, 5, 6]) == [[4], [5], [6]]
+    assert cpu_shares(3, [0, 1]) == [[0], [1], [0]]  # fewer CPUs than replicas: they share
+    assert sorted(c for share in cpu_shares(2) for c in share) == sorted(os.sched_getaffinity(0))
+
+
+def test_the_router_refuses_bad_rules_and_loads():
+    with pytest.raises(spyre_cb.ConfigError, match="router must be one of"):
+        _core.Router("fastest", 2)
+    with pytest.raises(spyre_cb.ConfigError, match="one load per replica"):
+        _core.Router("least-loaded", 2).route([0], [1, 2])
+    with pytest.raises(spyre_cb.ConfigError, match="prefix-affinity .* needs --policy chunked --prefix-caching"):
+        DataParallelEngine(spyre_cb.EngineConfig(), 2, router="prefix-affinity")
+
+
+# ----- the server ----------------------------------------------------------------------
+
+
+def _health(server: Server) -> dict:
+    with urllib.request.urlopen(server.base + "/health", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def _metric(server: Server, name: str, replica: int) -> float:
+    with urllib.request.urlopen(server.base + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    m = re.search(rf'^{re.escape(name)}{{replica="{replica}"}} ([0-9.e+-]+)$', text, re.M)
+    assert m, f"{name}{{replica={replica}}} not in /metrics"
+    return float(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def dp_server(tmp_path_factory):
+    s = Server(
+        tmp_path_factory.mktemp("dp"),
+        "--data-parallel-size",
+        "2",
+        "--max-replica-restarts",
+        "2",
+        "--max-model-len",
+        "2048",
+    )
+    yield s
+    s.stop()
+
+
+PROMPTS = ["Hello there, how are", "The quick brown fox", "def add(a, b):", "Once upon a time", "1, 2, 3,"]
+
+
+def test_replicas_answer_what_one_engine_answers_and_share_the_requests(dp_server, tmp_path_factory):
+    os.environ.setdefault("SPYRE_CB_CACHE", str(tmp_path_factory.mktemp("dpref")))
+    llm = spyre_cb.LLM("tiny", max_num_seqs=4)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    want = [o.outputs[0].text for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    before = [r["requests"] for r in _health(dp_server)["replicas"]]
+
+    async def run() -> list[str]:
+        async with dp_server.async_client() as c:
+            rs = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        c.completions.create(
+                            model="tiny", prompt=p, max_tokens=12, temperature=0.0, extra_body={"ignore_eos": True}
+                        )
+                        for p in PROMPTS
+                    )
+                ),
+                60,
+            )
+        return [r.choices[0].text for r in rs]
+
+    assert asyncio.run(run()) == want
+    health = _health(dp_server)
+    assert health["status"] == "ok"
+    got = [r["requests"] - b for r, b in zip(health["replicas"], before)]
+    assert sum(got) == len(PROMPTS) and min(got) >= 1, got  # both replicas served
+    # the metrics say which replica did what
+    tokens = [_metric(dp_server, "spyre_cb_generation_tokens_total", i) for i in (0, 1)]
+    assert all(t > 0 for t in tokens) and sum(tokens) >= 12 * len(PROMPTS)
+    assert _metric(dp_server, "spyre_cb_replica_up", 0) == 1 and _metric(dp_server, "spyre_cb_replica_up", 1) == 1
+    # every replica got its own share of the CPUs
+    shares = [r["cpus"] for r in health["replicas"]]
+    assert shares == cpu_shares(2)
+
+
+def test_a_killed_replica_fails_its_requests_the_other_serves_and_it_restarts(dp_server):
+    replicas = _health(dp_server)["replicas"]
+    victim = replicas[1]["pid"]
+
+    async def run() -> list[tuple[str, int]]:
+        async with dp_server.async_client() as c:
+            started = asyncio.Event()
+            seen = [0] * 4
+
+            async def one(i: int) -> tuple[str, int]:
+                n = 0
+                try:
+                    s = await c.completions.create(
+                        model="tiny",
+                        prompt=PROMPTS[i],
+                        max_tokens=2000,
+                        temperature=0.0,
+                        stream=True,
+                        extra_body={"ignore_eos": True},
+                    )
+                    async for chunk in s:
+                        n += len(chunk.choices[0].text) > 0 if chunk.choices else 0
+                        seen[i] = n
+                        if all(seen):
+                            started.set()
+                    return ("done", n)
+                except openai.APIError as e:
+                    return (f"error: {e}", n)
+
+            tasks = [asyncio.ensure_future(one(i)) for i in range(4)]
+            await asyncio.wait_for(started.wait(), 60)
+            os.kill(victim, signal.SIGKILL)
+            return await asyncio.wait_for(asyncio.gather(*tasks), 120)
+
+    results = asyncio.run(run())
+    errors = [r for r, _ in results if r != "done"]
+    # least-loaded over 4 streams: two on each replica; the killed one's two end with an error
+    assert len(errors) == 2, results
+    assert all("replica 1 died" in e for e in errors), errors
+    assert sum(1 for r, n in results if r == "done" and n > 100) == 2, results
+    # routed no more while down, then restarted: /health degraded, then ok again
+    deadline = time.monotonic() + 120
+    states = []
+    while time.monotonic() < deadline:
+        h = _health(dp_server)
+        states.append(h["status"])
+        if h["status"] == "ok" and h["replicas"][1]["restarts"] == 1:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"replica 1 was not restarted: {_health(dp_server)}")
+    assert h["replicas"][1]["pid"] != victim and h["replicas"][0]["restarts"] == 0
+    assert _metric(dp_server, "spyre_cb_replica_restarts_total", 1) == 1
+    # the restarted replica serves
+    c = dp_server.client()
+    r = c.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=4, temperature=0.0)
+    assert len(r.choices) == 2
+    assert _health(dp_server)["replicas"][1]["requests"] > replicas[1]["requests"]
+
+
+def test_a_replica_that_cannot_start_stops_the_server_with_its_reason(tmp_path):
+    with pytest.raises(RuntimeError, match="server exited"):
+        # max_model_len beyond the checkpoint's positions: every replica refuses to start
+        Server(tmp_path, "--data-parallel-size", "2", "--max-model-len", "1000000")
+
+
+# ----- against the simulation -------------------------------------------------------------
+
+
+def _workload(n: int) -> list[tuple[list[int], int]]:
+    import random
+
+    rng = random.Random(7)
+    return [([rng.randrange(5, 200) for _ in range(rng.randrange(3, 150))], rng.randrange(4, 60)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("rule", ["round-robin", "least-loaded"])
+def test_the_replicas_run_the_steps_the_simulation_predicts(tmp_path_factory, rule):
+    """Same workload, same rule: the requests go where ``simulate_fleet`` sends them
+    (all arriving at once, so its loads are the server's), and each replica's every
+    request has its first token and finishes at the step ``simulate_stats`` says,
+    from the steps it arrived at on that replica (waves sent while others run)."""
+    os.environ.setdefault("SPYRE_CB_CACHE", str(tmp_path_factory.mktemp("dpsim")))
+    config = spyre_cb.EngineConfig(max_num_seqs=4, max_model_len=512)
+    work = _workload(24)
+    with DataParallelEngine(config, 2, router=rule) as dp:
+
+        async def run() -> None:
+            first = [(ids, SamplingParams(max_tokens=m, ignore_eos=True), f"a{i}") for i, (ids, m) in enumerate(work)]
+            streams = await dp.submit_all(first[:12])
+            await asyncio.sleep(0.05)  # a second wave while the first runs
+            streams += await dp.submit_all(first[12:])
+            for s in streams:
+                async for _ in s:
+                    pass
+
+        asyncio.run(asyncio.wait_for(run(), 120))
+        routes = list(dp.routes)
+        status = dp.status()
+    # the first wave's routing, as the simulation routes 12 requests arriving together
+    fleet = _core.simulate_fleet([(0, len(ids), m) for ids, m in work[:12]], config.scheduler, replicas=2, router=rule)
+    assert [r.replica for r in routes[:12]] == fleet["assignment"]
+    for k in (0, 1):
+        mine = [r for r in routes if r.replica == k]
+        assert len(mine) == status[k].requests
+        sim = _core.simulate_stats([(r.arrival_step, r.prompt_len, r.max_tokens) for r in mine], config.scheduler)
+        assert sim["first_token"] == [r.first_token_step for r in mine], k
+        assert sim["finished"] == [r.finished_step for r in mine], k
+        counters = sim["counters"]
+        assert counters["prefill_steps"] + counters["decode_steps"] == status[k].busy_steps
+    # the second wave really arrived while the first ran (else this is the first check again)
+    assert any(r.arrival_step > 0 for r in routes[12:])
