@@ -436,9 +436,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _launched_worker(a: argparse.Namespace) -> int | None:
+    """Under torchrun, every rank runs the same command: ranks > 0 serve rank 0's
+    plans (:func:`spyre_cb.launched.run_worker`) and exit; None for rank 0 (and
+    without a launcher), which runs the command."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or a.command not in ("demo", "generate", "serve"):
+        return None
+    from spyre_cb.launched import launched_rank, run_worker
+
+    got = launched_rank()
+    if got is None or got[0] == 0:
+        return None
+    if getattr(a, "model_pos", None) is not None:
+        a.model = a.model_pos
+    return run_worker(EngineConfig.from_cli(a))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        worker = _launched_worker(args)
+        if worker is not None:
+            return worker
         return int(args.func(args))
     except (SpyreCBError, UsageError) as e:
         print(f"spyre-cb {args.command}: error: {e}", file=sys.stderr)

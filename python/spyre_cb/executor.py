@@ -124,14 +124,21 @@ def _worker_main(rank: int, world: int, port: int, model: str, config: EngineCon
         ready.put(("error", rank, traceback.format_exc()))
         return
     ready.put(("ready", rank, ""))
+    serve_plans(runner)
+
+
+def serve_plans(runner: ModelRunner) -> bool:
+    """A rank > 0's life after start-up: run every plan rank 0 broadcasts until it
+    says stop (True) or a collective fails (False: rank 0 went away, a peer died);
+    then leave the process group."""
     try:
         while True:
             plan, all_positions = receive_plan()
             if plan is None:
-                break
+                return True
             runner.execute(plan, all_positions=all_positions)
     except BaseException:  # rank 0 went away or a collective failed: nothing left to serve
-        pass
+        return False
     finally:
         try:
             torch.distributed.destroy_process_group()
@@ -374,7 +381,13 @@ def _first_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[:limit] + "..."
 
 
-def make_executor(checkpoint: Checkpoint, config: EngineConfig) -> LocalExecutor | TensorParallelExecutor:
+def make_executor(checkpoint: Checkpoint, config: EngineConfig) -> Executor:
+    """This process's executor: rank 0 of the ranks a launcher started (torchrun: see
+    :mod:`spyre_cb.launched`), of ranks it starts itself, or one process."""
+    from spyre_cb.launched import LaunchedExecutor, launched_rank
+
+    if launched_rank() is not None:
+        return LaunchedExecutor(checkpoint, config)
     if config.tensor_parallel_size == 1:
         return LocalExecutor(checkpoint, config)
     return TensorParallelExecutor(checkpoint, config)

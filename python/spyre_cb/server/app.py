@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ from spyre_cb.data_parallel import DataParallelEngine
 from spyre_cb.embedding import AsyncEmbedder, Embedder, is_embedding_model
 from spyre_cb.engine import Engine
 from spyre_cb.errors import ConfigError
+from spyre_cb.launched import launched_rank
 from spyre_cb.server.access import AccessLog
 from spyre_cb.server.embeddings import EmbeddingRequest, EmbeddingServing
 from spyre_cb.server.errors import BodyLimit, engine_dead, error_response, install_error_handlers
@@ -184,6 +186,9 @@ def serve(config: Any, options: ServerOptions | None = None, **fields: Any) -> N
         )
     else:
         engine = AsyncEngine(Engine(config=config))
+    if isinstance(engine, AsyncEngine) and launched_rank() is not None:
+        # ranks a launcher started: a dead engine ends this rank (status 1), so the launcher sees it
+        engine.on_death.append(_stop_for_the_launcher)
     app = build_app(engine, opts)
     try:
         uvicorn.run(
@@ -199,8 +204,18 @@ def serve(config: Any, options: ServerOptions | None = None, **fields: Any) -> N
             signal.signal(signal.SIGTERM, previous)
 
 
+#: set when a launched rank 0's engine died: the server stops and exits with status 1
+_engine_died = threading.Event()
+
+
+def _stop_for_the_launcher(reason: str) -> None:
+    _engine_died.set()
+    print(f"spyre-cb serve: the engine died ({reason}); stopping so the launcher sees it", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _exit_cleanly(signum: int, frame: Any) -> None:
-    raise SystemExit(0)
+    raise SystemExit(1 if _engine_died.is_set() else 0)
 
 
 def _log_access_to_stderr() -> None:
