@@ -229,3 +229,22 @@ def test_the_replicas_run_the_steps_the_simulation_predicts(tmp_path_factory, ru
         assert counters["prefill_steps"] + counters["decode_steps"] == status[k].busy_steps
     # the second wave really arrived while the first ran (else this is the first check again)
     assert any(r.arrival_step > 0 for r in routes[12:])
+
+
+def test_prefix_affinity_takes_more_prompts_from_the_cache(tmp_path_factory):
+    """Shared system prompts (12 of 5 blocks: more than one replica's pool keeps,
+    not more than two): prefix affinity sends each to where it is cached."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches"))
+    from data_parallel import prefix_hits  # the benchmark's workload and counting
+
+    os.environ.setdefault("SPYRE_CB_CACHE", str(tmp_path_factory.mktemp("dpprefix")))
+    from spyre_cb.models import tiny_model_path
+
+    got = prefix_hits(str(tiny_model_path()), 48, quick=True)
+    rr, aff = got["round-robin"], got["prefix-affinity"]
+    assert rr["hit_blocks"] > 0, got
+    assert aff["hit_blocks"] > rr["hit_blocks"], got
+    assert sum(aff["requests_per_replica"]) == 48 and min(aff["requests_per_replica"]) > 0, got

@@ -39,6 +39,9 @@ class StepReport:
     queue: list[float] = field(default_factory=list)
     #: per finished request: (finish reason, prompt tokens, generated tokens, seconds since arrival)
     finished: list[tuple[str, int, int, float]] = field(default_factory=list)
+    #: prefix caching: blocks taken from the cache and requests that took any, this step
+    prefix_hit_blocks: int = 0
+    prefix_hit_requests: int = 0
 
 
 class StepReporter:
@@ -46,11 +49,17 @@ class StepReporter:
 
     def __init__(self) -> None:
         self._last_token: dict[str, float] = {}
+        self._prefix = (0, 0)
 
     def report(self, engine: Engine, outs: list[StepOutput]) -> StepReport:
         r = StepReport(  # the core's counters: no snapshot every step
             engine.n_running, engine.n_waiting, engine.n_used_blocks, engine.n_reserved_blocks, engine.tkv
         )
+        if engine.config.prefix_caching and engine.last_plan_kind not in (None, "idle", "decode"):
+            c = engine.scheduler.counters  # (a prefill or chunk is where hits are taken)
+            blocks, requests = c["prefix_cached_blocks"], c["prefix_hit_requests"]
+            r.prefix_hit_blocks, r.prefix_hit_requests = blocks - self._prefix[0], requests - self._prefix[1]
+            self._prefix = (blocks, requests)
         now = time.time()
         for o in outs:
             n = len(o.new_token_ids)
@@ -142,6 +151,15 @@ class Metrics:
             labelnames=L,
             registry=r,
         )
+        self.prefix_hit_blocks = Counter(
+            "spyre_cb_prefix_cache_hit_blocks",
+            "KV blocks of prompts taken from the prefix cache (64 tokens each)",
+            labelnames=L,
+            registry=r,
+        )
+        self.prefix_hit_requests = Counter(
+            "spyre_cb_prefix_cache_hit_requests", "requests that took blocks from the prefix cache", labelnames=L, registry=r
+        )
         self.engine_dead = Gauge(
             "spyre_cb_engine_dead", "1 once the engine met an error it cannot recover from, else 0", registry=r
         )
@@ -198,6 +216,10 @@ class Metrics:
         lab(self.tkv).set(r.tkv)
         if r.tokens:
             lab(self.tokens).inc(r.tokens)
+        if r.prefix_hit_blocks:
+            lab(self.prefix_hit_blocks).inc(r.prefix_hit_blocks)
+        if r.prefix_hit_requests:
+            lab(self.prefix_hit_requests).inc(r.prefix_hit_requests)
         for hist, values in ((self.itl, r.itl), (self.ttft, r.ttft), (self.queue, r.queue)):
             if values:
                 h = lab(hist)
