@@ -6,11 +6,12 @@ greedy requests, prompts 16-400 tokens, outputs 16-256 (``ignore_eos``), all
 submitted at once — through:
 
   (a) one engine, ``AsyncEngine``, 2 intra-op threads;
+  (a2) the same with twice the batch (``max_num_seqs`` 16: what the two replicas hold together);
   (b) one engine, 1 thread;
   (c) ``DataParallelEngine`` of 2 replicas, 1 thread each (each pinned to its CPU);
   (d) tensor parallelism over 2 ranks, 1 thread each.
 
-Rounds alternate a b c d. Reports generated tokens/s (load excluded), the
+Rounds alternate a a2 b c d. Reports generated tokens/s (load excluded), the
 ratios to (a), whether every engine produced (a)'s tokens, and the router's
 added latency: the core ``Router.route`` per call (least-loaded and
 prefix-affinity, 2 replicas, 300-token prompts), and the time from
@@ -82,6 +83,8 @@ def make(kind: str, config: EngineConfig) -> Any:
         return DataParallelEngine(config.replace(num_threads=1), 2)
     if kind == "tp2":
         return AsyncEngine(Engine(config=config.replace(tensor_parallel_size=2, num_threads=1)))
+    if kind == "one_2t_seqs16":
+        return AsyncEngine(Engine(config=config.replace(num_threads=2, max_num_seqs=16)))
     return AsyncEngine(Engine(config=config.replace(num_threads=2 if kind == "one_2t" else 1)))
 
 
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="the tiny model, a short workload (a smoke run)")
     a = ap.parse_args(argv)
-    kinds = ("one_2t", "one_1t", "dp2", "tp2")
+    kinds = ("one_2t", "one_2t_seqs16", "one_1t", "dp2", "tp2")
     results: dict[str, dict[str, Any]] = {k: {"tokens_per_s": [], "load_s": []} for k in kinds}
     with tempfile.TemporaryDirectory() as tmp:
         if a.quick:
