@@ -47,6 +47,33 @@ def test_the_router_refuses_bad_rules_and_loads():
         DataParallelEngine(spyre_cb.EngineConfig(), 2, router="prefix-affinity")
 
 
+def test_data_parallelism_under_a_launcher_is_refused(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(spyre_cb.ConfigError, match="under a launcher"):
+        DataParallelEngine(spyre_cb.EngineConfig(), 2)
+
+
+def test_a_request_a_replica_cannot_take_is_refused_alone(tmp_path_factory):
+    """Refusals (the replica's own checks, parameters that cannot travel) are the
+    request's error; nothing stays counted, and the replicas serve on."""
+    os.environ.setdefault("SPYRE_CB_CACHE", str(tmp_path_factory.mktemp("dprefuse")))
+    with DataParallelEngine(spyre_cb.EngineConfig(max_num_seqs=2, max_model_len=256), 2) as dp:
+
+        async def run() -> list[int]:
+            with pytest.raises(spyre_cb.InvalidRequestError, match="max_model_len 256"):
+                await dp.submit_all([([5] * 300, SamplingParams(max_tokens=4), "long")])
+            unpicklable = SamplingParams(max_tokens=4, logits_processors=[lambda ids, logits: logits])
+            with pytest.raises(spyre_cb.InvalidRequestError, match="picklable"):
+                await dp.submit_all([([5, 6], SamplingParams(max_tokens=4), "a"), ([5, 6], unpicklable, "b")])
+            (s,) = await dp.submit_all([([5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True), "c")])
+            return [t async for o in s for t in o.new_token_ids]
+
+        assert len(asyncio.run(asyncio.wait_for(run(), 60))) == 4
+        assert [(r.state, r.outstanding) for r in dp.status()] == [("up", 0), ("up", 0)]
+
+
 # ----- the server ----------------------------------------------------------------------
 
 

@@ -163,9 +163,14 @@ def test_a_rank_lost_on_the_other_host_ends_the_job_within_seconds(tmp_path):
         next(chunks)
         os.kill(rank1, signal.SIGKILL)
         t0 = time.monotonic()
-        with pytest.raises((openai.APIError, Exception)):
+        failed: BaseException | None = None
+        try:
             for _ in chunks:  # the step in flight fails: an SSE error event, or the server goes away
-                assert time.monotonic() - t0 < 30
+                if time.monotonic() - t0 > 30:
+                    break
+        except Exception as e:  # noqa: BLE001 (openai.APIError, or the connection closing)
+            failed = e
+        assert failed is not None, "the stream went on although a rank was lost"
         codes = agents.wait(30)
         took = time.monotonic() - t0
         assert codes[0] not in (None, 0) and codes[1] not in (None, 0), (codes, agents.log(0))

@@ -141,6 +141,26 @@ def test_beam_search_under_tp2_equals_one_process(models):
     assert run(tensor_parallel_size=2) == one
 
 
+def test_an_engine_idle_longer_than_tp_timeout_still_serves(models):
+    """Idle workers wait for the next plan on a channel of their own (the model's
+    collectives keep tp_timeout_s): a server with no requests for a while was dead."""
+    path = models["granite-kv1"]
+    p = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+    def run(**kw):
+        with spyre_cb.Engine(path, max_num_seqs=2, max_model_len=256, num_threads=1, **kw) as eng:
+            if kw:
+                time.sleep(6.5)  # idle for longer than tp_timeout_s
+                assert eng.executor.failure() is None
+            eng.add_request("0", [5, 6, 7, 8], p)
+            out = []
+            while eng.has_unfinished_requests():
+                out += [t for o in eng.step() for t in o.new_token_ids]
+            return out
+
+    assert run(tensor_parallel_size=2, tp_timeout_s=5.0) == run()
+
+
 def test_a_killed_worker_is_a_clear_error_and_leaves_nothing(models):
     path = models["granite-kv1"]
     eng = spyre_cb.Engine(path, tensor_parallel_size=2, max_num_seqs=2, max_model_len=128)

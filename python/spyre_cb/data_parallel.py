@@ -32,6 +32,8 @@ import itertools
 import logging
 import multiprocessing
 import os
+import pickle
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +51,7 @@ from spyre_cb.outputs import RequestMetrics
 from spyre_cb.structured import GrammarCompiler, StructuredOutputsParams
 
 log = logging.getLogger("spyre_cb.data_parallel")
+_pickler = multiprocessing.reduction.ForkingPickler
 
 #: the routing rules (the core's)
 ROUTERS = ("least-loaded", "round-robin", "prefix-affinity")
@@ -89,6 +92,10 @@ def _replica_main(conn: Any, config: EngineConfig, index: int, cpus: list[int]) 
     from spyre_cb.engine import Engine
     from spyre_cb.server.metrics import StepReporter
 
+    # the server's Ctrl-C or its service manager's SIGTERM reach the whole process group:
+    # the server stops its replicas itself ("stop", or its end of the pipe closing)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         os.sched_setaffinity(0, cpus)
     except (AttributeError, OSError):
@@ -137,6 +144,8 @@ def _replica_main(conn: Any, config: EngineConfig, index: int, cpus: list[int]) 
                     state = front.add(ids, params, rid)
                 except SpyreCBError as e:
                     send(("added", seq, (type(e).__name__, str(e)), -1))
+                except Exception as e:  # noqa: BLE001 (this request only: the replica serves on)
+                    send(("added", seq, ("InvalidRequestError", f"{type(e).__name__}: {e}"), -1))
                 else:
                     send(("added", seq, None, state.arrival_step))
             elif msg[0] == "abort":
@@ -205,15 +214,22 @@ class _Replica:
     outstanding: int = 0
     steps: int = 0
     busy_steps: int = 0
+    waiting: int = 0  #: its queue after its last step
+    unreported: int = 0  #: requests sent since its last step's report
     last_error: str | None = None
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, msg: tuple[Any, ...]) -> bool:
+        """Sends ``msg``; False when the replica is gone. (A message that does not
+        pickle raises: nothing was written.)"""
+        data = _pickler.dumps(msg)
         with self.send_lock:
+            if self.conn is None:
+                return False
             try:
-                self.conn.send(msg)
+                self.conn.send_bytes(data)
                 return True
-            except (OSError, EOFError, BrokenPipeError, AttributeError):
+            except (OSError, EOFError):
                 return False
 
 
@@ -233,6 +249,13 @@ class DataParallelEngine:
             raise ConfigError(f"data_parallel_size must be an int >= 1, got {size!r}")
         if router not in ROUTERS:
             raise ConfigError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}")
+        from spyre_cb.launched import launched_rank
+
+        if launched_rank() is not None:
+            raise ConfigError(
+                "data parallelism under a launcher (torchrun) is not supported: the launcher's ranks form one "
+                "tensor-parallel engine; run --data-parallel-size without torchrun"
+            )
         if router == "prefix-affinity" and not (config.policy == "chunked" and config.prefix_caching):
             raise ConfigError(
                 "router prefix-affinity routes by cached prompt prefixes: it needs --policy chunked --prefix-caching"
@@ -263,17 +286,22 @@ class DataParallelEngine:
         self._ctx = multiprocessing.get_context("spawn")
         self._grammars: GrammarCompiler | None = None
         self._grammars_lock = threading.Lock()
-        # every replica loads at once; a replica that cannot start stops the server's start
-        starters = [threading.Thread(target=self._start, args=(r,), daemon=True) for r in self.replicas]
-        for t in starters:
-            t.start()
-        for t in starters:
-            t.join()
-        failed = [r for r in self.replicas if r.state != "up"]
-        if failed:
+        self._readers: list[threading.Thread] = []
+        try:
+            # every replica loads at once; a replica that cannot start stops the server's start
+            starters = [threading.Thread(target=self._start, args=(r,), daemon=True) for r in self.replicas]
+            for t in starters:
+                t.start()
+            for t in starters:
+                while t.is_alive():  # (joined in slices: Ctrl-C reaches this thread)
+                    t.join(0.2)
+            failed = [r for r in self.replicas if r.state != "up"]
+            if failed:
+                r = failed[0]
+                raise ExecutorError(f"data-parallel replica {r.index} did not start: {r.last_error}")
+        except BaseException:
             self.shutdown()
-            r = failed[0]
-            raise ExecutorError(f"data-parallel replica {r.index} did not start: {r.last_error}")
+            raise
         self._readers = [
             threading.Thread(target=self._serve, args=(r,), name=f"spyre-cb-dp-replica{r.index}", daemon=True)
             for r in self.replicas
@@ -294,58 +322,72 @@ class DataParallelEngine:
         )
         proc.start()
         back.close()
-        r.proc, r.conn, r.steps, r.busy_steps = proc, front, 0, 0
+        if r.conn is not None:
+            r.conn.close()
+        r.proc, r.conn, r.steps, r.busy_steps, r.waiting, r.unreported = proc, front, 0, 0, 0, 0
+        error = "start timed out"
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            if front.poll(0.1):
-                try:
-                    msg = front.recv()
-                except (EOFError, OSError):
-                    break
-                if msg[0] == "ready":
-                    self._vocab_size = msg[1]
+            try:
+                if not front.poll(0.1):
+                    if not proc.is_alive() or self._stopping:
+                        error = "stopped" if self._stopping else f"its process exited with code {proc.exitcode}"
+                        break
+                    continue
+                msg = front.recv()
+            except (EOFError, OSError):  # it died, or shutdown() closed the pipe
+                proc.join(1.0)
+                error = f"its process exited with code {proc.exitcode}"
+                break
+            if msg[0] == "ready":
+                self._vocab_size = msg[1]
+                with self._lock:
                     r.state, r.last_error = "up", None
-                    self._changed(r, "up")
-                    return
-                r.last_error = msg[1]
-                break
-            if not proc.is_alive() or self._stopping:
-                break
-        if r.last_error is None:
-            r.last_error = f"its process exited with code {proc.exitcode}" if not proc.is_alive() else "start timed out"
+                self._changed(r, "up")
+                return
+            error = msg[1]  # ("failed", why)
+            break
         _stop(proc)
-        r.state = "failed"
+        r.state, r.last_error = "failed", error
 
     def _serve(self, r: _Replica) -> None:
         """Reads ``r``'s messages; when it dies, fails its requests and restarts it."""
         while not self._stopping:
+            reason = None
             try:
                 msg = r.conn.recv()
             except (EOFError, OSError):
                 if self._stopping:
                     return
                 r.proc.join(1.0)
-                self._lost(r, r.last_error or f"its process exited (code {r.proc.exitcode})")
+                reason = f"its process exited (code {r.proc.exitcode})"
+            except Exception:  # a message that does not unpickle: the replica is broken
+                log.exception("data-parallel replica %d sent a message that cannot be read", r.index)
+                reason = "it sent a message that cannot be read"
+            else:
+                try:
+                    if msg[0] == "step":
+                        self._on_step(r, *msg[1:])
+                    elif msg[0] == "added":
+                        self._on_added(r, *msg[1:])
+                    elif msg[0] == "dead":  # its engine died: it is stopping; route no more there now
+                        reason = f"its engine died: {msg[1]}"
+                except Exception:
+                    log.exception("data-parallel replica %d: a message failed", r.index)
+            if reason is not None:
+                self._lost(r, reason)
                 if not self._restart(r):
                     return
-                continue
-            kind = msg[0]
-            if kind == "step":
-                self._on_step(r, *msg[1:])
-            elif kind == "added":
-                self._on_added(r, *msg[1:])
-            elif kind == "dead":
-                r.last_error = f"its engine died: {msg[1]}"
 
     def _on_step(
         self, r: _Replica, outs: list[Any], metrics: dict[str, Any], report: Any, steps: int, busy: int
     ) -> None:
-        r.steps, r.busy_steps = steps, busy
+        r.steps, r.busy_steps, r.waiting, r.unreported = steps, busy, report.waiting, 0
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[_Item], _Item]]] = {}
         with self._lock:
             for o in outs:
                 req = self._requests.get(o.request_id)
-                if req is None:
+                if req is None or req.replica != r.index:  # (an id reused after an abort elsewhere)
                     continue
                 m = metrics.get(o.request_id)
                 if m is not None:
@@ -375,7 +417,8 @@ class DataParallelEngine:
     def _lost(self, r: _Replica, reason: str) -> None:
         """``r`` died: it is routed no more; its requests end with EngineDeadError."""
         log.error("data-parallel replica %d died: %s", r.index, reason)
-        r.state, r.last_error = "restarting", reason
+        with self._lock:
+            r.state, r.last_error = "restarting", reason
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[_Item], _Item]]] = {}
         with self._lock:
             for rid, req in list(self._requests.items()):
@@ -386,7 +429,7 @@ class DataParallelEngine:
             pending = [(s, e) for s, e in self._pending.items() if e[0] == r.index]
             for s, _ in pending:
                 del self._pending[s]
-            r.outstanding = 0
+            r.outstanding = r.waiting = r.unreported = 0
             self.router.forget(r.index)
         _hand_over(batches)
         for _, (_, loop, fut) in pending:
@@ -407,11 +450,13 @@ class DataParallelEngine:
             if r.state == "up":
                 log.warning("data-parallel replica %d restarted (%d of %d)", r.index, r.restarts, self.max_restarts)
                 return True
-        r.state = "failed"
-        if all(x.state == "failed" for x in self.replicas):
-            self.dead = "every data-parallel replica is down: " + "; ".join(
-                f"replica {x.index}: {x.last_error}" for x in self.replicas
-            )
+            r.state = "restarting"  # (its start failed: the next attempt comes after the back-off)
+        with self._lock:
+            r.state = "failed"
+            if not self._stopping and all(x.state == "failed" for x in self.replicas):
+                self.dead = "every data-parallel replica is down: " + "; ".join(
+                    f"replica {x.index}: {x.last_error}" for x in self.replicas
+                )
         return False
 
     def _changed(self, r: _Replica, event: str) -> None:
@@ -437,9 +482,9 @@ class DataParallelEngine:
 
     @property
     def n_waiting(self) -> int:
-        """Sequences routed and not finished (the replicas' queues and batches):
-        what ``--max-waiting`` compares."""
-        return sum(r.outstanding for r in self.replicas)
+        """Requests waiting in the replicas' queues (after each one's last step, plus
+        those sent since): what ``--max-waiting`` compares, as with one engine."""
+        return sum(r.waiting + r.unreported for r in self.replicas if r.state == "up")
 
     def new_request_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{next(self._ids)}"
@@ -504,7 +549,17 @@ class DataParallelEngine:
                     seq = next(self._seq)
                     self._pending[seq] = (r.index, loop, fut)
                 sent.append((rid, req, fut, route))
-                if not r.send(("add", seq, rid, list(ids), params)):
+                try:
+                    ok = r.send(("add", seq, rid, list(ids), params))
+                except (pickle.PicklingError, TypeError, AttributeError) as e:
+                    with self._lock:
+                        self._pending.pop(seq, None)
+                    raise InvalidRequestError(
+                        f"the request cannot be sent to a data-parallel replica ({type(e).__name__}: {e}); "
+                        "its parameters must be picklable (logits_processors: module-level functions)"
+                    ) from None
+                r.unreported += 1
+                if not ok:
                     with self._lock:
                         self._pending.pop(seq, None)
                     _resolve(loop, fut, (("EngineDeadError", f"data-parallel replica {r.index} is down"), -1))
@@ -556,6 +611,9 @@ class DataParallelEngine:
                 _stop(r.proc)
             if r.conn is not None:
                 r.conn.close()
+        for t in self._readers:  # (one in a restart sees _stopping and ends)
+            if t is not threading.current_thread():
+                t.join(max(0.1, deadline - time.monotonic()))
 
     def __enter__(self) -> DataParallelEngine:
         return self

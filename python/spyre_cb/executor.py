@@ -44,7 +44,7 @@ from spyre_cb.cpus import ThreadGovernor, ThreadSetting, intra_op_threads
 from spyre_cb.errors import ConfigError, ExecutorError
 from spyre_cb.plan import ForwardPlan
 from spyre_cb.runner import ModelRunner
-from spyre_cb.wire import broadcast_plan, receive_plan
+from spyre_cb.wire import broadcast_plan, open_plan_channel, receive_plan
 
 
 class Executor(Protocol):
@@ -119,6 +119,7 @@ def _worker_main(rank: int, world: int, port: int, model: str, config: EngineCon
         store = torch.distributed.TCPStore("127.0.0.1", port, world, False, timeout)
         store.add(_JOINED, 1)
         _init_group(config.distributed_backend, rank, world, store, config.tp_timeout_s)
+        open_plan_channel()
         runner = ModelRunner(Checkpoint.open(model, allow_unverified=True), config, tensor_parallel=True)
     except BaseException:
         ready.put(("error", rank, traceback.format_exc()))
@@ -205,6 +206,7 @@ class TensorParallelExecutor:
                 p.start()
             self._await_joined(store, ready, world - 1, config.tp_timeout_s)
             self._connect(config.distributed_backend, world, store, config.tp_timeout_s)
+            open_plan_channel()
             self.runner = ModelRunner(checkpoint, config, tensor_parallel=True)
             self._await_ready(ready, world - 1, config.tp_timeout_s)
         except BaseException:

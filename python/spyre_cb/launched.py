@@ -47,12 +47,14 @@ from spyre_cb.cpus import ThreadSetting, intra_op_threads
 from spyre_cb.errors import ConfigError, ExecutorError
 from spyre_cb.plan import ForwardPlan
 from spyre_cb.runner import ModelRunner
-from spyre_cb.wire import broadcast_plan
+from spyre_cb.wire import broadcast_plan, open_plan_channel
 
 #: seconds between a worker's heartbeats, and without one before rank 0 declares it lost
 HEARTBEAT_S = 0.25
 HEARTBEAT_TIMEOUT_S = 3.0
-_BEAT = "spyre_cb/beat/{}"
+def _beat_key(rank: int) -> str:
+    """A rank's heartbeat counter, per launcher attempt (the store outlives a restart)."""
+    return f"spyre_cb/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/beat/{rank}"
 
 
 def launched_rank() -> tuple[int, int] | None:
@@ -91,6 +93,7 @@ def _join(config: EngineConfig, rank: int, world: int) -> None:
         world_size=world,
         timeout=timedelta(seconds=config.tp_timeout_s),
     )
+    open_plan_channel()
 
 
 class LaunchedExecutor:
@@ -136,7 +139,7 @@ class LaunchedExecutor:
         self._checked = now
         for r, (seen, moved) in self._beats.items():
             try:
-                count = int(self._store.add(_BEAT.format(r), 0))
+                count = int(self._store.add(_beat_key(r), 0))
             except Exception as e:  # noqa: BLE001 (the launcher's store is gone: so is the job)
                 return self._fail(f"the launcher's store is unreachable: {type(e).__name__}: {e}")
             if count != seen:
@@ -179,9 +182,9 @@ class LaunchedExecutor:
     def _silent(self, r: int) -> bool:
         """Whether rank ``r``'s heartbeat has not moved over the last moments."""
         try:
-            a = int(self._store.add(_BEAT.format(r), 0))
+            a = int(self._store.add(_beat_key(r), 0))
             time.sleep(2 * HEARTBEAT_S)
-            return int(self._store.add(_BEAT.format(r), 0)) == a
+            return int(self._store.add(_beat_key(r), 0)) == a
         except Exception:  # noqa: BLE001
             return True
 
@@ -223,7 +226,7 @@ def run_worker(config: EngineConfig) -> int:
     stop = threading.Event()
 
     def beat() -> None:
-        key = _BEAT.format(rank)
+        key = _beat_key(rank)
         while not stop.wait(HEARTBEAT_S):
             try:
                 store.add(key, 1)

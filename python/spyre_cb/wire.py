@@ -12,6 +12,9 @@ the same order. A new plan field is on the wire without a change here.
 
 from __future__ import annotations
 
+from datetime import timedelta
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -87,19 +90,34 @@ def unpack_plan(header: torch.Tensor, payload: torch.Tensor) -> tuple[ForwardPla
     return cls(*args), bool(h[-2])
 
 
+#: How long a rank > 0 waits for the next plan. An idle engine sends none, so the
+#: plans travel on a group of their own with this timeout (the model's collectives
+#: keep ``tp_timeout_s``); a rank that dies still breaks the wait at once (its
+#: connections close). 20 days: gloo keeps timeouts in milliseconds.
+PLAN_WAIT = timedelta(days=20)
+_channel: Any = None
+
+
+def open_plan_channel() -> None:
+    """Every rank, right after the process group is made (a collective call): the
+    group the plans travel on (``PLAN_WAIT``)."""
+    global _channel
+    _channel = torch.distributed.new_group(timeout=PLAN_WAIT)
+
+
 def broadcast_plan(plan: ForwardPlan | None, all_positions: bool = False) -> None:
     """Rank 0: sends a plan (or the stop message, ``None``) to every rank."""
     header, payload = pack_plan(plan, all_positions)
-    torch.distributed.broadcast(header, src=0)
+    torch.distributed.broadcast(header, src=0, group=_channel)
     if payload.numel():
-        torch.distributed.broadcast(payload, src=0)
+        torch.distributed.broadcast(payload, src=0, group=_channel)
 
 
 def receive_plan() -> tuple[ForwardPlan | None, bool]:
     """Ranks > 0: the next plan from rank 0 (``None``: stop)."""
     header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    torch.distributed.broadcast(header, src=0)
+    torch.distributed.broadcast(header, src=0, group=_channel)
     payload = torch.empty(int(header[-1]), dtype=torch.int64)
     if payload.numel():
-        torch.distributed.broadcast(payload, src=0)
+        torch.distributed.broadcast(payload, src=0, group=_channel)
     return unpack_plan(header, payload)

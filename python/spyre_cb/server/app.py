@@ -93,8 +93,10 @@ async def health(request: Request) -> dict[str, Any] | JSONResponse:
         return error_response(e.status, e.message, e.type)
     if isinstance(engine, DataParallelEngine):
         replicas = [dataclasses.asdict(r) for r in engine.status()]
-        ok = all(r["state"] == "up" for r in replicas)
-        return {"status": "ok" if ok else "degraded", "replicas": replicas}
+        up = sum(r["state"] == "up" for r in replicas)
+        if up == 0:  # every one restarting: nothing can be served now
+            return error_response(503, "no data-parallel replica is up (restarting)", "engine_dead_error")
+        return {"status": "ok" if up == len(replicas) else "degraded", "replicas": replicas}
     return {"status": "ok"}
 
 

@@ -158,7 +158,10 @@ class Metrics:
             registry=r,
         )
         self.prefix_hit_requests = Counter(
-            "spyre_cb_prefix_cache_hit_requests", "requests that took blocks from the prefix cache", labelnames=L, registry=r
+            "spyre_cb_prefix_cache_hit_requests",
+            "requests that took blocks from the prefix cache",
+            labelnames=L,
+            registry=r,
         )
         self.engine_dead = Gauge(
             "spyre_cb_engine_dead", "1 once the engine met an error it cannot recover from, else 0", registry=r
@@ -199,8 +202,10 @@ class Metrics:
         """A data-parallel replica came up, went down or is being restarted."""
         if event == "restarted":
             self.replica_restarts.labels(replica=str(replica)).inc()
-        else:
-            self.replica_up.labels(replica=str(replica)).set(1 if event == "up" else 0)
+            return
+        self.replica_up.labels(replica=str(replica)).set(1 if event == "up" else 0)
+        if event == "down":  # its queue, batch and blocks went with it
+            self.record(StepReport(), replica)
 
     def on_embedding_batch(self, inputs: int, tokens: int) -> None:
         self.embedding_inputs.inc(inputs)
