@@ -52,6 +52,8 @@ from spyre_cb.wire import broadcast_plan, open_plan_channel
 #: seconds between a worker's heartbeats, and without one before rank 0 declares it lost
 HEARTBEAT_S = 0.25
 HEARTBEAT_TIMEOUT_S = 3.0
+
+
 def _beat_key(rank: int) -> str:
     """A rank's heartbeat counter, per launcher attempt (the store outlives a restart)."""
     return f"spyre_cb/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/beat/{rank}"

@@ -129,6 +129,8 @@ def make_tiny_checkpoint(
     max_position_embeddings: int = 4096,
     init_gain: float = 2.0,
     add_bos: bool = False,
+    model_vocab_size: int | None = None,
+    dtype: str = "float32",
 ) -> Path:
     """Writes a random-weight decoder checkpoint and its tokenizer to ``directory``.
 
@@ -137,6 +139,9 @@ def make_tiny_checkpoint(
     enough that greedy decoding produces varied tokens (a tied, small-init
     random model repeats one token, which would make token-equality checks
     weak). ``arch`` is ``"granite"``, ``"llama"`` or ``"mistral"``.
+    ``model_vocab_size`` pads the embedding and output rows past the
+    tokenizer's (a real model's table size, for benchmarks); ``dtype`` is what
+    the weights are saved in (``"float32"`` or ``"bfloat16"``).
     """
     import torch
     import transformers
@@ -147,7 +152,7 @@ def make_tiny_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(vocab_size, add_bos=add_bos)
     common = dict(
-        vocab_size=len(tok),
+        vocab_size=max(len(tok), model_vocab_size or 0),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_layers,
@@ -161,7 +166,7 @@ def make_tiny_checkpoint(
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-        torch_dtype="float32",
+        torch_dtype=dtype,
     )
     config: Any
     if arch == "granite":
@@ -186,6 +191,7 @@ def make_tiny_checkpoint(
         for p in model.parameters():
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) * (init_gain / p.shape[-1] ** 0.5))
+    model = model.to(getattr(torch, dtype))
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     (out / "spyre_cb_tiny.json").write_text(json.dumps({"seed": seed, "arch": arch}) + "\n")
