@@ -22,7 +22,9 @@ sets ``VLLM_CPU_KVCACHE_SPACE`` and ``VLLM_CPU_OMP_THREADS_BIND`` itself.
 
 Workloads (seeded; every request greedy with ``ignore_eos``):
 ``mixed`` — prompts 16-400 tokens, outputs 16-256; ``decode-heavy`` —
-prompts 16-64, outputs 256-512.
+prompts 16-64, outputs 256-512; ``short`` — prompts 8-32, outputs 24-40
+(for the real sizes). ``--shape granite-2b`` / ``granite-8b-8l`` give the
+checkpoint a real architecture's shape (written in ``--dtype``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-WORKLOADS = {"mixed": ((16, 400), (16, 256)), "decode-heavy": ((16, 64), (256, 512))}
+WORKLOADS = {"mixed": ((16, 400), (16, 256)), "decode-heavy": ((16, 64), (256, 512)), "short": ((8, 32), (24, 40))}
+#: real architectures' shapes (random weights; ``--shape``): layers, hidden, heads, KV heads, FFN, vocabulary rows
+SHAPES = {
+    "granite-2b": (40, 2048, 16, 8, 8192, 49152),
+    "granite-8b-8l": (8, 4096, 32, 8, 12800, 49152),  # an 8B-class layer, 8 of its 40 layers
+}
 
 
 # ----- measuring a process tree (Linux /proc) --------------------------------------------
@@ -276,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each engine")
     ap.add_argument("--cpus", default="0", help="taskset CPU list both engines are pinned to ('' = no pinning)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="a real architecture's shape (overrides the sizes)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--heads", type=int, default=12)
@@ -304,7 +312,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from spyre_cb.models import make_tiny_checkpoint
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("SPYRE_CB_BENCH_DIR")) as tmp:
+        extra: dict = {}
+        if args.shape:
+            layers, hidden, heads, kv, ffn, rows = SHAPES[args.shape]
+            args.layers, args.hidden, args.heads, args.kv_heads = layers, hidden, heads, kv
+            extra = dict(intermediate_size=ffn, model_vocab_size=rows, dtype=args.dtype, init_gain=1.0)
+        t0 = time.perf_counter()
         model = make_tiny_checkpoint(
             Path(tmp) / "model",
             seed=args.seed,
@@ -313,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             num_heads=args.heads,
             num_kv_heads=args.kv_heads,
             vocab_size=args.vocab,
+            **extra,
         )
+        print(f"checkpoint written in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         work = Path(tmp) / "workload.json"
         requests = make_workload(args.requests, args.kind, args.vocab, args.seed)
         if args.quick:
@@ -338,7 +354,19 @@ def main(argv: list[str] | None = None) -> int:
         }
     result["settings"] = {
         k: getattr(args, k)
-        for k in ("requests", "kind", "dtype", "threads", "cpus", "layers", "hidden", "heads", "kv_heads", "vocab")
+        for k in (
+            "requests",
+            "kind",
+            "dtype",
+            "threads",
+            "cpus",
+            "shape",
+            "layers",
+            "hidden",
+            "heads",
+            "kv_heads",
+            "vocab",
+        )
     } | {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len, "rounds": args.rounds}
     result["machine"] = machine()
     text = json.dumps(result, indent=1)

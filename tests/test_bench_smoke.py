@@ -85,3 +85,13 @@ def test_data_parallel_quick():
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert all(e["tokens_identical_to_one_engine"] for e in result["engines"].values()), result
     assert result["router_route_us"]["least-loaded"] > 0 and result["submit_latency_ms"]["dp2"] > 0
+
+
+def test_weight_bandwidth_quick():
+    """The decode-bandwidth measure on the tiny shape: its numbers are present and positive."""
+    import json
+
+    r = run("weight_bandwidth.py", "--shape", "tiny", "--stream-mib", "64", "--batch", "4", "--steps", "6")
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["stream_gb_s"]["triad"] > 0 and result["batches"]["4"]["weight_gb_s"] > 0, result

@@ -198,8 +198,8 @@ def test_a_killed_replica_fails_its_requests_the_other_serves_and_it_restarts(dp
     assert h["replicas"][1]["pid"] != victim and h["replicas"][0]["restarts"] == 0
     assert _metric(dp_server, "spyre_cb_replica_restarts_total", 1) == 1
     # the restarted replica serves
-    c = dp_server.client()
-    r = c.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=4, temperature=0.0)
+    with dp_server.client() as c:  # (closed: no keep-alive connection holds up the server's shutdown)
+        r = c.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=4, temperature=0.0)
     assert len(r.choices) == 2
     assert _health(dp_server)["replicas"][1]["requests"] > replicas[1]["requests"]
 
@@ -270,7 +270,7 @@ def test_prefix_affinity_takes_more_prompts_from_the_cache(tmp_path_factory):
     os.environ.setdefault("SPYRE_CB_CACHE", str(tmp_path_factory.mktemp("dpprefix")))
     from spyre_cb.models import tiny_model_path
 
-    got = prefix_hits(str(tiny_model_path()), 48, quick=True)
+    got = prefix_hits(str(tiny_model_path()), 48, ("round-robin", "prefix-affinity"))
     rr, aff = got["round-robin"], got["prefix-affinity"]
     assert rr["hit_blocks"] > 0, got
     assert aff["hit_blocks"] > rr["hit_blocks"], got
