@@ -275,3 +275,28 @@ def test_prefix_affinity_takes_more_prompts_from_the_cache(tmp_path_factory):
     assert rr["hit_blocks"] > 0, got
     assert aff["hit_blocks"] > rr["hit_blocks"], got
     assert sum(aff["requests_per_replica"]) == 48 and min(aff["requests_per_replica"]) > 0, got
+
+
+def test_replicas_of_two_tensor_parallel_ranks_each(tmp_path_factory):
+    """``--data-parallel-size 2 --tensor-parallel-size 2``: each replica starts its own
+    ranks (its children); tokens equal one engine's, and nothing is left after."""
+    os.environ.setdefault("SPYRE_CB_CACHE", str(tmp_path_factory.mktemp("dptp")))
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [17, 18]]
+    p = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    llm = spyre_cb.LLM("tiny", max_num_seqs=4, num_threads=1)
+    try:
+        want = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": x} for x in prompts], p)]
+    finally:
+        llm.engine.shutdown()  # (gives the process its threads back)
+    config = spyre_cb.EngineConfig(max_num_seqs=4, tensor_parallel_size=2, num_threads=1)
+    with DataParallelEngine(config, 2) as dp:
+
+        async def run() -> list[list[int]]:
+            streams = await dp.submit_all([(x, p, f"t{i}") for i, x in enumerate(prompts)])
+            return [[t async for o in s for t in o.new_token_ids] for s in streams]
+
+        assert asyncio.run(asyncio.wait_for(run(), 120)) == want
+        pids = [r.pid for r in dp.status()]
+        assert all(r.requests == 2 for r in dp.status())
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z"
