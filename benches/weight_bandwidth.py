@@ -5,7 +5,8 @@ it is bound by reading the weights once per step. This script measures how
 close spyre_cb's decode gets to that limit:
 
 1. **The machine's bandwidth**, STREAM-style with torch at the engine's
-   thread count: ``copy`` (``a[:] = b``, 2 arrays moved) and ``triad``
+   thread count: ``read`` (``b.sum()``: what streaming weights needs),
+   ``copy`` (``a[:] = b``, 2 arrays moved) and ``triad``
    (``a = b + s * c``, 3 arrays) over arrays far larger than the caches,
    best of 5, in GB/s (10^9 bytes).
 2. **A random-weight checkpoint with a real architecture's shape** (``--shape``):
@@ -53,12 +54,15 @@ SHAPES: dict[str, dict[str, int]] = {
 
 
 def stream(threads: int, n_bytes: int = 1 << 30) -> dict[str, float]:
-    """Best-of-5 copy and triad bandwidth (GB/s) over float32 arrays of ``n_bytes`` each."""
+    """Best-of-5 read (a sum), copy and triad bandwidth (GB/s) over float32 arrays of ``n_bytes`` each."""
     torch.set_num_threads(threads)
     n = n_bytes // 4
     a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
-    best = {"copy": 0.0, "triad": 0.0}
+    best = {"read": 0.0, "copy": 0.0, "triad": 0.0}
     for _ in range(5):
+        t = time.perf_counter()
+        b.sum()
+        best["read"] = max(best["read"], n_bytes / (time.perf_counter() - t) / 1e9)
         t = time.perf_counter()
         a.copy_(b)
         best["copy"] = max(best["copy"], 2 * n_bytes / (time.perf_counter() - t) / 1e9)
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from spyre_cb.models import make_tiny_checkpoint
 
     bw = stream(a.threads, a.stream_mib << 20)
-    print(f"STREAM ({a.threads} thread(s)): copy {bw['copy']} GB/s, triad {bw['triad']} GB/s", flush=True)
+    print(f"STREAM ({a.threads} thread(s)): read {bw['read']}, copy {bw['copy']}, triad {bw['triad']} GB/s", flush=True)
     shape = SHAPES[a.shape]
     result: dict[str, Any] = {"shape": a.shape, "dtype": a.dtype, "threads": a.threads, "stream_gb_s": bw}
     with tempfile.TemporaryDirectory(dir=os.environ.get("SPYRE_CB_BENCH_DIR")) as tmp:

@@ -77,7 +77,7 @@ def test_embed_quick():
 
 
 def test_data_parallel_quick():
-    """Two replicas, one engine and two TP ranks on the tiny model: the same tokens."""
+    """Two replicas and one engine on the tiny model: the same tokens."""
     import json
 
     r = run("data_parallel.py", "--quick")
