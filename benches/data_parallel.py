@@ -140,7 +140,7 @@ def prefix_hits(
 
             secs = asyncio.run(run())
             spread = [r.requests for r in dp.status()]
-        usable = sum((len(ids) - 1) // 64 for ids, _ in work)
+        usable = sum((len(ids) - 1) // _core.BLOCK_SIZE for ids, _ in work)  # a hit leaves the last token
         out[rule] = {
             "hit_blocks": hits[0],
             "hit_requests": hits[1],

@@ -73,9 +73,8 @@ def drain(eng) -> None:
     eng.scheduler.check_invariants()
 
 
-def spawned_children(parent_pid: int) -> list[int]:
-    """Pids of ``parent_pid``'s children started by multiprocessing's spawn
-    (tensor-parallel workers; not its resource tracker), read from /proc."""
+def children(parent_pid: int) -> list[tuple[int, bytes]]:
+    """``parent_pid``'s children: (pid, command line), read from /proc."""
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -87,6 +86,12 @@ def spawned_children(parent_pid: int) -> list[int]:
                 cmd = f.read()
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == parent_pid and b"spawn_main" in cmd:
-            out.append(int(entry))
+        if ppid == parent_pid:
+            out.append((int(entry), cmd))
     return out
+
+
+def spawned_children(parent_pid: int) -> list[int]:
+    """Pids of ``parent_pid``'s children started by multiprocessing's spawn
+    (tensor-parallel workers; not its resource tracker)."""
+    return [pid for pid, cmd in children(parent_pid) if b"spawn_main" in cmd]

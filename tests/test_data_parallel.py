@@ -18,7 +18,6 @@ import os
 import re
 import signal
 import time
-import urllib.request
 
 import pytest
 
@@ -28,7 +27,7 @@ from spyre_cb.data_parallel import DataParallelEngine, cpu_shares
 
 openai = pytest.importorskip("openai")
 
-from test_server import Server  # noqa: E402
+from test_server import Server, _get  # noqa: E402
 
 
 def test_cpu_shares_split_the_cpus_into_contiguous_groups():
@@ -78,13 +77,13 @@ def test_a_request_a_replica_cannot_take_is_refused_alone(tmp_path_factory):
 
 
 def _health(server: Server) -> dict:
-    with urllib.request.urlopen(server.base + "/health", timeout=5) as r:
-        return json.loads(r.read())
+    status, text = _get(server.base + "/health")
+    assert status == 200, text
+    return json.loads(text)
 
 
 def _metric(server: Server, name: str, replica: int) -> float:
-    with urllib.request.urlopen(server.base + "/metrics", timeout=5) as r:
-        text = r.read().decode()
+    _, text = _get(server.base + "/metrics")
     m = re.search(rf'^{re.escape(name)}{{replica="{replica}"}} ([0-9.e+-]+)$', text, re.M)
     assert m, f"{name}{{replica={replica}}} not in /metrics"
     return float(m.group(1))

@@ -24,21 +24,13 @@ from spyre_cb.launched import launched_rank
 
 openai = pytest.importorskip("openai")
 
+from conftest import children  # noqa: E402
 from test_server import _free_port, _get  # noqa: E402
 
 
 def _children(pid: int) -> list[int]:
-    """Pids of ``pid``'s children (the ranks an agent started), read from /proc."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
+    """Pids of ``pid``'s children (the ranks an agent started)."""
+    return [c for c, _ in children(pid)]
 
 
 def _running(pid: int) -> bool:

@@ -111,7 +111,7 @@ def _replica_main(conn: Any, config: EngineConfig, index: int, cpus: list[int]) 
         with lock:
             try:
                 conn.send(msg)
-            except (OSError, EOFError, BrokenPipeError):  # the front is gone: the loop below ends
+            except (OSError, EOFError):  # the front is gone: the loop below ends
                 pass
 
     reporter = StepReporter()

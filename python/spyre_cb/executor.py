@@ -141,10 +141,16 @@ def serve_plans(runner: ModelRunner) -> bool:
     except BaseException:  # rank 0 went away or a collective failed: nothing left to serve
         return False
     finally:
-        try:
+        leave_group()
+
+
+def leave_group() -> None:
+    """Leaves this process's group, if any (a peer that is gone makes it fail: ignored)."""
+    try:
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _stop_processes(procs: list[Any], grace_s: float = 5.0) -> None:
@@ -341,7 +347,7 @@ class TensorParallelExecutor:
                 time.sleep(0.02)
                 dead = self._dead_workers()
             self._teardown()
-            self._failure = f"tensor-parallel step failed: {type(e).__name__}: {_first_line(str(e))}"
+            self._failure = f"tensor-parallel step failed: {type(e).__name__}: {first_line(str(e))}"
             if dead:
                 self._failure = f"tensor-parallel worker {', '.join(dead)} died; {self._failure}"
             if isinstance(e, Exception) and not isinstance(e, ExecutorError):
@@ -353,11 +359,7 @@ class TensorParallelExecutor:
             return
         self._closed = True
         _stop_processes(self._procs, 0.0 if any(not p.is_alive() for p in self._procs) else 0.5)
-        try:
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
+        leave_group()
         self._threads.restore()
         self._finalizer.detach()
 
@@ -378,7 +380,8 @@ class TensorParallelExecutor:
         return [p.pid for p in self._procs if p.pid is not None]
 
 
-def _first_line(text: str, limit: int = 300) -> str:
+def first_line(text: str, limit: int = 300) -> str:
+    """An error's first line, at most ``limit`` characters (for a one-line reason)."""
     line = text.strip().splitlines()[0] if text.strip() else ""
     return line if len(line) <= limit else line[:limit] + "..."
 

@@ -45,6 +45,7 @@ from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
 from spyre_cb.cpus import ThreadSetting, intra_op_threads
 from spyre_cb.errors import ConfigError, ExecutorError
+from spyre_cb.executor import first_line, leave_group, serve_plans
 from spyre_cb.plan import ForwardPlan
 from spyre_cb.runner import ModelRunner
 from spyre_cb.wire import broadcast_plan, open_plan_channel
@@ -169,11 +170,9 @@ class LaunchedExecutor:
             return self.runner.execute(plan, all_positions=all_positions)
         except BaseException as e:
             # a peer that died breaks the collective: say which one, if its heartbeat says so
-            self._checked = 0.0
             time.sleep(HEARTBEAT_S)
-            lost = [r for r in self._beats if self._silent(r)]
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            why = f"tensor-parallel step failed: {type(e).__name__}: {first}"
+            lost = self._silent_ranks()
+            why = f"tensor-parallel step failed: {type(e).__name__}: {first_line(str(e))}"
             if lost:
                 why = f"tensor-parallel rank {', '.join(map(str, lost))} (started by the launcher) is lost; {why}"
             self._fail(why)
@@ -181,25 +180,22 @@ class LaunchedExecutor:
                 raise ExecutorError(why) from e
             raise
 
-    def _silent(self, r: int) -> bool:
-        """Whether rank ``r``'s heartbeat has not moved over the last moments."""
+    def _silent_ranks(self) -> list[int]:
+        """The worker ranks whose heartbeat does not move over two beats (all of them
+        when the launcher's store cannot be read)."""
         try:
-            a = int(self._store.add(_beat_key(r), 0))
+            before = {r: int(self._store.add(_beat_key(r), 0)) for r in self._beats}
             time.sleep(2 * HEARTBEAT_S)
-            return int(self._store.add(_beat_key(r), 0)) == a
+            return [r for r in self._beats if int(self._store.add(_beat_key(r), 0)) == before[r]]
         except Exception:  # noqa: BLE001
-            return True
+            return list(self._beats)
 
     def _teardown(self) -> None:
         if self._closed:
             return
         self._closed = True
         atexit.unregister(self.shutdown)
-        try:
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-        except Exception:  # noqa: BLE001
-            pass
+        leave_group()
         self._threads.restore()
 
     def shutdown(self) -> None:
@@ -237,8 +233,6 @@ def run_worker(config: EngineConfig) -> int:
 
     t = threading.Thread(target=beat, name="spyre-cb-heartbeat", daemon=True)
     t.start()
-    from spyre_cb.executor import serve_plans
-
     try:
         return 0 if serve_plans(runner) else 1
     finally:
