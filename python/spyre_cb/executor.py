@@ -119,7 +119,7 @@ def _worker_main(rank: int, world: int, port: int, model: str, config: EngineCon
         store = torch.distributed.TCPStore("127.0.0.1", port, world, False, timeout)
         store.add(_JOINED, 1)
         _init_group(config.distributed_backend, rank, world, store, config.tp_timeout_s)
-        open_plan_channel()
+        open_plan_channel(timeout)
         runner = ModelRunner(Checkpoint.open(model, allow_unverified=True), config, tensor_parallel=True)
     except BaseException:
         ready.put(("error", rank, traceback.format_exc()))
@@ -212,7 +212,6 @@ class TensorParallelExecutor:
                 p.start()
             self._await_joined(store, ready, world - 1, config.tp_timeout_s)
             self._connect(config.distributed_backend, world, store, config.tp_timeout_s)
-            open_plan_channel()
             self.runner = ModelRunner(checkpoint, config, tensor_parallel=True)
             self._await_ready(ready, world - 1, config.tp_timeout_s)
         except BaseException:
@@ -266,7 +265,7 @@ class TensorParallelExecutor:
             time.sleep(0.05)
 
     def _connect(self, backend: str, world: int, store: Any, timeout_s: float) -> None:
-        """Rank 0's side of the process group, made in a helper thread while this one
+        """Rank 0's side of the process group and of the plan channel, made in a helper thread while this one
         watches the workers: one that dies after joining the store but before every
         rank is connected is an ExecutorError at once, not after ``timeout_s``. (The
         helper, blocked in the backend's connect, then ends with its own timeout.)"""
@@ -275,6 +274,7 @@ class TensorParallelExecutor:
         def connect() -> None:
             try:
                 _init_group(backend, 0, world, store, timeout_s)
+                open_plan_channel(timedelta(seconds=timeout_s))  # (a collective too: watched the same way)
             except BaseException as e:  # noqa: BLE001 (re-raised below, on the caller's thread)
                 failed.append(e)
 

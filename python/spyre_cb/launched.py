@@ -96,7 +96,7 @@ def _join(config: EngineConfig, rank: int, world: int) -> None:
         world_size=world,
         timeout=timedelta(seconds=config.tp_timeout_s),
     )
-    open_plan_channel()
+    open_plan_channel(timedelta(seconds=config.tp_timeout_s))
 
 
 class LaunchedExecutor:

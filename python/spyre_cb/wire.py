@@ -98,11 +98,13 @@ PLAN_WAIT = timedelta(days=20)
 _channel: Any = None
 
 
-def open_plan_channel() -> None:
+def open_plan_channel(timeout: timedelta) -> None:
     """Every rank, right after the process group is made (a collective call): the
-    group the plans travel on (``PLAN_WAIT``)."""
+    group the plans travel on. It is made within ``timeout`` (a rank that died
+    meanwhile fails it then, not after ``PLAN_WAIT``), then waits ``PLAN_WAIT``."""
     global _channel
-    _channel = torch.distributed.new_group(timeout=PLAN_WAIT)
+    _channel = torch.distributed.new_group(timeout=timeout)
+    torch.distributed.distributed_c10d._set_pg_timeout(PLAN_WAIT, _channel)
 
 
 def broadcast_plan(plan: ForwardPlan | None, all_positions: bool = False) -> None:
