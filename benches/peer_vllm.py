@@ -184,6 +184,7 @@ def _spyre_cb(args: argparse.Namespace, t0: float):
         max_model_len=args.max_model_len,
         dtype=args.dtype,
         num_threads=args.threads,
+        linear_ops=args.linear_ops,
     )
     load_s = time.perf_counter() - t0
 
@@ -249,6 +250,7 @@ def run_worker(engine: str, python: str, args: argparse.Namespace, model: Path, 
         str(out),
     ]
     cmd += ["--dtype", args.dtype, "--threads", str(args.threads), "--max-num-seqs", str(args.max_num_seqs)]
+    cmd += ["--linear-ops", args.linear_ops]
     cmd += ["--max-model-len", str(args.max_model_len)]
     if args.cpus:
         cmd = ["taskset", "-c", args.cpus, *cmd]
@@ -282,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workload", dest="kind", choices=sorted(WORKLOADS), default="mixed")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each engine")
+    ap.add_argument("--linear-ops", default="auto", help="spyre_cb's EngineConfig.linear_ops")
     ap.add_argument("--cpus", default="0", help="taskset CPU list both engines are pinned to ('' = no pinning)")
     ap.add_argument("--shape", choices=sorted(SHAPES), help="a real architecture's shape (overrides the sizes)")
     ap.add_argument("--layers", type=int, default=4)

@@ -25,7 +25,7 @@ close spyre_cb's decode gets to that limit:
 
 JSON on the last line.
 
-    python benches/weight_bandwidth.py --shape granite-2b --dtype bfloat16 [--threads 1]
+    python benches/weight_bandwidth.py --shape granite-2b --dtype bfloat16 [--threads 1] [--linear-ops native onednn]
 """
 
 from __future__ import annotations
@@ -74,11 +74,11 @@ def stream(threads: int, n_bytes: int = 1 << 30) -> dict[str, float]:
 
 
 def weight_bytes(model: torch.nn.Module, element_size: int) -> int:
-    """Bytes a decode step reads: every linear layer's weight (plain or prepacked for
-    oneDNN), the output head among them; not the embedding table (B rows a step)."""
+    """Bytes a decode step reads: every linear layer's weight (plain, native or prepacked
+    for oneDNN), the output head among them; not the embedding table (B rows a step)."""
     total = 0
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear) or hasattr(m, "packed"):
+        if isinstance(m, torch.nn.Linear) or hasattr(m, "out_features") and hasattr(m, "in_features"):
             total += int(m.in_features) * int(m.out_features) * element_size
     return total
 
@@ -99,6 +99,42 @@ def decode(engine: Any, batch: int, steps: int, vocab: int) -> dict[str, float]:
     return {"step_s": statistics.median(times[1:]), "steps": len(times)}
 
 
+def run_engine(path: Path, a: argparse.Namespace, ops: str, most: int) -> dict[str, Any]:
+    """Loads one engine with ``linear_ops=ops`` and times its decode at each batch."""
+    import gc
+
+    from spyre_cb.engine import Engine
+
+    t = time.perf_counter()
+    eng = Engine(
+        str(path),
+        dtype=a.dtype,
+        num_threads=a.threads,
+        max_num_seqs=most,
+        max_model_len=256,
+        available_blocks=2 * most + 2,
+        linear_ops=ops,
+    )
+    out: dict[str, Any] = {"linear_ops": eng.runner.linear_ops, "load_s": round(time.perf_counter() - t, 2)}
+    # ru_maxrss is the process's peak so far: the first engine's is its own
+    out["peak_rss_gb_so_far"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+    wb = weight_bytes(eng.runner.model, 2 if a.dtype == "bfloat16" else 4)
+    out["weight_gb_per_step"] = round(wb / 1e9, 3)
+    out["batches"] = {}
+    for b in a.batch:
+        d = decode(eng, b, a.steps, eng.vocab_size)
+        gbs = wb / d["step_s"] / 1e9
+        out["batches"][str(b)] = {
+            "decode_step_s": round(d["step_s"], 4),
+            "decode_tokens_per_s": round(b / d["step_s"], 1),
+            "weight_gb_s": round(gbs, 2),
+        }
+    eng.shutdown()
+    del eng
+    gc.collect()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="granite-2b")
@@ -107,45 +143,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--stream-mib", type=int, default=1024, help="bytes per STREAM array")
+    ap.add_argument(
+        "--linear-ops",
+        nargs="+",
+        default=["auto"],
+        help="one engine per value, loaded in turn from the same checkpoint (e.g. native onednn)",
+    )
+    ap.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="write the checkpoint here and keep it, or reuse it if DIR holds one (then this process's peak "
+        "memory is the engine's alone)",
+    )
     a = ap.parse_args(argv)
-    from spyre_cb.engine import Engine
     from spyre_cb.models import make_tiny_checkpoint
 
+    shape = SHAPES[a.shape]
+    result: dict[str, Any] = {"shape": a.shape, "dtype": a.dtype, "threads": a.threads}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("SPYRE_CB_BENCH_DIR")) as tmp:
+        path = Path(a.checkpoint) if a.checkpoint else Path(tmp) / "m"
+        if (path / "config.json").exists():
+            result["write_checkpoint_s"] = None
+        else:
+            t = time.perf_counter()
+            make_tiny_checkpoint(path, init_gain=1.0, dtype=a.dtype, **shape)
+            result["write_checkpoint_s"] = round(time.perf_counter() - t, 1)
+            print(f"checkpoint written in {result['write_checkpoint_s']} s", flush=True)
+        most = max(a.batch)
+        result["engines"] = {}
+        for ops in a.linear_ops:
+            result["engines"][ops] = run_engine(path, a, ops, most)
+            print(f"linear_ops {ops}: {result['engines'][ops]}", flush=True)
+    # after the engines, so that the peak memory reported is theirs, not the arrays'
     bw = stream(a.threads, a.stream_mib << 20)
     print(f"STREAM ({a.threads} thread(s)): read {bw['read']}, copy {bw['copy']}, triad {bw['triad']} GB/s", flush=True)
-    shape = SHAPES[a.shape]
-    result: dict[str, Any] = {"shape": a.shape, "dtype": a.dtype, "threads": a.threads, "stream_gb_s": bw}
-    with tempfile.TemporaryDirectory(dir=os.environ.get("SPYRE_CB_BENCH_DIR")) as tmp:
-        t = time.perf_counter()
-        path = make_tiny_checkpoint(Path(tmp) / "m", init_gain=1.0, dtype=a.dtype, **shape)
-        result["write_checkpoint_s"] = round(time.perf_counter() - t, 1)
-        print(f"checkpoint written in {result['write_checkpoint_s']} s", flush=True)
-        most = max(a.batch)
-        t = time.perf_counter()
-        eng = Engine(
-            str(path),
-            dtype=a.dtype,
-            num_threads=a.threads,
-            max_num_seqs=most,
-            max_model_len=256,
-            available_blocks=2 * most + 2,
-        )
-        result["load_s"] = round(time.perf_counter() - t, 2)
-        result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
-        wb = weight_bytes(eng.runner.model, 2 if a.dtype == "bfloat16" else 4)
-        result["weight_gb_per_step"] = round(wb / 1e9, 3)
-        result["batches"] = {}
-        for b in a.batch:
-            d = decode(eng, b, a.steps, eng.vocab_size)
-            gbs = wb / d["step_s"] / 1e9
-            result["batches"][str(b)] = {
-                "decode_step_s": round(d["step_s"], 4),
-                "decode_tokens_per_s": round(b / d["step_s"], 1),
-                "weight_gb_s": round(gbs, 2),
-                "fraction_of_triad": round(gbs / bw["triad"], 3),
-            }
-            print(f"batch {b}: {result['batches'][str(b)]}", flush=True)
-        eng.shutdown()
+    result["stream_gb_s"] = bw
+    for engine in result["engines"].values():
+        for batch in engine["batches"].values():
+            batch["fraction_of_triad"] = round(batch["weight_gb_s"] / bw["triad"], 3)
     print(json.dumps(result))
     return 0
 

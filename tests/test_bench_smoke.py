@@ -91,7 +91,13 @@ def test_weight_bandwidth_quick():
     """The decode-bandwidth measure on the tiny shape: its numbers are present and positive."""
     import json
 
-    r = run("weight_bandwidth.py", "--shape", "tiny", "--stream-mib", "64", "--batch", "4", "--steps", "6")
+    r = run(
+        "weight_bandwidth.py",
+        *("--shape", "tiny", "--stream-mib", "64", "--batch", "4", "--steps", "6", "--linear-ops", "auto", "torch"),
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert result["stream_gb_s"]["triad"] > 0 and result["batches"]["4"]["weight_gb_s"] > 0, result
+    assert result["stream_gb_s"]["triad"] > 0, result
+    for ops in ("auto", "torch"):
+        assert result["engines"][ops]["batches"]["4"]["weight_gb_s"] > 0, result
+    assert result["engines"]["torch"]["linear_ops"] == "torch"

@@ -40,6 +40,8 @@ __all__ = [
     "synthetic_workload",
     "paged_decode_attention",
     "paged_decode_attention_bf16",
+    "linear_bf16",
+    "linear_bf16_is_fast",
     "StopStringMatcher",
     "BLOCK_SIZE",
     "NULL_BLOCK",
@@ -568,3 +570,20 @@ def paged_decode_attention_bf16(
 ) -> None:
     """:func:`paged_decode_attention` over a bfloat16 cache given as its bits
     (``uint16`` views of torch's ``bfloat16`` storage); query and ``out`` in float32."""
+
+def linear_bf16(
+    x: npt.NDArray[np.uint16],
+    weight: npt.NDArray[np.uint16],
+    bias: npt.NDArray[np.uint16] | None,
+    out: npt.NDArray[np.uint16],
+    threads: int = 1,
+) -> None:
+    """``out = x weight^T + bias`` in bfloat16, every array the bits of a bfloat16
+    tensor: ``x`` ``[rows, in]``, ``weight`` ``[out, in]`` (as ``nn.Linear`` stores it),
+    ``bias`` ``[out]``, ``out`` ``[rows, out]``; ``f32`` sums rounded once to nearest
+    even. Split over up to ``threads`` threads by output feature; the GIL is released.
+    Every array must be C-contiguous; shapes that disagree raise ``ValueError``."""
+
+def linear_bf16_is_fast() -> bool:
+    """Whether this CPU runs :func:`linear_bf16` vectorized (AVX512_BF16); without it
+    the kernel still computes the right numbers, slowly."""

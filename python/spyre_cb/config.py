@@ -21,7 +21,7 @@ from spyre_cb.errors import ConfigError
 BACKENDS = ("eager", "inductor", "sendnn")
 ATTENTION_OPS = ("native", "vectorized", "fms")
 DTYPES = ("float32", "bfloat16", "float16")
-LINEAR_OPS = ("auto", "onednn", "torch")
+LINEAR_OPS = ("auto", "native", "onednn", "torch")
 DISTRIBUTED = ("gloo", "nccl")
 POLICIES = ("continuous", "chunked")
 
@@ -70,9 +70,10 @@ class EngineConfig:
     dtype: str = _opt("float32", "weights and KV cache dtype", choices=DTYPES)
     linear_ops: str = _opt(
         "auto",
-        "linear layers: onednn (weights prepacked once at load for oneDNN: about twice as fast at decode "
-        "shapes), torch (F.linear as stored), or auto (onednn with the eager backend where this CPU and "
-        "torch support the dtype, else torch)",
+        "linear layers: onednn (weights prepacked once at load for oneDNN: about twice as fast as torch at "
+        "decode shapes), native (this project's bfloat16 kernel on the weights as stored, needs AVX512_BF16: "
+        "as fast at batch 1-2, slower at 4-32, loads twice as fast), torch (F.linear as stored), or auto "
+        "(onednn with the eager backend where this CPU and torch support the dtype, else torch)",
         choices=LINEAR_OPS,
     )
     num_threads: int | None = _opt(
@@ -99,10 +100,10 @@ class EngineConfig:
         for name in ("allow_unverified_architectures", "interleave", "decode_pausing", "prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
-        if self.linear_ops == "onednn" and self.backend != "eager":
+        if self.linear_ops in ("native", "onednn") and self.backend != "eager":
             raise ConfigError(
-                f"linear_ops 'onednn' runs with backend 'eager'; backend {self.backend!r} compiles the model's "
-                "linear layers itself (use linear_ops 'auto' or 'torch')"
+                f"linear_ops {self.linear_ops!r} runs with backend 'eager'; backend {self.backend!r} compiles the "
+                "model's linear layers itself (use linear_ops 'auto' or 'torch')"
             )
         tp = self.tensor_parallel_size
         if isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= 64:

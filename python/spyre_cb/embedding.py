@@ -209,8 +209,7 @@ class Embedder:
         dtype = TORCH_DTYPES[cfg.dtype]
         self.model, self.hidden_size = load_encoder(ckpt, dtype)
         self.linear_ops = linear.resolve(cfg.linear_ops, cfg.backend, dtype)
-        if self.linear_ops == "onednn":
-            linear.pack_linears(self.model, batch_hint=cfg.max_num_seqs * 64)
+        linear.replace_linears(self.model, self.linear_ops, batch_hint=cfg.max_num_seqs * 64)
         self.vocab_size = int(ckpt.config.get("vocab_size") or 0)
         pad = ckpt.config.get("pad_token_id")
         self.pad_id = int(pad) if isinstance(pad, int) else 0

@@ -1,4 +1,5 @@
-"""Linear layers with their weights prepacked for oneDNN, once, at load.
+"""How the model's linear layers run: this project's bfloat16 kernel, or
+oneDNN with the weights prepacked once at load, or ``F.linear``.
 
 A decode step multiplies a handful of rows (the batch) by every weight
 matrix, so its matmuls are bound by reading the weights. ``F.linear`` on CPU
@@ -9,6 +10,15 @@ thread: 786 µs -> 408 µs; bfloat16: 330 µs -> 202 µs) and is also faster at
 prefill shapes. The same primitive is what torch's inductor emits with
 freezing, and what vLLM's CPU engine uses.
 
+In bfloat16 on a CPU with AVX512_BF16, ``linear_ops="native"`` runs this
+project's kernel (``spyre_cb._core.linear_bf16``): it reads the weights as
+stored, once per call, prefetching the next rows while it multiplies the
+current ones with every input row, and leaves a prefill's many rows to
+``F.linear``. Measured against oneDNN (BENCHMARKS.md §10): as fast at one or
+two rows (the output head: 1.3-1.5x), 0.7-0.9x at 4-32 rows, and no packed
+copy to build at load (granite-2b loads in half the time). So ``auto`` keeps
+oneDNN; ``native`` is for batch-1 latency and quick loads.
+
 Only exact ``torch.nn.Linear`` modules are replaced (an FMS tensor-parallel
 shard is one: its collectives live in the enclosing block); the numbers are
 the same up to float reassociation.
@@ -18,10 +28,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
+from spyre_cb import _core
 from spyre_cb.config import LINEAR_OPS
 from spyre_cb.errors import ConfigError
+
+
+def native_available(dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether this project's linear kernel runs ``dtype`` fast here, and if not why."""
+    if dtype != torch.bfloat16:
+        return False, f"the native linear kernel is bfloat16 only, not {str(dtype).removeprefix('torch.')}"
+    if not _core.linear_bf16_is_fast():
+        return False, "this CPU lacks AVX512_BF16 (the native linear kernel's instructions)"
+    return True, ""
 
 
 def onednn_available(dtype: torch.dtype) -> tuple[bool, str]:
@@ -57,21 +78,66 @@ class PackedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, onednn"
 
 
+#: rows above which ``NativeLinear`` hands the product to ``F.linear`` (oneDNN with the
+#: weight reordered on the fly: a prefill's many rows amortize that, and oneDNN's
+#: blocked GEMM runs them faster than the kernel; measured in BENCHMARKS.md §10)
+NATIVE_MAX_ROWS = 32
+
+
+class NativeLinear(torch.nn.Module):
+    """``y = x W^T + b`` in bfloat16, ``W`` as stored: this project's kernel for up to
+    :data:`NATIVE_MAX_ROWS` rows (a decode step), ``F.linear`` for more (a prefill)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight.detach().contiguous()
+        self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
+        self._weight_bits = _bits(self.weight)
+        self._bias_bits = None if self.bias is None else _bits(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16 or x.numel() > NATIVE_MAX_ROWS * self.in_features:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, self.in_features).contiguous()
+        out = torch.empty((rows.shape[0], self.out_features), dtype=torch.bfloat16)
+        _core.linear_bf16(_bits(rows), self._weight_bits, self._bias_bits, _bits(out), torch.get_num_threads())
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, native"
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """The ``uint16`` bits of a contiguous bfloat16 tensor, without a copy."""
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
 def resolve(linear_ops: str, backend: str, dtype: torch.dtype) -> str:
-    """``onednn`` or ``torch`` for an engine's ``linear_ops`` (``auto``: oneDNN with the
-    eager backend where it runs the dtype); ConfigError when ``onednn`` cannot run."""
+    """``native``, ``onednn`` or ``torch`` for an engine's ``linear_ops`` (``auto``: oneDNN
+    with the eager backend where it runs the dtype, else torch; ``native`` only when asked
+    for: BENCHMARKS.md §10 has where it wins); ConfigError when the one asked for cannot
+    run here."""
     ok, why = onednn_available(dtype)
     if linear_ops == "auto":
         return "onednn" if backend == "eager" and ok else "torch"
+    if linear_ops == "native":
+        native_ok, native_why = native_available(dtype)
+        if not native_ok:
+            raise ConfigError(f"linear_ops 'native' cannot run here: {native_why} (use 'auto', 'onednn' or 'torch')")
     if linear_ops == "onednn" and not ok:
         raise ConfigError(f"linear_ops 'onednn' cannot run here: {why} (use 'auto' or 'torch')")
     return linear_ops
 
 
-def pack_linears(model: Any, batch_hint: int) -> int:
-    """Replaces every ``torch.nn.Linear`` of ``model`` by a :class:`PackedLinear`;
-    returns how many. ``batch_hint``: the rows a decode multiplies (oneDNN picks its
-    blocking for it; other sizes run too)."""
+def replace_linears(model: Any, ops: str, batch_hint: int) -> int:
+    """Replaces every ``torch.nn.Linear`` of ``model`` by a :class:`NativeLinear`
+    (``ops`` ``native``) or a :class:`PackedLinear` (``onednn``); returns how many
+    (none for ``torch``). ``batch_hint``: the rows a decode multiplies (oneDNN picks
+    its blocking for it; other sizes run too)."""
+    if ops == "torch":
+        return 0
     # a weight tied to another module's (an LM head sharing the embedding) stays as it
     # is: a packed copy would hold the matrix twice
     tied = {
@@ -84,8 +150,17 @@ def pack_linears(model: Any, batch_hint: int) -> int:
         if type(child) is torch.nn.Linear and child.weight.data_ptr() not in tied
     ]
     for parent, name, child in targets:
-        setattr(parent, name, PackedLinear(child, batch_hint))
+        setattr(parent, name, NativeLinear(child) if ops == "native" else PackedLinear(child, batch_hint))
     return len(targets)
 
 
-__all__ = ["LINEAR_OPS", "PackedLinear", "pack_linears", "onednn_available", "resolve"]
+__all__ = [
+    "LINEAR_OPS",
+    "NATIVE_MAX_ROWS",
+    "NativeLinear",
+    "PackedLinear",
+    "native_available",
+    "onednn_available",
+    "replace_linears",
+    "resolve",
+]

@@ -84,10 +84,10 @@ class ModelRunner:
             raise ConfigError(f"could not load model from {str(path)!r} with FMS: {type(e).__name__}: {e}") from e
         check_weights(model, checkpoint)
         model.eval()
-        #: how the linear layers run: "onednn" (prepacked at load) or "torch"
+        #: how the linear layers run: "native" (this project's bfloat16 kernel),
+        #: "onednn" (prepacked at load) or "torch"
         self.linear_ops = linear.resolve(config.linear_ops, backend, dtype)
-        if self.linear_ops == "onednn":
-            linear.pack_linears(model, batch_hint=config.max_num_seqs)
+        linear.replace_linears(model, self.linear_ops, batch_hint=config.max_num_seqs)
         rotary.patch_rotary(model)  # bit-identical to FMS's, a quarter of the work
         self.model = model
         self.dtype = dtype

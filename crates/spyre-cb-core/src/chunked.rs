@@ -142,7 +142,7 @@ impl Rules for Chunked {
                     r.computed += 1;
                     // a beam search's generated blocks stay out of the prefix cache: a fork may
                     // drop them, and one another request held would not come back to the pool
-                    if r.computed % B == 0 && !r.in_beam_search() {
+                    if r.computed.is_multiple_of(B) && !r.in_beam_search() {
                         cache_full_blocks(core, h);
                     }
                 }

@@ -100,7 +100,7 @@ impl SchedulerConfig {
         }
         match policy {
             Policy::Continuous => {
-                if max_model_len < BLOCK_SIZE || max_model_len % BLOCK_SIZE != 0 {
+                if max_model_len < BLOCK_SIZE || !max_model_len.is_multiple_of(BLOCK_SIZE) {
                     return Err(ConfigError::MaxModelLen { got: max_model_len });
                 }
             }

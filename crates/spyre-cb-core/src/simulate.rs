@@ -185,7 +185,7 @@ pub fn drive(
     let idle = |s: &Scheduler| s.is_drained() && s.tkv() == 0 && s.last_outputs().next().is_none();
     loop {
         turns += 1;
-        if turns % INTERRUPT_EVERY == 0 && interrupt() {
+        if turns.is_multiple_of(INTERRUPT_EVERY) && interrupt() {
             return Err(Interrupted);
         }
         if n > 0 {

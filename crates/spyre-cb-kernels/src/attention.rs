@@ -105,7 +105,7 @@ fn validate<E: CacheElem>(s: &DecodeShape, x: &DecodeInputs<'_, E>, out_len: usi
     if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
         return Err(KernelError::Shape(format!("{name} must be positive")));
     }
-    if s.n_heads % s.kv_heads != 0 {
+    if !s.n_heads.is_multiple_of(s.kv_heads) {
         return Err(KernelError::Shape(format!(
             "{} query heads do not divide into groups over {} KV heads",
             s.n_heads, s.kv_heads

@@ -11,7 +11,9 @@
 //! hands in slices.
 
 mod attention;
+mod linear;
 mod math;
 
 pub use attention::{paged_decode, DecodeInputs, DecodeShape, KernelError};
+pub use linear::{linear_bf16, linear_bf16_is_fast, round_bf16, LinearError, LinearShape};
 pub use math::CacheElem;

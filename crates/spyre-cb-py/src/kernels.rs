@@ -4,11 +4,13 @@
 //! naming the limit they broke; nothing is read out of bounds.
 
 use numpy::PyUntypedArrayMethods;
-use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArray4, PyReadwriteArray3};
+use numpy::{
+    PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArray4, PyReadwriteArray2, PyReadwriteArray3,
+};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use spyre_cb_kernels::{paged_decode, CacheElem, DecodeInputs, DecodeShape};
+use spyre_cb_kernels::{paged_decode, CacheElem, DecodeInputs, DecodeShape, LinearShape};
 
 /// Decode attention read in place from a paged KV cache (one query per
 /// sequence); see the kernels crate for the exact semantics.
@@ -103,4 +105,50 @@ fn decode<E: CacheElem + numpy::Element>(
     };
     let out = out.as_slice_mut()?;
     py.detach(|| paged_decode(&shape, &inputs, out, threads)).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// `out = x weight^T + bias` in bfloat16 (all given as their bits, `uint16`
+/// views of torch's `bfloat16` tensors), for the few rows of a decode step;
+/// see the kernels crate.
+#[pyfunction]
+#[pyo3(signature = (x, weight, bias, out, threads = 1))]
+pub fn linear_bf16(
+    py: Python<'_>,
+    x: PyReadonlyArray2<'_, u16>,
+    weight: PyReadonlyArray2<'_, u16>,
+    bias: Option<PyReadonlyArray1<'_, u16>>,
+    mut out: PyReadwriteArray2<'_, u16>,
+    threads: usize,
+) -> PyResult<()> {
+    let (xs, ws, os) = (x.shape(), weight.shape(), out.shape());
+    if xs[1] != ws[1] || os[0] != xs[0] || os[1] != ws[0] {
+        return Err(PyValueError::new_err(format!(
+            "linear: shapes disagree: x {xs:?}, weight {ws:?}, out {os:?} (x [rows, in], weight [out, in], out [rows, out])"
+        )));
+    }
+    let shape = LinearShape { rows: xs[0], in_features: xs[1], out_features: ws[0] };
+    let contiguous = |what: &str, ok: bool| {
+        if ok {
+            Ok(())
+        } else {
+            Err(PyValueError::new_err(format!("linear: {what} must be C-contiguous")))
+        }
+    };
+    contiguous("x", x.is_c_contiguous())?;
+    contiguous("weight", weight.is_c_contiguous())?;
+    contiguous("out", out.is_c_contiguous())?;
+    if let Some(b) = &bias {
+        contiguous("bias", b.is_c_contiguous())?;
+    }
+    let (x, weight) = (x.as_slice()?, weight.as_slice()?);
+    let bias = bias.as_ref().map(|b| b.as_slice()).transpose()?;
+    let out = out.as_slice_mut()?;
+    py.detach(|| spyre_cb_kernels::linear_bf16(&shape, x, weight, bias, out, threads))
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// Whether this CPU runs [`linear_bf16`] vectorized (AVX512_BF16).
+#[pyfunction]
+pub fn linear_bf16_is_fast() -> bool {
+    spyre_cb_kernels::linear_bf16_is_fast()
 }

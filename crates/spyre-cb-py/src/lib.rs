@@ -52,6 +52,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simulate::synthetic_workload, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::paged_decode_attention, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::paged_decode_attention_bf16, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::linear_bf16, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::linear_bf16_is_fast, m)?)?;
     m.add("BLOCK_SIZE", core::BLOCK_SIZE)?;
     m.add("NULL_BLOCK", core::NULL_BLOCK)?;
     m.add("MAX_AVAILABLE_BLOCKS", core::MAX_AVAILABLE_BLOCKS)?;
