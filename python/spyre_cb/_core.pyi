@@ -42,6 +42,8 @@ __all__ = [
     "paged_decode_attention_bf16",
     "linear_bf16",
     "linear_bf16_is_fast",
+    "pack_linear_bf16",
+    "packed_linear_len",
     "StopStringMatcher",
     "BLOCK_SIZE",
     "NULL_BLOCK",
@@ -571,18 +573,28 @@ def paged_decode_attention_bf16(
     """:func:`paged_decode_attention` over a bfloat16 cache given as its bits
     (``uint16`` views of torch's ``bfloat16`` storage); query and ``out`` in float32."""
 
+def pack_linear_bf16(weight: npt.NDArray[np.uint16], packed: npt.NDArray[np.uint16]) -> None:
+    """Reorders a bfloat16 weight (``[out, in]``, the bits of an ``nn.Linear``'s weight)
+    into ``packed`` (1-D, :func:`packed_linear_len` elements): blocks of 32 output
+    features holding each pair of inner elements of every feature together, padded
+    with zeros. A length that disagrees raises ``ValueError``."""
+
+def packed_linear_len(out_features: int, in_features: int) -> int:
+    """Elements of a packed weight of ``out_features x in_features``."""
+
 def linear_bf16(
     x: npt.NDArray[np.uint16],
-    weight: npt.NDArray[np.uint16],
+    packed: npt.NDArray[np.uint16],
     bias: npt.NDArray[np.uint16] | None,
     out: npt.NDArray[np.uint16],
     threads: int = 1,
 ) -> None:
     """``out = x weight^T + bias`` in bfloat16, every array the bits of a bfloat16
-    tensor: ``x`` ``[rows, in]``, ``weight`` ``[out, in]`` (as ``nn.Linear`` stores it),
-    ``bias`` ``[out]``, ``out`` ``[rows, out]``; ``f32`` sums rounded once to nearest
-    even. Split over up to ``threads`` threads by output feature; the GIL is released.
-    Every array must be C-contiguous; shapes that disagree raise ``ValueError``."""
+    tensor: ``x`` ``[rows, in]``, ``packed`` the weight packed by
+    :func:`pack_linear_bf16`, ``bias`` ``[out]``, ``out`` ``[rows, out]``; ``f32`` sums
+    rounded once to nearest even. Split over up to ``threads`` threads by block of
+    output features; the GIL is released. Every array must be C-contiguous; lengths
+    that disagree with the shapes raise ``ValueError``."""
 
 def linear_bf16_is_fast() -> bool:
     """Whether this CPU runs :func:`linear_bf16` vectorized (AVX512_BF16); without it

@@ -78,39 +78,36 @@ class PackedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, onednn"
 
 
-#: rows above which ``NativeLinear`` hands the product to ``F.linear`` (oneDNN with the
-#: weight reordered on the fly: a prefill's many rows amortize that, and oneDNN's
-#: blocked GEMM runs them faster than the kernel; measured in BENCHMARKS.md §10)
-NATIVE_MAX_ROWS = 32
-
-
 class NativeLinear(torch.nn.Module):
-    """``y = x W^T + b`` in bfloat16, ``W`` as stored: this project's kernel for up to
-    :data:`NATIVE_MAX_ROWS` rows (a decode step), ``F.linear`` for more (a prefill)."""
+    """``y = x W^T + b`` in bfloat16 by this project's kernel, ``W`` packed once at load
+    (``spyre_cb._core.pack_linear_bf16``; the module's original weight is not kept)."""
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.weight = linear.weight.detach().contiguous()
-        self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
-        self._weight_bits = _bits(self.weight)
+        weight = linear.weight.detach().to(torch.bfloat16).contiguous()
+        # allocated by NumPy, which asks Linux for transparent huge pages on large
+        # arrays: fewer TLB misses while the weights stream
+        n_packed = _core.packed_linear_len(self.out_features, self.in_features)
+        self.packed = torch.from_numpy(np.empty(n_packed, dtype=np.int16))
+        _core.pack_linear_bf16(_bits(weight), _bits(self.packed))
+        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16).contiguous()
+        self._packed_bits = _bits(self.packed)
         self._bias_bits = None if self.bias is None else _bits(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16 or x.numel() > NATIVE_MAX_ROWS * self.in_features:
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        rows = x.reshape(-1, self.in_features).contiguous()
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         out = torch.empty((rows.shape[0], self.out_features), dtype=torch.bfloat16)
-        _core.linear_bf16(_bits(rows), self._weight_bits, self._bias_bits, _bits(out), torch.get_num_threads())
-        return out.view(*x.shape[:-1], self.out_features)
+        _core.linear_bf16(_bits(rows), self._packed_bits, self._bias_bits, _bits(out), torch.get_num_threads())
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, native"
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
-    """The ``uint16`` bits of a contiguous bfloat16 tensor, without a copy."""
+    """The ``uint16`` bits of a contiguous 16-bit tensor, without a copy."""
     return t.view(torch.int16).numpy().view(np.uint16)
 
 
@@ -156,7 +153,6 @@ def replace_linears(model: Any, ops: str, batch_hint: int) -> int:
 
 __all__ = [
     "LINEAR_OPS",
-    "NATIVE_MAX_ROWS",
     "NativeLinear",
     "PackedLinear",
     "native_available",

@@ -15,5 +15,7 @@ mod linear;
 mod math;
 
 pub use attention::{paged_decode, DecodeInputs, DecodeShape, KernelError};
-pub use linear::{linear_bf16, linear_bf16_is_fast, round_bf16, LinearError, LinearShape};
+pub use linear::{
+    linear_bf16, linear_bf16_is_fast, pack_bf16, packed_len, round_bf16, LinearError, LinearShape, FEATURES,
+};
 pub use math::CacheElem;

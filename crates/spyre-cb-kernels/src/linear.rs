@@ -1,22 +1,42 @@
-//! `y = x W^T (+ b)` in bfloat16 for the few rows of a decode step.
+//! `y = x W^T (+ b)` in bfloat16, on weights packed once at load.
 //!
 //! A decode step multiplies a handful of rows (one per running sequence) by
 //! every weight matrix of the model, so it is bound by reading the weights
-//! from memory, not by arithmetic. This kernel reads each weight once per
-//! call, in the order it is stored (`[out_features, in_features]`, row-major,
-//! as torch keeps an `nn.Linear`'s weight, so no repacked copy is needed): a
-//! tile of four weight rows stays in the first-level cache while every input
-//! row is multiplied by it. On a CPU with AVX512_BF16 the products are
-//! `vdpbf16ps` (pairs of bfloat16 multiplied and added into `f32`); elsewhere
-//! a portable loop gives the same sums up to their order. Sums are `f32`;
-//! the result is rounded once to bfloat16, to nearest, ties to even (as
-//! torch rounds).
+//! from memory. [`pack_bf16`] reorders a weight (`[out_features,
+//! in_features]`, as torch stores an `nn.Linear`'s) once into blocks of
+//! [`FEATURES`] output features, each block holding, for every pair of inner
+//! elements, the pair of every feature: `[blocks][in/2][FEATURES][2]`. One
+//! 64-byte load then gives the next pair of 16 features, and a `vdpbf16ps`
+//! (AVX512_BF16) multiplies it by one input row's pair broadcast to every
+//! lane and adds into `f32` sums that are already the outputs — no horizontal
+//! sums. [`linear_bf16`] walks the blocks in memory order, each block once
+//! per group of up to [`ROWS`] input rows while it sits in the second-level
+//! cache, and prefetches the next block while it multiplies this one, so
+//! the weights stream at about the rate the core can read memory. Sums are
+//! `f32`, rounded once to bfloat16 (to nearest, ties to even, as torch
+//! rounds). Without AVX512_BF16 a portable loop computes the same sums up to
+//! their order.
 
 use std::fmt;
+use std::ops::Range;
 use std::thread;
 
+/// Output features in one packed block (two 512-bit registers of `f32` sums).
+pub const FEATURES: usize = 32;
+/// Input rows multiplied by a block at a time (their sums fill 16 registers).
+const ROWS: usize = 8;
+/// Bytes of input rows multiplied by every block before the next rows are:
+/// they stay in the second-level cache with a block while the weights stream.
+const ROW_BLOCK_BYTES: usize = 256 << 10;
+/// Input rows that always share one pass over the weights (a decode batch of
+/// up to 32 streams every weight once, whatever the inner size).
+const MIN_ROW_BLOCK: usize = 32;
+/// Weight elements below which one more thread does not pay for its start
+/// (starting one costs tens of microseconds; a core reads ~1M elements in 100).
+const MIN_WEIGHTS_PER_THREAD: usize = 1 << 20;
+
 /// Sizes of one call: `x` is `[rows, in_features]`, the weight
-/// `[out_features, in_features]`, the result `[rows, out_features]`.
+/// `[out_features, in_features]` (packed), the result `[rows, out_features]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LinearShape {
     pub rows: usize,
@@ -24,8 +44,8 @@ pub struct LinearShape {
     pub out_features: usize,
 }
 
-/// An input [`linear_bf16`] refuses (before reading anything; `out` is left
-/// untouched).
+/// An input the linear kernels refuse (before reading anything; the output is
+/// left untouched).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinearError {
     /// A buffer's length disagrees with the shape.
@@ -44,16 +64,45 @@ impl fmt::Display for LinearError {
 
 impl std::error::Error for LinearError {}
 
-/// Weight rows of one tile (the input rows of a tile are 1 to [`COLS`]).
-const ROWS: usize = 4;
-/// Input rows multiplied by one tile of weight rows at a time.
-const COLS: usize = 4;
-/// Bytes of input rows multiplied by all the weights before the next rows
-/// are: they stay in the second-level cache while the weights stream past.
-const ROW_BLOCK_BYTES: usize = 256 << 10;
-/// Weight elements below which one more thread does not pay for its start
-/// (starting one costs tens of microseconds; a core reads ~1M elements in 100).
-const MIN_WEIGHTS_PER_THREAD: usize = 1 << 20;
+/// Elements of a packed weight of `out_features x in_features`: both padded
+/// with zeros, the features to whole blocks and the inner size to pairs.
+pub fn packed_len(out_features: usize, in_features: usize) -> usize {
+    out_features.next_multiple_of(FEATURES) * in_features.next_multiple_of(2)
+}
+
+/// Reorders `weight` (`[out_features, in_features]`, row-major bfloat16 bits)
+/// into `packed` ([`packed_len`] elements) for [`linear_bf16`].
+pub fn pack_bf16(
+    weight: &[u16],
+    out_features: usize,
+    in_features: usize,
+    packed: &mut [u16],
+) -> Result<(), LinearError> {
+    check("weight", out_features * in_features, weight.len())?;
+    check("packed", packed_len(out_features, in_features), packed.len())?;
+    let pairs = in_features.div_ceil(2);
+    for (block, dst) in packed.chunks_exact_mut(pairs * 2 * FEATURES).enumerate() {
+        for (pair, dst) in dst.chunks_exact_mut(2 * FEATURES).enumerate() {
+            for f in 0..FEATURES {
+                let feature = block * FEATURES + f;
+                for t in 0..2 {
+                    let i = 2 * pair + t;
+                    dst[2 * f + t] =
+                        if feature < out_features && i < in_features { weight[feature * in_features + i] } else { 0 };
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check(what: &'static str, expected: usize, got: usize) -> Result<(), LinearError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(LinearError::Length { what, expected, got })
+    }
+}
 
 /// Whether this CPU runs the vectorized kernel (AVX512_BF16); without it
 /// [`linear_bf16`] still gives the right numbers, slowly.
@@ -70,27 +119,21 @@ pub fn linear_bf16_is_fast() -> bool {
     }
 }
 
-/// `out = x weight^T + bias`, every tensor bfloat16 given as its bits,
-/// row-major; split over up to `threads` threads (the calling one included)
-/// by output feature when the weight is large enough to pay for them.
+/// `out = x weight^T + bias`, every tensor bfloat16 given as its bits, the
+/// weight packed by [`pack_bf16`]; split over up to `threads` threads (the
+/// calling one included) by block of output features when the weight is
+/// large enough to pay for them.
 pub fn linear_bf16(
     shape: &LinearShape,
     x: &[u16],
-    weight: &[u16],
+    packed: &[u16],
     bias: Option<&[u16]>,
     out: &mut [u16],
     threads: usize,
 ) -> Result<(), LinearError> {
     let LinearShape { rows, in_features: k, out_features: n } = *shape;
-    let check = |what, expected: usize, got: usize| {
-        if expected == got {
-            Ok(())
-        } else {
-            Err(LinearError::Length { what, expected, got })
-        }
-    };
     check("x", rows * k, x.len())?;
-    check("weight", n * k, weight.len())?;
+    check("packed weight", packed_len(n, k), packed.len())?;
     if let Some(b) = bias {
         check("bias", n, b.len())?;
     }
@@ -98,61 +141,63 @@ pub fn linear_bf16(
     if rows == 0 || n == 0 {
         return Ok(());
     }
-    let threads = threads.min(n * k / MIN_WEIGHTS_PER_THREAD).min(n.div_ceil(ROWS)).max(1);
+    let blocks = n.div_ceil(FEATURES);
+    let threads = threads.min(n * k / MIN_WEIGHTS_PER_THREAD).min(blocks).max(1);
     if threads == 1 {
-        features(shape, x, weight, bias, 0..n, out);
+        features(shape, x, packed, bias, 0..blocks, out);
         return Ok(());
     }
-    // each thread gets whole tiles of output features; its part of the result
-    // ([rows, its features]) is copied into place after (a few KB)
-    let per_thread = n.div_ceil(ROWS).div_ceil(threads) * ROWS;
-    let parts: Vec<(std::ops::Range<usize>, Vec<u16>)> = thread::scope(|scope| {
+    // each thread gets whole blocks; its part of the result ([rows, its
+    // features]) is copied into place after (a few KB)
+    let per_thread = blocks.div_ceil(threads);
+    let part = |t: usize| (t * per_thread).min(blocks)..((t + 1) * per_thread).min(blocks);
+    let columns = |r: &Range<usize>| r.start * FEATURES..(r.end * FEATURES).min(n);
+    let parts: Vec<(Range<usize>, Vec<u16>)> = thread::scope(|scope| {
         let handles: Vec<_> = (1..threads)
             .map(|t| {
-                let range = (t * per_thread).min(n)..((t + 1) * per_thread).min(n);
                 scope.spawn(move || {
-                    let mut part = vec![0u16; rows * range.len()];
-                    features(shape, x, weight, bias, range.clone(), &mut part);
-                    (range, part)
+                    let mut buf = vec![0u16; rows * columns(&part(t)).len()];
+                    features(shape, x, packed, bias, part(t), &mut buf);
+                    (columns(&part(t)), buf)
                 })
             })
             .collect();
-        let first = 0..per_thread.min(n);
-        let mut part = vec![0u16; rows * first.len()];
-        features(shape, x, weight, bias, first.clone(), &mut part);
-        let mut parts = vec![(first, part)];
+        let mut buf = vec![0u16; rows * columns(&part(0)).len()];
+        features(shape, x, packed, bias, part(0), &mut buf);
+        let mut parts = vec![(columns(&part(0)), buf)];
         parts.extend(handles.into_iter().map(|h| h.join().expect("a linear kernel thread panicked")));
         parts
     });
-    for (range, part) in parts {
-        if range.is_empty() {
+    for (cols, buf) in parts {
+        if cols.is_empty() {
             continue;
         }
-        for (row, src) in part.chunks_exact(range.len()).enumerate() {
-            out[row * n + range.start..row * n + range.end].copy_from_slice(src);
+        for (row, src) in buf.chunks_exact(cols.len()).enumerate() {
+            out[row * n + cols.start..row * n + cols.end].copy_from_slice(src);
         }
     }
     Ok(())
 }
 
-/// Output features `range` of every row into `out` (`[rows, range.len()]`).
+/// Output feature blocks `blocks` of every row into `out`
+/// (`[rows, the features of those blocks]`).
 fn features(
     shape: &LinearShape,
     x: &[u16],
-    weight: &[u16],
+    packed: &[u16],
     bias: Option<&[u16]>,
-    range: std::ops::Range<usize>,
+    blocks: Range<usize>,
     out: &mut [u16],
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         if linear_bf16_is_fast() {
             // SAFETY: the CPU supports the features the function is compiled for.
-            unsafe { avx512::features(shape, x, weight, bias, range, out) };
+            unsafe { avx512::features(shape, x, packed, bias, blocks, out) };
             return;
         }
     }
-    portable_features(shape, x, weight, bias, range, out);
+    portable_features(shape, x, packed, bias, blocks, out);
 }
 
 /// `f32` value of a bfloat16's bits.
@@ -172,255 +217,207 @@ pub fn round_bf16(v: f32) -> u16 {
     (bits.wrapping_add(0x7fff + lsb) >> 16) as u16
 }
 
-/// Stores the sums of one tile: `sums[r][c]` is output feature `first + r` of row `row0 + c`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn store(
-    sums: &[[f32; COLS]; ROWS],
-    first: usize,
-    n_rows: usize,
-    row0: usize,
-    n_cols: usize,
-    bias: Option<&[u16]>,
-    range_start: usize,
-    width: usize,
-    out: &mut [u16],
-) {
-    for (r, sums_r) in sums.iter().enumerate().take(n_rows) {
-        let feature = first + r;
-        let b = bias.map_or(0.0, |b| widen(b[feature]));
-        for (c, s) in sums_r.iter().enumerate().take(n_cols) {
-            out[(row0 + c) * width + feature - range_start] = round_bf16(s + b);
-        }
-    }
-}
-
 fn portable_features(
     shape: &LinearShape,
     x: &[u16],
-    weight: &[u16],
+    packed: &[u16],
     bias: Option<&[u16]>,
-    range: std::ops::Range<usize>,
+    blocks: Range<usize>,
     out: &mut [u16],
 ) {
-    let k = shape.in_features;
-    let width = range.len();
-    let mut first = range.start;
-    while first < range.end {
-        let n_rows = ROWS.min(range.end - first);
-        for row0 in (0..shape.rows).step_by(COLS) {
-            let n_cols = COLS.min(shape.rows - row0);
-            let mut sums = [[0.0f32; COLS]; ROWS];
-            for (r, sums_r) in sums.iter_mut().enumerate().take(n_rows) {
-                let w = &weight[(first + r) * k..(first + r + 1) * k];
-                for (c, s) in sums_r.iter_mut().enumerate().take(n_cols) {
-                    let xr = &x[(row0 + c) * k..(row0 + c + 1) * k];
-                    *s = w.iter().zip(xr).map(|(a, b)| widen(*a) * widen(*b)).sum();
+    let (k, n) = (shape.in_features, shape.out_features);
+    let pairs = k.div_ceil(2);
+    let first = blocks.start * FEATURES;
+    let width = (blocks.end * FEATURES).min(n) - first;
+    for block in blocks {
+        let w = &packed[block * pairs * 2 * FEATURES..(block + 1) * pairs * 2 * FEATURES];
+        for row in 0..shape.rows {
+            let xr = &x[row * k..(row + 1) * k];
+            let mut sums = [0.0f32; FEATURES];
+            for (pair, wp) in w.chunks_exact(2 * FEATURES).enumerate() {
+                let x0 = widen(xr[2 * pair]);
+                let x1 = if 2 * pair + 1 < k { widen(xr[2 * pair + 1]) } else { 0.0 };
+                for (f, s) in sums.iter_mut().enumerate() {
+                    *s += widen(wp[2 * f]) * x0 + widen(wp[2 * f + 1]) * x1;
                 }
             }
-            store(&sums, first, n_rows, row0, n_cols, bias, range.start, width, out);
+            for (f, s) in sums.iter().enumerate() {
+                let feature = block * FEATURES + f;
+                if feature < n {
+                    let b = bias.map_or(0.0, |b| widen(b[feature]));
+                    out[row * width + feature - first] = round_bf16(s + b);
+                }
+            }
         }
-        first += ROWS;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
-    use super::{store, LinearShape, COLS, ROWS, ROW_BLOCK_BYTES};
-
-    /// bfloat16 elements in one 512-bit register.
-    const LANES: usize = 32;
+    use super::{LinearShape, FEATURES, MIN_ROW_BLOCK, ROWS, ROW_BLOCK_BYTES};
 
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn features(
         shape: &LinearShape,
         x: &[u16],
-        weight: &[u16],
+        packed: &[u16],
         bias: Option<&[u16]>,
-        range: std::ops::Range<usize>,
+        blocks: Range<usize>,
         out: &mut [u16],
     ) {
-        let k = shape.in_features;
-        let width = range.len();
-        // input rows are taken a block at a time (that stays in the second-level
-        // cache): a decode's few rows are one block, a prefill's many are
-        // several, and the weights are streamed once per block
-        let block = (ROW_BLOCK_BYTES / (2 * k)).max(1).next_multiple_of(COLS);
-        let mut acc: Vec<[[__m512; COLS]; ROWS]> = Vec::with_capacity(block.min(shape.rows).div_ceil(COLS));
-        let mut block0 = 0;
-        while block0 < shape.rows {
-            let block_rows = block.min(shape.rows - block0);
-            // the next tile's weight rows are fetched into the second-level cache
-            // while this one is multiplied, spread evenly over its iterations: the
-            // hardware prefetcher alone leaves memory idle while a tile is reused
-            // by the second and later groups of input rows
-            let iterations = block_rows.div_ceil(COLS) * k.div_ceil(LANES);
-            let lines_per_iteration = (ROWS * k * 2).div_ceil(64).div_ceil(iterations);
-            let mut first = range.start;
-            while first < range.end {
-                let n_rows = ROWS.min(range.end - first);
-                // a short last tile repeats its last weight row (its sums are dropped)
-                let w: [&[u16]; ROWS] = std::array::from_fn(|r| {
-                    let f = first + r.min(n_rows - 1);
-                    &weight[f * k..(f + 1) * k]
-                });
-                let next = (first + ROWS).min(range.end) * k..(first + 2 * ROWS).min(range.end) * k;
-                let mut prefetch = Prefetch { next: &weight[next], at: 0, per_iteration: lines_per_iteration };
-                // every group of input rows multiplied by the tile, which stays in
-                // the first-level cache after the first group read it
-                let groups = block_rows.div_ceil(COLS);
-                acc.clear();
-                acc.resize(groups, [[_mm512_setzero_ps(); COLS]; ROWS]);
-                for (g, acc_g) in acc.iter_mut().enumerate() {
-                    let row0 = block0 + g * COLS;
-                    let n_cols = COLS.min(block0 + block_rows - row0);
-                    let xs: [&[u16]; COLS] = std::array::from_fn(|c| {
-                        let row = row0 + c.min(n_cols - 1);
-                        &x[row * k..(row + 1) * k]
-                    });
-                    let p = &mut prefetch;
-                    match n_cols {
-                        1 => accumulate::<1>(&w, &xs, 0..k, acc_g, p),
-                        2 => accumulate::<2>(&w, &xs, 0..k, acc_g, p),
-                        3 => accumulate::<3>(&w, &xs, 0..k, acc_g, p),
-                        _ => accumulate::<COLS>(&w, &xs, 0..k, acc_g, p),
+        let (k, n) = (shape.in_features, shape.out_features);
+        let block_len = k.div_ceil(2) * 2 * FEATURES;
+        let first = blocks.start * FEATURES;
+        let width = (blocks.end * FEATURES).min(n) - first;
+        // input rows are taken a group of blocks at a time that stays in the
+        // second-level cache: a decode's few rows are one, a prefill's many several
+        let row_block = (ROW_BLOCK_BYTES / (2 * k)).max(MIN_ROW_BLOCK).next_multiple_of(ROWS);
+        let mut row0 = 0;
+        while row0 < shape.rows {
+            let block_rows = row_block.min(shape.rows - row0);
+            let groups = block_rows.div_ceil(ROWS);
+            for block in blocks.clone() {
+                let w = &packed[block * block_len..(block + 1) * block_len];
+                // the next block (of this thread's) is fetched into the second-level
+                // cache while this one is multiplied: a share of it per group of rows
+                let next = if block + 1 < blocks.end {
+                    &packed[(block + 1) * block_len..(block + 2) * block_len]
+                } else {
+                    &[]
+                };
+                let share = next.len().div_ceil(groups);
+                let cols = (n - block * FEATURES).min(FEATURES);
+                let bias = bias.map(|b| &b[block * FEATURES..block * FEATURES + cols]);
+                for g in 0..groups {
+                    let r0 = row0 + g * ROWS;
+                    let n_rows = ROWS.min(row0 + block_rows - r0);
+                    let xs = &x[r0 * k..(r0 + n_rows) * k];
+                    let pf = &next[(g * share).min(next.len())..((g + 1) * share).min(next.len())];
+                    let o = &mut out[r0 * width + block * FEATURES - first..];
+                    match n_rows {
+                        1 => group::<1>(w, xs, k, pf, bias, o, width, cols),
+                        2 => group::<2>(w, xs, k, pf, bias, o, width, cols),
+                        3 => group::<3>(w, xs, k, pf, bias, o, width, cols),
+                        4 => group::<4>(w, xs, k, pf, bias, o, width, cols),
+                        5 => group::<5>(w, xs, k, pf, bias, o, width, cols),
+                        6 => group::<6>(w, xs, k, pf, bias, o, width, cols),
+                        7 => group::<7>(w, xs, k, pf, bias, o, width, cols),
+                        _ => group::<ROWS>(w, xs, k, pf, bias, o, width, cols),
                     }
                 }
-                for (g, acc_g) in acc.iter().enumerate() {
-                    let row0 = block0 + g * COLS;
-                    let n_cols = COLS.min(block0 + block_rows - row0);
-                    store(&sums(acc_g), first, n_rows, row0, n_cols, bias, range.start, width, out);
-                }
-                first += ROWS;
             }
-            block0 += block_rows;
+            row0 += block_rows;
         }
     }
 
-    /// A cursor over the next tile's weights, prefetched a few cache lines
-    /// per iteration.
-    struct Prefetch<'a> {
-        next: &'a [u16],
-        at: usize,
-        per_iteration: usize,
-    }
-
-    impl Prefetch<'_> {
-        #[inline(always)]
-        fn step(&mut self) {
-            for _ in 0..self.per_iteration {
-                if self.at >= self.next.len() {
-                    return;
-                }
-                // SAFETY: a prefetch never faults; the address is inside the slice anyway
-                unsafe { _mm_prefetch::<_MM_HINT_T1>(self.next.as_ptr().add(self.at).cast()) };
-                self.at += 32; // one 64-byte line
-            }
-        }
-    }
-
-    /// Adds the products of weight rows `w` with the first `C` input rows `xs`
-    /// over `range` of the inner dimension into `acc` (lanes still to be summed).
+    /// `R` input rows (`xs`, `[R, k]`) times one packed block `w`, written to
+    /// `out` (row `r` at `r * width`, the block's first `cols` features, the
+    /// others being padding); `prefetch` is fetched into the second-level cache
+    /// on the way.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn accumulate<const C: usize>(
-        w: &[&[u16]; ROWS],
-        xs: &[&[u16]; COLS],
-        range: std::ops::Range<usize>,
-        acc: &mut [[__m512; COLS]; ROWS],
-        prefetch: &mut Prefetch<'_>,
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn group<const R: usize>(
+        w: &[u16],
+        xs: &[u16],
+        k: usize,
+        prefetch: &[u16],
+        bias: Option<&[u16]>,
+        out: &mut [u16],
+        width: usize,
+        cols: usize,
     ) {
-        let mut a: [[__m512; C]; ROWS] = std::array::from_fn(|r| std::array::from_fn(|c| acc[r][c]));
-        let full = range.start + (range.end - range.start) / LANES * LANES;
-        let mut i = range.start;
-        while i < full {
-            prefetch.step();
-            // SAFETY: i + LANES <= range.end <= the length of every row
-            let wv: [__m512bh; ROWS] = std::array::from_fn(|r| unsafe { load(w[r].as_ptr().add(i)) });
-            for c in 0..C {
-                let xv = unsafe { load(xs[c].as_ptr().add(i)) };
-                for r in 0..ROWS {
-                    a[r][c] = _mm512_dpbf16_ps(a[r][c], wv[r], xv);
-                }
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let full_pairs = k / 2;
+        // cache lines of the prefetch share per pair of the inner dimension
+        let lines = prefetch.len().div_ceil(32);
+        let mut next_line = 0;
+        for pair in 0..full_pairs {
+            // SAFETY: the block holds k.div_ceil(2) pairs of 2 * FEATURES elements
+            let (w0, w1) = unsafe { (load(w.as_ptr().add(pair * 64)), load(w.as_ptr().add(pair * 64 + 32))) };
+            // spread the prefetches evenly over the pairs
+            while next_line * full_pairs < lines * (pair + 1) && next_line < lines {
+                // SAFETY: a prefetch never faults; the address is inside the slice
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(prefetch.as_ptr().add(next_line * 32).cast()) };
+                next_line += 1;
             }
-            i += LANES;
-        }
-        if i < range.end {
-            let mask: __mmask32 = (1u32 << (range.end - i)) - 1;
-            // SAFETY: the masked load reads only the elements left in the range
-            let wv: [__m512bh; ROWS] = std::array::from_fn(|r| unsafe { load_masked(w[r].as_ptr().add(i), mask) });
-            for c in 0..C {
-                let xv = unsafe { load_masked(xs[c].as_ptr().add(i), mask) };
-                for r in 0..ROWS {
-                    a[r][c] = _mm512_dpbf16_ps(a[r][c], wv[r], xv);
-                }
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                // SAFETY: row r holds k elements, 2 * pair + 1 < k
+                let xv = unsafe { broadcast_pair(xs.as_ptr().add(r * k + 2 * pair)) };
+                acc_r[0] = _mm512_dpbf16_ps(acc_r[0], w0, xv);
+                acc_r[1] = _mm512_dpbf16_ps(acc_r[1], w1, xv);
             }
         }
-        for r in 0..ROWS {
-            acc[r][..C].copy_from_slice(&a[r]);
+        if k % 2 == 1 {
+            // the packed block's last pair has a zero second half; the input's
+            // lone last element is paired with a zero too
+            let pair = full_pairs;
+            let (w0, w1) = unsafe { (load(w.as_ptr().add(pair * 64)), load(w.as_ptr().add(pair * 64 + 32))) };
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let last = u32::from(xs[r * k + k - 1]);
+                let xv: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(last as i32));
+                acc_r[0] = _mm512_dpbf16_ps(acc_r[0], w0, xv);
+                acc_r[1] = _mm512_dpbf16_ps(acc_r[1], w1, xv);
+            }
+        }
+        let (b0, b1) = match bias {
+            Some(b) => (widen16(b, 0), widen16(b, 16)),
+            None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+        };
+        for (r, acc_r) in acc.iter().enumerate() {
+            let lo = _mm512_cvtneps_pbh(_mm512_add_ps(acc_r[0], b0));
+            let hi = _mm512_cvtneps_pbh(_mm512_add_ps(acc_r[1], b1));
+            let dst = &mut out[r * width..];
+            let (lo, hi) = (std::mem::transmute::<__m256bh, __m256i>(lo), std::mem::transmute::<__m256bh, __m256i>(hi));
+            // SAFETY: the masks keep the stores inside the row's `cols` features
+            unsafe {
+                _mm256_mask_storeu_epi16(dst.as_mut_ptr().cast(), mask(cols), lo);
+                _mm256_mask_storeu_epi16(dst.as_mut_ptr().add(16).cast(), mask(cols.saturating_sub(16)), hi);
+            }
         }
     }
 
-    /// The sums of a tile's accumulators, eight at a time transposed in registers.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    fn sums(acc: &[[__m512; COLS]; ROWS]) -> [[f32; COLS]; ROWS] {
-        let mut out = [[0.0f32; COLS]; ROWS];
-        for half in 0..ROWS * COLS / 8 {
-            let v: [__m512; 8] = std::array::from_fn(|j| {
-                let t = 8 * half + j;
-                acc[t / COLS][t % COLS]
-            });
-            let mut lanes = [0.0f32; 8];
-            // SAFETY: lanes holds eight floats
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum8(v)) };
-            for (j, s) in lanes.iter().enumerate() {
-                let t = 8 * half + j;
-                out[t / COLS][t % COLS] = *s;
-            }
+    /// The first `n` (at most 16) lanes of sixteen 16-bit lanes.
+    #[inline(always)]
+    fn mask(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
         }
-        out
     }
 
-    /// Lane `j` of the result is the sum of `v[j]`'s sixteen lanes.
+    /// Up to 16 bias values from `at`, widened to `f32` (zeros past the end).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    fn sum8(v: [__m512; 8]) -> __m256 {
-        let h: [__m256; 8] = std::array::from_fn(|j| {
-            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v[j])));
-            _mm256_add_ps(_mm512_castps512_ps256(v[j]), high)
-        });
-        // each hadd halves the vectors: pairs, then fours, of the eight sums
-        let a = [
-            _mm256_hadd_ps(h[0], h[1]),
-            _mm256_hadd_ps(h[2], h[3]),
-            _mm256_hadd_ps(h[4], h[5]),
-            _mm256_hadd_ps(h[6], h[7]),
-        ];
-        let b0 = _mm256_hadd_ps(a[0], a[1]);
-        let b1 = _mm256_hadd_ps(a[2], a[3]);
-        // b0 holds sums 0-3 as two 128-bit halves to add, b1 sums 4-7
-        let low = _mm256_permute2f128_ps::<0x20>(b0, b1);
-        let high = _mm256_permute2f128_ps::<0x31>(b0, b1);
-        _mm256_add_ps(low, high)
+    fn widen16(b: &[u16], at: usize) -> __m512 {
+        let mut v = [0u16; 16];
+        for (d, s) in v.iter_mut().zip(b.iter().skip(at)) {
+            *d = *s;
+        }
+        // SAFETY: v holds 16 elements
+        let h = unsafe { _mm256_loadu_si256(v.as_ptr().cast()) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
     }
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn load(p: *const u16) -> __m512bh {
-        // SAFETY: the caller guarantees LANES readable elements at p
+        // SAFETY: the caller guarantees 32 readable elements at p
         let v = unsafe { _mm512_loadu_si512(p.cast()) };
         std::mem::transmute::<__m512i, __m512bh>(v)
     }
 
+    /// The two elements at `p`, repeated in every 32-bit lane.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn load_masked(p: *const u16, mask: __mmask32) -> __m512bh {
-        // SAFETY: the caller guarantees the masked-in elements are readable
-        let v = unsafe { _mm512_maskz_loadu_epi16(mask, p.cast()) };
-        std::mem::transmute::<__m512i, __m512bh>(v)
+    unsafe fn broadcast_pair(p: *const u16) -> __m512bh {
+        // SAFETY: the caller guarantees two readable elements at p
+        let pair = unsafe { p.cast::<i32>().read_unaligned() };
+        std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair))
     }
 }
 
@@ -441,7 +438,7 @@ mod tests {
             .collect()
     }
 
-    /// `f64` sums, each rounded once to bfloat16.
+    /// `f64` sums.
     fn reference(shape: &LinearShape, x: &[u16], w: &[u16], bias: Option<&[u16]>) -> Vec<f64> {
         let (m, k, n) = (shape.rows, shape.in_features, shape.out_features);
         let mut out = vec![0.0; m * n];
@@ -454,15 +451,22 @@ mod tests {
         out
     }
 
+    fn packed(w: &[u16], n: usize, k: usize) -> Vec<u16> {
+        let mut p = vec![0u16; packed_len(n, k)];
+        pack_bf16(w, n, k, &mut p).unwrap();
+        p
+    }
+
     fn check(m: usize, k: usize, n: usize, with_bias: bool, threads: usize) {
         let shape = LinearShape { rows: m, in_features: k, out_features: n };
         let (x, w, b) = (values(m * k, 1), values(n * k, 2), values(n, 3));
         let bias = with_bias.then_some(&b[..]);
         let want = reference(&shape, &x, &w, bias);
+        let p = packed(&w, n, k);
         let mut fast = vec![0u16; m * n];
-        linear_bf16(&shape, &x, &w, bias, &mut fast, threads).unwrap();
+        linear_bf16(&shape, &x, &p, bias, &mut fast, threads).unwrap();
         let mut portable = vec![0u16; m * n];
-        portable_features(&shape, &x, &w, bias, 0..n, &mut portable);
+        portable_features(&shape, &x, &p, bias, 0..n.div_ceil(FEATURES), &mut portable);
         for (got, name) in [(&fast, "linear_bf16"), (&portable, "portable")] {
             for (idx, (g, want)) in got.iter().zip(&want).enumerate() {
                 // one bfloat16 rounding of the sum, plus f32 summation error
@@ -475,8 +479,8 @@ mod tests {
 
     #[test]
     fn matches_f64_sums_on_every_tile_shape() {
-        for m in [1, 2, 3, 4, 5, 8, 9] {
-            for (k, n) in [(32, 4), (64, 7), (96, 13), (33, 5), (1, 1), (200, 9), (1000, 7)] {
+        for m in [1, 2, 3, 5, 7, 8, 9, 17] {
+            for (k, n) in [(32, 32), (64, 7), (96, 45), (33, 5), (1, 1), (200, 64), (1001, 33)] {
                 check(m, k, n, false, 1);
                 check(m, k, n, true, 1);
             }
@@ -486,8 +490,23 @@ mod tests {
     #[test]
     fn many_rows_run_in_blocks() {
         // 1024 features: 128 rows a block, so 130 rows are two blocks, the last of 2 rows
-        check(130, 1024, 9, true, 1);
-        check(130, 1024, 9, false, 2);
+        check(130, 1024, 40, true, 1);
+        check(130, 1024, 40, false, 2);
+    }
+
+    #[test]
+    fn packing_places_pairs_of_every_feature_together() {
+        let (n, k) = (33, 3);
+        let w: Vec<u16> = (0..(n * k) as u16).collect();
+        let p = packed(&w, n, k);
+        assert_eq!(p.len(), 64 * 4);
+        // block 0, pair 0: feature f's elements 0 and 1
+        assert_eq!(&p[..4], &[w[0], w[1], w[3], w[4]]);
+        // block 0, pair 1: element 2 and the zero padding
+        assert_eq!(&p[64..66], &[w[2], 0]);
+        // block 1 holds feature 32 then 31 zero features
+        assert_eq!(&p[128..130], &[w[96], w[97]]);
+        assert!(p[130..192].iter().all(|v| *v == 0));
     }
 
     #[test]
@@ -495,11 +514,12 @@ mod tests {
         let (m, k, n) = (3, 1024, 2052);
         let shape = LinearShape { rows: m, in_features: k, out_features: n };
         let (x, w) = (values(m * k, 4), values(n * k, 5));
+        let p = packed(&w, n, k);
         let mut one = vec![0u16; m * n];
-        linear_bf16(&shape, &x, &w, None, &mut one, 1).unwrap();
+        linear_bf16(&shape, &x, &p, None, &mut one, 1).unwrap();
         for threads in [2, 3, 7] {
             let mut many = vec![0u16; m * n];
-            linear_bf16(&shape, &x, &w, None, &mut many, threads).unwrap();
+            linear_bf16(&shape, &x, &p, None, &mut many, threads).unwrap();
             assert_eq!(one, many, "threads={threads}");
         }
         check(m, k, n, true, 2);
@@ -518,12 +538,14 @@ mod tests {
     #[test]
     fn refuses_lengths_that_disagree_with_the_shape() {
         let shape = LinearShape { rows: 2, in_features: 4, out_features: 3 };
+        let p = vec![0u16; packed_len(3, 4)];
         let mut out = vec![7u16; 6];
-        let err = linear_bf16(&shape, &[0; 8], &[0; 11], None, &mut out, 1).unwrap_err();
-        assert_eq!(err, LinearError::Length { what: "weight", expected: 12, got: 11 });
-        assert!(err.to_string().contains("weight holds 11"));
-        assert!(linear_bf16(&shape, &[0; 8], &[0; 12], Some(&[0; 2]), &mut out, 1).is_err());
+        let err = linear_bf16(&shape, &[0; 8], &p[1..], None, &mut out, 1).unwrap_err();
+        assert_eq!(err, LinearError::Length { what: "packed weight", expected: 128, got: 127 });
+        assert!(err.to_string().contains("packed weight holds 127"));
+        assert!(linear_bf16(&shape, &[0; 8], &p, Some(&[0; 2]), &mut out, 1).is_err());
         assert_eq!(out, vec![7u16; 6]);
-        linear_bf16(&LinearShape { rows: 0, ..shape }, &[], &[0; 12], None, &mut [], 1).unwrap();
+        assert!(pack_bf16(&[0; 11], 3, 4, &mut vec![0; 128]).is_err());
+        linear_bf16(&LinearShape { rows: 0, ..shape }, &[], &p, None, &mut [], 1).unwrap();
     }
 }

@@ -5,7 +5,8 @@
 
 use numpy::PyUntypedArrayMethods;
 use numpy::{
-    PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArray4, PyReadwriteArray2, PyReadwriteArray3,
+    PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArray4, PyReadwriteArray1, PyReadwriteArray2,
+    PyReadwriteArray3,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -107,26 +108,49 @@ fn decode<E: CacheElem + numpy::Element>(
     py.detach(|| paged_decode(&shape, &inputs, out, threads)).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
-/// `out = x weight^T + bias` in bfloat16 (all given as their bits, `uint16`
-/// views of torch's `bfloat16` tensors), for the few rows of a decode step;
-/// see the kernels crate.
+/// Reorders a bfloat16 weight (`[out, in]`, its bits) into `packed` (1-D,
+/// `packed_linear_len(out, in)` elements) for [`linear_bf16`].
 #[pyfunction]
-#[pyo3(signature = (x, weight, bias, out, threads = 1))]
+pub fn pack_linear_bf16(
+    py: Python<'_>,
+    weight: PyReadonlyArray2<'_, u16>,
+    mut packed: PyReadwriteArray1<'_, u16>,
+) -> PyResult<()> {
+    let (n, k) = (weight.shape()[0], weight.shape()[1]);
+    if !weight.is_c_contiguous() || !packed.is_c_contiguous() {
+        return Err(PyValueError::new_err("linear: weight and packed must be C-contiguous"));
+    }
+    let weight = weight.as_slice()?;
+    let packed = packed.as_slice_mut()?;
+    py.detach(|| spyre_cb_kernels::pack_bf16(weight, n, k, packed)).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// Elements of a packed weight of `out_features x in_features`.
+#[pyfunction]
+pub fn packed_linear_len(out_features: usize, in_features: usize) -> usize {
+    spyre_cb_kernels::packed_len(out_features, in_features)
+}
+
+/// `out = x weight^T + bias` in bfloat16 (all given as their bits, `uint16`
+/// views of torch's `bfloat16` tensors), the weight packed by
+/// [`pack_linear_bf16`]; see the kernels crate.
+#[pyfunction]
+#[pyo3(signature = (x, packed, bias, out, threads = 1))]
 pub fn linear_bf16(
     py: Python<'_>,
     x: PyReadonlyArray2<'_, u16>,
-    weight: PyReadonlyArray2<'_, u16>,
+    packed: PyReadonlyArray1<'_, u16>,
     bias: Option<PyReadonlyArray1<'_, u16>>,
     mut out: PyReadwriteArray2<'_, u16>,
     threads: usize,
 ) -> PyResult<()> {
-    let (xs, ws, os) = (x.shape(), weight.shape(), out.shape());
-    if xs[1] != ws[1] || os[0] != xs[0] || os[1] != ws[0] {
+    let (xs, os) = (x.shape(), out.shape());
+    if os[0] != xs[0] {
         return Err(PyValueError::new_err(format!(
-            "linear: shapes disagree: x {xs:?}, weight {ws:?}, out {os:?} (x [rows, in], weight [out, in], out [rows, out])"
+            "linear: shapes disagree: x {xs:?}, out {os:?} (x [rows, in], out [rows, out])"
         )));
     }
-    let shape = LinearShape { rows: xs[0], in_features: xs[1], out_features: ws[0] };
+    let shape = LinearShape { rows: xs[0], in_features: xs[1], out_features: os[1] };
     let contiguous = |what: &str, ok: bool| {
         if ok {
             Ok(())
@@ -135,15 +159,15 @@ pub fn linear_bf16(
         }
     };
     contiguous("x", x.is_c_contiguous())?;
-    contiguous("weight", weight.is_c_contiguous())?;
+    contiguous("packed", packed.is_c_contiguous())?;
     contiguous("out", out.is_c_contiguous())?;
     if let Some(b) = &bias {
         contiguous("bias", b.is_c_contiguous())?;
     }
-    let (x, weight) = (x.as_slice()?, weight.as_slice()?);
+    let (x, packed) = (x.as_slice()?, packed.as_slice()?);
     let bias = bias.as_ref().map(|b| b.as_slice()).transpose()?;
     let out = out.as_slice_mut()?;
-    py.detach(|| spyre_cb_kernels::linear_bf16(&shape, x, weight, bias, out, threads))
+    py.detach(|| spyre_cb_kernels::linear_bf16(&shape, x, packed, bias, out, threads))
         .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
