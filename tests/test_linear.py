@@ -30,6 +30,20 @@ def _bits(t):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 33, 300])
+def test_native_f32_kernel_equals_f_linear(rows):
+    """float32: the same sums as ``F.linear`` up to their order, on any CPU."""
+    torch.manual_seed(rows)
+    k, n = 200, 37
+    x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
+    packed = torch.empty(_core.packed_linear_len(n, k, "float32"))
+    _core.pack_linear_f32(w.numpy(), packed.numpy())
+    for threads in (1, 2):
+        out = torch.empty(rows, n)
+        _core.linear_f32(x.numpy(), packed.numpy(), b.numpy(), out.numpy(), threads)
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 33, 300])
 def test_native_kernel_equals_f32_sums_rounded_once(rows):
     """Against float64 sums of the same bfloat16 values, on any CPU (without
     AVX512_BF16 the kernel's portable loop runs): within one bfloat16 rounding."""
@@ -39,7 +53,7 @@ def test_native_kernel_equals_f32_sums_rounded_once(rows):
     w = torch.randn(n, k).bfloat16()
     b = torch.randn(n).bfloat16()
     want = x.double() @ w.double().T + b.double()
-    packed = torch.empty(_core.packed_linear_len(n, k), dtype=torch.int16)
+    packed = torch.empty(_core.packed_linear_len(n, k, "bfloat16"), dtype=torch.int16)
     _core.pack_linear_bf16(_bits(w), _bits(packed))
     for threads in (1, 2):
         out = torch.empty(rows, n, dtype=torch.bfloat16)
@@ -51,7 +65,7 @@ def test_native_kernel_equals_f32_sums_rounded_once(rows):
 
 def test_native_kernel_refuses_shapes_that_disagree():
     x = torch.zeros(2, 8).bfloat16()
-    packed = torch.zeros(_core.packed_linear_len(3, 8), dtype=torch.int16)
+    packed = torch.zeros(_core.packed_linear_len(3, 8, "bfloat16"), dtype=torch.int16)
     with pytest.raises(ValueError, match="shapes disagree"):
         _core.linear_bf16(_bits(x), _bits(packed), None, _bits(torch.zeros(3, 3).bfloat16()))
     with pytest.raises(ValueError, match="packed weight holds"):
@@ -64,20 +78,23 @@ def test_native_kernel_refuses_shapes_that_disagree():
         _core.linear_bf16(_bits(x), _bits(packed), None, _bits(torch.zeros(3, 2).bfloat16()).T)
     with pytest.raises(ValueError, match="packed holds"):
         _core.pack_linear_bf16(_bits(torch.zeros(3, 8).bfloat16()), _bits(packed[1:]))
+    with pytest.raises(ValueError, match="dtype must be"):
+        _core.packed_linear_len(3, 8, "float16")
 
 
-@needs_native
-def test_native_linear_module_keeps_the_weight_and_shapes():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_linear_module_shapes(dtype):
     torch.manual_seed(0)
     for bias in (True, False):
-        lin = torch.nn.Linear(96, 160, bias=bias).bfloat16()
+        lin = torch.nn.Linear(96, 160, bias=bias).to(dtype)
         native = NativeLinear(lin)
         for shape in [(4, 1, 96), (1, 37, 96), (7, 96)]:
-            x = torch.randn(*shape, dtype=torch.bfloat16)
+            x = torch.randn(*shape, dtype=dtype)
             want = torch.nn.functional.linear(x, lin.weight, lin.bias)
             got = native(x)
-            assert got.shape == want.shape and got.dtype == torch.bfloat16
-            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+            assert got.shape == want.shape and got.dtype == dtype
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 @needs_onednn
@@ -108,15 +125,16 @@ def test_replace_linears_skips_tied_weights():
 
 
 def test_auto_and_explicit_choices():
-    ok = onednn_available(torch.float32)[0]
-    assert resolve("auto", "eager", torch.float32) == ("onednn" if ok else "torch")
-    assert resolve("auto", "inductor", torch.float32) == "torch"
-    assert resolve("torch", "eager", torch.float32) == "torch"
-    assert resolve("auto", "eager", torch.bfloat16) == ("onednn" if onednn_available(torch.bfloat16)[0] else "torch")
-    if native_available(torch.bfloat16)[0]:
-        assert resolve("native", "eager", torch.bfloat16) == "native"
-    with pytest.raises(ConfigError, match="bfloat16 only, not float32"):
-        resolve("native", "eager", torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        fallback = "onednn" if onednn_available(dtype)[0] else "torch"
+        assert resolve("auto", "eager", dtype) == ("native" if native_available(dtype)[0] else fallback)
+        assert resolve("auto", "inductor", dtype) == "torch"
+        assert resolve("torch", "eager", dtype) == "torch"
+    if not native_available(torch.bfloat16)[0]:
+        with pytest.raises(ConfigError, match="lacks AVX512_BF16"):
+            resolve("native", "eager", torch.bfloat16)
+    with pytest.raises(ConfigError, match="bfloat16 and float32, not float16"):
+        resolve("native", "eager", torch.float16)
     for ops in ("onednn", "native"):
         with pytest.raises(ConfigError, match="backend 'eager'"):
             spyre_cb.EngineConfig(linear_ops=ops, backend="inductor")
@@ -126,7 +144,7 @@ def test_auto_and_explicit_choices():
 def test_engines_with_packed_linears_give_hf_greedy_tokens(tiny_model, hf_greedy):
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    llm = spyre_cb.LLM(tiny_model, max_num_seqs=2, max_model_len=256)
+    llm = spyre_cb.LLM(tiny_model, max_num_seqs=2, max_model_len=256, linear_ops="onednn")
     assert llm.engine.runner.linear_ops == "onednn"
     assert any(isinstance(m, PackedLinear) for m in llm.engine.runner.model.modules())
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -134,6 +152,10 @@ def test_engines_with_packed_linears_give_hf_greedy_tokens(tiny_model, hf_greedy
     plain = spyre_cb.LLM(tiny_model, max_num_seqs=2, max_model_len=256, linear_ops="torch")
     assert not any(isinstance(m, PackedLinear) for m in plain.engine.runner.model.modules())
     assert [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)] == got
+    if native_available(torch.float32)[0]:
+        native = spyre_cb.LLM(tiny_model, max_num_seqs=2, max_model_len=256, linear_ops="native")
+        assert any(isinstance(m, NativeLinear) for m in native.engine.runner.model.modules())
+        assert [o.outputs[0].token_ids for o in native.generate(prompts, params, use_tqdm=False)] == got
 
 
 @needs_native

@@ -44,6 +44,9 @@ __all__ = [
     "linear_bf16_is_fast",
     "pack_linear_bf16",
     "packed_linear_len",
+    "linear_f32",
+    "pack_linear_f32",
+    "linear_f32_is_fast",
     "StopStringMatcher",
     "BLOCK_SIZE",
     "NULL_BLOCK",
@@ -579,8 +582,13 @@ def pack_linear_bf16(weight: npt.NDArray[np.uint16], packed: npt.NDArray[np.uint
     features holding each pair of inner elements of every feature together, padded
     with zeros. A length that disagrees raises ``ValueError``."""
 
-def packed_linear_len(out_features: int, in_features: int) -> int:
-    """Elements of a packed weight of ``out_features x in_features``."""
+def pack_linear_f32(weight: npt.NDArray[np.float32], packed: npt.NDArray[np.float32]) -> None:
+    """:func:`pack_linear_bf16` for a float32 weight: blocks of 32 output features
+    holding each inner element of every feature together."""
+
+def packed_linear_len(out_features: int, in_features: int, dtype: str) -> int:
+    """Elements of a packed weight of ``out_features x in_features`` in ``dtype``
+    (``"bfloat16"`` or ``"float32"``; another raises ``ValueError``)."""
 
 def linear_bf16(
     x: npt.NDArray[np.uint16],
@@ -595,6 +603,19 @@ def linear_bf16(
     rounded once to nearest even. Split over up to ``threads`` threads by block of
     output features; the GIL is released. Every array must be C-contiguous; lengths
     that disagree with the shapes raise ``ValueError``."""
+
+def linear_f32(
+    x: npt.NDArray[np.float32],
+    packed: npt.NDArray[np.float32],
+    bias: npt.NDArray[np.float32] | None,
+    out: npt.NDArray[np.float32],
+    threads: int = 1,
+) -> None:
+    """:func:`linear_bf16` in float32 (fused multiply-adds), the weight packed by
+    :func:`pack_linear_f32`."""
+
+def linear_f32_is_fast() -> bool:
+    """Whether this CPU runs :func:`linear_f32` vectorized (AVX-512F)."""
 
 def linear_bf16_is_fast() -> bool:
     """Whether this CPU runs :func:`linear_bf16` vectorized (AVX512_BF16); without it

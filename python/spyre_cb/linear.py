@@ -1,23 +1,22 @@
-"""How the model's linear layers run: this project's bfloat16 kernel, or
-oneDNN with the weights prepacked once at load, or ``F.linear``.
+"""How the model's linear layers run: this project's kernel on weights packed
+once at load, oneDNN's on weights prepacked once at load, or ``F.linear``.
 
 A decode step multiplies a handful of rows (the batch) by every weight
 matrix, so its matmuls are bound by reading the weights. ``F.linear`` on CPU
-goes to MKL's GEMM with the weights as stored; oneDNN's inner-product
-primitive with the weights reordered once into its blocked layout reads them
-about twice as fast at decode shapes (float32, batch 8, 768x3072, one
-thread: 786 µs -> 408 µs; bfloat16: 330 µs -> 202 µs) and is also faster at
-prefill shapes. The same primitive is what torch's inductor emits with
-freezing, and what vLLM's CPU engine uses.
+goes to a GEMM with the weights as stored, re-packing them on every call.
 
-In bfloat16 on a CPU with AVX512_BF16, ``linear_ops="native"`` runs this
-project's kernel (``spyre_cb._core.linear_bf16``): it reads the weights as
-stored, once per call, prefetching the next rows while it multiplies the
-current ones with every input row, and leaves a prefill's many rows to
-``F.linear``. Measured against oneDNN (BENCHMARKS.md §10): as fast at one or
-two rows (the output head: 1.3-1.5x), 0.7-0.9x at 4-32 rows, and no packed
-copy to build at load (granite-2b loads in half the time). So ``auto`` keeps
-oneDNN; ``native`` is for batch-1 latency and quick loads.
+``native`` (``auto``'s choice where the CPU has the instructions: AVX512_BF16
+for bfloat16, AVX-512F for float32) is this project's kernel
+(``spyre_cb._core.linear_bf16`` / ``linear_f32``, Rust): the weight packed
+once into blocks of 32 output features whose elements lie in the order the
+kernel reads them, each block streamed once per step while every row is
+multiplied by it, the next block prefetched meanwhile; sums already the
+outputs, no horizontal reductions. At granite-2b's shapes in bfloat16 a
+decode of 8 reads the weights at 1.5-1.8x oneDNN's rate (about 70 % of the
+machine's triad bandwidth, BENCHMARKS.md §10); prefills run at oneDNN's
+rate. ``onednn`` (``auto``'s choice elsewhere) reorders every weight once
+into oneDNN's blocked layout and calls its inner product, the primitive
+torch's inductor emits with freezing and vLLM's CPU engine uses.
 
 Only exact ``torch.nn.Linear`` modules are replaced (an FMS tensor-parallel
 shard is one: its collectives live in the enclosing block); the numbers are
@@ -35,14 +34,20 @@ from spyre_cb import _core
 from spyre_cb.config import LINEAR_OPS
 from spyre_cb.errors import ConfigError
 
+#: the native kernel's element types: torch dtype -> (its name, the NumPy dtype of its packed buffer)
+_NATIVE: dict[torch.dtype, tuple[str, type[np.generic]]] = {
+    torch.bfloat16: ("bfloat16", np.int16),
+    torch.float32: ("float32", np.float32),
+}
+
 
 def native_available(dtype: torch.dtype) -> tuple[bool, str]:
     """Whether this project's linear kernel runs ``dtype`` fast here, and if not why."""
-    if dtype != torch.bfloat16:
-        return False, f"the native linear kernel is bfloat16 only, not {str(dtype).removeprefix('torch.')}"
-    if not _core.linear_bf16_is_fast():
-        return False, "this CPU lacks AVX512_BF16 (the native linear kernel's instructions)"
-    return True, ""
+    if dtype == torch.bfloat16:
+        return (True, "") if _core.linear_bf16_is_fast() else (False, "this CPU lacks AVX512_BF16")
+    if dtype == torch.float32:
+        return (True, "") if _core.linear_f32_is_fast() else (False, "this CPU lacks AVX-512F")
+    return False, f"the native linear kernel runs bfloat16 and float32, not {str(dtype).removeprefix('torch.')}"
 
 
 def onednn_available(dtype: torch.dtype) -> tuple[bool, str]:
@@ -79,27 +84,36 @@ class PackedLinear(torch.nn.Module):
 
 
 class NativeLinear(torch.nn.Module):
-    """``y = x W^T + b`` in bfloat16 by this project's kernel, ``W`` packed once at load
-    (``spyre_cb._core.pack_linear_bf16``; the module's original weight is not kept)."""
+    """``y = x W^T + b`` (bfloat16 or float32) by this project's kernel, ``W`` packed
+    once at load (``spyre_cb._core.pack_linear_bf16`` / ``pack_linear_f32``; the
+    module's original weight is not kept)."""
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        weight = linear.weight.detach().to(torch.bfloat16).contiguous()
+        self.dtype = linear.weight.dtype
+        name, np_dtype = _NATIVE[self.dtype]
+        bf16 = self.dtype == torch.bfloat16
+        self._kernel = _core.linear_bf16 if bf16 else _core.linear_f32
+        weight = linear.weight.detach().contiguous()
         # allocated by NumPy, which asks Linux for transparent huge pages on large
         # arrays: fewer TLB misses while the weights stream
-        n_packed = _core.packed_linear_len(self.out_features, self.in_features)
-        self.packed = torch.from_numpy(np.empty(n_packed, dtype=np.int16))
-        _core.pack_linear_bf16(_bits(weight), _bits(self.packed))
-        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16).contiguous()
-        self._packed_bits = _bits(self.packed)
-        self._bias_bits = None if self.bias is None else _bits(self.bias)
+        n_packed = _core.packed_linear_len(self.out_features, self.in_features, name)
+        self.packed = torch.from_numpy(np.empty(n_packed, dtype=np_dtype))
+        (_core.pack_linear_bf16 if bf16 else _core.pack_linear_f32)(self._np(weight), self._np(self.packed))
+        self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
+        self._packed_np = self._np(self.packed)
+        self._bias_np = None if self.bias is None else self._np(self.bias)
+
+    def _np(self, t: torch.Tensor) -> np.ndarray:
+        """A NumPy view of a contiguous tensor of the module's dtype (bfloat16 as ``uint16``)."""
+        return _bits(t) if self.dtype == torch.bfloat16 else t.numpy()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        out = torch.empty((rows.shape[0], self.out_features), dtype=torch.bfloat16)
-        _core.linear_bf16(_bits(rows), self._packed_bits, self._bias_bits, _bits(out), torch.get_num_threads())
+        rows = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
+        out = torch.empty((rows.shape[0], self.out_features), dtype=self.dtype)
+        self._kernel(self._np(rows), self._packed_np, self._bias_np, self._np(out), torch.get_num_threads())
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -112,17 +126,18 @@ def _bits(t: torch.Tensor) -> np.ndarray:
 
 
 def resolve(linear_ops: str, backend: str, dtype: torch.dtype) -> str:
-    """``native``, ``onednn`` or ``torch`` for an engine's ``linear_ops`` (``auto``: oneDNN
-    with the eager backend where it runs the dtype, else torch; ``native`` only when asked
-    for: BENCHMARKS.md §10 has where it wins); ConfigError when the one asked for cannot
-    run here."""
+    """``native``, ``onednn`` or ``torch`` for an engine's ``linear_ops`` (``auto``: with
+    the eager backend, the native kernel where this CPU runs it fast for the dtype, else
+    oneDNN where it runs the dtype, else torch); ConfigError when the one asked for
+    cannot run here."""
+    native_ok, native_why = native_available(dtype)
     ok, why = onednn_available(dtype)
     if linear_ops == "auto":
-        return "onednn" if backend == "eager" and ok else "torch"
-    if linear_ops == "native":
-        native_ok, native_why = native_available(dtype)
-        if not native_ok:
-            raise ConfigError(f"linear_ops 'native' cannot run here: {native_why} (use 'auto', 'onednn' or 'torch')")
+        if backend != "eager":
+            return "torch"
+        return "native" if native_ok else "onednn" if ok else "torch"
+    if linear_ops == "native" and not native_ok:
+        raise ConfigError(f"linear_ops 'native' cannot run here: {native_why} (use 'auto', 'onednn' or 'torch')")
     if linear_ops == "onednn" and not ok:
         raise ConfigError(f"linear_ops 'onednn' cannot run here: {why} (use 'auto' or 'torch')")
     return linear_ops

@@ -16,6 +16,7 @@ mod math;
 
 pub use attention::{paged_decode, DecodeInputs, DecodeShape, KernelError};
 pub use linear::{
-    linear_bf16, linear_bf16_is_fast, pack_bf16, packed_len, round_bf16, LinearError, LinearShape, FEATURES,
+    linear, linear_bf16_is_fast, linear_f32_is_fast, pack, packed_len, round_bf16, Element, LinearError, LinearShape,
+    FEATURES,
 };
 pub use math::CacheElem;

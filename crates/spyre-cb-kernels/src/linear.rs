@@ -1,4 +1,4 @@
-//! `y = x W^T (+ b)` in bfloat16, on weights packed once at load.
+//! `y = x W^T (+ b)` in bfloat16 or `f32`, on weights packed once at load.
 //!
 //! A decode step multiplies a handful of rows (one per running sequence) by
 //! every weight matrix of the model, so it is bound by reading the weights
@@ -14,8 +14,9 @@
 //! cache, and prefetches the next block while it multiplies this one, so
 //! the weights stream at about the rate the core can read memory. Sums are
 //! `f32`, rounded once to bfloat16 (to nearest, ties to even, as torch
-//! rounds). Without AVX512_BF16 a portable loop computes the same sums up to
-//! their order.
+//! rounds). In `f32` the blocks hold one inner element of every feature at a
+//! time and the products are fused multiply-adds (AVX-512F). Without those
+//! instructions a portable loop computes the same sums up to their order.
 
 use std::fmt;
 use std::ops::Range;
@@ -64,31 +65,122 @@ impl fmt::Display for LinearError {
 
 impl std::error::Error for LinearError {}
 
-/// Elements of a packed weight of `out_features x in_features`: both padded
-/// with zeros, the features to whole blocks and the inner size to pairs.
-pub fn packed_len(out_features: usize, in_features: usize) -> usize {
-    out_features.next_multiple_of(FEATURES) * in_features.next_multiple_of(2)
+/// An element type the kernel runs: bfloat16 (as its bits, `u16`) or `f32`.
+pub trait Element: Copy + Default + Send + Sync + 'static {
+    /// Consecutive inner elements of one feature packed together (a
+    /// `vdpbf16ps` multiplies pairs of bfloat16; an `f32` FMA one element).
+    const PACK: usize;
+    fn widen(self) -> f32;
+    fn narrow(v: f32) -> Self;
+    /// Whether this CPU runs the vectorized kernel for this element.
+    fn is_fast() -> bool;
+    /// `R` input rows times one packed block, see [`avx512`].
+    ///
+    /// # Safety
+    /// The CPU has the instructions [`Element::is_fast`] checks; the slices
+    /// hold what the block walk gives.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn group<const R: usize>(
+        w: &[Self],
+        xs: &[Self],
+        k: usize,
+        prefetch: &[Self],
+        bias: Option<&[Self]>,
+        out: &mut [Self],
+        width: usize,
+        cols: usize,
+    );
 }
 
-/// Reorders `weight` (`[out_features, in_features]`, row-major bfloat16 bits)
-/// into `packed` ([`packed_len`] elements) for [`linear_bf16`].
-pub fn pack_bf16(
-    weight: &[u16],
+impl Element for u16 {
+    const PACK: usize = 2;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        widen(self)
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        round_bf16(v)
+    }
+    fn is_fast() -> bool {
+        linear_bf16_is_fast()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn group<const R: usize>(
+        w: &[u16],
+        xs: &[u16],
+        k: usize,
+        prefetch: &[u16],
+        bias: Option<&[u16]>,
+        out: &mut [u16],
+        width: usize,
+        cols: usize,
+    ) {
+        unsafe { avx512::group_bf16::<R>(w, xs, k, prefetch, bias, out, width, cols) }
+    }
+}
+
+impl Element for f32 {
+    const PACK: usize = 1;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(v: f32) -> Self {
+        v
+    }
+    fn is_fast() -> bool {
+        linear_f32_is_fast()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn group<const R: usize>(
+        w: &[f32],
+        xs: &[f32],
+        k: usize,
+        prefetch: &[f32],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        width: usize,
+        cols: usize,
+    ) {
+        unsafe { avx512::group_f32::<R>(w, xs, k, prefetch, bias, out, width, cols) }
+    }
+}
+
+/// Elements of a packed weight of `out_features x in_features`: both padded
+/// with zeros, the features to whole blocks and the inner size to whole packs.
+pub fn packed_len<E: Element>(out_features: usize, in_features: usize) -> usize {
+    out_features.next_multiple_of(FEATURES) * in_features.next_multiple_of(E::PACK)
+}
+
+/// Reorders `weight` (`[out_features, in_features]`, row-major) into `packed`
+/// ([`packed_len`] elements) for [`linear`]: `[blocks][in / PACK][FEATURES][PACK]`.
+pub fn pack<E: Element>(
+    weight: &[E],
     out_features: usize,
     in_features: usize,
-    packed: &mut [u16],
+    packed: &mut [E],
 ) -> Result<(), LinearError> {
     check("weight", out_features * in_features, weight.len())?;
-    check("packed", packed_len(out_features, in_features), packed.len())?;
-    let pairs = in_features.div_ceil(2);
-    for (block, dst) in packed.chunks_exact_mut(pairs * 2 * FEATURES).enumerate() {
-        for (pair, dst) in dst.chunks_exact_mut(2 * FEATURES).enumerate() {
+    check("packed", packed_len::<E>(out_features, in_features), packed.len())?;
+    let groups = in_features.div_ceil(E::PACK);
+    for (block, dst) in packed.chunks_exact_mut(groups * E::PACK * FEATURES).enumerate() {
+        for (group, dst) in dst.chunks_exact_mut(E::PACK * FEATURES).enumerate() {
             for f in 0..FEATURES {
                 let feature = block * FEATURES + f;
-                for t in 0..2 {
-                    let i = 2 * pair + t;
-                    dst[2 * f + t] =
-                        if feature < out_features && i < in_features { weight[feature * in_features + i] } else { 0 };
+                for t in 0..E::PACK {
+                    let i = E::PACK * group + t;
+                    dst[E::PACK * f + t] = if feature < out_features && i < in_features {
+                        weight[feature * in_features + i]
+                    } else {
+                        E::default()
+                    };
                 }
             }
         }
@@ -119,21 +211,33 @@ pub fn linear_bf16_is_fast() -> bool {
     }
 }
 
-/// `out = x weight^T + bias`, every tensor bfloat16 given as its bits, the
-/// weight packed by [`pack_bf16`]; split over up to `threads` threads (the
+/// Whether this CPU runs the vectorized `f32` kernel (AVX-512F).
+pub fn linear_f32_is_fast() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `out = x weight^T + bias` (bfloat16 given as its bits, or `f32`), the
+/// weight packed by [`pack`]; split over up to `threads` threads (the
 /// calling one included) by block of output features when the weight is
 /// large enough to pay for them.
-pub fn linear_bf16(
+pub fn linear<E: Element>(
     shape: &LinearShape,
-    x: &[u16],
-    packed: &[u16],
-    bias: Option<&[u16]>,
-    out: &mut [u16],
+    x: &[E],
+    packed: &[E],
+    bias: Option<&[E]>,
+    out: &mut [E],
     threads: usize,
 ) -> Result<(), LinearError> {
     let LinearShape { rows, in_features: k, out_features: n } = *shape;
     check("x", rows * k, x.len())?;
-    check("packed weight", packed_len(n, k), packed.len())?;
+    check("packed weight", packed_len::<E>(n, k), packed.len())?;
     if let Some(b) = bias {
         check("bias", n, b.len())?;
     }
@@ -152,17 +256,17 @@ pub fn linear_bf16(
     let per_thread = blocks.div_ceil(threads);
     let part = |t: usize| (t * per_thread).min(blocks)..((t + 1) * per_thread).min(blocks);
     let columns = |r: &Range<usize>| r.start * FEATURES..(r.end * FEATURES).min(n);
-    let parts: Vec<(Range<usize>, Vec<u16>)> = thread::scope(|scope| {
+    let parts: Vec<(Range<usize>, Vec<E>)> = thread::scope(|scope| {
         let handles: Vec<_> = (1..threads)
             .map(|t| {
                 scope.spawn(move || {
-                    let mut buf = vec![0u16; rows * columns(&part(t)).len()];
+                    let mut buf = vec![E::default(); rows * columns(&part(t)).len()];
                     features(shape, x, packed, bias, part(t), &mut buf);
                     (columns(&part(t)), buf)
                 })
             })
             .collect();
-        let mut buf = vec![0u16; rows * columns(&part(0)).len()];
+        let mut buf = vec![E::default(); rows * columns(&part(0)).len()];
         features(shape, x, packed, bias, part(0), &mut buf);
         let mut parts = vec![(columns(&part(0)), buf)];
         parts.extend(handles.into_iter().map(|h| h.join().expect("a linear kernel thread panicked")));
@@ -181,17 +285,17 @@ pub fn linear_bf16(
 
 /// Output feature blocks `blocks` of every row into `out`
 /// (`[rows, the features of those blocks]`).
-fn features(
+fn features<E: Element>(
     shape: &LinearShape,
-    x: &[u16],
-    packed: &[u16],
-    bias: Option<&[u16]>,
+    x: &[E],
+    packed: &[E],
+    bias: Option<&[E]>,
     blocks: Range<usize>,
-    out: &mut [u16],
+    out: &mut [E],
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if linear_bf16_is_fast() {
+        if E::is_fast() {
             // SAFETY: the CPU supports the features the function is compiled for.
             unsafe { avx512::features(shape, x, packed, bias, blocks, out) };
             return;
@@ -217,35 +321,37 @@ pub fn round_bf16(v: f32) -> u16 {
     (bits.wrapping_add(0x7fff + lsb) >> 16) as u16
 }
 
-fn portable_features(
+fn portable_features<E: Element>(
     shape: &LinearShape,
-    x: &[u16],
-    packed: &[u16],
-    bias: Option<&[u16]>,
+    x: &[E],
+    packed: &[E],
+    bias: Option<&[E]>,
     blocks: Range<usize>,
-    out: &mut [u16],
+    out: &mut [E],
 ) {
     let (k, n) = (shape.in_features, shape.out_features);
-    let pairs = k.div_ceil(2);
+    let block_len = k.div_ceil(E::PACK) * E::PACK * FEATURES;
     let first = blocks.start * FEATURES;
     let width = (blocks.end * FEATURES).min(n) - first;
     for block in blocks {
-        let w = &packed[block * pairs * 2 * FEATURES..(block + 1) * pairs * 2 * FEATURES];
+        let w = &packed[block * block_len..(block + 1) * block_len];
         for row in 0..shape.rows {
             let xr = &x[row * k..(row + 1) * k];
             let mut sums = [0.0f32; FEATURES];
-            for (pair, wp) in w.chunks_exact(2 * FEATURES).enumerate() {
-                let x0 = widen(xr[2 * pair]);
-                let x1 = if 2 * pair + 1 < k { widen(xr[2 * pair + 1]) } else { 0.0 };
-                for (f, s) in sums.iter_mut().enumerate() {
-                    *s += widen(wp[2 * f]) * x0 + widen(wp[2 * f + 1]) * x1;
+            for (group, wg) in w.chunks_exact(E::PACK * FEATURES).enumerate() {
+                for t in 0..E::PACK {
+                    let i = E::PACK * group + t;
+                    let xi = if i < k { xr[i].widen() } else { 0.0 };
+                    for (f, s) in sums.iter_mut().enumerate() {
+                        *s += wg[E::PACK * f + t].widen() * xi;
+                    }
                 }
             }
             for (f, s) in sums.iter().enumerate() {
                 let feature = block * FEATURES + f;
                 if feature < n {
-                    let b = bias.map_or(0.0, |b| widen(b[feature]));
-                    out[row * width + feature - first] = round_bf16(s + b);
+                    let b = bias.map_or(0.0, |b| b[feature].widen());
+                    out[row * width + feature - first] = E::narrow(s + b);
                 }
             }
         }
@@ -257,24 +363,26 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{LinearShape, FEATURES, MIN_ROW_BLOCK, ROWS, ROW_BLOCK_BYTES};
+    use super::{Element, LinearShape, FEATURES, MIN_ROW_BLOCK, ROWS, ROW_BLOCK_BYTES};
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn features(
+    /// Walks the blocks of output features, each once per block of input rows,
+    /// a group of up to [`ROWS`] rows at a time ([`Element::group`]).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn features<E: Element>(
         shape: &LinearShape,
-        x: &[u16],
-        packed: &[u16],
-        bias: Option<&[u16]>,
+        x: &[E],
+        packed: &[E],
+        bias: Option<&[E]>,
         blocks: Range<usize>,
-        out: &mut [u16],
+        out: &mut [E],
     ) {
         let (k, n) = (shape.in_features, shape.out_features);
-        let block_len = k.div_ceil(2) * 2 * FEATURES;
+        let block_len = k.div_ceil(E::PACK) * E::PACK * FEATURES;
         let first = blocks.start * FEATURES;
         let width = (blocks.end * FEATURES).min(n) - first;
         // input rows are taken a group of blocks at a time that stays in the
         // second-level cache: a decode's few rows are one, a prefill's many several
-        let row_block = (ROW_BLOCK_BYTES / (2 * k)).max(MIN_ROW_BLOCK).next_multiple_of(ROWS);
+        let row_block = (ROW_BLOCK_BYTES / (size_of::<E>() * k)).max(MIN_ROW_BLOCK).next_multiple_of(ROWS);
         let mut row0 = 0;
         while row0 < shape.rows {
             let block_rows = row_block.min(shape.rows - row0);
@@ -298,14 +406,14 @@ mod avx512 {
                     let pf = &next[(g * share).min(next.len())..((g + 1) * share).min(next.len())];
                     let o = &mut out[r0 * width + block * FEATURES - first..];
                     match n_rows {
-                        1 => group::<1>(w, xs, k, pf, bias, o, width, cols),
-                        2 => group::<2>(w, xs, k, pf, bias, o, width, cols),
-                        3 => group::<3>(w, xs, k, pf, bias, o, width, cols),
-                        4 => group::<4>(w, xs, k, pf, bias, o, width, cols),
-                        5 => group::<5>(w, xs, k, pf, bias, o, width, cols),
-                        6 => group::<6>(w, xs, k, pf, bias, o, width, cols),
-                        7 => group::<7>(w, xs, k, pf, bias, o, width, cols),
-                        _ => group::<ROWS>(w, xs, k, pf, bias, o, width, cols),
+                        1 => E::group::<1>(w, xs, k, pf, bias, o, width, cols),
+                        2 => E::group::<2>(w, xs, k, pf, bias, o, width, cols),
+                        3 => E::group::<3>(w, xs, k, pf, bias, o, width, cols),
+                        4 => E::group::<4>(w, xs, k, pf, bias, o, width, cols),
+                        5 => E::group::<5>(w, xs, k, pf, bias, o, width, cols),
+                        6 => E::group::<6>(w, xs, k, pf, bias, o, width, cols),
+                        7 => E::group::<7>(w, xs, k, pf, bias, o, width, cols),
+                        _ => E::group::<ROWS>(w, xs, k, pf, bias, o, width, cols),
                     }
                 }
             }
@@ -320,7 +428,7 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn group<const R: usize>(
+    pub(super) unsafe fn group_bf16<const R: usize>(
         w: &[u16],
         xs: &[u16],
         k: usize,
@@ -380,6 +488,65 @@ mod avx512 {
         }
     }
 
+    /// [`group_bf16`] in `f32`: the block holds one inner element of every
+    /// feature at a time, multiplied by one input element broadcast to every
+    /// lane with fused multiply-adds.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn group_f32<const R: usize>(
+        w: &[f32],
+        xs: &[f32],
+        k: usize,
+        prefetch: &[f32],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        width: usize,
+        cols: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        // cache lines (16 floats) of the prefetch share, spread evenly over k
+        let lines = prefetch.len().div_ceil(16);
+        let mut next_line = 0;
+        for i in 0..k {
+            // SAFETY: the block holds k groups of FEATURES elements
+            let (w0, w1) =
+                unsafe { (_mm512_loadu_ps(w.as_ptr().add(i * 32)), _mm512_loadu_ps(w.as_ptr().add(i * 32 + 16))) };
+            while next_line * k < lines * (i + 1) && next_line < lines {
+                // SAFETY: a prefetch never faults; the address is inside the slice
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(prefetch.as_ptr().add(next_line * 16).cast()) };
+                next_line += 1;
+            }
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(xs[r * k + i]);
+                acc_r[0] = _mm512_fmadd_ps(w0, xv, acc_r[0]);
+                acc_r[1] = _mm512_fmadd_ps(w1, xv, acc_r[1]);
+            }
+        }
+        let (b0, b1) = match bias {
+            // SAFETY: the masked loads read only the block's `cols` bias values
+            Some(b) => unsafe {
+                (
+                    _mm512_maskz_loadu_ps(mask(cols), b.as_ptr()),
+                    _mm512_maskz_loadu_ps(mask(cols.saturating_sub(16)), b.as_ptr().add(16.min(b.len()))),
+                )
+            },
+            None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+        };
+        for (r, acc_r) in acc.iter().enumerate() {
+            let dst = &mut out[r * width..];
+            // SAFETY: the masks keep the stores inside the row's `cols` features
+            unsafe {
+                _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask(cols), _mm512_add_ps(acc_r[0], b0));
+                _mm512_mask_storeu_ps(
+                    dst.as_mut_ptr().add(16.min(dst.len())),
+                    mask(cols.saturating_sub(16)),
+                    _mm512_add_ps(acc_r[1], b1),
+                );
+            }
+        }
+    }
+
     /// The first `n` (at most 16) lanes of sixteen 16-bit lanes.
     #[inline(always)]
     fn mask(n: usize) -> __mmask16 {
@@ -425,77 +592,85 @@ mod avx512 {
 mod tests {
     use super::*;
 
-    /// A deterministic spread of bfloat16 values in about [-2, 2].
-    fn values(n: usize, seed: u32) -> Vec<u16> {
+    /// A deterministic spread of values in about [-2, 2] (exact in bfloat16).
+    fn values<E: Element>(n: usize, seed: u32) -> Vec<E> {
         let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
         (0..n)
             .map(|_| {
                 s ^= s << 13;
                 s ^= s >> 17;
                 s ^= s << 5;
-                round_bf16((s % 4001) as f32 / 1000.0 - 2.0)
+                E::narrow(widen(round_bf16((s % 4001) as f32 / 1000.0 - 2.0)))
             })
             .collect()
     }
 
     /// `f64` sums.
-    fn reference(shape: &LinearShape, x: &[u16], w: &[u16], bias: Option<&[u16]>) -> Vec<f64> {
+    fn reference<E: Element>(shape: &LinearShape, x: &[E], w: &[E], bias: Option<&[E]>) -> Vec<f64> {
         let (m, k, n) = (shape.rows, shape.in_features, shape.out_features);
         let mut out = vec![0.0; m * n];
         for i in 0..m {
             for j in 0..n {
-                let dot: f64 = (0..k).map(|t| f64::from(widen(x[i * k + t])) * f64::from(widen(w[j * k + t]))).sum();
-                out[i * n + j] = dot + bias.map_or(0.0, |b| f64::from(widen(b[j])));
+                let dot: f64 = (0..k).map(|t| f64::from(x[i * k + t].widen()) * f64::from(w[j * k + t].widen())).sum();
+                out[i * n + j] = dot + bias.map_or(0.0, |b| f64::from(b[j].widen()));
             }
         }
         out
     }
 
-    fn packed(w: &[u16], n: usize, k: usize) -> Vec<u16> {
-        let mut p = vec![0u16; packed_len(n, k)];
-        pack_bf16(w, n, k, &mut p).unwrap();
+    fn packed<E: Element>(w: &[E], n: usize, k: usize) -> Vec<E> {
+        let mut p = vec![E::default(); packed_len::<E>(n, k)];
+        pack(w, n, k, &mut p).unwrap();
         p
     }
 
-    fn check(m: usize, k: usize, n: usize, with_bias: bool, threads: usize) {
+    fn check<E: Element>(m: usize, k: usize, n: usize, with_bias: bool, threads: usize) {
         let shape = LinearShape { rows: m, in_features: k, out_features: n };
-        let (x, w, b) = (values(m * k, 1), values(n * k, 2), values(n, 3));
+        let (x, w, b) = (values::<E>(m * k, 1), values::<E>(n * k, 2), values::<E>(n, 3));
         let bias = with_bias.then_some(&b[..]);
         let want = reference(&shape, &x, &w, bias);
         let p = packed(&w, n, k);
-        let mut fast = vec![0u16; m * n];
-        linear_bf16(&shape, &x, &p, bias, &mut fast, threads).unwrap();
-        let mut portable = vec![0u16; m * n];
+        let mut fast = vec![E::default(); m * n];
+        linear(&shape, &x, &p, bias, &mut fast, threads).unwrap();
+        let mut portable = vec![E::default(); m * n];
         portable_features(&shape, &x, &p, bias, 0..n.div_ceil(FEATURES), &mut portable);
-        for (got, name) in [(&fast, "linear_bf16"), (&portable, "portable")] {
+        // one rounding of the sum to the element type, plus f32 summation error
+        let rounding = if E::PACK == 2 { 1.0 / 128.0 } else { 1e-6 };
+        for (got, name) in [(&fast, "linear"), (&portable, "portable")] {
             for (idx, (g, want)) in got.iter().zip(&want).enumerate() {
-                // one bfloat16 rounding of the sum, plus f32 summation error
-                let tol = want.abs() / 128.0 + 1e-5 * k as f64;
-                let g = f64::from(widen(*g));
-                assert!((g - want).abs() <= tol, "{name} m={m} k={k} n={n} [{idx}]: {g} vs {want}");
+                let tol = want.abs() * rounding + 1e-5 * k as f64;
+                let g = f64::from(g.widen());
+                assert!((g - want).abs() <= tol, "{name} PACK={} m={m} k={k} n={n} [{idx}]: {g} vs {want}", E::PACK);
+            }
+        }
+    }
+
+    fn every_tile_shape<E: Element>() {
+        for m in [1, 2, 3, 5, 7, 8, 9, 17] {
+            for (k, n) in [(32, 32), (64, 7), (96, 45), (33, 5), (1, 1), (200, 64), (1001, 33)] {
+                check::<E>(m, k, n, false, 1);
+                check::<E>(m, k, n, true, 1);
             }
         }
     }
 
     #[test]
     fn matches_f64_sums_on_every_tile_shape() {
-        for m in [1, 2, 3, 5, 7, 8, 9, 17] {
-            for (k, n) in [(32, 32), (64, 7), (96, 45), (33, 5), (1, 1), (200, 64), (1001, 33)] {
-                check(m, k, n, false, 1);
-                check(m, k, n, true, 1);
-            }
-        }
+        every_tile_shape::<u16>();
+        every_tile_shape::<f32>();
     }
 
     #[test]
     fn many_rows_run_in_blocks() {
-        // 1024 features: 128 rows a block, so 130 rows are two blocks, the last of 2 rows
-        check(130, 1024, 40, true, 1);
-        check(130, 1024, 40, false, 2);
+        // bfloat16, 1024 features: 128 rows a block, so 130 rows are two blocks,
+        // the last of 2 rows; f32, 2048: 32 rows a block
+        check::<u16>(130, 1024, 40, true, 1);
+        check::<u16>(130, 1024, 40, false, 2);
+        check::<f32>(70, 2048, 40, true, 1);
     }
 
     #[test]
-    fn packing_places_pairs_of_every_feature_together() {
+    fn packing_places_packs_of_every_feature_together() {
         let (n, k) = (33, 3);
         let w: Vec<u16> = (0..(n * k) as u16).collect();
         let p = packed(&w, n, k);
@@ -507,22 +682,28 @@ mod tests {
         // block 1 holds feature 32 then 31 zero features
         assert_eq!(&p[128..130], &[w[96], w[97]]);
         assert!(p[130..192].iter().all(|v| *v == 0));
+        let wf: Vec<f32> = w.iter().map(|v| f32::from(*v)).collect();
+        let pf = packed(&wf, n, k);
+        assert_eq!(pf.len(), 64 * 3);
+        assert_eq!(&pf[..3], &[wf[0], wf[3], wf[6]]); // element 0 of features 0, 1, 2
+        assert_eq!(pf[32], wf[1]);
     }
 
     #[test]
     fn threads_split_output_features_exactly() {
         let (m, k, n) = (3, 1024, 2052);
         let shape = LinearShape { rows: m, in_features: k, out_features: n };
-        let (x, w) = (values(m * k, 4), values(n * k, 5));
+        let (x, w) = (values::<u16>(m * k, 4), values::<u16>(n * k, 5));
         let p = packed(&w, n, k);
         let mut one = vec![0u16; m * n];
-        linear_bf16(&shape, &x, &p, None, &mut one, 1).unwrap();
+        linear(&shape, &x, &p, None, &mut one, 1).unwrap();
         for threads in [2, 3, 7] {
             let mut many = vec![0u16; m * n];
-            linear_bf16(&shape, &x, &p, None, &mut many, threads).unwrap();
+            linear(&shape, &x, &p, None, &mut many, threads).unwrap();
             assert_eq!(one, many, "threads={threads}");
         }
-        check(m, k, n, true, 2);
+        check::<u16>(m, k, n, true, 2);
+        check::<f32>(m, k, n, true, 2);
     }
 
     #[test]
@@ -538,14 +719,14 @@ mod tests {
     #[test]
     fn refuses_lengths_that_disagree_with_the_shape() {
         let shape = LinearShape { rows: 2, in_features: 4, out_features: 3 };
-        let p = vec![0u16; packed_len(3, 4)];
+        let p = vec![0u16; packed_len::<u16>(3, 4)];
         let mut out = vec![7u16; 6];
-        let err = linear_bf16(&shape, &[0; 8], &p[1..], None, &mut out, 1).unwrap_err();
+        let err = linear(&shape, &[0u16; 8], &p[1..], None, &mut out, 1).unwrap_err();
         assert_eq!(err, LinearError::Length { what: "packed weight", expected: 128, got: 127 });
         assert!(err.to_string().contains("packed weight holds 127"));
-        assert!(linear_bf16(&shape, &[0; 8], &p, Some(&[0; 2]), &mut out, 1).is_err());
+        assert!(linear(&shape, &[0u16; 8], &p, Some(&[0; 2]), &mut out, 1).is_err());
         assert_eq!(out, vec![7u16; 6]);
-        assert!(pack_bf16(&[0; 11], 3, 4, &mut vec![0; 128]).is_err());
-        linear_bf16(&LinearShape { rows: 0, ..shape }, &[], &p, None, &mut [], 1).unwrap();
+        assert!(pack(&[0u16; 11], 3, 4, &mut [0; 128]).is_err());
+        linear(&LinearShape { rows: 0, ..shape }, &[], &p, None, &mut [], 1).unwrap();
     }
 }

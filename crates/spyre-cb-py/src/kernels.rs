@@ -11,7 +11,7 @@ use numpy::{
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use spyre_cb_kernels::{paged_decode, CacheElem, DecodeInputs, DecodeShape, LinearShape};
+use spyre_cb_kernels::{paged_decode, CacheElem, DecodeInputs, DecodeShape, Element, LinearShape};
 
 /// Decode attention read in place from a paged KV cache (one query per
 /// sequence); see the kernels crate for the exact semantics.
@@ -109,12 +109,30 @@ fn decode<E: CacheElem + numpy::Element>(
 }
 
 /// Reorders a bfloat16 weight (`[out, in]`, its bits) into `packed` (1-D,
-/// `packed_linear_len(out, in)` elements) for [`linear_bf16`].
+/// `packed_linear_len(out, in, "bfloat16")` elements) for [`linear_bf16`].
 #[pyfunction]
 pub fn pack_linear_bf16(
     py: Python<'_>,
     weight: PyReadonlyArray2<'_, u16>,
-    mut packed: PyReadwriteArray1<'_, u16>,
+    packed: PyReadwriteArray1<'_, u16>,
+) -> PyResult<()> {
+    pack(py, weight, packed)
+}
+
+/// [`pack_linear_bf16`] for an `f32` weight.
+#[pyfunction]
+pub fn pack_linear_f32(
+    py: Python<'_>,
+    weight: PyReadonlyArray2<'_, f32>,
+    packed: PyReadwriteArray1<'_, f32>,
+) -> PyResult<()> {
+    pack(py, weight, packed)
+}
+
+fn pack<E: Element + numpy::Element>(
+    py: Python<'_>,
+    weight: PyReadonlyArray2<'_, E>,
+    mut packed: PyReadwriteArray1<'_, E>,
 ) -> PyResult<()> {
     let (n, k) = (weight.shape()[0], weight.shape()[1]);
     if !weight.is_c_contiguous() || !packed.is_c_contiguous() {
@@ -122,13 +140,18 @@ pub fn pack_linear_bf16(
     }
     let weight = weight.as_slice()?;
     let packed = packed.as_slice_mut()?;
-    py.detach(|| spyre_cb_kernels::pack_bf16(weight, n, k, packed)).map_err(|e| PyValueError::new_err(e.to_string()))
+    py.detach(|| spyre_cb_kernels::pack(weight, n, k, packed)).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
-/// Elements of a packed weight of `out_features x in_features`.
+/// Elements of a packed weight of `out_features x in_features` in `dtype`
+/// (`"bfloat16"` or `"float32"`).
 #[pyfunction]
-pub fn packed_linear_len(out_features: usize, in_features: usize) -> usize {
-    spyre_cb_kernels::packed_len(out_features, in_features)
+pub fn packed_linear_len(out_features: usize, in_features: usize, dtype: &str) -> PyResult<usize> {
+    match dtype {
+        "bfloat16" => Ok(spyre_cb_kernels::packed_len::<u16>(out_features, in_features)),
+        "float32" => Ok(spyre_cb_kernels::packed_len::<f32>(out_features, in_features)),
+        _ => Err(PyValueError::new_err(format!("linear: dtype must be 'bfloat16' or 'float32', got {dtype:?}"))),
+    }
 }
 
 /// `out = x weight^T + bias` in bfloat16 (all given as their bits, `uint16`
@@ -141,7 +164,32 @@ pub fn linear_bf16(
     x: PyReadonlyArray2<'_, u16>,
     packed: PyReadonlyArray1<'_, u16>,
     bias: Option<PyReadonlyArray1<'_, u16>>,
-    mut out: PyReadwriteArray2<'_, u16>,
+    out: PyReadwriteArray2<'_, u16>,
+    threads: usize,
+) -> PyResult<()> {
+    run_linear(py, x, packed, bias, out, threads)
+}
+
+/// [`linear_bf16`] in `f32`, the weight packed by [`pack_linear_f32`].
+#[pyfunction]
+#[pyo3(signature = (x, packed, bias, out, threads = 1))]
+pub fn linear_f32(
+    py: Python<'_>,
+    x: PyReadonlyArray2<'_, f32>,
+    packed: PyReadonlyArray1<'_, f32>,
+    bias: Option<PyReadonlyArray1<'_, f32>>,
+    out: PyReadwriteArray2<'_, f32>,
+    threads: usize,
+) -> PyResult<()> {
+    run_linear(py, x, packed, bias, out, threads)
+}
+
+fn run_linear<E: Element + numpy::Element>(
+    py: Python<'_>,
+    x: PyReadonlyArray2<'_, E>,
+    packed: PyReadonlyArray1<'_, E>,
+    bias: Option<PyReadonlyArray1<'_, E>>,
+    mut out: PyReadwriteArray2<'_, E>,
     threads: usize,
 ) -> PyResult<()> {
     let (xs, os) = (x.shape(), out.shape());
@@ -167,7 +215,7 @@ pub fn linear_bf16(
     let (x, packed) = (x.as_slice()?, packed.as_slice()?);
     let bias = bias.as_ref().map(|b| b.as_slice()).transpose()?;
     let out = out.as_slice_mut()?;
-    py.detach(|| spyre_cb_kernels::linear_bf16(&shape, x, packed, bias, out, threads))
+    py.detach(|| spyre_cb_kernels::linear(&shape, x, packed, bias, out, threads))
         .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
@@ -175,4 +223,10 @@ pub fn linear_bf16(
 #[pyfunction]
 pub fn linear_bf16_is_fast() -> bool {
     spyre_cb_kernels::linear_bf16_is_fast()
+}
+
+/// Whether this CPU runs [`linear_f32`] vectorized (AVX-512F).
+#[pyfunction]
+pub fn linear_f32_is_fast() -> bool {
+    spyre_cb_kernels::linear_f32_is_fast()
 }

@@ -54,6 +54,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernels::paged_decode_attention_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::linear_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::pack_linear_bf16, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::linear_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::pack_linear_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::linear_f32_is_fast, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::packed_linear_len, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::linear_bf16_is_fast, m)?)?;
     m.add("BLOCK_SIZE", core::BLOCK_SIZE)?;
