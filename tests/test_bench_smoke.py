@@ -101,3 +101,15 @@ def test_weight_bandwidth_quick():
     for ops in ("auto", "torch"):
         assert result["engines"][ops]["batches"]["4"]["weight_gb_s"] > 0, result
     assert result["engines"]["torch"]["linear_ops"] == "torch"
+
+
+def test_linear_ops_quick():
+    """The linear-layer comparison on small shapes: every way that runs here is timed."""
+    import json
+
+    r = run("linear_ops.py", "--shapes", "64x96", "--rows", "1", "9", "--dtype", "float32")
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    for rows in ("1", "9"):
+        timed = result["shapes"]["64x96"][rows]
+        assert all(timed[name]["us"] > 0 for name in result["ops"]), result

@@ -380,8 +380,9 @@ mod avx512 {
         let block_len = k.div_ceil(E::PACK) * E::PACK * FEATURES;
         let first = blocks.start * FEATURES;
         let width = (blocks.end * FEATURES).min(n) - first;
-        // input rows are taken a group of blocks at a time that stays in the
-        // second-level cache: a decode's few rows are one, a prefill's many several
+        // input rows are taken a row block at a time (256 KB of them, at least 32
+        // rows) that stays in the second-level cache while every weight block
+        // streams past: a decode's rows are one row block, a prefill's several
         let row_block = (ROW_BLOCK_BYTES / (size_of::<E>() * k)).max(MIN_ROW_BLOCK).next_multiple_of(ROWS);
         let mut row0 = 0;
         while row0 < shape.rows {
