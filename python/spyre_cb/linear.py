@@ -13,7 +13,7 @@ kernel reads them, each block streamed once per step while every row is
 multiplied by it, the next block prefetched meanwhile; sums already the
 outputs, no horizontal reductions. At granite-2b's shapes in bfloat16 a
 decode of 8 reads the weights at 1.5-1.8x oneDNN's rate (about 70 % of the
-machine's triad bandwidth, BENCHMARKS.md §10); prefills run at oneDNN's
+machine's triad bandwidth, BENCHMARKS.md §10); prefills run at about oneDNN's
 rate. ``onednn`` (``auto``'s choice elsewhere) reorders every weight once
 into oneDNN's blocked layout and calls its inner product, the primitive
 torch's inductor emits with freezing and vLLM's CPU engine uses.
@@ -113,7 +113,10 @@ class NativeLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
         out = torch.empty((rows.shape[0], self.out_features), dtype=self.dtype)
-        self._kernel(self._np(rows), self._packed_np, self._bias_np, self._np(out), torch.get_num_threads())
+        # one thread, the caller's: a thread started per call competes with torch's
+        # OpenMP workers, which spin between ops (granite-2b, 2 CPUs, batch 8:
+        # 0.385 s a step split over 2 threads, 0.275 s on one, oneDNN 0.306 s)
+        self._kernel(self._np(rows), self._packed_np, self._bias_np, self._np(out), 1)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

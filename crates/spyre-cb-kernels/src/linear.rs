@@ -34,7 +34,7 @@ const ROW_BLOCK_BYTES: usize = 256 << 10;
 const MIN_ROW_BLOCK: usize = 32;
 /// Weight elements below which one more thread does not pay for its start
 /// (starting one costs tens of microseconds; a core reads ~1M elements in 100).
-const MIN_WEIGHTS_PER_THREAD: usize = 1 << 20;
+const MIN_WEIGHTS_PER_THREAD: usize = 1 << 22;
 
 /// Sizes of one call: `x` is `[rows, in_features]`, the weight
 /// `[out_features, in_features]` (packed), the result `[rows, out_features]`.
