@@ -22,6 +22,8 @@ use std::fmt;
 use std::ops::Range;
 use std::thread;
 
+use crate::math::CacheElem;
+
 /// Output features in one packed block (two 512-bit registers of `f32` sums).
 pub const FEATURES: usize = 32;
 /// Input rows multiplied by a block at a time (their sums fill 16 registers).
@@ -97,7 +99,7 @@ impl Element for u16 {
     const PACK: usize = 2;
     #[inline(always)]
     fn widen(self) -> f32 {
-        widen(self)
+        CacheElem::f32(self)
     }
     #[inline(always)]
     fn narrow(v: f32) -> Self {
@@ -304,12 +306,6 @@ fn features<E: Element>(
     portable_features(shape, x, packed, bias, blocks, out);
 }
 
-/// `f32` value of a bfloat16's bits.
-#[inline(always)]
-fn widen(bits: u16) -> f32 {
-    f32::from_bits(u32::from(bits) << 16)
-}
-
 /// bfloat16 bits of an `f32`, rounded to nearest, ties to even (NaN stays NaN).
 #[inline(always)]
 pub fn round_bf16(v: f32) -> u16 {
@@ -441,18 +437,11 @@ mod avx512 {
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let full_pairs = k / 2;
-        // cache lines of the prefetch share per pair of the inner dimension
-        let lines = prefetch.len().div_ceil(32);
-        let mut next_line = 0;
+        let mut prefetch = Prefetch::new(prefetch, full_pairs);
         for pair in 0..full_pairs {
             // SAFETY: the block holds k.div_ceil(2) pairs of 2 * FEATURES elements
             let (w0, w1) = unsafe { (load(w.as_ptr().add(pair * 64)), load(w.as_ptr().add(pair * 64 + 32))) };
-            // spread the prefetches evenly over the pairs
-            while next_line * full_pairs < lines * (pair + 1) && next_line < lines {
-                // SAFETY: a prefetch never faults; the address is inside the slice
-                unsafe { _mm_prefetch::<_MM_HINT_T1>(prefetch.as_ptr().add(next_line * 32).cast()) };
-                next_line += 1;
-            }
+            prefetch.step(pair);
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 // SAFETY: row r holds k elements, 2 * pair + 1 < k
                 let xv = unsafe { broadcast_pair(xs.as_ptr().add(r * k + 2 * pair)) };
@@ -506,18 +495,12 @@ mod avx512 {
         cols: usize,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        // cache lines (16 floats) of the prefetch share, spread evenly over k
-        let lines = prefetch.len().div_ceil(16);
-        let mut next_line = 0;
+        let mut prefetch = Prefetch::new(prefetch, k);
         for i in 0..k {
             // SAFETY: the block holds k groups of FEATURES elements
             let (w0, w1) =
                 unsafe { (_mm512_loadu_ps(w.as_ptr().add(i * 32)), _mm512_loadu_ps(w.as_ptr().add(i * 32 + 16))) };
-            while next_line * k < lines * (i + 1) && next_line < lines {
-                // SAFETY: a prefetch never faults; the address is inside the slice
-                unsafe { _mm_prefetch::<_MM_HINT_T1>(prefetch.as_ptr().add(next_line * 16).cast()) };
-                next_line += 1;
-            }
+            prefetch.step(i);
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let xv = _mm512_set1_ps(xs[r * k + i]);
                 acc_r[0] = _mm512_fmadd_ps(w0, xv, acc_r[0]);
@@ -544,6 +527,32 @@ mod avx512 {
                     mask(cols.saturating_sub(16)),
                     _mm512_add_ps(acc_r[1], b1),
                 );
+            }
+        }
+    }
+
+    /// A slice fetched into the second-level cache a few 64-byte lines at a
+    /// time, spread evenly over the `steps` iterations of a loop.
+    struct Prefetch {
+        base: *const u8,
+        lines: usize,
+        next: usize,
+        steps: usize,
+    }
+
+    impl Prefetch {
+        fn new<T>(slice: &[T], steps: usize) -> Self {
+            let lines = std::mem::size_of_val(slice).div_ceil(64);
+            Prefetch { base: slice.as_ptr().cast(), lines, next: 0, steps }
+        }
+
+        /// The lines due by the end of iteration `i`.
+        #[inline(always)]
+        fn step(&mut self, i: usize) {
+            while self.next < self.lines && self.next * self.steps < self.lines * (i + 1) {
+                // SAFETY: a prefetch never faults; the line starts inside the slice
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(self.base.wrapping_add(self.next * 64).cast()) };
+                self.next += 1;
             }
         }
     }
@@ -601,7 +610,7 @@ mod tests {
                 s ^= s << 13;
                 s ^= s >> 17;
                 s ^= s << 5;
-                E::narrow(widen(round_bf16((s % 4001) as f32 / 1000.0 - 2.0)))
+                E::narrow(round_bf16((s % 4001) as f32 / 1000.0 - 2.0).widen())
             })
             .collect()
     }
@@ -713,7 +722,7 @@ mod tests {
         // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to the even 1.0
         assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 0x3f80);
         assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 0x3f82);
-        assert!(widen(round_bf16(f32::NAN)).is_nan());
+        assert!(round_bf16(f32::NAN).widen().is_nan());
         assert_eq!(round_bf16(f32::INFINITY), 0x7f80);
     }
 
