@@ -454,6 +454,13 @@ def _launched_worker(a: argparse.Namespace) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = _run(args)
+    if "TORCHELASTIC_RUN_ID" in os.environ and args.command in ("demo", "generate", "serve"):
+        _end_launched(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         worker = _launched_worker(args)
         if worker is not None:
@@ -465,6 +472,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"spyre-cb {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _end_launched(code: int) -> None:
+    """Ends a rank torchrun started, once its work is done: the exit handlers run (rank 0's
+    stops the other ranks and leaves the group), then the process ends without the
+    interpreter's teardown and C++ static destructors, where a torch.distributed thread
+    still joinable made ``std::terminate`` abort a run that had printed the right answer."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
