@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import spyre_cb
-from spyre_cb import cpus
+from spyre_cb import _core, cpus
 from spyre_cb.config import EngineConfig
 from spyre_cb.errors import ConfigError
 
@@ -114,3 +114,64 @@ def test_governor_stays_off_under_a_cgroup_quota_or_a_fixed_count(monkeypatch, t
     eng = spyre_cb.Engine(tiny_model, max_num_seqs=2, max_model_len=128, num_threads=1)
     assert eng.executor._governor is None
     eng.shutdown()
+
+
+def test_the_openmp_runtime_is_torchs_own():
+    """The kernels share the OpenMP runtime torch runs on, found in the memory map:
+    torch's own where it ships one, else the only one mapped, never a guess."""
+    row = "7f3a1c000000-7f3a1c020000 r-xp 00000000 08:01 4242 {}"
+
+    def maps(*paths):
+        anon = "7ffd0000-7ffd1000 rw-p 00000000 00:00 0 "
+        return "\n".join([anon, *(row.format(p) for p in paths), "7ffe0000-7ffe1000 r--p 00000000 00:00 0 [vvar]"])
+
+    torch_dir, system = "/venv/site-packages/torch", "/usr/lib/x86_64-linux-gnu/libgomp.so.1"
+    ours = f"{torch_dir}/lib/libgomp.so.1"
+    wheel = f"{torch_dir}.libs/libgomp-a34b3233.so.1"  # the CPU wheels' vendored copy
+    assert cpus._loaded_libgomp(maps(f"{torch_dir}/lib/libtorch_cpu.so", ours, system), torch_dir) == ours
+    assert cpus._loaded_libgomp(maps(wheel, system), torch_dir) == wheel
+    assert cpus._loaded_libgomp(maps(system), torch_dir) == system
+    assert cpus._loaded_libgomp(maps(system, "/opt/other/libgomp.so.1"), torch_dir) is None
+    assert cpus._loaded_libgomp(maps("/usr/lib/libiomp5.so"), torch_dir) is None
+
+
+def test_a_runtime_not_loaded_is_refused_and_changes_nothing(tmp_path):
+    shared = _core.openmp_workers_shared()
+    assert _core.share_openmp_workers(str(tmp_path / "libgomp.so.1")) is False
+    assert _core.openmp_workers_shared() == shared
+
+
+@pytest.mark.skipif(not cpus.share_torch_workers(), reason="torch does not run on a GNU OpenMP runtime found here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_split_over_torchs_workers_give_the_same_numbers(dtype):
+    """Split by output features over torch's OpenMP workers, a product is the one
+    thread's bit for bit; so is decode attention, split by sequence."""
+    from spyre_cb.attention import _native_decode
+    from spyre_cb.linear import NativeLinear
+
+    assert _core.openmp_workers_shared()
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(640, 1000).to(dtype)  # 640K weights: split on the workers
+    w, b = dense.weight.detach().float().clone(), dense.bias.detach().float().clone()
+    layer = NativeLinear(dense)
+    x = torch.randn(5, 640).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(6, 1, 8, 64, generator=g).to(dtype)
+    kc, vc = (torch.randn(40, 64, 4, 64, generator=g).to(dtype) for _ in range(2))
+    kw = {
+        "block_table": torch.randint(0, 40, (6, 5), generator=g),
+        "current_tkv_mask": torch.full((6,), 300),
+        "left_padded_prompt_mask": torch.tensor([0, 3, 17, 64, 100, 250]),
+    }
+    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert cpus.kernel_threads() == threads
+            got[threads] = (layer(x), _native_decode(q, kc, vc, 8, 4, 0.0, None, **kw))
+    finally:
+        torch.set_num_threads(before)
+    for threads in (2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(got[1], got[threads])), threads
+    torch.testing.assert_close(got[1][0].float(), torch.nn.functional.linear(x.float(), w, b), rtol=2e-2, atol=2e-2)

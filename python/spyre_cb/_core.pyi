@@ -47,6 +47,8 @@ __all__ = [
     "linear_f32",
     "pack_linear_f32",
     "linear_f32_is_fast",
+    "openmp_workers_shared",
+    "share_openmp_workers",
     "StopStringMatcher",
     "BLOCK_SIZE",
     "NULL_BLOCK",
@@ -620,3 +622,13 @@ def linear_f32_is_fast() -> bool:
 def linear_bf16_is_fast() -> bool:
     """Whether this CPU runs :func:`linear_bf16` vectorized (AVX512_BF16); without it
     the kernel still computes the right numbers, slowly."""
+
+def share_openmp_workers(library: str | None) -> bool:
+    """Runs the kernels' split work on the workers of the GNU OpenMP runtime at
+    ``library`` (torch's ``libgomp``), through its ``GOMP_parallel``, instead of
+    on threads started per call; ``None`` goes back to those. Never loads the
+    library: returns False, and changes nothing, when it is not already loaded
+    in this process or lacks the entry."""
+
+def openmp_workers_shared() -> bool:
+    """Whether the kernels' split work runs on a shared OpenMP runtime's workers."""

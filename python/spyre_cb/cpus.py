@@ -9,12 +9,16 @@ than that makes OpenMP threads wait on each other at every op.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
 import time
 from pathlib import Path
 
 import torch
+
+from spyre_cb import _core
 
 
 def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
@@ -50,6 +54,41 @@ def intra_op_threads(num_threads: int | None, ranks: int = 1) -> int:
     """The threads each of ``ranks`` processes runs with: ``num_threads`` when
     given, else an equal share of the available CPUs."""
     return num_threads if num_threads else max(1, available_cpus() // ranks)
+
+
+def _loaded_libgomp(maps: str, torch_dir: str) -> str | None:
+    """The GNU OpenMP runtime torch runs its ops on, from this process's memory map
+    (``/proc/self/maps``): the ``libgomp`` inside torch's install if one is mapped, else
+    the only one mapped; None when there is none or no telling which."""
+    paths = {line.split(None, 5)[5] for line in maps.splitlines() if len(line.split(None, 5)) == 6}
+    gomp = sorted(p for p in paths if re.fullmatch(r"libgomp[-.\w]*\.so[.\d]*", os.path.basename(p)))
+    mine = [p for p in gomp if p.startswith(torch_dir)]  # torch/lib or torch.libs
+    if len(mine) == 1:
+        return mine[0]
+    return gomp[0] if len(gomp) == 1 else None
+
+
+@functools.cache
+def share_torch_workers() -> bool:
+    """Has this project's kernels run their split work on torch's OpenMP workers
+    (which spin between ops waiting for the next) rather than on threads started
+    per call, which wait for a core beside them; True when torch's ATen runs on
+    GNU OpenMP and its runtime was found. Once per process."""
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return False
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    library = _loaded_libgomp(maps, os.path.dirname(torch.__file__))
+    return library is not None and _core.share_openmp_workers(library)
+
+
+def kernel_threads() -> int:
+    """The threads a call into this project's kernels may split over: torch's
+    intra-op threads when the kernels share its workers, else one (a thread
+    started per call costs more than a decode's matmul gains)."""
+    return torch.get_num_threads() if share_torch_workers() else 1
 
 
 class ThreadSetting:

@@ -32,6 +32,7 @@ import torch
 
 from spyre_cb import _core
 from spyre_cb.config import LINEAR_OPS
+from spyre_cb.cpus import kernel_threads
 from spyre_cb.errors import ConfigError
 
 #: the native kernel's element types: torch dtype -> (its name, the NumPy dtype of its packed buffer)
@@ -113,10 +114,11 @@ class NativeLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
         out = torch.empty((rows.shape[0], self.out_features), dtype=self.dtype)
-        # one thread, the caller's: a thread started per call competes with torch's
-        # OpenMP workers, which spin between ops (granite-2b, 2 CPUs, batch 8:
-        # 0.385 s a step split over 2 threads, 0.275 s on one, oneDNN 0.306 s)
-        self._kernel(self._np(rows), self._packed_np, self._bias_np, self._np(out), 1)
+        # split over torch's own OpenMP workers where the kernels share them; else on
+        # the caller's thread alone: a thread started per call competes with those
+        # workers, which spin between ops (granite-2b, 2 CPUs, batch 8: 0.385 s a step
+        # split over 2 started threads, 0.275 s on one, oneDNN 0.306 s)
+        self._kernel(self._np(rows), self._packed_np, self._bias_np, self._np(out), kernel_threads())
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

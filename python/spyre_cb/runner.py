@@ -13,6 +13,7 @@ import torch
 from spyre_cb import attention, linear, rotary
 from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
+from spyre_cb.cpus import share_torch_workers
 from spyre_cb.errors import BackendUnavailableError, ConfigError
 from spyre_cb.plan import ChunkPlan, DecodePlan, ForwardPlan, PrefillPlan
 
@@ -88,6 +89,8 @@ class ModelRunner:
         #: "onednn" (prepacked at load) or "torch"
         self.linear_ops = linear.resolve(config.linear_ops, backend, dtype)
         linear.replace_linears(model, self.linear_ops, batch_hint=config.max_num_seqs)
+        # the native kernels split their work on torch's OpenMP workers, not beside them
+        share_torch_workers()
         rotary.patch_rotary(model)  # bit-identical to FMS's, a quarter of the work
         self.model = model
         self.dtype = dtype

@@ -12,9 +12,10 @@
 //! mask: positions outside the range are never read.
 
 use std::fmt;
-use std::thread;
+use std::sync::Mutex;
 
 use crate::math::{self, CacheElem};
+use crate::parallel;
 
 /// Sizes of one call. Tensors are dense, row-major, in the layouts given on
 /// [`DecodeInputs`].
@@ -140,6 +141,8 @@ fn validate<E: CacheElem>(s: &DecodeShape, x: &DecodeInputs<'_, E>, out_len: usi
 
 /// Multiply-adds below which one more thread does not pay for its start.
 const MIN_WORK_PER_THREAD: usize = 1 << 21;
+/// The same on a host's running workers ([`parallel::set_fork_join`]).
+const MIN_WORK_PER_POOLED_THREAD: usize = 1 << 17;
 
 /// Decode attention of `shape.batch` sequences into `out`
 /// (`[batch, n_heads, value_dim]`), split over up to `threads` threads (the
@@ -162,17 +165,13 @@ pub fn paged_decode<E: CacheElem>(
         (0..shape.batch).map(|b| (inputs.context_end[b] - inputs.context_start[b]) as usize).sum::<usize>()
             * shape.n_heads
             * (shape.head_dim + shape.value_dim);
-    let threads = threads.min(work / MIN_WORK_PER_THREAD).clamp(1, shape.batch);
+    let min_work = if parallel::pooled() { MIN_WORK_PER_POOLED_THREAD } else { MIN_WORK_PER_THREAD };
+    let threads = threads.min(work / min_work).clamp(1, shape.batch);
     let per_thread = shape.batch.div_ceil(threads);
-    thread::scope(|scope| {
-        let mut parts = out.chunks_mut(per_thread * item_len).enumerate();
-        let first = parts.next();
-        for (t, part) in parts {
-            scope.spawn(move || run(shape, inputs, t * per_thread, part));
-        }
-        if let Some((_, part)) = first {
-            run(shape, inputs, 0, part);
-        }
+    let parts: Vec<Mutex<&mut [f32]>> = out.chunks_mut(per_thread * item_len).map(Mutex::new).collect();
+    parallel::for_each(threads, parts.len(), &|t| {
+        let mut part = parts[t].lock().unwrap_or_else(|e| e.into_inner());
+        run(shape, inputs, t * per_thread, &mut part);
     });
     Ok(())
 }

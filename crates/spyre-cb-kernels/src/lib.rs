@@ -13,6 +13,7 @@
 mod attention;
 mod linear;
 mod math;
+pub mod parallel;
 
 pub use attention::{paged_decode, DecodeInputs, DecodeShape, KernelError};
 pub use linear::{

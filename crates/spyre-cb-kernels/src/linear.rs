@@ -20,9 +20,10 @@
 
 use std::fmt;
 use std::ops::Range;
-use std::thread;
+use std::sync::Mutex;
 
 use crate::math::CacheElem;
+use crate::parallel;
 
 /// Output features in one packed block (two 512-bit registers of `f32` sums).
 pub const FEATURES: usize = 32;
@@ -37,6 +38,9 @@ const MIN_ROW_BLOCK: usize = 32;
 /// Weight elements below which one more thread does not pay for its start
 /// (starting one costs tens of microseconds; a core reads ~1M elements in 100).
 const MIN_WEIGHTS_PER_THREAD: usize = 1 << 22;
+/// The same on a host's running workers ([`parallel::set_fork_join`]): waking
+/// them costs a few microseconds, in which a core reads ~64K elements.
+const MIN_WEIGHTS_PER_POOLED_THREAD: usize = 1 << 18;
 
 /// Sizes of one call: `x` is `[rows, in_features]`, the weight
 /// `[out_features, in_features]` (packed), the result `[rows, out_features]`.
@@ -248,7 +252,8 @@ pub fn linear<E: Element>(
         return Ok(());
     }
     let blocks = n.div_ceil(FEATURES);
-    let threads = threads.min(n * k / MIN_WEIGHTS_PER_THREAD).min(blocks).max(1);
+    let min_weights = if parallel::pooled() { MIN_WEIGHTS_PER_POOLED_THREAD } else { MIN_WEIGHTS_PER_THREAD };
+    let threads = threads.min(n * k / min_weights).min(blocks).max(1);
     if threads == 1 {
         features(shape, x, packed, bias, 0..blocks, out);
         return Ok(());
@@ -257,24 +262,22 @@ pub fn linear<E: Element>(
     // features]) is copied into place after (a few KB)
     let per_thread = blocks.div_ceil(threads);
     let part = |t: usize| (t * per_thread).min(blocks)..((t + 1) * per_thread).min(blocks);
-    let columns = |r: &Range<usize>| r.start * FEATURES..(r.end * FEATURES).min(n);
-    let parts: Vec<(Range<usize>, Vec<E>)> = thread::scope(|scope| {
-        let handles: Vec<_> = (1..threads)
-            .map(|t| {
-                scope.spawn(move || {
-                    let mut buf = vec![E::default(); rows * columns(&part(t)).len()];
-                    features(shape, x, packed, bias, part(t), &mut buf);
-                    (columns(&part(t)), buf)
-                })
-            })
-            .collect();
-        let mut buf = vec![E::default(); rows * columns(&part(0)).len()];
-        features(shape, x, packed, bias, part(0), &mut buf);
-        let mut parts = vec![(columns(&part(0)), buf)];
-        parts.extend(handles.into_iter().map(|h| h.join().expect("a linear kernel thread panicked")));
-        parts
+    let columns = |t: usize| part(t).start * FEATURES..(part(t).end * FEATURES).min(n);
+    let mut scratch = vec![E::default(); rows * n];
+    let mut rest = scratch.as_mut_slice();
+    let mut bufs = Vec::with_capacity(threads);
+    for t in 0..threads {
+        let (buf, tail) = rest.split_at_mut(rows * columns(t).len());
+        bufs.push(Mutex::new(buf));
+        rest = tail;
+    }
+    parallel::for_each(threads, threads, &|t| {
+        let mut buf = bufs[t].lock().unwrap_or_else(|e| e.into_inner());
+        features(shape, x, packed, bias, part(t), &mut buf);
     });
-    for (cols, buf) in parts {
+    for (t, buf) in bufs.into_iter().enumerate() {
+        let cols = columns(t);
+        let buf = buf.into_inner().unwrap_or_else(|e| e.into_inner());
         if cols.is_empty() {
             continue;
         }

@@ -230,3 +230,56 @@ pub fn linear_bf16_is_fast() -> bool {
 pub fn linear_f32_is_fast() -> bool {
     spyre_cb_kernels::linear_f32_is_fast()
 }
+
+/// Runs the kernels' split work on the worker threads of the GNU OpenMP
+/// runtime at `library` (torch's `libgomp`), through its `GOMP_parallel`,
+/// instead of on threads started per call; `None` goes back to those. The
+/// library is never loaded here: returns False, and changes nothing, when it
+/// is not already loaded in this process or lacks the entry.
+#[pyfunction]
+#[pyo3(signature = (library))]
+pub fn share_openmp_workers(library: Option<&str>) -> PyResult<bool> {
+    let Some(library) = library else {
+        // SAFETY: no fork-join
+        unsafe { spyre_cb_kernels::parallel::set_fork_join(None) };
+        return Ok(false);
+    };
+    let Some(fork_join) = gomp_parallel(library)? else {
+        return Ok(false);
+    };
+    // SAFETY: `GOMP_parallel` keeps the ForkJoin contract, and its library stays
+    // loaded: `gomp_parallel` holds a reference to it that is never dropped.
+    unsafe { spyre_cb_kernels::parallel::set_fork_join(Some(fork_join)) };
+    Ok(true)
+}
+
+/// Whether the kernels' split work runs on a shared OpenMP runtime's workers.
+#[pyfunction]
+pub fn openmp_workers_shared() -> bool {
+    spyre_cb_kernels::parallel::pooled()
+}
+
+#[cfg(unix)]
+fn gomp_parallel(library: &str) -> PyResult<Option<spyre_cb_kernels::parallel::ForkJoin>> {
+    let path = std::ffi::CString::new(library)
+        .map_err(|_| PyValueError::new_err("share_openmp_workers: the library path holds a NUL byte"))?;
+    // SAFETY: RTLD_NOLOAD only looks the library up among those loaded; the
+    // handle's reference is kept for the process's life.
+    let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+    if handle.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: a symbol looked up in a loaded library by a NUL-terminated name
+    let entry = unsafe { libc::dlsym(handle, c"GOMP_parallel".as_ptr()) };
+    if entry.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: GNU OpenMP's GOMP_parallel has the ForkJoin signature:
+    // void GOMP_parallel(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags)
+    Ok(Some(unsafe { std::mem::transmute::<*mut libc::c_void, spyre_cb_kernels::parallel::ForkJoin>(entry) }))
+}
+
+#[cfg(not(unix))]
+fn gomp_parallel(_library: &str) -> PyResult<Option<spyre_cb_kernels::parallel::ForkJoin>> {
+    Ok(None)
+}

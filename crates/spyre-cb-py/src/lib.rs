@@ -59,6 +59,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernels::linear_f32_is_fast, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::packed_linear_len, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::linear_bf16_is_fast, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::share_openmp_workers, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::openmp_workers_shared, m)?)?;
     m.add("BLOCK_SIZE", core::BLOCK_SIZE)?;
     m.add("NULL_BLOCK", core::NULL_BLOCK)?;
     m.add("MAX_AVAILABLE_BLOCKS", core::MAX_AVAILABLE_BLOCKS)?;
