@@ -9,12 +9,25 @@ const LANES: usize = 16;
 /// An element of the KV cache: read as `f32` (the kernel computes in `f32`).
 pub trait CacheElem: Copy + Send + Sync + 'static {
     fn f32(self) -> f32;
+    /// The 16 elements at `p`, as `f32`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F (and AVX-512BW for bfloat16); `p` points at 16 elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl CacheElem for f32 {
     #[inline(always)]
     fn f32(self) -> f32 {
         self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -25,6 +38,15 @@ impl CacheElem for u16 {
     #[inline(always)]
     fn f32(self) -> f32 {
         f32::from_bits(u32::from(self) << 16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract
+        let bits = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
     }
 }
 
