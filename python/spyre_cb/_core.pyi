@@ -48,6 +48,8 @@ __all__ = [
     "pack_linear_f32",
     "linear_f32_is_fast",
     "openmp_workers_shared",
+    "rms_norm_bf16",
+    "rms_norm_f32",
     "share_openmp_workers",
     "StopStringMatcher",
     "BLOCK_SIZE",
@@ -632,3 +634,25 @@ def share_openmp_workers(library: str | None) -> bool:
 
 def openmp_workers_shared() -> bool:
     """Whether the kernels' split work runs on a shared OpenMP runtime's workers."""
+
+def rms_norm_bf16(
+    x: npt.NDArray[np.uint16],
+    weight: npt.NDArray[np.uint16] | None,
+    bias: npt.NDArray[np.uint16] | None,
+    eps: float,
+    out: npt.NDArray[np.uint16],
+) -> None:
+    """Root-mean-square normalization of each row of ``x`` (``[rows, dim]``) into
+    ``out``, then times ``weight`` and plus ``bias`` (``[dim]`` each, optional), in
+    bfloat16 given as its bits, computed in float32 and rounded after each step as
+    torch rounds FMS's ``LayerNormParameterized``; ``ValueError`` for shapes that
+    disagree."""
+
+def rms_norm_f32(
+    x: npt.NDArray[np.float32],
+    weight: npt.NDArray[np.float32] | None,
+    bias: npt.NDArray[np.float32] | None,
+    eps: float,
+    out: npt.NDArray[np.float32],
+) -> None:
+    """:func:`rms_norm_bf16` in float32."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from spyre_cb import attention, linear, rotary
+from spyre_cb import attention, linear, norm, rotary
 from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
 from spyre_cb.cpus import share_torch_workers
@@ -89,6 +89,8 @@ class ModelRunner:
         #: "onednn" (prepacked at load) or "torch"
         self.linear_ops = linear.resolve(config.linear_ops, backend, dtype)
         linear.replace_linears(model, self.linear_ops, batch_hint=config.max_num_seqs)
+        if backend == "eager":  # compiled backends fuse their own norms
+            norm.replace_norms(model)
         # the native kernels split their work on torch's OpenMP workers, not beside them
         share_torch_workers()
         rotary.patch_rotary(model)  # bit-identical to FMS's, a quarter of the work

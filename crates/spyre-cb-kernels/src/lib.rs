@@ -13,6 +13,7 @@
 mod attention;
 mod linear;
 mod math;
+mod norm;
 pub mod parallel;
 
 pub use attention::{paged_decode, DecodeInputs, DecodeShape, KernelError};
@@ -21,3 +22,4 @@ pub use linear::{
     FEATURES,
 };
 pub use math::CacheElem;
+pub use norm::{rms_norm, NormError};

@@ -219,6 +219,60 @@ fn run_linear<E: Element + numpy::Element>(
         .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
+/// Root-mean-square normalization of each row of `x` (`[rows, dim]`) into
+/// `out`, then times `weight` and plus `bias` (`[dim]` each, optional), in
+/// bfloat16 given as its bits, computed in `f32` and rounded after each step
+/// as torch rounds FMS's `LayerNormParameterized`; see the kernels crate.
+#[pyfunction]
+#[pyo3(signature = (x, weight, bias, eps, out))]
+pub fn rms_norm_bf16(
+    py: Python<'_>,
+    x: PyReadonlyArray2<'_, u16>,
+    weight: Option<PyReadonlyArray1<'_, u16>>,
+    bias: Option<PyReadonlyArray1<'_, u16>>,
+    eps: f32,
+    out: PyReadwriteArray2<'_, u16>,
+) -> PyResult<()> {
+    run_rms_norm(py, x, weight, bias, eps, out)
+}
+
+/// [`rms_norm_bf16`] in `f32`.
+#[pyfunction]
+#[pyo3(signature = (x, weight, bias, eps, out))]
+pub fn rms_norm_f32(
+    py: Python<'_>,
+    x: PyReadonlyArray2<'_, f32>,
+    weight: Option<PyReadonlyArray1<'_, f32>>,
+    bias: Option<PyReadonlyArray1<'_, f32>>,
+    eps: f32,
+    out: PyReadwriteArray2<'_, f32>,
+) -> PyResult<()> {
+    run_rms_norm(py, x, weight, bias, eps, out)
+}
+
+fn run_rms_norm<E: Element + numpy::Element>(
+    py: Python<'_>,
+    x: PyReadonlyArray2<'_, E>,
+    weight: Option<PyReadonlyArray1<'_, E>>,
+    bias: Option<PyReadonlyArray1<'_, E>>,
+    eps: f32,
+    mut out: PyReadwriteArray2<'_, E>,
+) -> PyResult<()> {
+    if x.shape() != out.shape() {
+        return Err(PyValueError::new_err(format!(
+            "rms_norm: x {:?} and out {:?} must have the same shape",
+            x.shape(),
+            out.shape()
+        )));
+    }
+    let dim = x.shape()[1];
+    let (x, out) = (x.as_slice()?, out.as_slice_mut()?);
+    let weight = weight.as_ref().map(|w| w.as_slice()).transpose()?;
+    let bias = bias.as_ref().map(|b| b.as_slice()).transpose()?;
+    py.detach(|| spyre_cb_kernels::rms_norm(x, dim, weight, bias, eps, out))
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
 /// Whether this CPU runs [`linear_bf16`] vectorized (AVX512_BF16).
 #[pyfunction]
 pub fn linear_bf16_is_fast() -> bool {

@@ -1,0 +1,88 @@
+"""FMS's RMS normalization as one native pass over each row.
+
+FMS's ``LayerNormParameterized`` without re-centering (Granite's and Llama's
+norms) runs eight tensor ops for ``w * (x / sqrt(mean(x^2) + eps))``, each
+with its temporary: at a decode's few rows that is op overhead, a norm before
+every attention and feed-forward block and one at the end.
+``spyre_cb._core.rms_norm_bf16`` / ``rms_norm_f32`` (Rust) compute the same
+steps in one pass: in float32, rounded to the model's dtype after the
+normalization, after the weight and after the bias, as torch rounds them.
+The sum of squares is added in another order than torch's, so an output can
+differ from FMS's by the rounding of that sum.
+
+Replaced with the eager backend only (compiled backends fuse the norm
+themselves), and only where the numbers are FMS's: no re-centering, float32,
+or bfloat16 with FMS's float32 statistics (``use_high_precision_pow``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from spyre_cb import _core
+
+
+class NativeRMSNorm(torch.nn.Module):
+    """FMS's ``LayerNormParameterized(use_mean=False)`` by this project's kernel."""
+
+    _fms: Any
+
+    def __init__(self, norm: Any) -> None:
+        super().__init__()
+        self.normalized_shape = norm.normalized_shape
+        self.eps = float(norm.eps)
+        self.weight = norm.weight.detach().contiguous() if norm.elementwise_scale else None
+        self.bias = norm.bias.detach().contiguous() if norm.elementwise_shift else None
+        params = [p for p in (self.weight, self.bias) if p is not None]
+        self.dtype = params[0].dtype if params else None
+        self._bf16 = self.dtype == torch.bfloat16
+        # FMS's module itself, for inputs of another dtype (not a submodule: its
+        # parameters are this module's)
+        object.__setattr__(self, "_fms", norm)
+
+    def _np(self, t: torch.Tensor) -> np.ndarray:
+        return t.view(torch.int16).numpy().view(np.uint16) if self._bf16 else t.numpy()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:  # not what the kernel was set up for: FMS's arithmetic
+            out: torch.Tensor = self._fms(x)
+            return out
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        y = torch.empty_like(rows)
+        w = None if self.weight is None else self._np(self.weight)
+        b = None if self.bias is None else self._np(self.bias)
+        kernel = _core.rms_norm_bf16 if self._bf16 else _core.rms_norm_f32
+        kernel(self._np(rows), w, b, self.eps, self._np(y))
+        return y.view(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, native"
+
+
+def replace_norms(model: Any) -> int:
+    """Replaces every FMS RMS norm of ``model`` whose numbers the kernel gives (see the
+    module's text) by a :class:`NativeRMSNorm`; returns how many."""
+    try:
+        from fms.modules.layernorm import LayerNormParameterized
+    except ImportError:
+        return 0
+    targets = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is not LayerNormParameterized or child.use_mean:
+                continue
+            params = list(child.parameters(recurse=False))
+            if not params or any(p.dtype != params[0].dtype for p in params):
+                continue
+            dtype = params[0].dtype
+            if dtype == torch.float32 or (dtype == torch.bfloat16 and child.use_high_precision_pow):
+                targets.append((parent, name, child))
+    for parent, name, child in targets:
+        setattr(parent, name, NativeRMSNorm(child))
+    return len(targets)
+
+
+__all__ = ["NativeRMSNorm", "replace_norms"]
