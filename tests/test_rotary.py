@@ -12,8 +12,13 @@ from fms.modules.positions import RotaryEmbedding  # noqa: E402
 from spyre_cb.rotary import patch_rotary  # noqa: E402
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bit_identical_to_fms(dtype):
+def test_bit_identical_to_fms(dtype, native, monkeypatch):
+    """Both ways the runner rotates (the native pass, and torch's ops inside a
+    compiled graph) give FMS's bits, on contiguous and on strided heads."""
+    if not native:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     g = torch.Generator().manual_seed(0)
     for theta, dim in ((10_000.0, 64), (1_000_000.0, 128)):
         ref = RotaryEmbedding(dim=dim, ratio=theta, max_seq_len=256)
@@ -23,7 +28,7 @@ def test_bit_identical_to_fms(dtype):
         assert patch_rotary(holder) == 1
         for b, lq, lk, h in ((3, 1, 1, 4), (1, 37, 37, 2), (2, 5, 9, 3)):
             q = torch.randn(b, lq, h, dim, generator=g).to(dtype)
-            k = torch.randn(b, lk, h, dim, generator=g).to(dtype)
+            k = torch.randn(b, lk, h, 2 * dim, generator=g).to(dtype)[..., dim:]  # strided, as a split gives
             pos = torch.randint(0, 180, (b, 1)) + torch.arange(max(lq, lk))
             want = ref.adjusted_qk(q, k, pos)
             got = fast.adjusted_qk(q, k, pos)

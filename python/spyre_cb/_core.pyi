@@ -50,6 +50,8 @@ __all__ = [
     "openmp_workers_shared",
     "rms_norm_bf16",
     "rms_norm_f32",
+    "rope_bf16",
+    "rope_f32",
     "share_openmp_workers",
     "StopStringMatcher",
     "BLOCK_SIZE",
@@ -656,3 +658,24 @@ def rms_norm_f32(
     out: npt.NDArray[np.float32],
 ) -> None:
     """:func:`rms_norm_bf16` in float32."""
+
+def rope_bf16(
+    x: npt.NDArray[np.uint16],
+    cos: npt.NDArray[np.float32],
+    neg_sin: npt.NDArray[np.float32],
+    sin: npt.NDArray[np.float32],
+    out: npt.NDArray[np.uint16],
+) -> None:
+    """FMS's rotary embedding of ``x`` (``[rows, heads, head_dim]``, bfloat16 as its
+    bits) into ``out``, each row's pairs rotated by its angles (``cos``, ``neg_sin``,
+    ``sin``: ``[rows, head_dim / 2]``), with torch's roundings (FMS's results, bit
+    for bit); ``ValueError`` for shapes that disagree."""
+
+def rope_f32(
+    x: npt.NDArray[np.float32],
+    cos: npt.NDArray[np.float32],
+    neg_sin: npt.NDArray[np.float32],
+    sin: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32],
+) -> None:
+    """:func:`rope_bf16` in float32."""

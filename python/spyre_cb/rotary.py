@@ -6,7 +6,9 @@ and a sum over the last axis, a large share of a small model's decode step
 on CPU. The same rotation is ``(c q0 - s q1, s q0 + c q1)`` over ``[B, L,
 H, D/2]``; computed from FMS's own cached cos/sin, with the same two products
 added in the same order, the results are bit-identical (one rounding per
-product, one per sum, as in FMS's two-element sum).
+product, one per sum, as in FMS's two-element sum). Outside compiled graphs
+the rotation runs as one native pass (``spyre_cb._core.rope_bf16`` /
+``rope_f32``, Rust, the same roundings) instead of about ten tensor ops.
 
 Only FMS's plain ``RotaryEmbedding`` with full rotation and no YaRN scaling
 is replaced; anything else keeps FMS's own method.
@@ -15,9 +17,13 @@ is replaced; anything else keeps FMS's own method.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
+
+from spyre_cb import _core
 
 
 def patch_rotary(model: Any) -> int:
@@ -49,11 +55,31 @@ def _tables(self: Any, device: torch.device, alpha: Any) -> tuple[torch.Tensor, 
     return got
 
 
+#: this project's kernels by dtype (``spyre_cb._core.rope_bf16`` / ``rope_f32``)
+_NATIVE: dict[torch.dtype, Callable[..., None]] = {torch.bfloat16: _core.rope_bf16, torch.float32: _core.rope_f32}
+
+
 def _rotate(x: torch.Tensor, c: torch.Tensor, ns: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``x`` (``[B, L, H, D]``) rotated by ``c``, ``ns``, ``s`` (``[B, L, 1, D/2]``):
+    by the native kernel in one pass where it can run (not inside a compiled
+    graph), else by torch's ops; the same bits either way."""
+    kernel = _NATIVE.get(x.dtype)
+    if kernel is not None and c.dtype == torch.float32 and not torch.compiler.is_compiling():
+        b, length, h, d = x.shape
+        rows = x.reshape(b * length, h, d).contiguous()
+        out = torch.empty_like(rows)
+        tables = [t.reshape(b * length, d // 2).contiguous().numpy() for t in (c, ns, s)]
+        kernel(_np(rows), *tables, _np(out))
+        return out.view(b, length, h, d)
     pairs = x.float().view(*x.size()[:-1], -1, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = torch.stack((c * x0 + ns * x1, s * x0 + c * x1), dim=-1)
     return out.flatten(3).type_as(x)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a contiguous tensor (bfloat16 as its ``uint16`` bits)."""
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _adjusted_qk(

@@ -15,6 +15,7 @@ mod linear;
 mod math;
 mod norm;
 pub mod parallel;
+mod rope;
 
 pub use attention::{paged_decode, DecodeInputs, DecodeShape, KernelError};
 pub use linear::{
@@ -23,3 +24,4 @@ pub use linear::{
 };
 pub use math::CacheElem;
 pub use norm::{rms_norm, NormError};
+pub use rope::{rope, RopeError, RopeShape};

@@ -273,6 +273,58 @@ fn run_rms_norm<E: Element + numpy::Element>(
         .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
+/// FMS's rotary embedding of `x` (`[rows, heads, head_dim]`, bfloat16 as its
+/// bits) into `out`, each row's pairs rotated by its angles (`cos`, `neg_sin`,
+/// `sin`: `[rows, head_dim / 2]` float32), with torch's roundings (the
+/// results are FMS's, bit for bit); see the kernels crate.
+#[pyfunction]
+pub fn rope_bf16(
+    py: Python<'_>,
+    x: PyReadonlyArray3<'_, u16>,
+    cos: PyReadonlyArray2<'_, f32>,
+    neg_sin: PyReadonlyArray2<'_, f32>,
+    sin: PyReadonlyArray2<'_, f32>,
+    out: PyReadwriteArray3<'_, u16>,
+) -> PyResult<()> {
+    run_rope(py, x, cos, neg_sin, sin, out)
+}
+
+/// [`rope_bf16`] in `f32`.
+#[pyfunction]
+pub fn rope_f32(
+    py: Python<'_>,
+    x: PyReadonlyArray3<'_, f32>,
+    cos: PyReadonlyArray2<'_, f32>,
+    neg_sin: PyReadonlyArray2<'_, f32>,
+    sin: PyReadonlyArray2<'_, f32>,
+    out: PyReadwriteArray3<'_, f32>,
+) -> PyResult<()> {
+    run_rope(py, x, cos, neg_sin, sin, out)
+}
+
+fn run_rope<E: Element + numpy::Element>(
+    py: Python<'_>,
+    x: PyReadonlyArray3<'_, E>,
+    cos: PyReadonlyArray2<'_, f32>,
+    neg_sin: PyReadonlyArray2<'_, f32>,
+    sin: PyReadonlyArray2<'_, f32>,
+    mut out: PyReadwriteArray3<'_, E>,
+) -> PyResult<()> {
+    if x.shape() != out.shape() {
+        return Err(PyValueError::new_err(format!(
+            "rope: x {:?} and out {:?} must have the same shape",
+            x.shape(),
+            out.shape()
+        )));
+    }
+    let xs = x.shape();
+    let shape = spyre_cb_kernels::RopeShape { rows: xs[0], heads: xs[1], head_dim: xs[2] };
+    let (x, out) = (x.as_slice()?, out.as_slice_mut()?);
+    let (cos, neg_sin, sin) = (cos.as_slice()?, neg_sin.as_slice()?, sin.as_slice()?);
+    py.detach(|| spyre_cb_kernels::rope(&shape, x, cos, neg_sin, sin, out))
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
 /// Whether this CPU runs [`linear_bf16`] vectorized (AVX512_BF16).
 #[pyfunction]
 pub fn linear_bf16_is_fast() -> bool {

@@ -62,6 +62,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernels::share_openmp_workers, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::rms_norm_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::rms_norm_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::rope_bf16, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::rope_f32, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::openmp_workers_shared, m)?)?;
     m.add("BLOCK_SIZE", core::BLOCK_SIZE)?;
     m.add("NULL_BLOCK", core::NULL_BLOCK)?;
