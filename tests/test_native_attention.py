@@ -35,16 +35,19 @@ def test_native_decode_equals_the_vectorized_decode(heads, kv_heads):
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (12, 4)])
 def test_native_decode_reads_a_bfloat16_cache(heads, kv_heads):
-    """A bfloat16 cache (read as its bits, widened to float32) gives what the float32
-    kernel gives on the same values, and what the vectorized bfloat16 path gives
-    within bfloat16's precision."""
+    """A bfloat16 cache (read as it lies: on AVX512_BF16 its scores come from
+    ``vdpbf16ps``, elsewhere each element is widened to float32) gives what the
+    float32 kernel gives on the same values up to the order of the float32 sums
+    (the same bfloat16 result but where that order crosses a rounding), and what
+    the vectorized bfloat16 path gives within bfloat16's precision."""
     for seed in range(4):
         q, kc, vc, kw = _inputs(seed, batch=4, heads=heads, kv_heads=kv_heads)
         qb, kb, vb = q.bfloat16(), kc.bfloat16(), vc.bfloat16()
         got = attention._native_decode(qb, kb, vb, heads, kv_heads, 0.0, None, **kw)
         assert got.dtype == torch.bfloat16
         exact = attention._native_decode(qb.float(), kb.float(), vb.float(), heads, kv_heads, 0.0, None, **kw)
-        torch.testing.assert_close(got, exact.bfloat16(), rtol=0, atol=0)
+        assert (got == exact.bfloat16()).float().mean() > 0.99
+        torch.testing.assert_close(got.float(), exact, rtol=2**-8, atol=1e-5)
         torch_path = attention._decode(qb, kb, vb, heads, kv_heads, 0.0, None, **kw)
         torch.testing.assert_close(got.float(), torch_path.float(), rtol=2e-2, atol=2e-2)
 

@@ -220,6 +220,8 @@ struct Scratch {
     slots: Vec<usize>,
     /// Keys of [`avx512::POSITIONS`] positions of one KV head, as `f32` (AVX-512 path).
     keys: Vec<f32>,
+    /// The sequence's queries as bfloat16 bits (AVX-512 path, bfloat16 cache).
+    query_bits: Vec<u16>,
 }
 
 /// The softmax of every row of `scores` (`[heads, n]`) in place, unnormalized:
@@ -347,6 +349,52 @@ mod avx512 {
         _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(x, y), _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y))
     }
 
+    /// The scaled scores of KV head `g`'s query heads (their rows of `scores`,
+    /// `[n_heads, n]`) from a bfloat16 cache as it lies: `vdpbf16ps` multiplies
+    /// pairs of query (bfloat16 values, given as bits) and key elements, 32
+    /// products an instruction, into `f32` sums; `C` registers of 16 lanes
+    /// per head size (`head_dim == 16 * C`).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, AVX-512BW and AVX512_BF16; the inputs are validated.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn scores_bf16<const C: usize>(
+        keys: &[u16],
+        slots: &[usize],
+        s: &DecodeShape,
+        g: usize,
+        query_bits: &[u16],
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let (kvh, group, d, n) = (s.kv_heads, s.n_heads / s.kv_heads, 16 * C, slots.len());
+        let load = |p: *const u16| {
+            // SAFETY: callers pass 32 readable elements
+            unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p.cast())) }
+        };
+        let scale = _mm512_set1_ps(scale);
+        for i0 in (0..n).step_by(POSITIONS) {
+            let m = (n - i0).min(POSITIONS);
+            for h in g * group..(g + 1) * group {
+                let q = &query_bits[h * d..(h + 1) * d];
+                let mut acc = [_mm512_setzero_ps(); POSITIONS];
+                for (a, &slot) in acc.iter_mut().zip(&slots[i0..i0 + m]) {
+                    let k = &keys[(slot * kvh + g) * d..(slot * kvh + g + 1) * d];
+                    let mut sum = _mm512_setzero_ps();
+                    for c in 0..C / 2 {
+                        // both hold d = 32 (C / 2) elements
+                        sum = _mm512_dpbf16_ps(sum, load(q[32 * c..].as_ptr()), load(k[32 * c..].as_ptr()));
+                    }
+                    *a = sum;
+                }
+                let row = &mut scores[h * n + i0..h * n + i0 + m];
+                let mask: __mmask16 = if m == POSITIONS { !0 } else { (1u16 << m) - 1 };
+                // SAFETY: `row` holds the m elements the mask writes
+                unsafe { _mm512_mask_storeu_ps(row.as_mut_ptr(), mask, _mm512_mul_ps(lane_sums(&acc), scale)) };
+            }
+        }
+    }
+
     /// All query heads of sequence `seq`: `C` registers per head, `HB` query
     /// heads' value sums held in registers at a time.
     ///
@@ -372,41 +420,57 @@ mod avx512 {
         scratch.scores.resize(s.n_heads * n, 0.0);
         scratch.keys.resize(POSITIONS * d, 0.0);
         let scale = _mm512_set1_ps(x.scale);
-        for g in 0..kvh {
-            for i0 in (0..n).step_by(POSITIONS) {
-                let m = (n - i0).min(POSITIONS);
-                for (p, &slot) in scratch.slots[i0..i0 + m].iter().enumerate() {
-                    let from = &x.key_cache[(slot * kvh + g) * d..(slot * kvh + g + 1) * d];
-                    for c in 0..C {
-                        // SAFETY: `from` holds d = 16 C elements, `keys` 16 d
-                        unsafe {
-                            _mm512_storeu_ps(
-                                scratch.keys.as_mut_ptr().add(p * d + 16 * c),
-                                E::load16(from.as_ptr().add(16 * c)),
-                            )
-                        };
-                    }
-                }
-                for h in g * group..(g + 1) * group {
-                    let q = &queries[h * d..(h + 1) * d];
-                    // SAFETY: `q` holds 16 C elements
-                    let qv: [__m512; C] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(q.as_ptr().add(16 * c)) });
-                    let mut acc = [_mm512_setzero_ps(); POSITIONS];
-                    for (p, a) in acc.iter_mut().enumerate().take(m) {
-                        let k = &scratch.keys[p * d..(p + 1) * d];
-                        // SAFETY: `k` holds 16 C elements
-                        unsafe {
-                            let mut sum = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k.as_ptr()));
-                            for (c, qc) in qv.iter().enumerate().skip(1) {
-                                sum = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(k.as_ptr().add(16 * c)), sum);
-                            }
-                            *a = sum;
+        // a bfloat16 cache and queries that are bfloat16 values (a bfloat16 model's
+        // are): scores straight from the cache, 32 products an instruction
+        let bf16_keys = E::bf16_bits(x.key_cache).filter(|_| {
+            std::arch::is_x86_feature_detected!("avx512bf16") && queries.iter().all(|q| q.to_bits() & 0xffff == 0)
+        });
+        if let Some(keys) = bf16_keys {
+            scratch.query_bits.clear();
+            scratch.query_bits.extend(queries.iter().map(|q| (q.to_bits() >> 16) as u16));
+            let scores = &mut scratch.scores;
+            for g in 0..kvh {
+                // SAFETY: the CPU has AVX512_BF16 (checked above); the inputs are validated
+                unsafe { scores_bf16::<C>(keys, &scratch.slots, s, g, &scratch.query_bits, x.scale, scores) };
+            }
+        } else {
+            for g in 0..kvh {
+                for i0 in (0..n).step_by(POSITIONS) {
+                    let m = (n - i0).min(POSITIONS);
+                    for (p, &slot) in scratch.slots[i0..i0 + m].iter().enumerate() {
+                        let from = &x.key_cache[(slot * kvh + g) * d..(slot * kvh + g + 1) * d];
+                        for c in 0..C {
+                            // SAFETY: `from` holds d = 16 C elements, `keys` 16 d
+                            unsafe {
+                                _mm512_storeu_ps(
+                                    scratch.keys.as_mut_ptr().add(p * d + 16 * c),
+                                    E::load16(from.as_ptr().add(16 * c)),
+                                )
+                            };
                         }
                     }
-                    let row = &mut scratch.scores[h * n + i0..h * n + i0 + m];
-                    let mask: __mmask16 = if m == POSITIONS { !0 } else { (1u16 << m) - 1 };
-                    // SAFETY: `row` holds the m elements the mask writes
-                    unsafe { _mm512_mask_storeu_ps(row.as_mut_ptr(), mask, _mm512_mul_ps(lane_sums(&acc), scale)) };
+                    for h in g * group..(g + 1) * group {
+                        let q = &queries[h * d..(h + 1) * d];
+                        // SAFETY: `q` holds 16 C elements
+                        let qv: [__m512; C] =
+                            std::array::from_fn(|c| unsafe { _mm512_loadu_ps(q.as_ptr().add(16 * c)) });
+                        let mut acc = [_mm512_setzero_ps(); POSITIONS];
+                        for (p, a) in acc.iter_mut().enumerate().take(m) {
+                            let k = &scratch.keys[p * d..(p + 1) * d];
+                            // SAFETY: `k` holds 16 C elements
+                            unsafe {
+                                let mut sum = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k.as_ptr()));
+                                for (c, qc) in qv.iter().enumerate().skip(1) {
+                                    sum = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(k.as_ptr().add(16 * c)), sum);
+                                }
+                                *a = sum;
+                            }
+                        }
+                        let row = &mut scratch.scores[h * n + i0..h * n + i0 + m];
+                        let mask: __mmask16 = if m == POSITIONS { !0 } else { (1u16 << m) - 1 };
+                        // SAFETY: `row` holds the m elements the mask writes
+                        unsafe { _mm512_mask_storeu_ps(row.as_mut_ptr(), mask, _mm512_mul_ps(lane_sums(&acc), scale)) };
+                    }
                 }
             }
         }
@@ -544,8 +608,11 @@ mod tests {
             }
             let bits: Vec<u16> = kc.iter().chain(&vc).map(|x| (x.to_bits() >> 16) as u16).collect();
             let (kb, vb) = bits.split_at(cache);
+            // queries that are bfloat16 values, as a bfloat16 model's are: on a CPU
+            // with AVX512_BF16 their scores come from `vdpbf16ps`
+            let qb: Vec<f32> = q.iter().map(|v| f32::from_bits(v.to_bits() & 0xffff_0000)).collect();
             let bf16 = DecodeInputs {
-                query: inputs.query,
+                query: &qb,
                 key_cache: kb,
                 value_cache: vb,
                 block_table: inputs.block_table,

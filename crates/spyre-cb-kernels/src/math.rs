@@ -9,6 +9,8 @@ const LANES: usize = 16;
 /// An element of the KV cache: read as `f32` (the kernel computes in `f32`).
 pub trait CacheElem: Copy + Send + Sync + 'static {
     fn f32(self) -> f32;
+    /// The elements as bfloat16 bits, if they are bfloat16.
+    fn bf16_bits(elements: &[Self]) -> Option<&[u16]>;
     /// The 16 elements at `p`, as `f32`.
     ///
     /// # Safety
@@ -21,6 +23,9 @@ impl CacheElem for f32 {
     #[inline(always)]
     fn f32(self) -> f32 {
         self
+    }
+    fn bf16_bits(_: &[Self]) -> Option<&[u16]> {
+        None
     }
     #[cfg(target_arch = "x86_64")]
     #[inline]
@@ -38,6 +43,9 @@ impl CacheElem for u16 {
     #[inline(always)]
     fn f32(self) -> f32 {
         f32::from_bits(u32::from(self) << 16)
+    }
+    fn bf16_bits(elements: &[Self]) -> Option<&[u16]> {
+        Some(elements)
     }
     #[cfg(target_arch = "x86_64")]
     #[inline]
