@@ -25,12 +25,11 @@ element by element (a shift), the arithmetic is float32. Everything else
 
 from __future__ import annotations
 
-import numpy as np
-import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
 from spyre_cb import _core
+from spyre_cb.views import numpy_view
 
 #: FMS's own ops (reference implementation, slow on CPU).
 FMS_REFERENCE = "spyre_paged_attn"
@@ -132,16 +131,10 @@ def _paged_decode(
         out.numpy(),
         torch.get_num_threads(),
     )
-    if key_cache.dtype == torch.bfloat16:  # read as its bits; the kernel widens each element to f32
-        _core.paged_decode_attention_bf16(q, _bits(key_cache), _bits(value_cache), *rest)
-    else:
-        _core.paged_decode_attention(q, key_cache.numpy(), value_cache.numpy(), *rest)
+    # a bfloat16 cache is read as its bits
+    kernel = _core.paged_decode_attention_bf16 if key_cache.dtype == torch.bfloat16 else _core.paged_decode_attention
+    kernel(q, numpy_view(key_cache), numpy_view(value_cache), *rest)
     return out if query.dtype == torch.float32 else out.to(query.dtype)
-
-
-def _bits(t: torch.Tensor) -> npt.NDArray[np.uint16]:
-    """A bfloat16 tensor's storage as uint16 (a view: no copy)."""
-    return t.view(torch.int16).numpy().view(np.uint16)
 
 
 #: The kernel as a torch custom op, so that compiled models call it as is

@@ -34,6 +34,7 @@ from spyre_cb import _core
 from spyre_cb.config import LINEAR_OPS
 from spyre_cb.cpus import kernel_threads
 from spyre_cb.errors import ConfigError
+from spyre_cb.views import numpy_view
 
 #: the native kernel's element types: torch dtype -> (its name, the NumPy dtype of its packed buffer)
 _NATIVE: dict[torch.dtype, tuple[str, type[np.generic]]] = {
@@ -102,14 +103,10 @@ class NativeLinear(torch.nn.Module):
         # arrays: fewer TLB misses while the weights stream
         n_packed = _core.packed_linear_len(self.out_features, self.in_features, name)
         self.packed = torch.from_numpy(np.empty(n_packed, dtype=np_dtype))
-        (_core.pack_linear_bf16 if bf16 else _core.pack_linear_f32)(self._np(weight), self._np(self.packed))
+        self._packed_np = numpy_view(self.packed.view(self.dtype))  # bfloat16 as its bits
+        (_core.pack_linear_bf16 if bf16 else _core.pack_linear_f32)(numpy_view(weight), self._packed_np)
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
-        self._packed_np = self._np(self.packed)
-        self._bias_np = None if self.bias is None else self._np(self.bias)
-
-    def _np(self, t: torch.Tensor) -> np.ndarray:
-        """A NumPy view of a contiguous tensor of the module's dtype (bfloat16 as ``uint16``)."""
-        return _bits(t) if self.dtype == torch.bfloat16 else t.numpy()
+        self._bias_np = None if self.bias is None else numpy_view(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
@@ -118,16 +115,11 @@ class NativeLinear(torch.nn.Module):
         # the caller's thread alone: a thread started per call competes with those
         # workers, which spin between ops (granite-2b, 2 CPUs, batch 8: 0.385 s a step
         # split over 2 started threads, 0.275 s on one, oneDNN 0.306 s)
-        self._kernel(self._np(rows), self._packed_np, self._bias_np, self._np(out), kernel_threads())
+        self._kernel(numpy_view(rows), self._packed_np, self._bias_np, numpy_view(out), kernel_threads())
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, native"
-
-
-def _bits(t: torch.Tensor) -> np.ndarray:
-    """The ``uint16`` bits of a contiguous 16-bit tensor, without a copy."""
-    return t.view(torch.int16).numpy().view(np.uint16)
 
 
 def resolve(linear_ops: str, backend: str, dtype: torch.dtype) -> str:

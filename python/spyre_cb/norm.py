@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from spyre_cb import _core
+from spyre_cb.views import numpy_view
 
 
 class NativeRMSNorm(torch.nn.Module):
@@ -43,19 +43,16 @@ class NativeRMSNorm(torch.nn.Module):
         # parameters are this module's)
         object.__setattr__(self, "_fms", norm)
 
-    def _np(self, t: torch.Tensor) -> np.ndarray:
-        return t.view(torch.int16).numpy().view(np.uint16) if self._bf16 else t.numpy()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:  # not what the kernel was set up for: FMS's arithmetic
             out: torch.Tensor = self._fms(x)
             return out
         rows = x.reshape(-1, x.shape[-1]).contiguous()
         y = torch.empty_like(rows)
-        w = None if self.weight is None else self._np(self.weight)
-        b = None if self.bias is None else self._np(self.bias)
+        w = None if self.weight is None else numpy_view(self.weight)
+        b = None if self.bias is None else numpy_view(self.bias)
         kernel = _core.rms_norm_bf16 if self._bf16 else _core.rms_norm_f32
-        kernel(self._np(rows), w, b, self.eps, self._np(y))
+        kernel(numpy_view(rows), w, b, self.eps, numpy_view(y))
         return y.view(x.shape)
 
     def extra_repr(self) -> str:

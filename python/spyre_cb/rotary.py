@@ -20,10 +20,10 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 from spyre_cb import _core
+from spyre_cb.views import numpy_view
 
 
 def patch_rotary(model: Any) -> int:
@@ -69,17 +69,12 @@ def _rotate(x: torch.Tensor, c: torch.Tensor, ns: torch.Tensor, s: torch.Tensor)
         rows = x.reshape(b * length, h, d).contiguous()
         out = torch.empty_like(rows)
         tables = [t.reshape(b * length, d // 2).contiguous().numpy() for t in (c, ns, s)]
-        kernel(_np(rows), *tables, _np(out))
+        kernel(numpy_view(rows), *tables, numpy_view(out))
         return out.view(b, length, h, d)
     pairs = x.float().view(*x.size()[:-1], -1, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = torch.stack((c * x0 + ns * x1, s * x0 + c * x1), dim=-1)
     return out.flatten(3).type_as(x)
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    """A NumPy view of a contiguous tensor (bfloat16 as its ``uint16`` bits)."""
-    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _adjusted_qk(
