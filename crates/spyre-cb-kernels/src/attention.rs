@@ -295,6 +295,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{slots, softmax_rows, CacheElem, DecodeInputs, DecodeShape, Scratch};
+    use crate::math::mask;
 
     /// Positions scored at a time: one per lane of the register their scores end in.
     pub(super) const POSITIONS: usize = 16;
@@ -349,6 +350,15 @@ mod avx512 {
         _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(x, y), _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y))
     }
 
+    /// `scale` times the lane sums of `acc` (lane p: register p's sum) into
+    /// `row`, one score a position (at most 16).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn store_scores(row: &mut [f32], acc: &[__m512; POSITIONS], scale: __m512) {
+        // SAFETY: the mask writes the row's len() <= 16 elements
+        unsafe { _mm512_mask_storeu_ps(row.as_mut_ptr(), mask(row.len()), _mm512_mul_ps(lane_sums(acc), scale)) };
+    }
+
     /// The scaled scores of KV head `g`'s query heads (their rows of `scores`,
     /// `[n_heads, n]`) from a bfloat16 cache as it lies: `vdpbf16ps` multiplies
     /// pairs of query (bfloat16 values, given as bits) and key elements, 32
@@ -387,10 +397,7 @@ mod avx512 {
                     }
                     *a = sum;
                 }
-                let row = &mut scores[h * n + i0..h * n + i0 + m];
-                let mask: __mmask16 = if m == POSITIONS { !0 } else { (1u16 << m) - 1 };
-                // SAFETY: `row` holds the m elements the mask writes
-                unsafe { _mm512_mask_storeu_ps(row.as_mut_ptr(), mask, _mm512_mul_ps(lane_sums(&acc), scale)) };
+                store_scores(&mut scores[h * n + i0..h * n + i0 + m], &acc, scale);
             }
         }
     }
@@ -466,10 +473,7 @@ mod avx512 {
                                 *a = sum;
                             }
                         }
-                        let row = &mut scratch.scores[h * n + i0..h * n + i0 + m];
-                        let mask: __mmask16 = if m == POSITIONS { !0 } else { (1u16 << m) - 1 };
-                        // SAFETY: `row` holds the m elements the mask writes
-                        unsafe { _mm512_mask_storeu_ps(row.as_mut_ptr(), mask, _mm512_mul_ps(lane_sums(&acc), scale)) };
+                        store_scores(&mut scratch.scores[h * n + i0..h * n + i0 + m], &acc, scale);
                     }
                 }
             }

@@ -363,6 +363,7 @@ mod avx512 {
     use std::ops::Range;
 
     use super::{Element, LinearShape, FEATURES, MIN_ROW_BLOCK, ROWS, ROW_BLOCK_BYTES};
+    use crate::math::mask;
 
     /// Walks the blocks of output features, each once per block of input rows,
     /// a group of up to [`ROWS`] rows at a time ([`Element::group`]).
@@ -557,16 +558,6 @@ mod avx512 {
                 unsafe { _mm_prefetch::<_MM_HINT_T1>(self.base.wrapping_add(self.next * 64).cast()) };
                 self.next += 1;
             }
-        }
-    }
-
-    /// The first `n` (at most 16) lanes of sixteen 16-bit lanes.
-    #[inline(always)]
-    fn mask(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            ((1u32 << n) - 1) as __mmask16
         }
     }
 

@@ -58,6 +58,17 @@ impl CacheElem for u16 {
     }
 }
 
+/// The first `n` of sixteen lanes (all of them from 16 on).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn mask(n: usize) -> std::arch::x86_64::__mmask16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        ((1u32 << n) - 1) as u16
+    }
+}
+
 /// `Σ a[i] * b[i]`; `a` and `b` have the same length.
 #[inline(always)]
 pub(crate) fn dot<E: CacheElem>(a: &[f32], b: &[E]) -> f32 {
