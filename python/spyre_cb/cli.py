@@ -436,11 +436,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _launched(a: argparse.Namespace) -> bool:
+    """Whether torchrun started this process for a command that runs a model."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and a.command in ("demo", "generate", "serve")
+
+
 def _launched_worker(a: argparse.Namespace) -> int | None:
     """Under torchrun, every rank runs the same command: ranks > 0 serve rank 0's
     plans (:func:`spyre_cb.launched.run_worker`) and exit; None for rank 0 (and
     without a launcher), which runs the command."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or a.command not in ("demo", "generate", "serve"):
+    if not _launched(a):
         return None
     from spyre_cb.launched import launched_rank, run_worker
 
@@ -455,7 +460,7 @@ def _launched_worker(a: argparse.Namespace) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     code = _run(args)
-    if "TORCHELASTIC_RUN_ID" in os.environ and args.command in ("demo", "generate", "serve"):
+    if _launched(args):
         _end_launched(code)
     return code
 
