@@ -91,32 +91,34 @@ def test_bad_inputs_raise_value_errors_naming_the_limit():
         )
 
 
+def _counting(monkeypatch, name: str) -> list:
+    calls: list = []
+    kernel = getattr(_core, name)
+    monkeypatch.setattr(_core, name, lambda *a, **kw: (calls.append(a[0].shape), kernel(*a, **kw))[1])
+    return calls
+
+
 def test_engines_decode_through_the_kernel(tiny_model, monkeypatch):
-    calls = []
-    kernel = _core.paged_decode_attention
-
-    def counting(*a, **kw):
-        calls.append(a[0].shape)
-        return kernel(*a, **kw)
-
-    monkeypatch.setattr(_core, "paged_decode_attention", counting)
-    llm = spyre_cb.LLM(tiny_model, max_num_seqs=2, max_model_len=256)
     params = spyre_cb.SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    # the runner's own decode step (spyre_cb.decoder) calls the fused kernel
+    fused = _counting(monkeypatch, "paged_decode_qkv_f32")
+    llm = spyre_cb.LLM(tiny_model, max_num_seqs=2, max_model_len=256)
     llm.generate([[5, 6, 7], [8, 9, 10, 11]], params)
     n_layers = llm.engine.runner.n_layers
-    assert len(calls) >= 4 * n_layers  # every decode step, every layer
-    bf16_calls = []
-    kernel_bf16 = _core.paged_decode_attention_bf16
-    monkeypatch.setattr(
-        _core, "paged_decode_attention_bf16", lambda *a, **kw: (bf16_calls.append(1), kernel_bf16(*a, **kw))[1]
-    )
+    assert len(fused) >= 4 * n_layers  # every decode step, every layer
+    fused_bf16 = _counting(monkeypatch, "paged_decode_qkv_bf16")
     spyre_cb.LLM(tiny_model, max_num_seqs=2, max_model_len=256, dtype="bfloat16").generate([[5, 6, 7]], params)
-    assert len(bf16_calls) >= 4 * n_layers
-    monkeypatch.setattr(_core, "paged_decode_attention", kernel)
+    assert len(fused_bf16) >= 4 * n_layers
+    # FMS's forward (here: with oneDNN's linear layers) calls the attention op
+    calls = _counting(monkeypatch, "paged_decode_attention")
+    llm = spyre_cb.LLM(tiny_model, max_num_seqs=2, max_model_len=256, linear_ops="onednn")
+    assert llm.engine.runner.decoder is None
+    llm.generate([[5, 6, 7], [8, 9, 10, 11]], params)
+    assert len(calls) >= 4 * n_layers
     calls.clear()
-    spyre_cb.LLM(tiny_model, max_num_seqs=2, max_model_len=256, attention_ops="vectorized").generate(
-        [[5, 6, 7]], params
-    )
+    spyre_cb.LLM(
+        tiny_model, max_num_seqs=2, max_model_len=256, attention_ops="vectorized", linear_ops="onednn"
+    ).generate([[5, 6, 7]], params)
     assert calls == []
 
 

@@ -40,6 +40,8 @@ __all__ = [
     "synthetic_workload",
     "paged_decode_attention",
     "paged_decode_attention_bf16",
+    "paged_decode_qkv_bf16",
+    "paged_decode_qkv_f32",
     "linear_bf16",
     "linear_bf16_is_fast",
     "pack_linear_bf16",
@@ -48,6 +50,8 @@ __all__ = [
     "pack_linear_f32",
     "linear_f32_is_fast",
     "openmp_workers_shared",
+    "add_rms_norm_bf16",
+    "add_rms_norm_f32",
     "rms_norm_bf16",
     "rms_norm_f32",
     "rope_bf16",
@@ -636,6 +640,75 @@ def share_openmp_workers(library: str | None) -> bool:
 
 def openmp_workers_shared() -> bool:
     """Whether the kernels' split work runs on a shared OpenMP runtime's workers."""
+
+def paged_decode_qkv_bf16(
+    qkv: npt.NDArray[np.uint16],
+    cos: npt.NDArray[np.float32],
+    neg_sin: npt.NDArray[np.float32],
+    sin: npt.NDArray[np.float32],
+    slots: npt.NDArray[np.int64],
+    key_cache: npt.NDArray[np.uint16],
+    value_cache: npt.NDArray[np.uint16],
+    block_table: npt.NDArray[np.int64],
+    context_start: npt.NDArray[np.int64],
+    context_end: npt.NDArray[np.int64],
+    scale: float,
+    n_heads: int,
+    out: npt.NDArray[np.uint16],
+    threads: int = 1,
+) -> None:
+    """A decode step's attention from its fused QKV rows (``[batch, (n_heads +
+    kv_heads) * head_dim + kv_heads * value_dim]``, bfloat16 as its bits): the
+    query and key heads rotated by each token's angles (``[batch, head_dim / 2]``
+    each), the new keys and values stored at ``slots`` of the paged caches
+    (``[n_blocks, block_size, kv_heads, dim]``), the attention over each
+    sequence's positions ``context_start <= j < context_end`` of its block table,
+    rounded into ``out`` (``[batch, n_heads * value_dim]``). FMS's separate steps,
+    bit for bit. ``ValueError`` naming the limit broken, checked before the cache
+    is written."""
+
+def paged_decode_qkv_f32(
+    qkv: npt.NDArray[np.float32],
+    cos: npt.NDArray[np.float32],
+    neg_sin: npt.NDArray[np.float32],
+    sin: npt.NDArray[np.float32],
+    slots: npt.NDArray[np.int64],
+    key_cache: npt.NDArray[np.float32],
+    value_cache: npt.NDArray[np.float32],
+    block_table: npt.NDArray[np.int64],
+    context_start: npt.NDArray[np.int64],
+    context_end: npt.NDArray[np.int64],
+    scale: float,
+    n_heads: int,
+    out: npt.NDArray[np.float32],
+    threads: int = 1,
+) -> None:
+    """:func:`paged_decode_qkv_bf16` in float32."""
+
+def add_rms_norm_bf16(
+    delta: npt.NDArray[np.uint16],
+    multiplier: float | None,
+    h: npt.NDArray[np.uint16],
+    weight: npt.NDArray[np.uint16] | None,
+    bias: npt.NDArray[np.uint16] | None,
+    eps: float,
+    out: npt.NDArray[np.uint16],
+) -> None:
+    """A residual connection, then the next RMS norm (bfloat16 as its bits):
+    ``h = delta * multiplier + h`` in place (``delta + h`` when ``multiplier`` is
+    None), each op rounded as torch rounds it, then ``out`` = :func:`rms_norm_bf16`
+    of ``h``; ``ValueError`` for shapes that disagree (nothing written)."""
+
+def add_rms_norm_f32(
+    delta: npt.NDArray[np.float32],
+    multiplier: float | None,
+    h: npt.NDArray[np.float32],
+    weight: npt.NDArray[np.float32] | None,
+    bias: npt.NDArray[np.float32] | None,
+    eps: float,
+    out: npt.NDArray[np.float32],
+) -> None:
+    """:func:`add_rms_norm_bf16` in float32."""
 
 def rms_norm_bf16(
     x: npt.NDArray[np.uint16],

@@ -110,13 +110,19 @@ class NativeLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
-        out = torch.empty((rows.shape[0], self.out_features), dtype=self.dtype)
         # split over torch's own OpenMP workers where the kernels share them; else on
         # the caller's thread alone: a thread started per call competes with those
         # workers, which spin between ops (granite-2b, 2 CPUs, batch 8: 0.385 s a step
         # split over 2 started threads, 0.275 s on one, oneDNN 0.306 s)
-        self._kernel(numpy_view(rows), self._packed_np, self._bias_np, numpy_view(out), kernel_threads())
+        out = self.rows(rows, kernel_threads())
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def rows(self, rows: torch.Tensor, threads: int) -> torch.Tensor:
+        """``rows W^T + b`` for contiguous ``[n, in_features]`` rows of the module's
+        dtype, split over ``threads`` (the decoder's direct call, no checks)."""
+        out = torch.empty((rows.shape[0], self.out_features), dtype=self.dtype)
+        self._kernel(numpy_view(rows), self._packed_np, self._bias_np, numpy_view(out), threads)
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, native"

@@ -38,7 +38,11 @@ class NativeRMSNorm(torch.nn.Module):
         self.bias = norm.bias.detach().contiguous() if norm.elementwise_shift else None
         params = [p for p in (self.weight, self.bias) if p is not None]
         self.dtype = params[0].dtype if params else None
-        self._bf16 = self.dtype == torch.bfloat16
+        bf16 = self.dtype == torch.bfloat16
+        self._kernel = _core.rms_norm_bf16 if bf16 else _core.rms_norm_f32
+        self._add_kernel = _core.add_rms_norm_bf16 if bf16 else _core.add_rms_norm_f32
+        self._weight_np = None if self.weight is None else numpy_view(self.weight)
+        self._bias_np = None if self.bias is None else numpy_view(self.bias)
         # FMS's module itself, for inputs of another dtype (not a submodule: its
         # parameters are this module's)
         object.__setattr__(self, "_fms", norm)
@@ -47,13 +51,25 @@ class NativeRMSNorm(torch.nn.Module):
         if x.dtype != self.dtype:  # not what the kernel was set up for: FMS's arithmetic
             out: torch.Tensor = self._fms(x)
             return out
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        return self.rows(x.reshape(-1, x.shape[-1]).contiguous()).view(x.shape)
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The norm of contiguous ``[n, features]`` rows of the module's dtype (the
+        decoder's direct call, no checks)."""
         y = torch.empty_like(rows)
-        w = None if self.weight is None else numpy_view(self.weight)
-        b = None if self.bias is None else numpy_view(self.bias)
-        kernel = _core.rms_norm_bf16 if self._bf16 else _core.rms_norm_f32
-        kernel(numpy_view(rows), w, b, self.eps, numpy_view(y))
-        return y.view(x.shape)
+        self._kernel(numpy_view(rows), self._weight_np, self._bias_np, self.eps, numpy_view(y))
+        return y
+
+    def add_rows(self, delta: torch.Tensor, multiplier: float | None, h: torch.Tensor) -> torch.Tensor:
+        """A residual connection then this norm, as FMS's blocks run them: ``h =
+        delta * multiplier + h`` in place (``delta + h`` without a multiplier),
+        each op rounded as torch rounds it; returns the norm of the new ``h``
+        (contiguous ``[n, features]`` rows of the module's dtype, no checks)."""
+        y = torch.empty_like(h)
+        self._add_kernel(
+            numpy_view(delta), multiplier, numpy_view(h), self._weight_np, self._bias_np, self.eps, numpy_view(y)
+        )
+        return y
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, native"

@@ -55,6 +55,17 @@ def _tables(self: Any, device: torch.device, alpha: Any) -> tuple[torch.Tensor, 
     return got
 
 
+def rotation_tables(
+    encoder: Any, positions: torch.Tensor, length: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cos, -sin, sin) of every position in ``positions`` (shape ``[..., D/2]``,
+    float32) from a patched encoder's tables, cached for sequences up to ``length``
+    (which picks NTK scaling's factor, as in FMS)."""
+    alpha = encoder.compute_freqs_cis(positions.device, length)
+    cos, nsin, sin = _tables(encoder, positions.device, alpha)
+    return cos[positions], nsin[positions], sin[positions]
+
+
 #: this project's kernels by dtype (``spyre_cb._core.rope_bf16`` / ``rope_f32``)
 _NATIVE: dict[torch.dtype, Callable[..., None]] = {torch.bfloat16: _core.rope_bf16, torch.float32: _core.rope_f32}
 
@@ -92,9 +103,7 @@ def _adjusted_qk(
         if use_cache and past_kv_state is not None and past_kv_state[0] is not None and past_kv_state[0].numel() > 0:
             position_ids += past_kv_state[0].size(2)
     max_start_pos = torch.max(position_ids[:, 0])
-    alpha = self.compute_freqs_cis(q.device, max_start_pos + seq_len)
-    cos, nsin, sin = _tables(self, q.device, alpha)
-    c, ns, s = cos[position_ids], nsin[position_ids], sin[position_ids]  # [B, L, D/2]
+    c, ns, s = rotation_tables(self, position_ids, max_start_pos + seq_len)  # [B, L, D/2]
 
     def at(t: torch.Tensor, length: int) -> torch.Tensor:
         return t.narrow(1, t.size(1) - length, length).unsqueeze(2)  # [B, length, 1, D/2]
@@ -104,4 +113,4 @@ def _adjusted_qk(
     return q_out.view_as(q), k_out.view_as(k)
 
 
-__all__ = ["patch_rotary"]
+__all__ = ["patch_rotary", "rotation_tables"]

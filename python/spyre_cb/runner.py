@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from spyre_cb import attention, linear, norm, rotary
+from spyre_cb import attention, decoder, linear, norm, rotary
 from spyre_cb.checkpoint import Checkpoint
 from spyre_cb.config import EngineConfig
 from spyre_cb.cpus import share_torch_workers
@@ -94,6 +94,15 @@ class ModelRunner:
         # the native kernels split their work on torch's OpenMP workers, not beside them
         share_torch_workers()
         rotary.patch_rotary(model)  # bit-identical to FMS's, a quarter of the work
+        #: decode steps as a loop of native kernel calls (FMS's logits, bit for bit),
+        #: where the model allows it; None: FMS's forward
+        self.decoder = decoder.build(
+            model,
+            backend=backend,
+            linear_ops=self.linear_ops,
+            attention_ops=config.attention_ops,
+            tensor_parallel=tensor_parallel,
+        )
         self.model = model
         self.dtype = dtype
         self.backend = backend
@@ -206,6 +215,16 @@ class ModelRunner:
         return logits[0, : real.stop - first]
 
     def _decode(self, plan: DecodePlan) -> torch.Tensor:
+        if self.decoder is not None:
+            return self.decoder.decode(
+                torch.from_numpy(plan.input_ids),
+                torch.from_numpy(plan.positions),
+                plan.slot_mapping,
+                plan.block_table,
+                plan.left_padding,
+                plan.current_tkv,
+                self.kv_cache,
+            )
         ids = torch.from_numpy(plan.input_ids).unsqueeze(1)
         pos = torch.from_numpy(plan.positions).unsqueeze(1)
         slots = torch.from_numpy(plan.slot_mapping).unsqueeze(1)

@@ -95,7 +95,11 @@ fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), Kern
     }
 }
 
-fn validate<E: CacheElem>(s: &DecodeShape, x: &DecodeInputs<'_, E>, out_len: usize) -> Result<(), KernelError> {
+pub(crate) fn validate<E: CacheElem>(
+    s: &DecodeShape,
+    x: &DecodeInputs<'_, E>,
+    out_len: usize,
+) -> Result<(), KernelError> {
     let positive = [
         ("n_heads", s.n_heads),
         ("kv_heads", s.kv_heads),

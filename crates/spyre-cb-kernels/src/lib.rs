@@ -15,6 +15,7 @@ mod linear;
 mod math;
 mod norm;
 pub mod parallel;
+mod qkv_attention;
 mod rope;
 
 pub use attention::{paged_decode, DecodeInputs, DecodeShape, KernelError};
@@ -23,5 +24,6 @@ pub use linear::{
     FEATURES,
 };
 pub use math::CacheElem;
-pub use norm::{rms_norm, NormError};
+pub use norm::{add_rms_norm, rms_norm, NormError};
+pub use qkv_attention::{paged_decode_qkv, QkvInputs};
 pub use rope::{rope, RopeError, RopeShape};

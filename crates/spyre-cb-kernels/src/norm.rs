@@ -40,17 +40,7 @@ pub fn rms_norm<E: Element>(
     eps: f32,
     out: &mut [E],
 ) -> Result<(), NormError> {
-    let rows = x.len().checked_div(dim).unwrap_or(0);
-    let check =
-        |what, expected, got| if expected == got { Ok(()) } else { Err(NormError::Length { what, expected, got }) };
-    check("x", rows * dim, x.len())?;
-    check("out", x.len(), out.len())?;
-    if let Some(w) = weight {
-        check("weight", dim, w.len())?;
-    }
-    if let Some(b) = bias {
-        check("bias", dim, b.len())?;
-    }
+    let rows = rms_norm_checks(x.len(), dim, weight, bias, out.len())?;
     if rows == 0 {
         return Ok(());
     }
@@ -64,6 +54,82 @@ pub fn rms_norm<E: Element>(
     }
     norm_rows(x, dim, weight, bias, eps, out);
     Ok(())
+}
+
+/// A residual connection followed by the next norm, as FMS's blocks compute
+/// them: `h = delta * multiplier + h` (or `delta + h` without a multiplier),
+/// the product and the sum each rounded to the element type as torch's two
+/// ops round them; then `out = rms_norm(h)` as [`rms_norm`]. `h` is updated
+/// in place (the residual stream); `delta`, `h` and `out` hold whole rows.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm<E: Element>(
+    delta: &[E],
+    multiplier: Option<f32>,
+    h: &mut [E],
+    dim: usize,
+    weight: Option<&[E]>,
+    bias: Option<&[E]>,
+    eps: f32,
+    out: &mut [E],
+) -> Result<(), NormError> {
+    if delta.len() != h.len() {
+        return Err(NormError::Length { what: "delta", expected: h.len(), got: delta.len() });
+    }
+    // checked before h is written
+    rms_norm_checks(h.len(), dim, weight, bias, out.len())?;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            unsafe { add_avx512(delta, multiplier, h) };
+            return rms_norm(h, dim, weight, bias, eps, out);
+        }
+    }
+    add(delta, multiplier, h);
+    rms_norm(h, dim, weight, bias, eps, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_avx512<E: Element>(delta: &[E], multiplier: Option<f32>, h: &mut [E]) {
+    add(delta, multiplier, h);
+}
+
+#[inline(always)]
+fn add<E: Element>(delta: &[E], multiplier: Option<f32>, h: &mut [E]) {
+    match multiplier {
+        Some(m) => {
+            for (h, d) in h.iter_mut().zip(delta) {
+                *h = E::narrow(E::narrow(d.widen() * m).widen() + h.widen());
+            }
+        }
+        None => {
+            for (h, d) in h.iter_mut().zip(delta) {
+                *h = E::narrow(d.widen() + h.widen());
+            }
+        }
+    }
+}
+
+fn rms_norm_checks<E>(
+    len: usize,
+    dim: usize,
+    weight: Option<&[E]>,
+    bias: Option<&[E]>,
+    out_len: usize,
+) -> Result<usize, NormError> {
+    let rows = len.checked_div(dim).unwrap_or(0);
+    let check =
+        |what, expected, got| if expected == got { Ok(()) } else { Err(NormError::Length { what, expected, got }) };
+    check("x", rows * dim, len)?;
+    check("out", len, out_len)?;
+    if let Some(w) = weight {
+        check("weight", dim, w.len())?;
+    }
+    if let Some(b) = bias {
+        check("bias", dim, b.len())?;
+    }
+    Ok(rows)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -154,6 +220,38 @@ mod tests {
                 assert!((got - want[i]).abs() <= want[i].abs() * 2.0f64.powi(-7) + 1e-6, "{got} vs {}", want[i]);
             }
         }
+    }
+
+    #[test]
+    fn residual_then_norm_rounds_as_torch() {
+        let dim = 37;
+        let x: Vec<u16> = (0..2 * dim).map(|i| round_bf16(((i * 29 % 67) as f32 - 33.0) / 9.0)).collect();
+        let delta: Vec<u16> = (0..2 * dim).map(|i| round_bf16(((i * 13 % 53) as f32 - 26.0) / 7.0)).collect();
+        let w: Vec<u16> = (0..dim).map(|i| round_bf16(0.5 + (i % 7) as f32 / 10.0)).collect();
+        for m in [Some(0.22f32), None] {
+            let mut h = x.clone();
+            let mut out = vec![0u16; 2 * dim];
+            add_rms_norm(&delta, m, &mut h, dim, Some(&w), None, 1e-5, &mut out).unwrap();
+            // torch: (delta * m) rounded, plus h, rounded; then the norm of the sum
+            let want: Vec<u16> = x
+                .iter()
+                .zip(&delta)
+                .map(|(x, d)| {
+                    let scaled = m.map_or(d.widen(), |m| round_bf16(d.widen() * m).widen());
+                    round_bf16(scaled + x.widen())
+                })
+                .collect();
+            assert_eq!(h, want, "multiplier {m:?}");
+            let mut normed = vec![0u16; 2 * dim];
+            rms_norm(&want, dim, Some(&w), None, 1e-5, &mut normed).unwrap();
+            assert_eq!(out, normed);
+        }
+        let mut h = x.clone();
+        let err = add_rms_norm(&delta[1..], None, &mut h, dim, None, None, 1e-5, &mut [0u16; 74]).unwrap_err();
+        assert_eq!(err, NormError::Length { what: "delta", expected: 74, got: 73 });
+        let err = add_rms_norm(&delta, None, &mut h, dim, Some(&w[1..]), None, 1e-5, &mut [0u16; 74]).unwrap_err();
+        assert!(err.to_string().contains("weight holds 36 elements"), "{err}");
+        assert_eq!(h, x, "nothing written when refused");
     }
 
     #[test]

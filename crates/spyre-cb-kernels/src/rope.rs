@@ -62,24 +62,74 @@ pub fn rope<E: Element>(
     for (what, table) in [("cos", cos), ("neg_sin", neg_sin), ("sin", sin)] {
         check(what, rows * head_dim / 2, table.len())?;
     }
-    let half = head_dim / 2;
-    if rows == 0 || half == 0 {
+    if rows == 0 || heads == 0 || head_dim == 0 {
         return Ok(());
     }
-    for (r, (xr, or)) in x.chunks_exact(heads * head_dim).zip(out.chunks_exact_mut(heads * head_dim)).enumerate() {
-        let (c, ns, s) =
-            (&cos[r * half..(r + 1) * half], &neg_sin[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+    rotate_rows(heads, head_dim, x, cos, neg_sin, sin, out);
+    Ok(())
+}
+
+/// [`rope`] without its checks (the caller's sizes agree; `heads` and
+/// `head_dim` are positive), in the widest instruction set this CPU has.
+pub(crate) fn rotate_rows<E: Element>(
+    heads: usize,
+    head_dim: usize,
+    x: &[E],
+    cos: &[f32],
+    neg_sin: &[f32],
+    sin: &[f32],
+    out: &mut [E],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            unsafe { rotate_avx512(heads, head_dim, x, cos, neg_sin, sin, out) };
+            return;
+        }
+    }
+    rotate(heads, head_dim, x, cos, neg_sin, sin, out);
+}
+
+/// [`rotate`] compiled for AVX-512 (the compiler vectorizes the pairs).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rotate_avx512<E: Element>(
+    heads: usize,
+    head_dim: usize,
+    x: &[E],
+    cos: &[f32],
+    neg_sin: &[f32],
+    sin: &[f32],
+    out: &mut [E],
+) {
+    rotate(heads, head_dim, x, cos, neg_sin, sin, out);
+}
+
+#[inline(always)]
+fn rotate<E: Element>(
+    heads: usize,
+    head_dim: usize,
+    x: &[E],
+    cos: &[f32],
+    neg_sin: &[f32],
+    sin: &[f32],
+    out: &mut [E],
+) {
+    let half = head_dim / 2;
+    let tables = cos.chunks_exact(half).zip(neg_sin.chunks_exact(half)).zip(sin.chunks_exact(half));
+    for ((xr, or), ((c, ns), s)) in
+        x.chunks_exact(heads * head_dim).zip(out.chunks_exact_mut(heads * head_dim)).zip(tables)
+    {
         for (xh, oh) in xr.chunks_exact(head_dim).zip(or.chunks_exact_mut(head_dim)) {
-            for i in 0..half {
-                let (x0, x1) = (xh[2 * i].widen(), xh[2 * i + 1].widen());
-                let (a, b) = (c[i] * x0, ns[i] * x1);
-                let (p, q) = (s[i] * x0, c[i] * x1);
-                oh[2 * i] = E::narrow(a + b);
-                oh[2 * i + 1] = E::narrow(p + q);
+            let angles = c.iter().zip(ns).zip(s);
+            for ((pair, o), ((&c, &ns), &s)) in xh.chunks_exact(2).zip(oh.chunks_exact_mut(2)).zip(angles) {
+                let (x0, x1) = (pair[0].widen(), pair[1].widen());
+                o[0] = E::narrow(c * x0 + ns * x1);
+                o[1] = E::narrow(s * x0 + c * x1);
             }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

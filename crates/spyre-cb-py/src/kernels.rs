@@ -6,12 +6,14 @@
 use numpy::PyUntypedArrayMethods;
 use numpy::{
     PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArray4, PyReadwriteArray1, PyReadwriteArray2,
-    PyReadwriteArray3,
+    PyReadwriteArray3, PyReadwriteArray4,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use spyre_cb_kernels::{paged_decode, CacheElem, DecodeInputs, DecodeShape, Element, LinearShape};
+use spyre_cb_kernels::{
+    paged_decode, paged_decode_qkv, CacheElem, DecodeInputs, DecodeShape, Element, LinearShape, QkvInputs,
+};
 
 /// Decode attention read in place from a paged KV cache (one query per
 /// sequence); see the kernels crate for the exact semantics.
@@ -106,6 +108,119 @@ fn decode<E: CacheElem + numpy::Element>(
     };
     let out = out.as_slice_mut()?;
     py.detach(|| paged_decode(&shape, &inputs, out, threads)).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// A decode step's attention from its fused QKV rows (bfloat16 as its bits):
+/// the query and key heads rotated, the new keys and values stored at
+/// `slots`, the attention over each sequence's context, the result rounded
+/// into `out` (`[batch, n_heads * value_dim]`); FMS's separate steps, bit
+/// for bit; see the kernels crate. Checked before the cache is written.
+#[pyfunction]
+#[pyo3(signature = (qkv, cos, neg_sin, sin, slots, key_cache, value_cache, block_table, context_start, context_end, scale, n_heads, out, threads = 1))]
+#[allow(clippy::too_many_arguments)]
+pub fn paged_decode_qkv_bf16(
+    py: Python<'_>,
+    qkv: PyReadonlyArray2<'_, u16>,
+    cos: PyReadonlyArray2<'_, f32>,
+    neg_sin: PyReadonlyArray2<'_, f32>,
+    sin: PyReadonlyArray2<'_, f32>,
+    slots: PyReadonlyArray1<'_, i64>,
+    key_cache: PyReadwriteArray4<'_, u16>,
+    value_cache: PyReadwriteArray4<'_, u16>,
+    block_table: PyReadonlyArray2<'_, i64>,
+    context_start: PyReadonlyArray1<'_, i64>,
+    context_end: PyReadonlyArray1<'_, i64>,
+    scale: f32,
+    n_heads: usize,
+    out: PyReadwriteArray2<'_, u16>,
+    threads: usize,
+) -> PyResult<()> {
+    let inputs = (qkv, cos, neg_sin, sin, slots, block_table, context_start, context_end);
+    decode_qkv(py, inputs, key_cache, value_cache, scale, n_heads, out, threads)
+}
+
+/// [`paged_decode_qkv_bf16`] in `f32`.
+#[pyfunction]
+#[pyo3(signature = (qkv, cos, neg_sin, sin, slots, key_cache, value_cache, block_table, context_start, context_end, scale, n_heads, out, threads = 1))]
+#[allow(clippy::too_many_arguments)]
+pub fn paged_decode_qkv_f32(
+    py: Python<'_>,
+    qkv: PyReadonlyArray2<'_, f32>,
+    cos: PyReadonlyArray2<'_, f32>,
+    neg_sin: PyReadonlyArray2<'_, f32>,
+    sin: PyReadonlyArray2<'_, f32>,
+    slots: PyReadonlyArray1<'_, i64>,
+    key_cache: PyReadwriteArray4<'_, f32>,
+    value_cache: PyReadwriteArray4<'_, f32>,
+    block_table: PyReadonlyArray2<'_, i64>,
+    context_start: PyReadonlyArray1<'_, i64>,
+    context_end: PyReadonlyArray1<'_, i64>,
+    scale: f32,
+    n_heads: usize,
+    out: PyReadwriteArray2<'_, f32>,
+    threads: usize,
+) -> PyResult<()> {
+    let inputs = (qkv, cos, neg_sin, sin, slots, block_table, context_start, context_end);
+    decode_qkv(py, inputs, key_cache, value_cache, scale, n_heads, out, threads)
+}
+
+/// `paged_decode_qkv`'s read-only arrays: qkv, cos, neg_sin, sin, slots, block
+/// table, context start and end.
+type QkvArrays<'py, E> = (
+    PyReadonlyArray2<'py, E>,
+    PyReadonlyArray2<'py, f32>,
+    PyReadonlyArray2<'py, f32>,
+    PyReadonlyArray2<'py, f32>,
+    PyReadonlyArray1<'py, i64>,
+    PyReadonlyArray2<'py, i64>,
+    PyReadonlyArray1<'py, i64>,
+    PyReadonlyArray1<'py, i64>,
+);
+
+#[allow(clippy::too_many_arguments)]
+fn decode_qkv<E: Element + CacheElem + numpy::Element>(
+    py: Python<'_>,
+    arrays: QkvArrays<'_, E>,
+    mut key_cache: PyReadwriteArray4<'_, E>,
+    mut value_cache: PyReadwriteArray4<'_, E>,
+    scale: f32,
+    n_heads: usize,
+    mut out: PyReadwriteArray2<'_, E>,
+    threads: usize,
+) -> PyResult<()> {
+    let (qkv, cos, neg_sin, sin, slots, block_table, context_start, context_end) = arrays;
+    let (k, v) = (key_cache.shape().to_vec(), value_cache.shape().to_vec());
+    if v[..3] != k[..3] || block_table.shape()[0] != qkv.shape()[0] {
+        return Err(PyValueError::new_err(format!(
+            "paged decode attention: shapes disagree: qkv {:?}, key_cache {k:?}, value_cache {v:?}, block_table {:?}",
+            qkv.shape(),
+            block_table.shape()
+        )));
+    }
+    let shape = DecodeShape {
+        batch: qkv.shape()[0],
+        n_heads,
+        kv_heads: k[2],
+        head_dim: k[3],
+        value_dim: v[3],
+        n_blocks: k[0],
+        block_size: k[1],
+        table_width: block_table.shape()[1],
+    };
+    let inputs = QkvInputs {
+        qkv: qkv.as_slice()?,
+        cos: cos.as_slice()?,
+        neg_sin: neg_sin.as_slice()?,
+        sin: sin.as_slice()?,
+        slots: slots.as_slice()?,
+        block_table: block_table.as_slice()?,
+        context_start: context_start.as_slice()?,
+        context_end: context_end.as_slice()?,
+        scale,
+    };
+    let (key_cache, value_cache, out) = (key_cache.as_slice_mut()?, value_cache.as_slice_mut()?, out.as_slice_mut()?);
+    py.detach(|| paged_decode_qkv(&shape, &inputs, key_cache, value_cache, out, threads))
+        .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 /// Reorders a bfloat16 weight (`[out, in]`, its bits) into `packed` (1-D,
@@ -270,6 +385,70 @@ fn run_rms_norm<E: Element + numpy::Element>(
     let weight = weight.as_ref().map(|w| w.as_slice()).transpose()?;
     let bias = bias.as_ref().map(|b| b.as_slice()).transpose()?;
     py.detach(|| spyre_cb_kernels::rms_norm(x, dim, weight, bias, eps, out))
+        .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// A residual connection, then the next RMS norm (bfloat16 as its bits): `h
+/// = delta * multiplier + h` in place (`delta + h` when `multiplier` is
+/// None), each op rounded as torch rounds it, then `out = rms_norm(h)` as
+/// [`rms_norm_bf16`]; see the kernels crate.
+#[pyfunction]
+#[pyo3(signature = (delta, multiplier, h, weight, bias, eps, out))]
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm_bf16(
+    py: Python<'_>,
+    delta: PyReadonlyArray2<'_, u16>,
+    multiplier: Option<f32>,
+    h: PyReadwriteArray2<'_, u16>,
+    weight: Option<PyReadonlyArray1<'_, u16>>,
+    bias: Option<PyReadonlyArray1<'_, u16>>,
+    eps: f32,
+    out: PyReadwriteArray2<'_, u16>,
+) -> PyResult<()> {
+    run_add_rms_norm(py, delta, multiplier, h, weight, bias, eps, out)
+}
+
+/// [`add_rms_norm_bf16`] in `f32`.
+#[pyfunction]
+#[pyo3(signature = (delta, multiplier, h, weight, bias, eps, out))]
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm_f32(
+    py: Python<'_>,
+    delta: PyReadonlyArray2<'_, f32>,
+    multiplier: Option<f32>,
+    h: PyReadwriteArray2<'_, f32>,
+    weight: Option<PyReadonlyArray1<'_, f32>>,
+    bias: Option<PyReadonlyArray1<'_, f32>>,
+    eps: f32,
+    out: PyReadwriteArray2<'_, f32>,
+) -> PyResult<()> {
+    run_add_rms_norm(py, delta, multiplier, h, weight, bias, eps, out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_add_rms_norm<E: Element + numpy::Element>(
+    py: Python<'_>,
+    delta: PyReadonlyArray2<'_, E>,
+    multiplier: Option<f32>,
+    mut h: PyReadwriteArray2<'_, E>,
+    weight: Option<PyReadonlyArray1<'_, E>>,
+    bias: Option<PyReadonlyArray1<'_, E>>,
+    eps: f32,
+    mut out: PyReadwriteArray2<'_, E>,
+) -> PyResult<()> {
+    if delta.shape() != h.shape() || h.shape() != out.shape() {
+        return Err(PyValueError::new_err(format!(
+            "add_rms_norm: delta {:?}, h {:?} and out {:?} must have the same shape",
+            delta.shape(),
+            h.shape(),
+            out.shape()
+        )));
+    }
+    let dim = h.shape()[1];
+    let (delta, h, out) = (delta.as_slice()?, h.as_slice_mut()?, out.as_slice_mut()?);
+    let weight = weight.as_ref().map(|w| w.as_slice()).transpose()?;
+    let bias = bias.as_ref().map(|b| b.as_slice()).transpose()?;
+    py.detach(|| spyre_cb_kernels::add_rms_norm(delta, multiplier, h, dim, weight, bias, eps, out))
         .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 

@@ -60,6 +60,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernels::packed_linear_len, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::linear_bf16_is_fast, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::share_openmp_workers, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::paged_decode_qkv_bf16, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::paged_decode_qkv_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::add_rms_norm_bf16, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::add_rms_norm_f32, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::rms_norm_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::rms_norm_f32, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::rope_bf16, m)?)?;
