@@ -21,7 +21,11 @@ close spyre_cb's decode gets to that limit:
    and the output head (the embedding table is read B rows at a time, not
    counted); achieved GB/s = those bytes / step time; the fraction of the
    triad bandwidth is the figure of merit (the issue's target: >= 70 % at
-   batch 8). Tokens/s of the decode = B / step time.
+   batch 8). Tokens/s of the decode = B / step time. The host's bandwidth
+   drifts over minutes on a shared machine, so a short triad (256 MiB
+   arrays) is also run right before and right after each batch's steps;
+   ``fraction_of_adjacent_triad`` divides by their mean (the same moment's
+   baseline), ``fraction_of_triad`` by the full STREAM run at the end.
 
 JSON on the last line.
 
@@ -73,6 +77,11 @@ def stream(threads: int, n_bytes: int = 1 << 30) -> dict[str, float]:
     return {k: round(v, 2) for k, v in best.items()}
 
 
+#: bytes per array of the short STREAM run beside each batch's steps (far past the caches;
+#: at most --stream-mib)
+ADJACENT_STREAM_BYTES = 256 << 20
+
+
 def weight_bytes(model: torch.nn.Module, element_size: int) -> int:
     """Bytes a decode step reads: every linear layer's weight (plain, native or prepacked
     for oneDNN), the output head among them; not the embedding table (B rows a step)."""
@@ -122,12 +131,20 @@ def run_engine(path: Path, a: argparse.Namespace, ops: str, most: int) -> dict[s
     out["weight_gb_per_step"] = round(wb / 1e9, 3)
     out["batches"] = {}
     for b in a.batch:
+        # the host's bandwidth drifts over minutes: a short triad right before and
+        # right after the steps is the baseline of the same moment
+        n_bytes = min(ADJACENT_STREAM_BYTES, a.stream_mib << 20)
+        before = stream(a.threads, n_bytes)["triad"]
         d = decode(eng, b, a.steps, eng.vocab_size)
+        after = stream(a.threads, n_bytes)["triad"]
+        torch.set_num_threads(a.threads)
         gbs = wb / d["step_s"] / 1e9
         out["batches"][str(b)] = {
             "decode_step_s": round(d["step_s"], 4),
             "decode_tokens_per_s": round(b / d["step_s"], 1),
             "weight_gb_s": round(gbs, 2),
+            "adjacent_triad_gb_s": [before, after],
+            "fraction_of_adjacent_triad": round(gbs / ((before + after) / 2), 3),
         }
     eng.shutdown()
     del eng

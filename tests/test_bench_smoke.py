@@ -99,7 +99,8 @@ def test_weight_bandwidth_quick():
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["stream_gb_s"]["triad"] > 0, result
     for ops in ("auto", "torch"):
-        assert result["engines"][ops]["batches"]["4"]["weight_gb_s"] > 0, result
+        batch = result["engines"][ops]["batches"]["4"]
+        assert batch["weight_gb_s"] > 0 and batch["fraction_of_adjacent_triad"] > 0, result
     assert result["engines"]["torch"]["linear_ops"] == "torch"
 
 
