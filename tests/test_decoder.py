@@ -11,9 +11,16 @@ import pytest
 import torch
 
 import spyre_cb
-from spyre_cb import _core
+from spyre_cb import _core, decoder
+from spyre_cb.linear import native_available
 from spyre_cb.models import make_tiny_checkpoint
 from spyre_cb.views import numpy_view
+
+# the decoder runs over the native linear layers, which need AVX-512 (bfloat16: AVX512_BF16)
+needs_native = pytest.mark.skipif(
+    not (native_available(torch.bfloat16)[0] and native_available(torch.float32)[0]),
+    reason="the native linear kernel does not run here (no AVX-512 / AVX512_BF16)",
+)
 
 GRANITE_MULTIPLIERS = dict(
     residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0, attention_multiplier=0.0625
@@ -51,6 +58,7 @@ def _recorded(eng) -> list[torch.Tensor]:
     return seen
 
 
+@needs_native
 @pytest.mark.parametrize(
     "arch, dtype, policy",
     [
@@ -105,6 +113,19 @@ def test_other_settings_keep_fms_forward(checkpoints, setting):
     assert eng.executor.runner.decoder is None
 
 
+@needs_native
+def test_other_models_keep_fms_forward(checkpoints, tmp_path):
+    mistral = make_tiny_checkpoint(tmp_path / "mistral", arch="mistral")
+    eng = spyre_cb.Engine(mistral, dtype="float32", max_num_seqs=2, max_model_len=128)
+    assert eng.executor.runner.linear_ops == "native" and eng.executor.runner.decoder is None
+    # a block the decoder does not run as FMS does: another activation
+    eng = spyre_cb.Engine(checkpoints["granite", "float32"], dtype="float32", max_num_seqs=2, max_model_len=128)
+    model = eng.executor.runner.model
+    assert decoder._build(model) is not None
+    model.base_model.layers[1].ff_sub_layer.a = torch.nn.GELU()
+    assert decoder._build(model) is None
+
+
 def test_the_fused_attention_refuses_a_slot_outside_the_cache():
     b, heads, kvh, d = 2, 4, 2, 64
     qkv = torch.randn(b, (heads + 2 * kvh) * d).bfloat16()
@@ -118,5 +139,19 @@ def test_the_fused_attention_refuses_a_slot_outside_the_cache():
     with pytest.raises(ValueError, match="token 1 is stored in slot 12, outside the cache's 12 slots"):
         _core.paged_decode_qkv_bf16(*args, np.array([2, 12]), *rest, numpy_view(out))
     assert all(torch.equal(c, w) for c, w in zip(cache, before))
+    # one tensor as both caches: two NumPy views numpy's borrow checks cannot tell apart
+    shared = (numpy_view(cache[0]), numpy_view(cache[0]), *rest[2:])
+    with pytest.raises(ValueError, match="key_cache and value_cache share memory"):
+        _core.paged_decode_qkv_bf16(*args, np.array([2, 9]), *shared, numpy_view(out))
+    with pytest.raises(ValueError, match="qkv must be C-contiguous"):
+        _core.paged_decode_qkv_bf16(numpy_view(qkv)[:, ::2], *args[1:], np.array([2, 9]), *rest, numpy_view(out))
+    assert all(torch.equal(c, w) for c, w in zip(cache, before))
     _core.paged_decode_qkv_bf16(*args, np.array([2, 9]), *rest, numpy_view(out))
     assert not torch.equal(cache[0], before[0]), "the new keys were stored"
+
+
+def test_add_rms_norm_refuses_shared_buffers():
+    h = torch.randn(3, 16).bfloat16()
+    delta = torch.randn(3, 16).bfloat16()
+    with pytest.raises(ValueError, match="h and out share memory"):
+        _core.add_rms_norm_bf16(numpy_view(delta), 0.5, numpy_view(h), None, None, 1e-5, numpy_view(h))

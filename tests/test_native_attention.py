@@ -10,6 +10,7 @@ import torch
 import spyre_cb
 from conftest import drain, random_prompts
 from spyre_cb import _core, attention
+from spyre_cb.linear import native_available, onednn_available
 
 
 def _inputs(seed: int, batch: int, heads: int, kv_heads: int, n_blocks: int = 40, width: int = 5):
@@ -98,6 +99,14 @@ def _counting(monkeypatch, name: str) -> list:
     return calls
 
 
+@pytest.mark.skipif(
+    not (
+        native_available(torch.bfloat16)[0]
+        and native_available(torch.float32)[0]
+        and onednn_available(torch.float32)[0]
+    ),
+    reason="the runner's own decode step needs the native linear kernel (AVX-512 / AVX512_BF16), the FMS path oneDNN",
+)
 def test_engines_decode_through_the_kernel(tiny_model, monkeypatch):
     params = spyre_cb.SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
     # the runner's own decode step (spyre_cb.decoder) calls the fused kernel

@@ -8,7 +8,9 @@ calls, keyword dictionaries, views, casts and temporaries around the kernels
 (granite-2b, bfloat16, batch 8, one thread: ~30 ms of a 0.26 s step). This
 module runs the arithmetic of FMS's ``GraniteBlock`` / ``LLaMABlock`` in about
 eight calls a layer, with the same roundings in the same order, so logits and
-KV cache are FMS's bit for bit (a test checks both):
+KV cache are bit for bit those of FMS's forward as this runner runs it (with
+the same native linear layers, norms, rotary and attention; a test checks
+both):
 
 - once a step: the embedding (FMS's module, and Granite's multiplier), each
   token's rotary angles, the kernels' thread counts;
@@ -71,6 +73,7 @@ class NativeDecoder:
         self.head_dim = int(attn.emb_kq_per_head)
         self.value_dim = int(attn.emb_v_per_head)
         self.ffn = int(base.layers[0].ff_sub_layer.hidden_dim)
+        self.vocab_size = int(model.config.src_vocab_size)
         scale = attn.scale_factor
         self.scale = float(scale) if scale is not None else self.head_dim**-0.5
         cfg = model.config
@@ -98,6 +101,8 @@ class NativeDecoder:
         model = self.model
         base = model.base_model
         b = input_ids.shape[0]
+        if b == 0:  # (the core never plans an empty decode)
+            return torch.empty(0, self.vocab_size, dtype=self.dtype)
         h = base.embedding(input_ids)  # [b, emb], a new tensor
         if self.embedding_multiplier is not None:
             h = h * self.embedding_multiplier
@@ -170,7 +175,7 @@ def _build(model: Any) -> NativeDecoder | None:
     if model.config.p_dropout or not isinstance(base.dec_norm, NativeRMSNorm) or not len(base.layers):
         return None
     dtype = base.dec_norm.dtype
-    if dtype not in (torch.bfloat16, torch.float32):
+    if dtype not in (torch.bfloat16, torch.float32) or base.embedding.weight.dtype != dtype:
         return None
     encoder = base.layers[0].attn.position_encoder
     if getattr(encoder, "_spyre_cb_tables", None) is None:  # not this project's rotary

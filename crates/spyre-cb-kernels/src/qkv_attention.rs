@@ -49,8 +49,10 @@ pub fn paged_decode_qkv<E: Element + CacheElem>(
     threads: usize,
 ) -> Result<(), KernelError> {
     let DecodeShape { batch, n_heads, kv_heads, head_dim, value_dim, n_blocks, block_size, .. } = *shape;
-    let rotated = (n_heads + kv_heads) * head_dim;
-    let row = rotated + kv_heads * value_dim;
+    let overflow = || KernelError::Shape("sizes overflow".into());
+    let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(overflow);
+    let rotated = mul(n_heads.checked_add(kv_heads).ok_or_else(overflow)?, head_dim)?;
+    let row = rotated.checked_add(mul(kv_heads, value_dim)?).ok_or_else(overflow)?;
     let check = |what: &'static str, expected: usize, got: usize| {
         if expected == got {
             Ok(())
@@ -61,11 +63,12 @@ pub fn paged_decode_qkv<E: Element + CacheElem>(
     if !head_dim.is_multiple_of(2) {
         return Err(KernelError::Shape(format!("the head size {head_dim} must be even to be rotated")));
     }
-    check("qkv", batch * row, inputs.qkv.len())?;
+    check("qkv", mul(batch, row)?, inputs.qkv.len())?;
     for (what, table) in [("cos", inputs.cos), ("neg_sin", inputs.neg_sin), ("sin", inputs.sin)] {
-        check(what, batch * head_dim / 2, table.len())?;
+        check(what, mul(batch, head_dim / 2)?, table.len())?;
     }
     check("slots", batch, inputs.slots.len())?;
+    // as long as qkv, which exists: no overflow past here
     let mut query = vec![0.0f32; batch * n_heads * head_dim];
     validate(shape, &attention(inputs, &query, key_cache, value_cache), out.len())?;
     let n_slots = n_blocks * block_size;

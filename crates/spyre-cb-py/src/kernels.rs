@@ -1,9 +1,11 @@
 //! The runner's CPU kernels (`spyre-cb-kernels`) over numpy views of torch
 //! tensors: no copy in, the result written into a caller-owned array, the GIL
 //! released while the kernel runs. Malformed inputs raise `ValueError`
-//! naming the limit they broke; nothing is read out of bounds.
+//! naming the limit they broke (shapes, non-contiguous arrays, buffers that
+//! share memory); an array of another dtype raises the argument
+//! conversion's `TypeError`. Nothing is read out of bounds.
 
-use numpy::PyUntypedArrayMethods;
+use numpy::{PyArrayMethods, PyUntypedArrayMethods};
 use numpy::{
     PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArray4, PyReadwriteArray1, PyReadwriteArray2,
     PyReadwriteArray3, PyReadwriteArray4,
@@ -14,6 +16,38 @@ use pyo3::prelude::*;
 use spyre_cb_kernels::{
     paged_decode, paged_decode_qkv, CacheElem, DecodeInputs, DecodeShape, Element, LinearShape, QkvInputs,
 };
+
+/// `ValueError` naming the first of `arrays` (name, is C-contiguous) that is
+/// not C-contiguous; `op` names the kernel.
+fn require_contiguous(op: &str, arrays: &[(&str, bool)]) -> PyResult<()> {
+    match arrays.iter().find(|(_, ok)| !ok) {
+        Some((what, _)) => Err(PyValueError::new_err(format!("{op}: {what} must be C-contiguous"))),
+        None => Ok(()),
+    }
+}
+
+/// `ValueError` when two of `arrays` (name, first byte, bytes) overlap, one
+/// of them written: NumPy's borrow checks cannot see it when both are views
+/// of one bfloat16 tensor (each `numpy_view` is a new array object).
+fn require_disjoint(op: &str, arrays: &[(&str, *const u8, usize)]) -> PyResult<()> {
+    for (i, (a, pa, na)) in arrays.iter().enumerate() {
+        for (b, pb, nb) in &arrays[i + 1..] {
+            let (a0, b0) = (*pa as usize, *pb as usize);
+            if *na > 0 && *nb > 0 && a0 < b0 + nb && b0 < a0 + na {
+                return Err(PyValueError::new_err(format!("{op}: {a} and {b} share memory")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// (name, first byte, bytes) of an array, for [`require_disjoint`].
+fn extent<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    what: &'a str,
+    array: &Bound<'_, numpy::PyArray<T, D>>,
+) -> (&'a str, *const u8, usize) {
+    (what, array.data() as *const u8, array.len() * std::mem::size_of::<T>())
+}
 
 /// Decode attention read in place from a paged KV cache (one query per
 /// sequence); see the kernels crate for the exact semantics.
@@ -85,18 +119,16 @@ fn decode<E: CacheElem + numpy::Element>(
             block_table.shape()
         )));
     }
-    let contiguous = |what: &str, ok: bool| {
-        if ok {
-            Ok(())
-        } else {
-            Err(PyValueError::new_err(format!("paged decode attention: {what} must be C-contiguous")))
-        }
-    };
-    contiguous("query", query.is_c_contiguous())?;
-    contiguous("key_cache", key_cache.is_c_contiguous())?;
-    contiguous("value_cache", value_cache.is_c_contiguous())?;
-    contiguous("block_table", block_table.is_c_contiguous())?;
-    contiguous("out", out.is_c_contiguous())?;
+    require_contiguous(
+        "paged decode attention",
+        &[
+            ("query", query.is_c_contiguous()),
+            ("key_cache", key_cache.is_c_contiguous()),
+            ("value_cache", value_cache.is_c_contiguous()),
+            ("block_table", block_table.is_c_contiguous()),
+            ("out", out.is_c_contiguous()),
+        ],
+    )?;
     let inputs = DecodeInputs {
         query: query.as_slice()?,
         key_cache: key_cache.as_slice()?,
@@ -197,6 +229,32 @@ fn decode_qkv<E: Element + CacheElem + numpy::Element>(
             block_table.shape()
         )));
     }
+    let op = "paged decode attention";
+    require_contiguous(
+        op,
+        &[
+            ("qkv", qkv.is_c_contiguous()),
+            ("cos", cos.is_c_contiguous()),
+            ("neg_sin", neg_sin.is_c_contiguous()),
+            ("sin", sin.is_c_contiguous()),
+            ("slots", slots.is_c_contiguous()),
+            ("key_cache", key_cache.is_c_contiguous()),
+            ("value_cache", value_cache.is_c_contiguous()),
+            ("block_table", block_table.is_c_contiguous()),
+            ("context_start", context_start.is_c_contiguous()),
+            ("context_end", context_end.is_c_contiguous()),
+            ("out", out.is_c_contiguous()),
+        ],
+    )?;
+    require_disjoint(
+        op,
+        &[
+            extent("key_cache", &key_cache),
+            extent("value_cache", &value_cache),
+            extent("out", &out),
+            extent("qkv", &qkv),
+        ],
+    )?;
     let shape = DecodeShape {
         batch: qkv.shape()[0],
         n_heads,
@@ -314,19 +372,15 @@ fn run_linear<E: Element + numpy::Element>(
         )));
     }
     let shape = LinearShape { rows: xs[0], in_features: xs[1], out_features: os[1] };
-    let contiguous = |what: &str, ok: bool| {
-        if ok {
-            Ok(())
-        } else {
-            Err(PyValueError::new_err(format!("linear: {what} must be C-contiguous")))
-        }
-    };
-    contiguous("x", x.is_c_contiguous())?;
-    contiguous("packed", packed.is_c_contiguous())?;
-    contiguous("out", out.is_c_contiguous())?;
-    if let Some(b) = &bias {
-        contiguous("bias", b.is_c_contiguous())?;
-    }
+    require_contiguous(
+        "linear",
+        &[
+            ("x", x.is_c_contiguous()),
+            ("packed", packed.is_c_contiguous()),
+            ("out", out.is_c_contiguous()),
+            ("bias", bias.as_ref().is_none_or(|b| b.is_c_contiguous())),
+        ],
+    )?;
     let (x, packed) = (x.as_slice()?, packed.as_slice()?);
     let bias = bias.as_ref().map(|b| b.as_slice()).transpose()?;
     let out = out.as_slice_mut()?;
@@ -444,6 +498,12 @@ fn run_add_rms_norm<E: Element + numpy::Element>(
             out.shape()
         )));
     }
+    let op = "add_rms_norm";
+    require_contiguous(
+        op,
+        &[("delta", delta.is_c_contiguous()), ("h", h.is_c_contiguous()), ("out", out.is_c_contiguous())],
+    )?;
+    require_disjoint(op, &[extent("h", &h), extent("out", &out), extent("delta", &delta)])?;
     let dim = h.shape()[1];
     let (delta, h, out) = (delta.as_slice()?, h.as_slice_mut()?, out.as_slice_mut()?);
     let weight = weight.as_ref().map(|w| w.as_slice()).transpose()?;
