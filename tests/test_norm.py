@@ -10,6 +10,7 @@ from fms.modules.layernorm import LayerNormParameterized
 import spyre_cb
 from spyre_cb import _core
 from spyre_cb.norm import NativeRMSNorm, replace_norms
+from spyre_cb.views import numpy_view
 
 
 def _fms_norm(dim: int, dtype: torch.dtype, **kw) -> LayerNormParameterized:
@@ -62,6 +63,12 @@ def test_the_kernel_refuses_shapes_that_disagree():
         _core.rms_norm_f32(x, None, None, 1e-5, torch.empty(2, 9).numpy())
     with pytest.raises(ValueError, match="weight holds 7 elements, 8 expected"):
         _core.rms_norm_f32(x, torch.ones(7).numpy(), None, 1e-5, torch.empty(2, 8).numpy())
+    with pytest.raises(ValueError, match="rms_norm: x must be C-contiguous"):
+        _core.rms_norm_f32(torch.randn(2, 16).numpy()[:, ::2], None, None, 1e-5, torch.empty(2, 8).numpy())
+    # in place: two views of one bfloat16 tensor, which NumPy cannot tell share memory
+    h = torch.randn(2, 8).bfloat16()
+    with pytest.raises(ValueError, match="rms_norm: x and out share memory"):
+        _core.rms_norm_bf16(numpy_view(h), None, None, 1e-5, numpy_view(h))
 
 
 def test_eager_engines_run_the_native_norm_with_hf_tokens(tiny_model, hf_greedy):

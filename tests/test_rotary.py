@@ -39,3 +39,16 @@ def test_bit_identical_to_fms(dtype, native, monkeypatch):
         pos = torch.tensor([[255]])
         q = torch.randn(1, 1, 2, dim, generator=g).to(dtype)
         assert torch.equal(fast.adjusted_qk(q, q, pos)[0], ref.adjusted_qk(q, q, pos)[0])
+
+
+def test_the_kernel_refuses_shared_and_strided_buffers():
+    from spyre_cb import _core
+    from spyre_cb.views import numpy_view
+
+    x = torch.randn(2, 3, 8).bfloat16()
+    angles = torch.rand(2, 4).numpy()
+    with pytest.raises(ValueError, match="rope: x and out share memory"):
+        _core.rope_bf16(numpy_view(x), angles, angles, angles, numpy_view(x))
+    with pytest.raises(ValueError, match="rope: cos must be C-contiguous"):
+        wide = torch.rand(2, 8).numpy()[:, ::2]
+        _core.rope_bf16(numpy_view(x), wide, angles, angles, numpy_view(torch.empty_like(x)))

@@ -87,7 +87,12 @@ impl fmt::Display for KernelError {
 
 impl std::error::Error for KernelError {}
 
-fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), KernelError> {
+/// `a * b`, or the error a shape whose sizes overflow gets.
+pub(crate) fn checked_mul(a: usize, b: usize) -> Result<usize, KernelError> {
+    a.checked_mul(b).ok_or_else(|| KernelError::Shape("sizes overflow".into()))
+}
+
+pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), KernelError> {
     if expected == got {
         Ok(())
     } else {
@@ -116,7 +121,7 @@ pub(crate) fn validate<E: CacheElem>(
             s.n_heads, s.kv_heads
         )));
     }
-    let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(|| KernelError::Shape("sizes overflow".into()));
+    let mul = checked_mul;
     let slots = mul(s.n_blocks, s.block_size)?;
     check_len("query", mul(mul(s.batch, s.n_heads)?, s.head_dim)?, x.query.len())?;
     check_len("key_cache", mul(mul(slots, s.kv_heads)?, s.head_dim)?, x.key_cache.len())?;

@@ -7,7 +7,7 @@
 //! stored; the float32 attention rounded once at the end), so the results
 //! are bit-identical to them; what goes is about ten tensor ops a layer.
 
-use crate::attention::{paged_decode, validate, DecodeInputs, DecodeShape, KernelError};
+use crate::attention::{check_len, checked_mul as mul, paged_decode, validate, DecodeInputs, DecodeShape, KernelError};
 use crate::linear::Element;
 use crate::math::CacheElem;
 use crate::rope::rotate_rows;
@@ -50,24 +50,16 @@ pub fn paged_decode_qkv<E: Element + CacheElem>(
 ) -> Result<(), KernelError> {
     let DecodeShape { batch, n_heads, kv_heads, head_dim, value_dim, n_blocks, block_size, .. } = *shape;
     let overflow = || KernelError::Shape("sizes overflow".into());
-    let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(overflow);
     let rotated = mul(n_heads.checked_add(kv_heads).ok_or_else(overflow)?, head_dim)?;
     let row = rotated.checked_add(mul(kv_heads, value_dim)?).ok_or_else(overflow)?;
-    let check = |what: &'static str, expected: usize, got: usize| {
-        if expected == got {
-            Ok(())
-        } else {
-            Err(KernelError::Length { what, expected, got })
-        }
-    };
     if !head_dim.is_multiple_of(2) {
         return Err(KernelError::Shape(format!("the head size {head_dim} must be even to be rotated")));
     }
-    check("qkv", mul(batch, row)?, inputs.qkv.len())?;
+    check_len("qkv", mul(batch, row)?, inputs.qkv.len())?;
     for (what, table) in [("cos", inputs.cos), ("neg_sin", inputs.neg_sin), ("sin", inputs.sin)] {
-        check(what, mul(batch, head_dim / 2)?, table.len())?;
+        check_len(what, mul(batch, head_dim / 2)?, table.len())?;
     }
-    check("slots", batch, inputs.slots.len())?;
+    check_len("slots", batch, inputs.slots.len())?;
     // as long as qkv, which exists: no overflow past here
     let mut query = vec![0.0f32; batch * n_heads * head_dim];
     validate(shape, &attention(inputs, &query, key_cache, value_cache), out.len())?;

@@ -434,6 +434,9 @@ fn run_rms_norm<E: Element + numpy::Element>(
             out.shape()
         )));
     }
+    let op = "rms_norm";
+    require_contiguous(op, &[("x", x.is_c_contiguous()), ("out", out.is_c_contiguous())])?;
+    require_disjoint(op, &[extent("x", &x), extent("out", &out)])?;
     let dim = x.shape()[1];
     let (x, out) = (x.as_slice()?, out.as_slice_mut()?);
     let weight = weight.as_ref().map(|w| w.as_slice()).transpose()?;
@@ -556,6 +559,18 @@ fn run_rope<E: Element + numpy::Element>(
             out.shape()
         )));
     }
+    let op = "rope";
+    require_contiguous(
+        op,
+        &[
+            ("x", x.is_c_contiguous()),
+            ("cos", cos.is_c_contiguous()),
+            ("neg_sin", neg_sin.is_c_contiguous()),
+            ("sin", sin.is_c_contiguous()),
+            ("out", out.is_c_contiguous()),
+        ],
+    )?;
+    require_disjoint(op, &[extent("x", &x), extent("out", &out)])?;
     let xs = x.shape();
     let shape = spyre_cb_kernels::RopeShape { rows: xs[0], heads: xs[1], head_dim: xs[2] };
     let (x, out) = (x.as_slice()?, out.as_slice_mut()?);
